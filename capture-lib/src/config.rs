@@ -1,0 +1,530 @@
+//! Typed, validated capture settings.
+//!
+//! Everything a user can pass (flags, environment, CNI arguments) arrives as strings and is
+//! turned into a [`CaptureConfig`] here, once. Every error names the setting and the value
+//! that was refused, so nothing downstream has to re-validate.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use thiserror::Error;
+
+/// The agent's DNS listener: DNS capture always redirects here.
+pub const DNS_CAPTURE_PORT: u16 = 15053;
+/// The mark the proxy's own outbound-to-inbound traffic carries in TPROXY mode.
+pub const OUTBOUND_MARK: u32 = 1338;
+/// Source address the proxy binds for inbound passthrough connections.
+pub const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// IPv6 twin of [`INBOUND_PASSTHROUGH_V4`].
+pub const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+/// Most owner groups a filter may name (Istio's limit: one rule holds them all).
+pub const MAX_OWNER_GROUPS: usize = 64;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{setting}: {value:?} is not a valid port (expected an integer from 1 to 65535)")]
+    Port { setting: &'static str, value: String },
+    #[error("{setting}: {value:?} is not a valid CIDR (expected ADDRESS/PREFIX, e.g. 10.0.0.0/8 or fd00::/64)")]
+    Cidr { setting: &'static str, value: String },
+    #[error("{setting}: '*' is not allowed in an exclude list")]
+    WildcardExclude { setting: &'static str },
+    #[error("{setting}: {value:?} is not a valid interface name ({why})")]
+    Interface { setting: &'static str, value: String, why: &'static str },
+    #[error("{setting}: {value:?} is not a number")]
+    Number { setting: &'static str, value: String },
+    #[error("{setting}: no user named {value:?} (give a numeric UID or an existing user name)")]
+    UnknownUser { setting: &'static str, value: String },
+    #[error("{setting}: no group named {value:?} (give a numeric GID or an existing group name)")]
+    UnknownGroup { setting: &'static str, value: String },
+    #[error("{setting}: {count} owner groups given, at most {MAX_OWNER_GROUPS} are supported")]
+    TooManyOwnerGroups { setting: &'static str, count: usize },
+    #[error("{setting}: {value:?} is not an IPv4 loopback CIDR with a prefix from /8 to /32 (e.g. 127.0.0.1/32)")]
+    Loopback { setting: &'static str, value: String },
+    #[error("unknown inbound interception mode {0:?} (expected REDIRECT or TPROXY)")]
+    Mode(String),
+    #[error("{setting}: {value:?} must not be empty")]
+    Empty { setting: &'static str, value: String },
+}
+
+/// How inbound connections reach the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InterceptionMode {
+    /// nat REDIRECT to the inbound port; the proxy reads SO_ORIGINAL_DST.
+    #[default]
+    Redirect,
+    /// mangle TPROXY; the proxy keeps the client's address.
+    Tproxy,
+}
+
+impl FromStr for InterceptionMode {
+    type Err = ConfigError;
+    /// Istio treats only the exact string `TPROXY` as TPROXY and everything else as REDIRECT;
+    /// we accept the two documented names (and empty, the default) and refuse typos.
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "TPROXY" => Ok(Self::Tproxy),
+            "REDIRECT" | "" => Ok(Self::Redirect),
+            other => Err(ConfigError::Mode(other.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for InterceptionMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Redirect => "REDIRECT",
+            Self::Tproxy => "TPROXY",
+        })
+    }
+}
+
+/// Which inbound TCP ports are captured.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum InboundPorts {
+    /// `-b ""`: no inbound capture.
+    #[default]
+    None,
+    /// `-b '*'`: every port except these.
+    All { except: Vec<u16> },
+    /// `-b 80,443`: only these.
+    Only(Vec<u16>),
+}
+
+/// Which outbound destinations are captured (`-i`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum OutboundRanges {
+    /// `-i ""`: no outbound capture by address.
+    #[default]
+    None,
+    /// `-i '*'`: every destination.
+    All,
+    /// `-i 10.0.0.0/8,fd00::/8`: these destinations.
+    Only(Vec<Cidr>),
+}
+
+/// Whose outbound traffic is captured, by the socket owner's group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OwnerGroups {
+    /// Everyone's, except these groups.
+    AllExcept(Vec<u32>),
+    /// Only these groups' (empty: nobody's).
+    Only(Vec<u32>),
+}
+
+impl Default for OwnerGroups {
+    fn default() -> Self {
+        Self::AllExcept(Vec::new())
+    }
+}
+
+/// DNS capture to the agent's resolver on [`DNS_CAPTURE_PORT`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum DnsCapture {
+    #[default]
+    Off,
+    /// Only queries to these servers (the pod's resolv.conf).
+    Servers { v4: Vec<Ipv4Addr>, v6: Vec<Ipv6Addr> },
+    /// Every query on port 53.
+    All,
+}
+
+/// An address prefix, stored with its host bits cleared (as the kernel keeps it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (prefix <= max).then(|| Self { addr: mask(addr, prefix), prefix })
+    }
+
+    pub fn host(addr: IpAddr) -> Self {
+        Self { addr, prefix: if addr.is_ipv4() { 32 } else { 128 } }
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
+    pub fn is_loopback(&self) -> bool {
+        self.addr.is_loopback()
+    }
+}
+
+fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = ();
+    /// `ADDRESS/PREFIX`; the prefix is required, as in Istio.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (addr, prefix) = s.split_once('/').ok_or(())?;
+        let addr: IpAddr = addr.parse().map_err(|_| ())?;
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_digit()) || prefix.len() > 3 {
+            return Err(());
+        }
+        Cidr::new(addr, prefix.parse().map_err(|_| ())?).ok_or(())
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A network interface name, as the kernel allows it (at most 15 bytes).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Interface(String);
+
+impl Interface {
+    pub fn parse(setting: &'static str, value: &str) -> Result<Self, ConfigError> {
+        let why = if value.is_empty() {
+            Some("empty")
+        } else if value.len() > 15 {
+            Some("longer than 15 bytes")
+        } else if value == "." || value == ".." {
+            Some("reserved name")
+        } else if value.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control()) {
+            Some("contains '/', ':', white space or a control character")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(ConfigError::Interface { setting, value: value.to_string(), why }),
+            None => Ok(Self(value.to_string())),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Interface {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Everything the rule model needs, already validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Outbound capture target (`-p`, 15001).
+    pub proxy_port: u16,
+    /// Inbound capture target (`-z`, 15006).
+    pub inbound_capture_port: u16,
+    /// HBONE tunnel port, never captured (`-e`, 15008).
+    pub inbound_tunnel_port: u16,
+    /// Owners whose traffic is the proxy's own and so never captured (`-u`, `-g`).
+    pub proxy_uids: Vec<u32>,
+    pub proxy_gids: Vec<u32>,
+    pub mode: InterceptionMode,
+    pub inbound_ports: InboundPorts,
+    pub outbound_ranges: OutboundRanges,
+    pub outbound_ranges_exclude: Vec<Cidr>,
+    /// Destination ports always captured, whatever the address (`-q`).
+    pub outbound_ports_include: Vec<u16>,
+    /// Destination ports never captured (`-o`).
+    pub outbound_ports_exclude: Vec<u16>,
+    pub exclude_interfaces: Vec<Interface>,
+    /// Interfaces whose inbound traffic is treated as outbound (`-k`).
+    pub kube_virt_interfaces: Vec<Interface>,
+    pub tproxy_mark: u32,
+    pub tproxy_route_table: u32,
+    pub owner_groups: OwnerGroups,
+    pub dns: DnsCapture,
+    pub drop_invalid: bool,
+    /// Program IPv6 too (derived from the pod's addresses).
+    pub ipv6: bool,
+    /// What counts as "local" for IPv4 (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`).
+    pub host_ipv4_loopback: Cidr,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            proxy_port: 15001,
+            inbound_capture_port: 15006,
+            inbound_tunnel_port: 15008,
+            proxy_uids: vec![1337],
+            proxy_gids: vec![1337],
+            mode: InterceptionMode::Redirect,
+            inbound_ports: InboundPorts::None,
+            outbound_ranges: OutboundRanges::None,
+            outbound_ranges_exclude: Vec::new(),
+            outbound_ports_include: Vec::new(),
+            outbound_ports_exclude: Vec::new(),
+            exclude_interfaces: Vec::new(),
+            kube_virt_interfaces: Vec::new(),
+            tproxy_mark: 1337,
+            tproxy_route_table: 133,
+            owner_groups: OwnerGroups::default(),
+            dns: DnsCapture::Off,
+            drop_invalid: false,
+            ipv6: false,
+            host_ipv4_loopback: Cidr::host(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        }
+    }
+}
+
+impl CaptureConfig {
+    /// True when TPROXY inbound capture is active, which needs policy routing.
+    pub fn needs_tproxy_routes(&self) -> bool {
+        self.mode == InterceptionMode::Tproxy && self.inbound_ports != InboundPorts::None
+    }
+}
+
+/// Splits a comma list the way Istio does: empty elements are dropped.
+pub fn split_list(value: &str) -> impl Iterator<Item = &str> {
+    value.split(',').filter(|s| !s.is_empty())
+}
+
+pub fn parse_port(setting: &'static str, value: &str) -> Result<u16, ConfigError> {
+    match value.parse::<u16>() {
+        Ok(p) if p != 0 && value.bytes().all(|b| b.is_ascii_digit()) => Ok(p),
+        _ => Err(ConfigError::Port { setting, value: value.to_string() }),
+    }
+}
+
+pub fn parse_ports(setting: &'static str, value: &str) -> Result<Vec<u16>, ConfigError> {
+    split_list(value).map(|p| parse_port(setting, p)).collect()
+}
+
+pub fn parse_inbound_ports(include: &str, exclude: &str) -> Result<InboundPorts, ConfigError> {
+    let except = parse_ports("--istio-local-exclude-ports", exclude)?;
+    Ok(match include.trim() {
+        "" => InboundPorts::None,
+        "*" => InboundPorts::All { except },
+        list => InboundPorts::Only(parse_ports("--istio-inbound-ports", list)?),
+    })
+}
+
+pub fn parse_cidrs(setting: &'static str, value: &str) -> Result<Vec<Cidr>, ConfigError> {
+    split_list(value)
+        .map(|c| {
+            if c == "*" {
+                return Err(ConfigError::WildcardExclude { setting });
+            }
+            c.parse().map_err(|()| ConfigError::Cidr { setting, value: c.to_string() })
+        })
+        .collect()
+}
+
+pub fn parse_outbound_ranges(value: &str) -> Result<OutboundRanges, ConfigError> {
+    const SETTING: &str = "--istio-service-cidr";
+    if split_list(value).any(|c| c == "*") {
+        return Ok(OutboundRanges::All);
+    }
+    let cidrs = parse_cidrs(SETTING, value)?;
+    Ok(if cidrs.is_empty() { OutboundRanges::None } else { OutboundRanges::Only(cidrs) })
+}
+
+pub fn parse_interfaces(setting: &'static str, value: &str) -> Result<Vec<Interface>, ConfigError> {
+    split_list(value).map(|i| Interface::parse(setting, i)).collect()
+}
+
+pub fn parse_number(setting: &'static str, value: &str) -> Result<u32, ConfigError> {
+    value
+        .parse::<u32>()
+        .map_err(|_| ConfigError::Number { setting, value: value.to_string() })
+}
+
+/// A UID list: numbers, or user names resolved through the system's user database.
+pub fn parse_uids(setting: &'static str, value: &str) -> Result<Vec<u32>, ConfigError> {
+    split_list(value)
+        .map(|u| match u.parse::<u32>() {
+            Ok(uid) => Ok(uid),
+            Err(_) => match nix::unistd::User::from_name(u) {
+                Ok(Some(user)) => Ok(user.uid.as_raw()),
+                _ => Err(ConfigError::UnknownUser { setting, value: u.to_string() }),
+            },
+        })
+        .collect()
+}
+
+/// A GID list: numbers, or group names resolved through the system's group database.
+pub fn parse_gids(setting: &'static str, value: &str) -> Result<Vec<u32>, ConfigError> {
+    split_list(value).map(|g| resolve_group(setting, g)).collect()
+}
+
+fn resolve_group(setting: &'static str, value: &str) -> Result<u32, ConfigError> {
+    match value.parse::<u32>() {
+        Ok(gid) => Ok(gid),
+        Err(_) => match nix::unistd::Group::from_name(value) {
+            Ok(Some(group)) => Ok(group.gid.as_raw()),
+            _ => Err(ConfigError::UnknownGroup { setting, value: value.to_string() }),
+        },
+    }
+}
+
+/// `ISTIO_OUTBOUND_OWNER_GROUPS` (unset means `*`) and `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`.
+pub fn parse_owner_groups(include: Option<&str>, exclude: &str) -> Result<OwnerGroups, ConfigError> {
+    const INCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
+    const EXCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
+    let (setting, list, only) = match include.map(str::trim) {
+        None | Some("*") => (EXCLUDE, exclude, false),
+        Some(list) => (INCLUDE, list, true),
+    };
+    let gids = parse_gids(setting, list)?;
+    if gids.len() > MAX_OWNER_GROUPS {
+        return Err(ConfigError::TooManyOwnerGroups { setting, count: gids.len() });
+    }
+    Ok(if only { OwnerGroups::Only(gids) } else { OwnerGroups::AllExcept(gids) })
+}
+
+/// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`: an IPv4 loopback prefix between /8 and /32.
+pub fn parse_loopback_cidr(value: &str) -> Result<Cidr, ConfigError> {
+    let err = || ConfigError::Loopback { setting: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", value: value.to_string() };
+    let cidr: Cidr = value.parse().map_err(|()| err())?;
+    if !cidr.is_ipv4() || !cidr.is_loopback() || !(8..=32).contains(&cidr.prefix()) {
+        return Err(err());
+    }
+    Ok(cidr)
+}
+
+/// Nameservers from resolv.conf text, split by family; unparsable entries are skipped.
+pub fn parse_resolv_conf(text: &str) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        // Zone indices (fe80::1%eth0) cannot be matched by a rule; skip them like other junk.
+        match words.next().map(str::parse::<IpAddr>) {
+            Some(Ok(IpAddr::V4(a))) => v4.push(a),
+            Some(Ok(IpAddr::V6(a))) => v6.push(a),
+            _ => {}
+        }
+    }
+    (v4, v6)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_reject_junk_and_name_it() {
+        assert_eq!(parse_ports("-d", "15090,15021,").unwrap(), vec![15090, 15021]);
+        assert_eq!(
+            parse_ports("-d", "80,70000"),
+            Err(ConfigError::Port { setting: "-d", value: "70000".into() })
+        );
+        assert!(parse_ports("-d", "http").is_err());
+        assert!(parse_ports("-d", "0").is_err());
+        assert!(parse_ports("-d", "+80").is_err());
+        assert!(parse_ports("-d", " 80").is_err());
+    }
+
+    #[test]
+    fn inbound_ports_forms() {
+        assert_eq!(parse_inbound_ports("", "1").unwrap(), InboundPorts::None);
+        assert_eq!(parse_inbound_ports("*", "1,2").unwrap(), InboundPorts::All { except: vec![1, 2] });
+        assert_eq!(parse_inbound_ports("80,81", "").unwrap(), InboundPorts::Only(vec![80, 81]));
+        assert!(parse_inbound_ports("80,x", "").is_err());
+    }
+
+    #[test]
+    fn cidrs_need_prefix_and_are_masked() {
+        let c: Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert_eq!("2001:db8::1/32".parse::<Cidr>().unwrap().to_string(), "2001:db8::/32");
+        assert!("10.0.0.1".parse::<Cidr>().is_err());
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("fd00::/129".parse::<Cidr>().is_err());
+        assert!("10.0.0/8".parse::<Cidr>().is_err());
+        assert!("10.0.0.0/-1".parse::<Cidr>().is_err());
+        assert!("10.0.0.0/".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn exclude_list_refuses_wildcard() {
+        assert_eq!(
+            parse_cidrs("-x", "10.0.0.0/8,*"),
+            Err(ConfigError::WildcardExclude { setting: "-x" })
+        );
+        assert_eq!(parse_outbound_ranges("*").unwrap(), OutboundRanges::All);
+        assert_eq!(parse_outbound_ranges("").unwrap(), OutboundRanges::None);
+        assert!(matches!(parse_outbound_ranges("1.2.3.0/24,::/0").unwrap(), OutboundRanges::Only(v) if v.len() == 2));
+    }
+
+    #[test]
+    fn interface_names_follow_kernel_limits() {
+        assert!(Interface::parse("-c", "eth0").is_ok());
+        assert!(Interface::parse("-c", "veth+").is_ok());
+        assert!(Interface::parse("-c", "a-very-long-name0").is_err());
+        assert!(Interface::parse("-c", "a/b").is_err());
+        assert!(Interface::parse("-c", "").is_err());
+    }
+
+    #[test]
+    fn numeric_ids_and_names() {
+        assert_eq!(parse_uids("-u", "3,4").unwrap(), vec![3, 4]);
+        assert_eq!(parse_uids("-u", "root").unwrap(), vec![0]);
+        assert!(matches!(parse_uids("-u", "no-such-user-here"), Err(ConfigError::UnknownUser { .. })));
+        assert_eq!(parse_gids("-g", "root,7").unwrap(), vec![0, 7]);
+        assert!(matches!(parse_gids("-g", "no-such-group-here"), Err(ConfigError::UnknownGroup { .. })));
+    }
+
+    #[test]
+    fn owner_groups() {
+        assert_eq!(parse_owner_groups(None, "").unwrap(), OwnerGroups::AllExcept(vec![]));
+        assert_eq!(parse_owner_groups(Some("*"), "5").unwrap(), OwnerGroups::AllExcept(vec![5]));
+        assert_eq!(parse_owner_groups(Some(""), "5").unwrap(), OwnerGroups::Only(vec![]));
+        assert_eq!(parse_owner_groups(Some("1,2"), "5").unwrap(), OwnerGroups::Only(vec![1, 2]));
+        let many = (0..65).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+        assert!(matches!(
+            parse_owner_groups(Some(&many), ""),
+            Err(ConfigError::TooManyOwnerGroups { count: 65, .. })
+        ));
+    }
+
+    #[test]
+    fn loopback_cidr_bounds() {
+        assert_eq!(parse_loopback_cidr("127.0.0.1/8").unwrap().to_string(), "127.0.0.0/8");
+        assert!(parse_loopback_cidr("127.0.0.1/7").is_err());
+        assert!(parse_loopback_cidr("10.0.0.1/32").is_err());
+        assert!(parse_loopback_cidr("::1/128").is_err());
+        assert!(parse_loopback_cidr("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!("TPROXY".parse::<InterceptionMode>().unwrap(), InterceptionMode::Tproxy);
+        assert_eq!("REDIRECT".parse::<InterceptionMode>().unwrap(), InterceptionMode::Redirect);
+        assert_eq!("".parse::<InterceptionMode>().unwrap(), InterceptionMode::Redirect);
+        assert!("tproxy".parse::<InterceptionMode>().is_err());
+    }
+
+    #[test]
+    fn resolv_conf() {
+        let (v4, v6) = parse_resolv_conf("# x\nnameserver 10.96.0.10\nnameserver fd00::a\nnameserver junk\nsearch a b\n");
+        assert_eq!(v4, vec![Ipv4Addr::new(10, 96, 0, 10)]);
+        assert_eq!(v6, vec!["fd00::a".parse::<Ipv6Addr>().unwrap()]);
+    }
+}
