@@ -1,1 +1,182 @@
-//! Helpers for tests that build network namespaces.
+//! Helpers for tests that run against the real kernel in network namespaces.
+//!
+//! A [`Pod`] is a network namespace held open by a sleeping process, entered the way a node
+//! agent would: `nsenter -t PID -n`. Tests read like the topology they build.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Path of a workspace binary built in release mode (the tests' `build.rs`-free contract:
+/// `cargo build --release` runs before `cargo test`, as the README's test command does).
+pub fn release_bin(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
+    let path = root.join("target/release").join(name);
+    assert!(path.exists(), "{} is missing: run `cargo build --release` first", path.display());
+    path
+}
+
+/// True when the tests can create network namespaces (root with CAP_SYS_ADMIN).
+pub fn can_run() -> bool {
+    nix_is_root() && Command::new("unshare").arg("--net").arg("true").status().map(|s| s.success()).unwrap_or(false)
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}
+
+/// Skips the calling test (returns early) when namespaces cannot be made here.
+#[macro_export]
+macro_rules! require_netns {
+    () => {
+        if !$crate::can_run() {
+            eprintln!("skipped: needs root and network namespaces");
+            return;
+        }
+    };
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A unique short name (interface names must stay under 16 bytes).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}{}x{}", std::process::id() % 100_000, COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A network namespace held by a `sleep` process; killed (and so freed) on drop.
+pub struct Pod {
+    holder: Child,
+    /// Bind-mounted name under /var/run/netns, so `ip netns exec` and `ip -n` work too.
+    pub name: String,
+}
+
+impl Pod {
+    /// A namespace with `lo` up and nothing else.
+    pub fn new() -> Pod {
+        let name = unique("pod");
+        let holder = Command::new("unshare")
+            .args(["--net", "sleep", "infinity"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare --net");
+        // Wait until the holder has its own namespace.
+        let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+        for _ in 0..200 {
+            if std::fs::read_link(format!("/proc/{}/ns/net", holder.id())).map(|l| l != own).unwrap_or(false) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let pod = Pod { holder, name };
+        std::fs::create_dir_all("/var/run/netns").unwrap();
+        let target = format!("/var/run/netns/{}", pod.name);
+        std::fs::write(&target, b"").unwrap();
+        run_ok(Command::new("mount").args(["--bind", &pod.ns_path().to_string_lossy(), &target]));
+        pod.sh("ip link set lo up");
+        pod
+    }
+
+    /// A namespace with `eth0` (one end of a veth pair whose other end stays inside too)
+    /// carrying `addr` (e.g. `10.44.0.5/24` or `fd00:44::5/64`), like a pod's.
+    pub fn with_address(addr: &str) -> Pod {
+        let pod = Pod::new();
+        pod.sh("ip link add eth0 type veth peer name eth0peer && ip link set eth0 up && ip link set eth0peer up");
+        let nodad = if addr.contains(':') { " nodad" } else { "" };
+        pod.sh(&format!("ip addr add {addr} dev eth0{nodad}"));
+        pod
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.holder.id()
+    }
+
+    /// The namespace file, for `--network-namespace` and setns.
+    pub fn ns_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.pid()))
+    }
+
+    /// `nsenter -t PID -n PROGRAM ARGS...`
+    pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg("-t").arg(self.pid().to_string()).arg("-n").arg(program);
+        c
+    }
+
+    /// Runs a shell command in the namespace and returns its output; panics on failure.
+    pub fn sh(&self, script: &str) -> String {
+        let out = run_ok(self.cmd("sh").arg("-c").arg(script));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `iptables-save`-style dump of one family's rules (comments and counters stripped).
+    pub fn iptables_save(&self, v6: bool) -> String {
+        let bin = if v6 { "ip6tables-save" } else { "iptables-save" };
+        let out = self.cmd(bin).output().expect(bin);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{}\n", l.split(" [").next().unwrap_or(l)))
+            .collect()
+    }
+
+    /// Only the rule lines (`-A ...`) of a family's dump.
+    pub fn rules(&self, v6: bool) -> Vec<String> {
+        self.iptables_save(v6).lines().filter(|l| l.starts_with("-A ")).map(str::to_string).collect()
+    }
+
+    /// `nft list ruleset`, counters zeroed.
+    pub fn nft_ruleset(&self) -> String {
+        let out = run_ok(self.cmd("nft").args(["list", "ruleset"]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let mut l = l.to_string();
+                if let Some(i) = l.find("counter packets ") {
+                    let rest = &l[i..];
+                    let end = rest.find(" bytes ").map(|b| b + 7).unwrap_or(rest.len());
+                    let tail = rest[end..].split_once(' ').map(|(_, t)| t).unwrap_or("");
+                    l = format!("{}counter {}", &l[..i], tail);
+                }
+                l + "\n"
+            })
+            .collect()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let target = format!("/var/run/netns/{}", self.name);
+        let _ = Command::new("umount").arg(&target).status();
+        let _ = std::fs::remove_file(&target);
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// Runs a command and panics with its output when it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Joins two namespaces with a veth pair: `a_if` in `a` with `a_addr`, `b_if` in `b` with `b_addr`.
+pub fn link(a: &Pod, a_if: &str, a_addr: &str, b: &Pod, b_if: &str, b_addr: &str) {
+    let tmp_a = unique("va");
+    let tmp_b = unique("vb");
+    run_ok(Command::new("ip").args(["link", "add", &tmp_a, "type", "veth", "peer", "name", &tmp_b]));
+    run_ok(Command::new("ip").args(["link", "set", &tmp_a, "netns", &a.pid().to_string()]));
+    run_ok(Command::new("ip").args(["link", "set", &tmp_b, "netns", &b.pid().to_string()]));
+    for (pod, tmp, name, addr) in [(a, &tmp_a, a_if, a_addr), (b, &tmp_b, b_if, b_addr)] {
+        let nodad = if addr.contains(':') { " nodad" } else { "" };
+        pod.sh(&format!("ip link set {tmp} name {name} && ip addr add {addr} dev {name}{nodad} && ip link set {name} up"));
+    }
+}
