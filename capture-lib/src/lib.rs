@@ -2,7 +2,23 @@
 //!
 //! Data flows one way:
 //! [`config`] (validated settings) → [`model`] (the capture algorithm, backend-neutral) →
-//! a backend ([`iptables`]) that renders and applies it.
+//! a backend (`iptables`, `nftables`) that renders and applies it, plus `routes` for the
+//! addresses and policy routing the rules rely on.
 
 pub mod config;
 pub mod model;
+
+/// What a backend did to the namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Nothing of ours was there; the ruleset was installed.
+    Applied,
+    /// The ruleset was already exactly in place; nothing was sent to the kernel.
+    Unchanged,
+    /// Our rules had drifted and were replaced (atomically per table).
+    Reconciled,
+    /// Cleanup removed our rules.
+    Removed,
+    /// Cleanup found nothing of ours.
+    NothingToRemove,
+}
