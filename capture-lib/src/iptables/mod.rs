@@ -1,0 +1,466 @@
+//! The iptables backend: one `iptables-restore` per family, atomic per table.
+//!
+//! The plan compares the kernel's current state (`iptables-save`) with the model, rule by
+//! rule, and decides: install (nothing of ours there), nothing (already exact), or replace
+//! (drifted; only with `--reconcile`). A replacement deletes our rules and rewrites our
+//! chains inside the same table transaction, so no packet ever sees a half-built ruleset.
+//! If a later restore fails, the tables touched so far are restored from the saved state.
+
+mod exec;
+mod render;
+mod state;
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub use exec::Variant;
+use exec::Binaries;
+use render::{chain_name, owned_chain_names, rule_spec, table_name};
+use state::{jump_target, parse_save, SaveState, TableState};
+
+use crate::model::{Position, Ruleset};
+use crate::Outcome;
+
+#[derive(Debug, Error)]
+pub enum IptablesError {
+    #[error("could not run {program}: {source} (is iptables installed?)")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("{program} failed: {stderr}")]
+    Save { program: String, stderr: String },
+    #[error("{program} refused the rules: {stderr}{}{}", line.as_ref().map(|l| format!("\n  refused line: {l}")).unwrap_or_default(), hint.map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
+    Restore { program: String, stderr: String, line: Option<String>, hint: Option<&'static str> },
+    #[error("the {family} capture rules in this namespace differ from the requested ones:\n  {}\nre-run with --reconcile to replace them atomically (or --cleanup-only to remove them)", details.join("\n  "))]
+    Drift { family: &'static str, details: Vec<String> },
+    #[error("{source}\nthe namespace was rolled back to its previous rules")]
+    RolledBack { source: Box<IptablesError> },
+    #[error("{source}\nrolling back also failed ({rollback}); the namespace may hold part of the new rules: run with --cleanup-only, then again")]
+    RollbackFailed { source: Box<IptablesError>, rollback: Box<IptablesError> },
+}
+
+/// How to reach iptables.
+#[derive(Debug, Clone, Copy)]
+pub struct IptablesOptions {
+    /// `FORCE_IPTABLES_BINARY`; `None` detects per family as Istio does.
+    pub variant: Option<Variant>,
+    /// How long to wait for the xtables lock.
+    pub lock_wait: Duration,
+}
+
+impl Default for IptablesOptions {
+    fn default() -> Self {
+        Self { variant: None, lock_wait: Duration::from_secs(30) }
+    }
+}
+
+/// What to do with the ruleset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Install; `reconcile` replaces drifted rules, `force` replaces even exact ones.
+    Apply { reconcile: bool, force: bool },
+    /// Remove everything of ours.
+    Cleanup,
+}
+
+/// One family's restore, ready to run (or to print for --dry-run).
+#[derive(Debug)]
+pub struct Step {
+    bins: Binaries,
+    pub payload: String,
+    /// The tables this step touches as they were before, to put back on failure.
+    rollback: String,
+}
+
+impl Step {
+    /// The command line that would run, for --dry-run output.
+    pub fn command(&self) -> String {
+        format!("{} --noflush ({})", self.bins.restore, self.bins.family())
+    }
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub outcome: Outcome,
+}
+
+/// Reads the namespace and decides what to send. Touches nothing.
+pub fn plan(ruleset: &Ruleset, op: Operation, opts: &IptablesOptions) -> Result<Plan, IptablesError> {
+    let mut steps = Vec::new();
+    let mut outcome = match op {
+        Operation::Apply { .. } => Outcome::Unchanged,
+        Operation::Cleanup => Outcome::NothingToRemove,
+    };
+    for v6 in [false, true] {
+        let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(v6)), v6);
+        // IPv6 not programmed: its state is neither needed (apply) nor required (cleanup).
+        let needed = !v6 || ruleset.ipv6;
+        if !needed && op != Operation::Cleanup {
+            continue;
+        }
+        let current = match bins.save() {
+            Ok(text) => parse_save(&text),
+            Err(_) if !needed => continue,
+            Err(e) => return Err(e),
+        };
+        let desired = if needed { Desired::new(ruleset, v6) } else { Desired::default() };
+        let residue = desired.residue(&current);
+        let payload = match op {
+            Operation::Cleanup if residue.is_empty() => None,
+            Operation::Cleanup => {
+                outcome = Outcome::Removed;
+                Some(desired.payload(&residue, false))
+            }
+            Operation::Apply { .. } if residue.is_empty() => {
+                outcome = promote(outcome, Outcome::Applied);
+                Some(desired.payload(&residue, true))
+            }
+            Operation::Apply { reconcile, force } => {
+                let drift = desired.drift(&current);
+                if drift.is_empty() && !force {
+                    None
+                } else if drift.is_empty() || reconcile {
+                    outcome = promote(outcome, Outcome::Reconciled);
+                    Some(desired.payload(&residue, true))
+                } else {
+                    return Err(IptablesError::Drift { family: bins.family(), details: drift });
+                }
+            }
+        };
+        if let Some(payload) = payload {
+            let rollback = rollback_payload(&current, &payload);
+            steps.push(Step { bins, payload, rollback });
+        }
+    }
+    Ok(Plan { steps, outcome })
+}
+
+/// The strongest outcome wins: Reconciled over Applied over Unchanged.
+fn promote(current: Outcome, new: Outcome) -> Outcome {
+    match (current, new) {
+        (Outcome::Reconciled, _) | (_, Outcome::Reconciled) => Outcome::Reconciled,
+        _ => new,
+    }
+}
+
+/// Runs the plan; on failure puts every table it touched back as it was.
+pub fn execute(plan: &Plan, opts: &IptablesOptions) -> Result<Outcome, IptablesError> {
+    for (i, step) in plan.steps.iter().enumerate() {
+        if let Err(err) = step.bins.restore(&step.payload, true, opts.lock_wait) {
+            return Err(rollback(&plan.steps[..=i], opts, err));
+        }
+    }
+    Ok(plan.outcome)
+}
+
+/// Undoes the given steps (tables replaced with their saved contents) after `err`.
+pub fn rollback(steps: &[Step], opts: &IptablesOptions, err: IptablesError) -> IptablesError {
+    for step in steps.iter().rev() {
+        if let Err(rollback) = step.bins.restore(&step.rollback, false, opts.lock_wait) {
+            return IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) };
+        }
+    }
+    IptablesError::RolledBack { source: Box::new(err) }
+}
+
+/// Replacing a table without --noflush with its saved dump restores it exactly; a table that
+/// did not exist comes back empty.
+fn rollback_payload(current: &SaveState, payload: &str) -> String {
+    payload
+        .lines()
+        .filter_map(|l| l.strip_prefix('*'))
+        .map(|table| match current.get(table) {
+            Some(saved) => saved.raw.clone(),
+            None => format!("*{table}\nCOMMIT\n"),
+        })
+        .collect()
+}
+
+/// A rule in a kernel hook chain (PREROUTING/OUTPUT), which other tools share with us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HookRule {
+    spec: String,
+    /// Inserted at the top (Istio's `-I CHAIN 1`) rather than appended.
+    top: bool,
+}
+
+/// One table of the desired state for one family.
+#[derive(Debug, Default)]
+struct DesiredTable {
+    /// Our chains with their full contents, in order of first use.
+    owned: Vec<(&'static str, Vec<String>)>,
+    /// Our rules in the kernel's chains, in final order.
+    hooks: Vec<(&'static str, Vec<HookRule>)>,
+}
+
+impl DesiredTable {
+    fn hook_specs(&self, chain: &str) -> Vec<&str> {
+        self.hooks
+            .iter()
+            .filter(|(c, _)| *c == chain)
+            .flat_map(|(_, rules)| rules.iter().map(|r| r.spec.as_str()))
+            .collect()
+    }
+}
+
+/// Everything of ours found in one table: rules in shared chains and our chains.
+#[derive(Debug, Default)]
+struct TableResidue {
+    hook_rules: Vec<(String, String)>,
+    chains: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct Desired {
+    tables: BTreeMap<&'static str, DesiredTable>,
+}
+
+impl Desired {
+    fn new(ruleset: &Ruleset, v6: bool) -> Desired {
+        let mut tables: BTreeMap<&'static str, DesiredTable> = BTreeMap::new();
+        for chain in ruleset.family_chains(v6) {
+            let table = tables.entry(table_name(chain.table)).or_default();
+            let name = chain_name(chain.chain);
+            if chain.chain.is_hook() {
+                let rules = chain
+                    .rules
+                    .iter()
+                    .map(|r| HookRule { spec: rule_spec(r), top: r.position != Position::Append })
+                    .collect();
+                table.hooks.push((name, rules));
+            } else {
+                table.owned.push((name, chain.rules.iter().map(|r| rule_spec(r)).collect()));
+            }
+        }
+        Desired { tables }
+    }
+
+    /// Is this rule of a shared chain ours? It jumps to one of our chains, or it is exactly
+    /// one of the rules we would put there.
+    fn is_ours(&self, table: &str, chain: &str, spec: &str) -> bool {
+        jump_target(spec).is_some_and(|t| owned_chain_names().any(|o| o == t))
+            || self.tables.get(table).is_some_and(|t| t.hook_specs(chain).contains(&spec))
+    }
+
+    /// What of ours the namespace holds, per table.
+    fn residue(&self, current: &SaveState) -> BTreeMap<String, TableResidue> {
+        let mut out = BTreeMap::new();
+        for (table, state) in current {
+            let mut found = TableResidue::default();
+            for chain in &state.chains {
+                if owned_chain_names().any(|o| o == chain) {
+                    found.chains.push(chain.clone());
+                    continue;
+                }
+                for spec in state.chain_rules(chain) {
+                    if self.is_ours(table, chain, spec) {
+                        found.hook_rules.push((chain.clone(), spec.clone()));
+                    }
+                }
+            }
+            if !found.chains.is_empty() || !found.hook_rules.is_empty() {
+                out.insert(table.clone(), found);
+            }
+        }
+        out
+    }
+
+    /// Differences between what is there and what we want, in words; empty when exact.
+    fn drift(&self, current: &SaveState) -> Vec<String> {
+        let empty = TableState::default();
+        let mut out = Vec::new();
+        for (table, want) in &self.tables {
+            let have = current.get(*table).unwrap_or(&empty);
+            for (chain, rules) in &want.owned {
+                if !have.has_chain(chain) {
+                    out.push(format!("{table} {chain}: missing"));
+                } else if have.chain_rules(chain) != rules.as_slice() {
+                    out.push(describe_difference(table, chain, have.chain_rules(chain), rules));
+                }
+            }
+            for (chain, rules) in &want.hooks {
+                let ours: Vec<&String> = have.chain_rules(chain).iter().filter(|s| self.is_ours(table, chain, s)).collect();
+                let wanted: Vec<&String> = rules.iter().map(|r| &r.spec).collect();
+                if ours != wanted {
+                    let have: Vec<String> = ours.into_iter().cloned().collect();
+                    let want: Vec<String> = wanted.into_iter().cloned().collect();
+                    out.push(describe_difference(table, chain, &have, &want));
+                }
+            }
+        }
+        for (table, state) in current {
+            let want = self.tables.get(table.as_str());
+            for chain in state.chains.iter().filter(|c| owned_chain_names().any(|o| o == c.as_str())) {
+                if !want.is_some_and(|w| w.owned.iter().any(|(c, _)| c == chain)) {
+                    out.push(format!("{table} {chain}: not part of this configuration"));
+                }
+            }
+        }
+        out
+    }
+
+    /// The restore input that installs the desired state (`install`), removing our residue
+    /// first in the same table transaction; or, without `install`, only removes it.
+    fn payload(&self, residue: &BTreeMap<String, TableResidue>, install: bool) -> String {
+        let empty = DesiredTable::default();
+        let mut tables: Vec<&str> = residue.keys().map(String::as_str).collect();
+        if install {
+            tables.extend(self.tables.keys().copied());
+        }
+        tables.sort_unstable();
+        tables.dedup();
+        let mut out = String::new();
+        for table in tables {
+            let want = if install { self.tables.get(table).unwrap_or(&empty) } else { &empty };
+            let found = residue.get(table);
+            let _ = writeln!(out, "*{table}");
+            for (chain, spec) in found.iter().flat_map(|r| &r.hook_rules) {
+                let _ = writeln!(out, "-D {chain} {spec}");
+            }
+            // Declaring a chain creates it, or flushes it when it exists.
+            let stale: Vec<&String> = found
+                .iter()
+                .flat_map(|r| &r.chains)
+                .filter(|c| !want.owned.iter().any(|(o, _)| o == c))
+                .collect();
+            for chain in want.owned.iter().map(|(c, _)| *c).chain(stale.iter().map(|c| c.as_str())) {
+                let _ = writeln!(out, ":{chain} - [0:0]");
+            }
+            for chain in &stale {
+                let _ = writeln!(out, "-X {chain}");
+            }
+            for (chain, rules) in &want.owned {
+                for spec in rules {
+                    let _ = writeln!(out, "-A {chain} {spec}");
+                }
+            }
+            for (chain, rules) in &want.hooks {
+                for rule in rules.iter().filter(|r| !r.top) {
+                    let _ = writeln!(out, "-A {chain} {}", rule.spec);
+                }
+                // Inserting at 1 in reverse leaves them on top in their final order.
+                for rule in rules.iter().filter(|r| r.top).rev() {
+                    let _ = writeln!(out, "-I {chain} 1 {}", rule.spec);
+                }
+            }
+            out.push_str("COMMIT\n");
+        }
+        out
+    }
+}
+
+fn describe_difference(table: &str, chain: &str, have: &[String], want: &[String]) -> String {
+    let extra = have.iter().find(|h| !want.contains(h));
+    let missing = want.iter().find(|w| !have.contains(w));
+    match (extra, missing) {
+        (Some(e), _) => format!("{table} {chain}: unexpected rule `{e}`"),
+        (None, Some(m)) => format!("{table} {chain}: missing rule `{m}`"),
+        (None, None) => format!("{table} {chain}: rules out of order or duplicated"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CaptureConfig, InboundPorts, InterceptionMode};
+    use crate::model::{build, Dialect};
+
+    fn desired(cfg: &CaptureConfig) -> Desired {
+        Desired::new(&build(cfg, Dialect::Iptables), false)
+    }
+
+    /// The state the kernel would hold after loading `payload` into an empty namespace.
+    fn as_saved(d: &Desired) -> SaveState {
+        let mut text = String::new();
+        for (table, t) in &d.tables {
+            let _ = writeln!(text, "*{table}");
+            for chain in ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] {
+                let _ = writeln!(text, ":{chain} ACCEPT [0:0]");
+            }
+            for (c, _) in &t.owned {
+                let _ = writeln!(text, ":{c} - [0:0]");
+            }
+            for (c, rules) in &t.hooks {
+                for r in rules.iter().filter(|r| r.top) {
+                    let _ = writeln!(text, "-A {c} {}", r.spec);
+                }
+                for r in rules.iter().filter(|r| !r.top) {
+                    let _ = writeln!(text, "-A {c} {}", r.spec);
+                }
+            }
+            for (c, rules) in &t.owned {
+                for r in rules {
+                    let _ = writeln!(text, "-A {c} {r}");
+                }
+            }
+            text.push_str("COMMIT\n");
+        }
+        parse_save(&text)
+    }
+
+    #[test]
+    fn fresh_install_declares_chains_then_rules() {
+        let d = desired(&CaptureConfig::default());
+        let p = d.payload(&BTreeMap::new(), true);
+        assert!(p.starts_with("*nat\n:ISTIO_INBOUND - [0:0]\n:ISTIO_REDIRECT - [0:0]\n:ISTIO_IN_REDIRECT - [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A ISTIO_INBOUND"));
+        assert!(p.contains("-A OUTPUT -j ISTIO_OUTPUT\n"));
+        assert!(p.ends_with("COMMIT\n"));
+        assert!(!p.contains("-D ") && !p.contains("-X "));
+    }
+
+    #[test]
+    fn exact_state_has_no_drift_and_edits_are_named() {
+        let cfg = CaptureConfig { inbound_ports: InboundPorts::All { except: vec![15090] }, ..CaptureConfig::default() };
+        let d = desired(&cfg);
+        let mut state = as_saved(&d);
+        assert!(d.drift(&state).is_empty());
+        let nat = state.get_mut("nat").unwrap();
+        nat.rules.get_mut("ISTIO_INBOUND").unwrap().push("-p tcp -m tcp --dport 123 -j ACCEPT".into());
+        nat.rules.get_mut("OUTPUT").unwrap().insert(0, "-p tcp -m tcp --dport 123 -j ACCEPT".into());
+        let drift = d.drift(&state);
+        assert_eq!(drift, vec!["nat ISTIO_INBOUND: unexpected rule `-p tcp -m tcp --dport 123 -j ACCEPT`"]);
+    }
+
+    #[test]
+    fn stale_chains_are_drift_and_get_deleted_on_replace() {
+        let tproxy = CaptureConfig {
+            mode: InterceptionMode::Tproxy,
+            inbound_ports: InboundPorts::Only(vec![80]),
+            ..CaptureConfig::default()
+        };
+        let old = as_saved(&desired(&tproxy));
+        let d = desired(&CaptureConfig::default());
+        assert!(d.drift(&old).iter().any(|l| l == "mangle ISTIO_DIVERT: not part of this configuration"));
+        let residue = d.residue(&old);
+        let p = d.payload(&residue, true);
+        assert!(p.contains("*mangle\n-D PREROUTING -p tcp -j ISTIO_INBOUND\n"), "{p}");
+        assert!(p.contains("-X ISTIO_DIVERT\n") && p.contains("-X ISTIO_TPROXY\n"), "{p}");
+        assert!(!p.contains("-X ISTIO_OUTPUT"), "{p}");
+    }
+
+    #[test]
+    fn cleanup_removes_only_ours() {
+        let d = desired(&CaptureConfig::default());
+        let mut state = as_saved(&d);
+        state.get_mut("nat").unwrap().rules.get_mut("OUTPUT").unwrap().push("-p tcp -m tcp --dport 123 -j ACCEPT".into());
+        let residue = d.residue(&state);
+        let p = d.payload(&residue, false);
+        assert!(p.contains("-D OUTPUT -j ISTIO_OUTPUT\n"));
+        assert!(!p.contains("--dport 123"));
+        assert!(p.contains("-X ISTIO_OUTPUT\n") && !p.contains("-A "));
+    }
+
+    #[test]
+    fn top_rules_are_inserted_in_reverse() {
+        let cfg = CaptureConfig {
+            kube_virt_interfaces: crate::config::parse_interfaces("-k", "eth1,eth2").unwrap(),
+            ..CaptureConfig::default()
+        };
+        let p = desired(&cfg).payload(&BTreeMap::new(), true);
+        let i1 = p.find("-I PREROUTING 1 -i eth1 -j RETURN").unwrap();
+        let i2 = p.find("-I PREROUTING 1 -i eth2 -j RETURN").unwrap();
+        assert!(i1 < i2, "eth2 ends on top, as Istio leaves it: {p}");
+    }
+}
