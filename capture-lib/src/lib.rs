@@ -5,8 +5,12 @@
 //! a backend (`iptables`, `nftables`) that renders and applies it, plus `routes` for the
 //! addresses and policy routing the rules rely on.
 
+pub mod capture;
 pub mod config;
+pub mod iptables;
 pub mod model;
+pub mod routes;
+pub mod namespace;
 
 /// What a backend did to the namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

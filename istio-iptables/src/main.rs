@@ -1,1 +1,88 @@
-fn main() {}
+//! `istio-iptables`: a thin shell over capture-lib. Parse, validate, enter the namespace,
+//! check privileges, run, and turn any error into one clear message and an exit code.
+
+mod cli;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use capture_lib::capture::{self, Report};
+use capture_lib::namespace;
+use capture_lib::Outcome;
+use clap::{CommandFactory, FromArgMatches};
+
+use cli::{Cli, SetupError};
+
+/// Exit codes Istio's tooling (and its CNI repair controller) relies on.
+const EXIT_FAILURE: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if let Err(e) = cli.apply_env_overrides(&matches) {
+        return fail(EXIT_USAGE, &e);
+    }
+    // Refuse bad values before touching anything, even before entering the namespace.
+    if let Err(e) = cli.capture_config().and_then(|_| cli.validate_extras()) {
+        return fail(EXIT_USAGE, &e);
+    }
+    if let Some(path) = cli.namespace_path() {
+        if let Err(e) = namespace::enter(&path) {
+            return fail(EXIT_FAILURE, &e);
+        }
+    }
+    let request = match cli.request(Path::new("/etc/resolv.conf")) {
+        Ok(r) => r,
+        Err(SetupError::Usage(e)) => return fail(EXIT_USAGE, &e),
+        Err(e) => return fail(EXIT_FAILURE, &e),
+    };
+    if cli.skip_rule_apply {
+        info(&cli, "--skip-rule-apply: no rules programmed");
+        return ExitCode::SUCCESS;
+    }
+    if !request.dry_run {
+        if let Err(e) = namespace::require_net_admin() {
+            return fail(EXIT_FAILURE, &e);
+        }
+    }
+    match capture::run(&request) {
+        Ok(report) => {
+            print_report(&cli, &report);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(EXIT_FAILURE, &e),
+    }
+}
+
+fn print_report(cli: &Cli, report: &Report) {
+    for w in &report.warnings {
+        eprintln!("istio-iptables: warning: {w}");
+    }
+    if let Some(text) = &report.dry_run {
+        print!("{text}");
+        return;
+    }
+    let what = match report.outcome {
+        Outcome::Applied => "capture rules installed",
+        Outcome::Unchanged => "capture rules already in place; nothing changed",
+        Outcome::Reconciled => "drifted capture rules replaced",
+        Outcome::Removed => "capture rules removed",
+        Outcome::NothingToRemove => "no capture rules to remove",
+    };
+    info(cli, what);
+}
+
+fn info(cli: &Cli, message: &str) {
+    if cli.verbose() {
+        eprintln!("istio-iptables: {message}");
+    }
+}
+
+fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("istio-iptables: error: {error}");
+    ExitCode::from(code)
+}

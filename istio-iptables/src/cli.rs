@@ -1,0 +1,388 @@
+//! Istio's istio-iptables command line: same long names, short letters, environment
+//! variables and defaults, turned into a typed capture request.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capture_lib::capture::{Backend, Operation, Request};
+use capture_lib::config::{self, CaptureConfig, ConfigError, DnsCapture, InterceptionMode};
+use capture_lib::iptables::{IptablesOptions, Variant};
+use capture_lib::namespace::{self, NamespaceError};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Parser};
+
+const ABOUT: &str = "Programs a pod's network namespace so that its TCP traffic goes through the \
+sidecar proxy: a drop-in replacement for Istio's istio-iptables (pilot-agent istio-iptables).";
+
+const AFTER_HELP: &str = "\
+Every flag can also be set through the environment variable shown; a flag on the command line wins.
+Environment-only settings:
+  ISTIO_OUTBOUND_OWNER_GROUPS          groups (names or GIDs) whose outbound traffic is captured [default: *]
+  ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE  groups whose outbound traffic is not captured (with the default '*')
+  ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR    IPv4 range treated as local [default: 127.0.0.1/32]
+  ENVOY_USER                           user whose UID is the proxy UID when -u is empty [default: istio-proxy]
+  ISTIO_META_DNS_CAPTURE, INVALID_DROP, ISTIO_DUAL_STACK override REDIRECT_DNS, DROP_INVALID, DUAL_STACK.
+
+Exit status: 0 done, 1 failure (nothing half-applied), 2 usage error, 126 validation failure.
+Example (the standard sidecar setup):
+  istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x \"\" -b '*' -d 15090,15021,15020";
+
+/// Go's strconv.ParseBool, which Istio's flags and environment accept.
+fn go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!("{other:?} is not a boolean (use true or false)")),
+    }
+}
+
+/// Go durations as Istio takes them: 5s, 500ms, 1m, 1m30s.
+fn go_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration (e.g. 5s, 500ms, 1m)");
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(err)?;
+        let value: f64 = rest[..digits].parse().map_err(|_| err())?;
+        let unit_len = rest[digits..].find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len() - digits);
+        let scale = match &rest[digits..digits + unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(err()),
+        };
+        total += Duration::from_secs_f64(value * scale);
+        rest = &rest[digits + unit_len..];
+    }
+    Ok(total)
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "istio-iptables", version, about = ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Port the proxy's outbound listener uses: outbound TCP is redirected here.
+    #[arg(short = 'p', long = "envoy-port", default_value = "15001", value_name = "PORT")]
+    pub envoy_port: String,
+    /// Port inbound TCP is redirected to (REDIRECT) or delivered to (TPROXY).
+    #[arg(short = 'z', long, env = "INBOUND_CAPTURE_PORT", default_value = "15006", value_name = "PORT")]
+    pub inbound_capture_port: String,
+    /// HBONE tunnel port: never captured inbound.
+    #[arg(short = 'e', long, env = "INBOUND_TUNNEL_PORT", default_value = "15008", value_name = "PORT")]
+    pub inbound_tunnel_port: String,
+    /// Comma list of UIDs (or user names) whose traffic is the proxy's and never captured
+    /// [default: UID of $ENVOY_USER, else 1337].
+    #[arg(short = 'u', long, env = "PROXY_UID", default_value = "", hide_default_value = true, value_name = "UIDS")]
+    pub proxy_uid: String,
+    /// Comma list of GIDs (or group names) whose traffic is never captured [default: the proxy UIDs].
+    #[arg(short = 'g', long, env = "PROXY_GID", default_value = "", hide_default_value = true, value_name = "GIDS")]
+    pub proxy_gid: String,
+    /// Inbound interception mode: REDIRECT or TPROXY.
+    #[arg(short = 'm', long, env = "ISTIO_INBOUND_INTERCEPTION_MODE", default_value = "REDIRECT", value_name = "MODE")]
+    pub istio_inbound_interception_mode: String,
+    /// Inbound ports to capture: '*' for all, a comma list, or empty for none.
+    #[arg(short = 'b', long, env = "ISTIO_INBOUND_PORTS", default_value = "", value_name = "PORTS")]
+    pub istio_inbound_ports: String,
+    /// Inbound ports never captured (only used with -b '*').
+    #[arg(short = 'd', long, env = "ISTIO_LOCAL_EXCLUDE_PORTS", default_value = "", value_name = "PORTS")]
+    pub istio_local_exclude_ports: String,
+    /// Interfaces whose traffic is never captured, either way.
+    #[arg(short = 'c', long, env = "ISTIO_EXCLUDE_INTERFACES", default_value = "", value_name = "IFACES")]
+    pub istio_exclude_interfaces: String,
+    /// Outbound destinations to capture: '*' for all, comma CIDRs (IPv4 and IPv6), or empty for none.
+    #[arg(short = 'i', long, env = "ISTIO_SERVICE_CIDR", default_value = "", value_name = "CIDRS")]
+    pub istio_service_cidr: String,
+    /// Outbound destinations never captured (comma CIDRs; '*' is refused).
+    #[arg(short = 'x', long, env = "ISTIO_SERVICE_EXCLUDE_CIDR", default_value = "", value_name = "CIDRS")]
+    pub istio_service_exclude_cidr: String,
+    /// Outbound TCP ports always captured, whatever the destination.
+    #[arg(short = 'q', long, env = "ISTIO_OUTBOUND_PORTS", default_value = "", value_name = "PORTS")]
+    pub istio_outbound_ports: String,
+    /// Outbound TCP and UDP ports never captured.
+    #[arg(short = 'o', long, env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", default_value = "", value_name = "PORTS")]
+    pub istio_local_outbound_ports_exclude: String,
+    /// Virtual interfaces (KubeVirt) whose inbound traffic is treated as outbound.
+    #[arg(short = 'k', long, env = "KUBE_VIRT_INTERFACES", default_value = "", value_name = "IFACES")]
+    pub kube_virt_interfaces: String,
+    /// Packet mark for TPROXY.
+    #[arg(short = 't', long, env = "ISTIO_INBOUND_TPROXY_MARK", default_value = "1337", value_name = "MARK")]
+    pub istio_inbound_tproxy_mark: String,
+    /// Policy-routing table for TPROXY.
+    #[arg(short = 'r', long, env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE", default_value = "133", value_name = "TABLE")]
+    pub istio_inbound_tproxy_route_table: String,
+    /// Print what would be changed and change nothing.
+    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub dry_run: bool,
+    /// Original destination port the validation probe dials.
+    #[arg(long, env = "IPTABLES_PROBE_PORT", default_value = "15002", value_name = "PORT")]
+    pub iptables_probe_port: String,
+    /// How long validation may take.
+    #[arg(long, env = "PROBE_TIMEOUT", default_value = "5s", value_parser = go_duration, value_name = "DURATION")]
+    pub probe_timeout: Duration,
+    /// Program nothing (validation only).
+    #[arg(long = "skip-rule-apply", env = "SKIP_RULE_APPLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub skip_rule_apply: bool,
+    /// After programming, prove that redirection works (exit 126 if not).
+    #[arg(long = "run-validation", env = "RUN_VALIDATION", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub run_validation: bool,
+    /// Capture DNS to the agent on port 15053 (overridden by ISTIO_META_DNS_CAPTURE).
+    #[arg(long = "redirect-dns", env = "REDIRECT_DNS", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub redirect_dns: bool,
+    /// Capture all port-53 traffic, not only traffic to the resolv.conf servers.
+    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub capture_all_dns: bool,
+    /// Drop conntrack-INVALID packets (overridden by INVALID_DROP).
+    #[arg(long = "drop-invalid", env = "DROP_INVALID", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub drop_invalid: bool,
+    /// Program IPv6 whenever the pod has an IPv6 address (overridden by ISTIO_DUAL_STACK).
+    #[arg(long = "dual-stack", env = "DUAL_STACK", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub dual_stack: bool,
+    /// Network namespace to program (e.g. /proc/PID/ns/net or /var/run/netns/NAME): the tool enters it first.
+    #[arg(long, env = "NETWORK_NAMESPACE", default_value = "", value_name = "PATH")]
+    pub network_namespace: String,
+    /// Running on behalf of a CNI plugin (accepted for compatibility).
+    #[arg(long = "cni-mode", env = "CNI_MODE", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub cni_mode: bool,
+    /// Replace drifted rules atomically instead of failing.
+    #[arg(long = "reconcile", env = "RECONCILE", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub reconcile: bool,
+    /// Remove everything this tool added, then stop.
+    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub cleanup_only: bool,
+    /// Rewrite the rules even when they look up to date.
+    #[arg(long = "force-apply", env = "FORCE_APPLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub force_apply: bool,
+    /// Use native nftables (netlink, one transaction) instead of iptables.
+    #[arg(long = "native-nftables", env = "NATIVE_NFTABLES", value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+    pub native_nftables: bool,
+    /// iptables variant to use: legacy or nft [default: legacy only if it already holds rules, else nft].
+    #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "", hide_default_value = true, value_name = "VARIANT")]
+    pub force_iptables_binary: String,
+    /// How long to wait for the xtables lock held by another process.
+    #[arg(long, env = "IPTABLES_LOCK_WAIT", default_value = "30s", value_parser = go_duration, value_name = "DURATION")]
+    pub iptables_lock_wait: Duration,
+    /// Log level (Istio's global flag): debug, info, warn, error or none.
+    #[arg(long = "log_output_level", default_value = "info", value_name = "LEVEL")]
+    pub log_output_level: String,
+    /// Accepted for compatibility with Istio's injected arguments.
+    #[arg(long = "log_as_json", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = go_bool, hide = true)]
+    pub log_as_json: Option<bool>,
+}
+
+/// A bad value in a flag or the environment.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("--force-iptables-binary: invalid FORCE_IPTABLES_BINARY value {0:?} (expected legacy or nft)")]
+    Variant(String),
+    #[error("{var}: {value:?} is not a boolean")]
+    EnvBool { var: &'static str, value: String },
+}
+
+/// A failure reading the environment Istio derives settings from.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+}
+
+impl Cli {
+    /// An additional variable (e.g. ISTIO_META_DNS_CAPTURE) overrides the flag's own
+    /// variable, but not the command line.
+    pub fn apply_env_overrides(&mut self, matches: &ArgMatches) -> Result<(), UsageError> {
+        let overrides: [(&str, &'static str, &mut bool); 3] = [
+            ("redirect_dns", "ISTIO_META_DNS_CAPTURE", &mut self.redirect_dns),
+            ("drop_invalid", "INVALID_DROP", &mut self.drop_invalid),
+            ("dual_stack", "ISTIO_DUAL_STACK", &mut self.dual_stack),
+        ];
+        for (id, var, field) in overrides {
+            if matches.value_source(id) == Some(ValueSource::CommandLine) {
+                continue;
+            }
+            if let Ok(value) = std::env::var(var) {
+                *field = go_bool(&value).map_err(|_| UsageError::EnvBool { var, value })?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn namespace_path(&self) -> Option<PathBuf> {
+        (!self.network_namespace.is_empty()).then(|| PathBuf::from(&self.network_namespace))
+    }
+
+    pub fn operation(&self) -> Operation {
+        if self.cleanup_only {
+            Operation::Cleanup
+        } else {
+            Operation::Apply { reconcile: self.reconcile, force: self.force_apply }
+        }
+    }
+
+    fn backend(&self) -> Result<Backend, UsageError> {
+        if self.native_nftables {
+            return Ok(Backend::Nftables);
+        }
+        let variant = match self.force_iptables_binary.as_str() {
+            "" => None,
+            v => Some(Variant::parse(v).ok_or_else(|| UsageError::Variant(v.to_string()))?),
+        };
+        Ok(Backend::Iptables(IptablesOptions { variant, lock_wait: self.iptables_lock_wait }))
+    }
+
+    /// Validates every setting; reads nothing from the namespace.
+    pub fn capture_config(&self) -> Result<CaptureConfig, UsageError> {
+        let proxy_uids = if self.proxy_uid.is_empty() {
+            default_proxy_uid()
+        } else {
+            config::parse_uids("--proxy-uid", &self.proxy_uid)?
+        };
+        let proxy_gids = if self.proxy_gid.is_empty() {
+            proxy_uids.clone()
+        } else {
+            config::parse_gids("--proxy-gid", &self.proxy_gid)?
+        };
+        let owner_include = std::env::var("ISTIO_OUTBOUND_OWNER_GROUPS").ok();
+        let owner_exclude = std::env::var("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE").unwrap_or_default();
+        let loopback = match std::env::var("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR") {
+            Ok(v) if !v.is_empty() => config::parse_loopback_cidr(&v)?,
+            _ => CaptureConfig::default().host_ipv4_loopback,
+        };
+        Ok(CaptureConfig {
+            proxy_port: config::parse_port("--envoy-port", &self.envoy_port)?,
+            inbound_capture_port: config::parse_port("--inbound-capture-port", &self.inbound_capture_port)?,
+            inbound_tunnel_port: config::parse_port("--inbound-tunnel-port", &self.inbound_tunnel_port)?,
+            proxy_uids,
+            proxy_gids,
+            mode: self.istio_inbound_interception_mode.parse::<InterceptionMode>()?,
+            inbound_ports: config::parse_inbound_ports(&self.istio_inbound_ports, &self.istio_local_exclude_ports)?,
+            outbound_ranges: config::parse_outbound_ranges(&self.istio_service_cidr)?,
+            outbound_ranges_exclude: config::parse_cidrs("--istio-service-exclude-cidr", &self.istio_service_exclude_cidr)?,
+            outbound_ports_include: config::parse_ports("--istio-outbound-ports", &self.istio_outbound_ports)?,
+            outbound_ports_exclude: config::parse_ports(
+                "--istio-local-outbound-ports-exclude",
+                &self.istio_local_outbound_ports_exclude,
+            )?,
+            exclude_interfaces: config::parse_interfaces("--istio-exclude-interfaces", &self.istio_exclude_interfaces)?,
+            kube_virt_interfaces: config::parse_interfaces("--kube-virt-interfaces", &self.kube_virt_interfaces)?,
+            tproxy_mark: config::parse_number("--istio-inbound-tproxy-mark", &self.istio_inbound_tproxy_mark)?,
+            tproxy_route_table: config::parse_number(
+                "--istio-inbound-tproxy-route-table",
+                &self.istio_inbound_tproxy_route_table,
+            )?,
+            owner_groups: config::parse_owner_groups(owner_include.as_deref(), &owner_exclude)?,
+            dns: if self.redirect_dns && self.capture_all_dns { DnsCapture::All } else { DnsCapture::Off },
+            drop_invalid: self.drop_invalid,
+            ipv6: false,
+            host_ipv4_loopback: loopback,
+        })
+    }
+
+    /// The full request: validated settings plus what the namespace itself tells (IP families,
+    /// DNS servers), read as Istio reads them. Call after entering the namespace.
+    pub fn request(&self, resolv_conf: &std::path::Path) -> Result<Request, SetupError> {
+        let mut config = self.capture_config()?;
+        self.validate_extras()?;
+        config.ipv6 = namespace::uses_ipv6(self.dual_stack)?;
+        if self.redirect_dns && !self.capture_all_dns {
+            let (v4, v6) = namespace::dns_servers(resolv_conf)?;
+            config.dns = DnsCapture::Servers { v4, v6 };
+        }
+        Ok(Request { config, backend: self.backend()?, operation: self.operation(), dry_run: self.dry_run })
+    }
+
+    /// Settings that are not part of the ruleset but must still be valid.
+    pub fn validate_extras(&self) -> Result<(), UsageError> {
+        config::parse_port("--iptables-probe-port", &self.iptables_probe_port)?;
+        self.backend()?;
+        Ok(())
+    }
+
+    /// Whether informational lines should be printed.
+    pub fn verbose(&self) -> bool {
+        !matches!(self.log_output_level.as_str(), "warn" | "error" | "fatal" | "none")
+    }
+}
+
+/// Istio: the UID of $ENVOY_USER (istio-proxy), else 1337.
+fn default_proxy_uid() -> Vec<u32> {
+    let user = std::env::var("ENVOY_USER").unwrap_or_else(|_| "istio-proxy".to_string());
+    let uid = nix::unistd::User::from_name(&user).ok().flatten().map(|u| u.uid.as_raw());
+    vec![uid.unwrap_or(1337)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    fn parse(args: &[&str]) -> Cli {
+        let m = Cli::command().try_get_matches_from(std::iter::once("istio-iptables").chain(args.iter().copied())).unwrap();
+        Cli::from_arg_matches(&m).unwrap()
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn seed_command_parses() {
+        let cli = parse(&["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"]);
+        let cfg = cli.capture_config().unwrap();
+        assert_eq!(cfg.proxy_uids, vec![1337]);
+        assert_eq!(cfg.proxy_gids, vec![1337], "GIDs default to the UIDs");
+        assert_eq!(cfg.inbound_ports, config::InboundPorts::All { except: vec![15090, 15021, 15020] });
+        assert_eq!(cfg.outbound_ranges, config::OutboundRanges::All);
+    }
+
+    #[test]
+    fn bools_take_go_forms() {
+        assert!(parse(&["--redirect-dns"]).redirect_dns);
+        assert!(!parse(&["--redirect-dns=false"]).redirect_dns);
+        assert!(parse(&["--reconcile=T"]).reconcile);
+        assert!(Cli::command().try_get_matches_from(["x", "--reconcile=maybe"]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(go_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(go_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert_eq!(go_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(go_duration("5").is_err());
+        assert!(go_duration("five").is_err());
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = parse(&["-b", "80,99999"]).capture_config().unwrap_err().to_string();
+        assert!(err.contains("99999"), "{err}");
+        let err = parse(&["-x", "*"]).capture_config().unwrap_err().to_string();
+        assert!(err.contains("'*' is not allowed"), "{err}");
+        let err = parse(&["-m", "tproxy"]).capture_config().unwrap_err().to_string();
+        assert!(err.contains("\"tproxy\""), "{err}");
+        let err = parse(&["-t", "0x539"]).capture_config().unwrap_err().to_string();
+        assert!(err.contains("0x539"), "{err}");
+        let err = parse(&["--force-iptables-binary", "x"]).validate_extras().unwrap_err().to_string();
+        assert!(err.contains("\"x\""), "{err}");
+    }
+}
