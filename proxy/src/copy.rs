@@ -1,0 +1,247 @@
+//! The relay: moves bytes both ways between a client and its upstream until both directions
+//! have ended, passing each FIN on by itself (half-close) and stopping at the first error.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::RelayMode;
+use crate::socket;
+
+/// Which socket of the pair something happened on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Upstream,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        })
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum Close {
+    /// Both directions ended with a FIN.
+    Finished,
+    /// Neither side sent anything for the idle timeout.
+    Idle,
+    /// A socket failed (typically a reset); the caller resets the other one.
+    Failed(Side, io::Error),
+}
+
+/// Bytes moved by one relay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// Client to upstream.
+    pub upstream: u64,
+    /// Upstream to client.
+    pub downstream: u64,
+}
+
+/// The process-wide byte counters the relay adds to as it goes.
+pub struct Totals<'a> {
+    pub upstream: &'a AtomicU64,
+    pub downstream: &'a AtomicU64,
+}
+
+/// Relays between `client` and `upstream` until both directions end, one fails, or nothing
+/// moves for `idle_timeout`.
+pub async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    mode: RelayMode,
+    idle_timeout: Duration,
+    totals: Totals<'_>,
+) -> (Transferred, Close) {
+    let started = Instant::now();
+    let activity = Activity { started, last_ms: AtomicU64::new(0) };
+    let up = Meter { conn: AtomicU64::new(0), total: totals.upstream, activity: &activity };
+    let down = Meter { conn: AtomicU64::new(0), total: totals.downstream, activity: &activity };
+    let close = match mode {
+        RelayMode::Copy => both_ways::<Buffer>(client, upstream, &up, &down, idle_timeout).await,
+        RelayMode::Splice => both_ways::<Pipe>(client, upstream, &up, &down, idle_timeout).await,
+    };
+    (Transferred { upstream: up.conn.load(Relaxed), downstream: down.conn.load(Relaxed) }, close)
+}
+
+async fn both_ways<C: Chunk>(client: &TcpStream, upstream: &TcpStream, up: &Meter<'_>, down: &Meter<'_>, idle_timeout: Duration) -> Close {
+    let relaying = async {
+        let mut to_upstream = pin!(one_way::<C>(client, upstream, Side::Client, Side::Upstream, up));
+        let mut to_client = pin!(one_way::<C>(upstream, client, Side::Upstream, Side::Client, down));
+        // Once one direction has ended, the socket it read from is no longer polled for data;
+        // watch it for a reset so that it still reaches the other side promptly.
+        let (rest, ended_reader, side) = tokio::select! {
+            ended = &mut to_upstream => { ended?; (to_client, client, Side::Client) }
+            ended = &mut to_client => { ended?; (to_upstream, upstream, Side::Upstream) }
+        };
+        tokio::select! {
+            ended = rest => ended,
+            _ = ended_reader.ready(Interest::ERROR) => Err((side, socket::take_error(ended_reader))),
+        }
+    };
+    tokio::select! {
+        ended = relaying => match ended {
+            Ok(()) => Close::Finished,
+            Err((side, error)) => Close::Failed(side, error),
+        },
+        () = up.activity.idle_for(idle_timeout) => Close::Idle,
+    }
+}
+
+/// Moves `from`'s bytes to `to` until `from` sends FIN, then passes the FIN on.
+async fn one_way<C: Chunk>(from: &TcpStream, to: &TcpStream, reader: Side, writer: Side, meter: &Meter<'_>) -> Result<(), (Side, io::Error)> {
+    let mut chunk = C::new().map_err(|e| (reader, e))?;
+    loop {
+        let read = loop {
+            match chunk.fill(from) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => from.readable().await.map_err(|e| (reader, e))?,
+                other => break other.map_err(|e| (reader, e))?,
+            }
+        };
+        if read == 0 {
+            return socket::shutdown_write(to).map_err(|e| (writer, e));
+        }
+        meter.activity.touch();
+        let mut left = read;
+        while left > 0 {
+            match chunk.drain(to) {
+                Ok(written) => {
+                    left -= written;
+                    meter.add(written);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await.map_err(|e| (writer, e))?,
+                Err(e) => return Err((writer, e)),
+            }
+        }
+    }
+}
+
+/// Where one direction holds bytes between reading them and writing them.
+trait Chunk: Sized {
+    fn new() -> io::Result<Self>;
+    /// Takes what `from` has (WouldBlock when nothing yet); 0 means FIN. Called only when
+    /// the chunk is empty.
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize>;
+    /// Gives `to` some of the held bytes (WouldBlock when it can take none now).
+    fn drain(&mut self, to: &TcpStream) -> io::Result<usize>;
+}
+
+/// A userspace buffer that starts small (most connections are short) and doubles, up to a
+/// cap, each time a read fills it.
+struct Buffer {
+    bytes: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Buffer {
+    const INITIAL: usize = 16 * 1024;
+    const MAX: usize = 256 * 1024;
+}
+
+impl Chunk for Buffer {
+    fn new() -> io::Result<Self> {
+        Ok(Buffer { bytes: vec![0; Self::INITIAL], start: 0, end: 0 })
+    }
+
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        if self.end == self.bytes.len() && self.bytes.len() < Self::MAX {
+            self.bytes.resize(self.bytes.len() * 2, 0);
+        }
+        let read = from.try_read(&mut self.bytes)?;
+        (self.start, self.end) = (0, read);
+        Ok(read)
+    }
+
+    fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
+        let written = to.try_write(&self.bytes[self.start..self.end])?;
+        self.start += written;
+        Ok(written)
+    }
+}
+
+/// A pipe that splice(2) moves bytes into from one socket and out of to the other, so they
+/// never cross into userspace.
+struct Pipe {
+    read_end: OwnedFd,
+    write_end: OwnedFd,
+    held: usize,
+}
+
+impl Pipe {
+    /// Larger than the default 64 KiB, fewer splice calls per megabyte.
+    const SIZE: usize = 256 * 1024;
+    const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+}
+
+impl Chunk for Pipe {
+    fn new() -> io::Result<Self> {
+        let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // Unprivileged processes may be capped by /proc/sys/fs/pipe-max-size; the default works too.
+        let _ = fcntl(&write_end, FcntlArg::F_SETPIPE_SZ(Self::SIZE as i32));
+        Ok(Pipe { read_end, write_end, held: 0 })
+    }
+
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        // The pipe is empty here, so EAGAIN can only mean that the socket has nothing.
+        let moved = from.try_io(Interest::READABLE, || Ok(splice(from, None, &self.write_end, None, Self::SIZE, Self::FLAGS)?))?;
+        self.held = moved;
+        Ok(moved)
+    }
+
+    fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
+        let moved = to.try_io(Interest::WRITABLE, || Ok(splice(&self.read_end, None, to, None, self.held, Self::FLAGS)?))?;
+        self.held -= moved;
+        Ok(moved)
+    }
+}
+
+/// When either direction last moved data.
+struct Activity {
+    started: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms.store(self.started.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    /// Completes once nothing has moved for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let deadline = self.started + Duration::from_millis(self.last_ms.load(Relaxed)) + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Counts one direction's bytes for the connection and for the process.
+struct Meter<'a> {
+    conn: AtomicU64,
+    total: &'a AtomicU64,
+    activity: &'a Activity,
+}
+
+impl Meter<'_> {
+    fn add(&self, bytes: usize) {
+        self.conn.fetch_add(bytes as u64, Relaxed);
+        self.total.fetch_add(bytes as u64, Relaxed);
+    }
+}

@@ -1,0 +1,160 @@
+//! Every socket option the proxy uses, behind small safe functions.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use nix::sys::socket::{setsockopt, sockopt};
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// Listening backlog, as Envoy's default.
+const BACKLOG: i32 = 1024;
+
+/// The wildcard address of `addr`'s family with `port`.
+pub fn any(ipv6: bool, port: u16) -> SocketAddr {
+    let ip = if ipv6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+    SocketAddr::new(ip, port)
+}
+
+/// A listening socket on `addr`. IPv6 sockets are IPv6-only (an IPv4 socket sits beside
+/// them), and `transparent` sockets accept TPROXY'd connections for any address.
+pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if transparent {
+        set_transparent(&socket, addr.is_ipv6())?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// The destination the client asked for before NAT REDIRECT rewrote it (SO_ORIGINAL_DST).
+pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let socket = SockRef::from(stream);
+    let original = if stream.local_addr()?.is_ipv6() { socket.original_dst_v6()? } else { socket.original_dst_v4()? };
+    original
+        .as_socket()
+        .map(canonical)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "SO_ORIGINAL_DST is not an IP address"))
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) turned back into IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// Sends small writes at once: the relay already batches what it has.
+pub fn set_nodelay(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)
+}
+
+/// Makes closing `stream` send a reset instead of a FIN (SO_LINGER 0), so a peer learns that
+/// the other side of the relay failed rather than finished.
+pub fn abort_on_close(stream: &TcpStream) -> io::Result<()> {
+    SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO))
+}
+
+/// Sends FIN to the peer while still reading from it (half-close).
+pub fn shutdown_write(stream: &TcpStream) -> io::Result<()> {
+    match SockRef::from(stream).shutdown(std::net::Shutdown::Write) {
+        // The peer already went away; the other direction will report how.
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
+    }
+}
+
+/// The pending error on a socket (such as a reset), if any.
+pub fn take_error(stream: &TcpStream) -> io::Error {
+    match stream.take_error() {
+        Ok(Some(e)) | Err(e) => e,
+        Ok(None) => io::ErrorKind::ConnectionReset.into(),
+    }
+}
+
+/// Where an upstream connection comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Whatever address the kernel picks.
+    Any,
+    /// A fixed local address, such as 127.0.0.6 which the capture rules let through.
+    Bound(IpAddr),
+    /// Someone else's address (the client's), with IP_TRANSPARENT and the given SO_MARK.
+    Spoofed { ip: IpAddr, mark: u32 },
+}
+
+/// Opens a TCP connection to `dest` from `source`.
+pub async fn connect(dest: SocketAddr, source: Source) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(dest), Type::STREAM.nonblocking().cloexec(), None)?;
+    socket.set_tcp_nodelay(true)?;
+    let bind_ip = match source {
+        Source::Any => None,
+        Source::Bound(ip) => Some(ip),
+        Source::Spoofed { ip, mark } => {
+            set_transparent(&socket, dest.is_ipv6())?;
+            socket.set_mark(mark)?;
+            Some(ip)
+        }
+    };
+    if let Some(ip) = bind_ip {
+        // Let connect() choose the port by the whole 4-tuple: binding port 0 alone would
+        // reserve one of ~28k ephemeral ports per source address, TIME_WAIT included.
+        setsockopt(&socket, sockopt::IpBindAddressNoPort, &true)?;
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    let stream = TcpSocket::from_std_stream(socket.into()).connect(dest).await?;
+    Ok(stream)
+}
+
+/// True when `ip` belongs to this network namespace: only local addresses can be bound.
+pub fn is_local(ip: IpAddr) -> bool {
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    let Ok(probe) = Socket::new(Domain::for_address(SocketAddr::new(ip, 0)), Type::STREAM.cloexec(), None) else {
+        return false;
+    };
+    probe.bind(&SocketAddr::new(ip, 0).into()).is_ok()
+}
+
+fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        socket.set_ip_transparent_v6(true)
+    } else {
+        socket.set_ip_transparent_v4(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_addresses_become_ipv4() {
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:80".parse().unwrap();
+        assert_eq!(canonical(mapped), "10.1.2.3:80".parse().unwrap());
+        let v6: SocketAddr = "[fd00::1]:80".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+        let v4: SocketAddr = "10.1.2.3:443".parse().unwrap();
+        assert_eq!(canonical(v4), v4);
+        // IPv4-compatible (deprecated ::a.b.c.d) addresses are real IPv6 addresses.
+        let compatible: SocketAddr = "[::10.1.2.3]:80".parse().unwrap();
+        assert_eq!(canonical(compatible), compatible);
+    }
+
+    #[test]
+    fn loopback_is_local_and_documentation_range_is_not() {
+        assert!(is_local("127.0.0.1".parse().unwrap()));
+        assert!(is_local("::".parse().unwrap()));
+        assert!(!is_local("192.0.2.77".parse().unwrap()));
+    }
+}
