@@ -64,7 +64,7 @@ fn go_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "istio-iptables", version, about = ABOUT, after_help = AFTER_HELP)]
+#[command(name = "istio-iptables", version, about = ABOUT, after_help = AFTER_HELP, args_override_self = true)]
 pub struct Cli {
     /// Port the proxy's outbound listener uses: outbound TCP is redirected here.
     #[arg(short = 'p', long = "envoy-port", default_value = "15001", value_name = "PORT")]

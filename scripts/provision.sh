@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what building and testing the project needs on Debian/Ubuntu (run as root).
+# The README's setup command, .ci/run and the Vagrant VMs all use this one script.
+set -euo pipefail
+
+packages=(
+  iptables nftables iproute2 util-linux iputils-ping  # what the tools program and the tests use
+  libnftnl-dev libmnl-dev pkg-config gcc               # build: nftnl/mnl link libnftnl and libmnl
+  python3 ca-certificates curl
+)
+export DEBIAN_FRONTEND=noninteractive
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  export PATH="$HOME/.cargo/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "provision: installing the Rust toolchain with rustup" >&2
+  curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null
+fi
+echo "provision: ready ($(iptables --version), $(nft --version | head -1))"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, integration tests in real network namespaces, and the
+# conformance runner against Istio's own rulesets. Run as root, after scripts/provision.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+shared=${SHARED_DIR:-../shared}
+
+# Integration tests drive the release binaries, so build them first (one profile for all).
+cargo build --release --workspace --locked
+cargo test --release --workspace --locked -- --test-threads=2
+
+status=0
+for backend in iptables nftables; do
+  echo "== conformance ($backend)"
+  "$shared/conformance/run" --backend "$backend" target/release/istio-iptables || status=1
+done
+exit $status

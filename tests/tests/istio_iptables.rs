@@ -1,0 +1,251 @@
+//! `istio-iptables` (iptables backend) in real pod namespaces, entered with nsenter.
+
+use std::process::Output;
+
+use capture_tests::{release_bin, require_netns, run_ok, Pod};
+
+/// Istio's standard sidecar invocation (the seed command).
+const SEED: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+
+fn tool(pod: &Pod, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = pod.cmd(release_bin("istio-iptables"));
+    cmd.args(args).env_remove("ISTIO_OUTBOUND_OWNER_GROUPS");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run istio-iptables")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `nsenter -t PID -n iptables -t nat -S`, as a node agent would look.
+fn nat_rules(pod: &Pod) -> String {
+    String::from_utf8_lossy(&run_ok(pod.cmd("iptables").args(["-t", "nat", "-S"])).stdout).into_owned()
+}
+
+#[test]
+fn seed_command_installs_istio_rules() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    let out = tool(&pod, SEED, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let nat = nat_rules(&pod);
+    for want in [
+        "-N ISTIO_INBOUND",
+        "-N ISTIO_IN_REDIRECT",
+        "-N ISTIO_OUTPUT",
+        "-N ISTIO_REDIRECT",
+        "-A PREROUTING -p tcp -j ISTIO_INBOUND",
+        "-A OUTPUT -j ISTIO_OUTPUT",
+        "-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
+        "-A ISTIO_INBOUND -p tcp -m tcp --dport 15090 -j RETURN",
+        "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN",
+        "-A ISTIO_INBOUND -p tcp -m tcp --dport 15020 -j RETURN",
+        "-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT",
+        "-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006",
+        "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+        "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN",
+        "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN",
+        "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        "-A ISTIO_OUTPUT -j ISTIO_REDIRECT",
+    ] {
+        assert!(nat.lines().any(|l| l == want), "missing `{want}` in:\n{nat}");
+    }
+    assert!(pod.rules(true).is_empty(), "an IPv4-only pod gets no IPv6 rules");
+}
+
+#[test]
+fn second_run_changes_nothing() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    assert!(tool(&pod, SEED, &[]).status.success());
+    let before = pod.iptables_save(false);
+    let out = tool(&pod, SEED, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already in place"), "{}", stderr(&out));
+    assert_eq!(pod.iptables_save(false), before);
+}
+
+#[test]
+fn drift_needs_reconcile_and_foreign_rules_survive() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    assert!(tool(&pod, SEED, &[]).status.success());
+    let clean = pod.rules(false);
+    pod.sh("iptables -t nat -A OUTPUT -p tcp --dport 123 -j ACCEPT");
+    // A foreign rule outside our chains is not drift.
+    let out = tool(&pod, SEED, &[]);
+    assert!(out.status.success() && stderr(&out).contains("already in place"), "{}", stderr(&out));
+
+    pod.sh("iptables -t nat -A ISTIO_INBOUND -p tcp --dport 9999 -j RETURN");
+    let drifted = pod.rules(false);
+    let out = tool(&pod, SEED, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--dport 9999") && stderr(&out).contains("--reconcile"), "{}", stderr(&out));
+    assert_eq!(pod.rules(false), drifted, "a refused run changes nothing");
+
+    let out = tool(&pod, &[SEED, &["--reconcile"]].concat(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("replaced"), "{}", stderr(&out));
+    let after = pod.rules(false);
+    assert!(!after.iter().any(|r| r.contains("9999")), "drift removed");
+    assert!(after.iter().any(|r| r == "-A OUTPUT -p tcp -m tcp --dport 123 -j ACCEPT"), "foreign rule kept");
+    let mut expected = clean.clone();
+    expected.insert(0, "-A OUTPUT -p tcp -m tcp --dport 123 -j ACCEPT".into());
+    let mut sorted_after = after.clone();
+    sorted_after.sort();
+    expected.sort();
+    assert_eq!(sorted_after, expected);
+}
+
+#[test]
+fn cleanup_removes_only_what_we_added() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    pod.sh("iptables -t nat -N USER_CHAIN && iptables -t nat -A USER_CHAIN -j RETURN && iptables -t nat -A PREROUTING -j USER_CHAIN");
+    pod.sh("iptables -t mangle -A OUTPUT -p udp -j MARK --set-mark 7");
+    let before = pod.rules(false);
+    assert!(tool(&pod, &[SEED, &["-m", "TPROXY"]].concat(), &[]).status.success());
+    assert!(pod.rules(false).len() > before.len() + 10);
+    let out = tool(&pod, &[SEED, &["-m", "TPROXY", "--cleanup-only"]].concat(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(pod.rules(false), before);
+    assert!(!pod.iptables_save(false).contains("ISTIO"), "{}", pod.iptables_save(false));
+    let again = tool(&pod, &[SEED, &["--cleanup-only"]].concat(), &[]);
+    assert!(again.status.success() && stderr(&again).contains("no capture rules"), "{}", stderr(&again));
+}
+
+#[test]
+fn dry_run_prints_the_restore_input_and_touches_nothing() {
+    require_netns!();
+    let pod = Pod::with_address("fd00:44::5/64");
+    let out = tool(&pod, &[SEED, &["--dry-run"]].concat(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(IPv4)") && text.contains("(IPv6)"), "{text}");
+    assert!(text.contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN"), "{text}");
+    assert!(pod.rules(false).is_empty() && pod.rules(true).is_empty());
+}
+
+#[test]
+fn ipv6_pod_gets_both_families() {
+    require_netns!();
+    let pod = Pod::with_address("fd00:44::5/64");
+    let out = tool(&pod, SEED, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v6 = pod.rules(true);
+    assert!(v6.iter().any(|r| r == "-A ISTIO_OUTPUT -d ::1/128 -j RETURN"), "{v6:?}");
+    assert!(pod.rules(false).iter().any(|r| r == "-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN"));
+}
+
+#[test]
+fn bad_input_is_named_and_nothing_is_programmed() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        (&["-b", "80,99999"], &[], "99999"),
+        (&["-b", "http"], &[], "\"http\""),
+        (&["-p", "0"], &[], "\"0\""),
+        (&["-i", "10.0.0.0/33"], &[], "10.0.0.0/33"),
+        (&["-i", "10.0.0.1"], &[], "10.0.0.1"),
+        (&["-x", "*"], &[], "'*' is not allowed"),
+        (&["-t", "0x539"], &[], "0x539"),
+        (&["-r", "main"], &[], "\"main\""),
+        (&["-c", "an-interface-name-too-long"], &[], "longer than 15 bytes"),
+        (&["-m", "TPROXYY"], &[], "TPROXYY"),
+        (&["-g", "no-such-group-xyz"], &[], "no-such-group-xyz"),
+        (&[], &[("ISTIO_OUTBOUND_OWNER_GROUPS", "no-such-group-xyz")], "no-such-group-xyz"),
+        (&[], &[("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", "10.0.0.1/32")], "10.0.0.1/32"),
+        (&[], &[("FORCE_IPTABLES_BINARY", "fast")], "fast"),
+        (&[], &[("INBOUND_TUNNEL_PORT", "abc")], "abc"),
+    ];
+    for (args, env, named) in cases {
+        let out = tool(&pod, &[SEED, args].concat(), env);
+        assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(named), "{args:?} {env:?} should name {named}: {}", stderr(&out));
+    }
+    assert!(pod.rules(false).is_empty(), "nothing programmed: {:?}", pod.rules(false));
+}
+
+#[test]
+fn network_namespace_flag_enters_the_pod() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    let ns = pod.ns_path();
+    // Run from a second, empty namespace: only the pod may change.
+    let bystander = Pod::new();
+    let out = bystander
+        .cmd(release_bin("istio-iptables"))
+        .args(SEED)
+        .args(["--network-namespace", &ns.to_string_lossy()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(pod.rules(false).iter().any(|r| r == "-A OUTPUT -j ISTIO_OUTPUT"));
+    assert!(bystander.rules(false).is_empty());
+}
+
+#[test]
+fn missing_net_admin_is_reported_before_anything_changes() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    let out = pod
+        .cmd("setpriv")
+        .args(["--bounding-set=-net_admin", "--inh-caps=-net_admin"])
+        .arg(release_bin("istio-iptables"))
+        .args(SEED)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("CAP_NET_ADMIN"), "{}", stderr(&out));
+    assert!(pod.rules(false).is_empty());
+}
+
+#[test]
+fn legacy_is_used_only_where_it_already_holds_rules() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    pod.sh("iptables-legacy -t filter -A INPUT -p tcp --dport 7 -j ACCEPT");
+    assert!(tool(&pod, SEED, &[]).status.success());
+    assert!(pod.sh("iptables-legacy-save").contains("-A OUTPUT -j ISTIO_OUTPUT"));
+    assert!(!pod.sh("iptables-nft-save").contains("ISTIO"));
+
+    let fresh = Pod::with_address("10.44.0.5/24");
+    assert!(tool(&fresh, SEED, &[("FORCE_IPTABLES_BINARY", "legacy")]).status.success());
+    assert!(fresh.sh("iptables-legacy-save").contains("ISTIO_OUTPUT"));
+    assert!(!fresh.sh("iptables-nft-save").contains("ISTIO"));
+}
+
+#[test]
+fn a_refused_ipv6_half_rolls_back_the_ipv4_half() {
+    require_netns!();
+    let pod = Pod::with_address("fd00:44::5/64");
+    pod.sh("iptables -t nat -A OUTPUT -p tcp --dport 123 -j ACCEPT");
+    let before = pod.iptables_save(false);
+    // Fault injection: an ip6tables-nft-restore that refuses any --noflush input, as a kernel
+    // without ip6table_nat would; the IPv4 half is real and must be undone.
+    let dir = tempdir();
+    let real = String::from_utf8(run_ok(std::process::Command::new("sh").args(["-c", "command -v ip6tables-nft-restore"])).stdout).unwrap();
+    std::fs::write(
+        dir.join("ip6tables-nft-restore"),
+        format!("#!/bin/sh\ncase \"$*\" in *--noflush*) cat >/dev/null; echo 'ip6tables-restore: line 2 failed: unable to initialize table' >&2; exit 1;; esac\nexec {} \"$@\"\n", real.trim()),
+    )
+    .unwrap();
+    run_ok(std::process::Command::new("chmod").arg("+x").arg(dir.join("ip6tables-nft-restore")));
+    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap());
+    let out = pod.cmd(release_bin("istio-iptables")).args(SEED).env("PATH", path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("rolled back"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("modprobe"), "the hint names the fix: {}", stderr(&out));
+    assert_eq!(pod.iptables_save(false), before, "IPv4 restored exactly, foreign rule included");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(capture_tests::unique("capt"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
