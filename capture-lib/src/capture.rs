@@ -10,6 +10,7 @@ use thiserror::Error;
 use crate::config::CaptureConfig;
 use crate::iptables::{self, IptablesError, IptablesOptions};
 use crate::model::{self, Dialect};
+use crate::routes::{self, RouteError, RoutePlan};
 use crate::Outcome;
 
 pub use crate::iptables::Operation;
@@ -46,28 +47,70 @@ pub enum CaptureError {
     Iptables(#[from] IptablesError),
     #[error("--native-nftables is not available in this build yet")]
     NftablesUnavailable,
+    #[error(transparent)]
+    Routes(RouteError),
+    #[error("{source}\nthe capture rules of this run were rolled back")]
+    RoutesRolledBack { source: RouteError },
+    #[error("{source}\nrolling the capture rules back also failed: {rollback}")]
+    RoutesRollbackFailed { source: RouteError, rollback: Box<CaptureError> },
 }
 
 pub fn run(req: &Request) -> Result<Report, CaptureError> {
+    let routes = RoutePlan::for_config(&req.config);
+    // Refuse a plan that would break routing before any rule is touched.
+    routes.check().map_err(CaptureError::Routes)?;
     match req.backend {
-        Backend::Iptables(opts) => run_iptables(req, &opts),
+        Backend::Iptables(opts) => run_iptables(req, &opts, &routes),
         Backend::Nftables => Err(CaptureError::NftablesUnavailable),
     }
 }
 
-fn run_iptables(req: &Request, opts: &IptablesOptions) -> Result<Report, CaptureError> {
+fn run_iptables(req: &Request, opts: &IptablesOptions, routes: &RoutePlan) -> Result<Report, CaptureError> {
     let ruleset = model::build(&req.config, Dialect::Iptables);
     let plan = iptables::plan(&ruleset, req.operation, opts)?;
     if req.dry_run {
         let mut text = String::new();
         if plan.steps.is_empty() {
-            text.push_str("# nothing to change: the rules are already as requested\n");
+            text.push_str("# nothing to change in the rules: they are already as requested\n");
         }
         for step in &plan.steps {
             let _ = writeln!(text, "# {}\n{}", step.command(), step.payload);
         }
+        text.push_str(&describe_routes(req.operation, routes));
         return Ok(Report { outcome: plan.outcome, dry_run: Some(text), warnings: Vec::new() });
     }
     let outcome = iptables::execute(&plan, opts)?;
-    Ok(Report { outcome, dry_run: None, warnings: Vec::new() })
+    let warnings = finish_routes(req.operation, routes, || iptables::undo(&plan.steps, opts).map_err(CaptureError::from))?;
+    Ok(Report { outcome, dry_run: None, warnings })
+}
+
+/// The `ip` commands the routing step would run, for --dry-run.
+fn describe_routes(op: Operation, routes: &RoutePlan) -> String {
+    let lines = match op {
+        Operation::Apply { .. } => routes.describe(),
+        Operation::Cleanup => routes.describe_removal(),
+    };
+    lines.iter().map(|l| format!("# then: {l}\n")).collect()
+}
+
+/// Adds (or, on cleanup, removes) the routing the rules rely on. A namespace without IPv6 keeps
+/// its IPv4 capture and gets a warning; any other failure undoes the rules just applied.
+fn finish_routes(
+    op: Operation,
+    routes: &RoutePlan,
+    undo_rules: impl FnOnce() -> Result<(), CaptureError>,
+) -> Result<Vec<String>, CaptureError> {
+    let result = match op {
+        Operation::Apply { .. } => routes::apply(routes),
+        Operation::Cleanup => routes::remove(routes),
+    };
+    match result {
+        Ok(()) => Ok(Vec::new()),
+        Err(e @ RouteError::Ipv6Disabled { .. }) => Ok(vec![e.to_string()]),
+        Err(source) if op == Operation::Cleanup => Err(CaptureError::Routes(source)),
+        Err(source) => Err(match undo_rules() {
+            Ok(()) => CaptureError::RoutesRolledBack { source },
+            Err(rollback) => CaptureError::RoutesRollbackFailed { source, rollback: Box::new(rollback) },
+        }),
+    }
 }

@@ -129,6 +129,11 @@ impl RoutePlan {
         self.entries().iter().map(|entry| entry.command(Change::Add)).collect()
     }
 
+    /// The `ip` commands `remove` is equivalent to, in its order.
+    pub fn describe_removal(&self) -> Vec<String> {
+        self.entries().iter().rev().map(|entry| entry.command(Change::Remove)).collect()
+    }
+
     /// Every IPv4 entry comes before every IPv6 one, so a namespace without IPv6 still gets
     /// working IPv4 routing before `apply` reports [`RouteError::Ipv6Disabled`].
     fn entries(&self) -> Vec<Entry> {
@@ -147,7 +152,8 @@ impl RoutePlan {
         entries
     }
 
-    fn check(&self) -> Result<(), RouteError> {
+    /// Refuses plans that would break the namespace's routing; `apply` and `remove` check too.
+    pub fn check(&self) -> Result<(), RouteError> {
         match self.tproxy {
             // Route table 0 means "main" to the kernel; the others are consulted for every packet.
             Some(TproxyRouting { table: table @ (0 | 253..=255), .. }) => Err(RouteError::ReservedTable(table)),

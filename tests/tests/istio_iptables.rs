@@ -249,3 +249,39 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+#[test]
+fn tproxy_routing_is_added_once_and_removed_on_cleanup() {
+    require_netns!();
+    let pod = Pod::with_address("fd00:44::5/64");
+    let tproxy: Vec<&str> = [SEED, &["-m", "TPROXY"]].concat();
+    for _ in 0..2 {
+        let out = tool(&pod, &tproxy, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    for family in ["-4", "-6"] {
+        let rules = pod.sh(&format!("ip {family} rule show"));
+        assert_eq!(rules.matches("fwmark 0x539 lookup 133").count(), 1, "{rules}");
+        let routes = pod.sh(&format!("ip {family} route show table 133"));
+        assert!(routes.contains("local default dev lo"), "{routes}");
+    }
+    assert!(pod.sh("ip -6 addr show dev lo").contains("::6/128"));
+    let out = tool(&pod, &[&tproxy[..], &["--cleanup-only"]].concat(), &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for family in ["-4", "-6"] {
+        assert!(!pod.sh(&format!("ip {family} rule show")).contains("0x539"));
+        assert!(pod.sh(&format!("ip {family} route show table 133")).is_empty());
+    }
+    assert!(!pod.sh("ip -6 addr show dev lo").contains("::6/128"));
+    assert!(pod.rules(false).is_empty() && pod.rules(true).is_empty());
+}
+
+#[test]
+fn dry_run_lists_routes_too() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    let out = tool(&pod, &[SEED, &["-m", "TPROXY", "-n"]].concat(), &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("# then: ip rule add fwmark 1337 lookup 133") || text.contains("fwmark"), "{text}");
+    assert!(!pod.sh("ip rule show").contains("lookup 133"));
+}

@@ -149,20 +149,21 @@ fn promote(current: Outcome, new: Outcome) -> Outcome {
 pub fn execute(plan: &Plan, opts: &IptablesOptions) -> Result<Outcome, IptablesError> {
     for (i, step) in plan.steps.iter().enumerate() {
         if let Err(err) = step.bins.restore(&step.payload, true, opts.lock_wait) {
-            return Err(rollback(&plan.steps[..=i], opts, err));
+            return Err(match undo(&plan.steps[..=i], opts) {
+                Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
+                Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
+            });
         }
     }
     Ok(plan.outcome)
 }
 
-/// Undoes the given steps (tables replaced with their saved contents) after `err`.
-pub fn rollback(steps: &[Step], opts: &IptablesOptions, err: IptablesError) -> IptablesError {
+/// Puts the tables the given steps touch back as they were before the plan was made.
+pub fn undo(steps: &[Step], opts: &IptablesOptions) -> Result<(), IptablesError> {
     for step in steps.iter().rev() {
-        if let Err(rollback) = step.bins.restore(&step.rollback, false, opts.lock_wait) {
-            return IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) };
-        }
+        step.bins.restore(&step.rollback, false, opts.lock_wait)?;
     }
-    IptablesError::RolledBack { source: Box::new(err) }
+    Ok(())
 }
 
 /// Replacing a table without --noflush with its saved dump restores it exactly; a table that
