@@ -5,12 +5,16 @@
 //! a backend (`iptables`, `nftables`) that renders and applies it, plus `routes` for the
 //! addresses and policy routing the rules rely on.
 
+#![deny(unsafe_code)]
+
 pub mod capture;
 pub mod config;
 pub mod iptables;
 pub mod model;
+pub mod nftables;
 pub mod routes;
 pub mod namespace;
+pub mod validation;
 
 /// What a backend did to the namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use capture_lib::capture::{Backend, Operation, Request};
 use capture_lib::config::{self, CaptureConfig, ConfigError, DnsCapture, InterceptionMode};
 use capture_lib::iptables::{IptablesOptions, Variant};
 use capture_lib::namespace::{self, NamespaceError};
+use capture_lib::validation::Probe;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Parser};
 
@@ -312,9 +313,23 @@ impl Cli {
 
     /// Settings that are not part of the ruleset but must still be valid.
     pub fn validate_extras(&self) -> Result<(), UsageError> {
-        config::parse_port("--iptables-probe-port", &self.iptables_probe_port)?;
+        self.probe_port()?;
         self.backend()?;
         Ok(())
+    }
+
+    /// The redirection probe for --run-validation: over IPv6 when the pod's first address is.
+    pub fn probe(&self, config: &CaptureConfig) -> Result<Probe, SetupError> {
+        Ok(Probe {
+            ipv6: namespace::uses_ipv6(false)?,
+            listen_ports: vec![config.proxy_port, config.inbound_capture_port],
+            probe_port: self.probe_port()?,
+            timeout: self.probe_timeout,
+        })
+    }
+
+    fn probe_port(&self) -> Result<u16, UsageError> {
+        Ok(config::parse_port("--iptables-probe-port", &self.iptables_probe_port)?)
     }
 
     /// Whether informational lines should be printed.

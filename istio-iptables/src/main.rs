@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use capture_lib::capture::{self, Report};
-use capture_lib::namespace;
+use capture_lib::{namespace, validation};
 use capture_lib::Outcome;
 use clap::{CommandFactory, FromArgMatches};
 
@@ -16,6 +16,7 @@ use cli::{Cli, SetupError};
 /// Exit codes Istio's tooling (and its CNI repair controller) relies on.
 const EXIT_FAILURE: u8 = 1;
 const EXIT_USAGE: u8 = 2;
+const EXIT_VALIDATION: u8 = 126;
 
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
@@ -42,20 +43,28 @@ fn main() -> ExitCode {
     };
     if cli.skip_rule_apply {
         info(&cli, "--skip-rule-apply: no rules programmed");
-        return ExitCode::SUCCESS;
-    }
-    if !request.dry_run {
-        if let Err(e) = namespace::require_net_admin() {
-            return fail(EXIT_FAILURE, &e);
+    } else {
+        if !request.dry_run {
+            if let Err(e) = namespace::require_net_admin() {
+                return fail(EXIT_FAILURE, &e);
+            }
+        }
+        match capture::run(&request) {
+            Ok(report) => print_report(&cli, &report),
+            Err(e) => return fail(EXIT_FAILURE, &e),
         }
     }
-    match capture::run(&request) {
-        Ok(report) => {
-            print_report(&cli, &report);
-            ExitCode::SUCCESS
+    if cli.run_validation {
+        let probe = match cli.probe(&request.config) {
+            Ok(p) => p,
+            Err(e) => return fail(EXIT_FAILURE, &e),
+        };
+        if let Err(e) = validation::validate(&probe) {
+            return fail(EXIT_VALIDATION, &e);
         }
-        Err(e) => fail(EXIT_FAILURE, &e),
+        info(&cli, "validation passed, iptables rules established");
     }
+    ExitCode::SUCCESS
 }
 
 fn print_report(cli: &Cli, report: &Report) {

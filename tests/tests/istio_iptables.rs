@@ -285,3 +285,28 @@ fn dry_run_lists_routes_too() {
     assert!(text.contains("# then: ip rule add fwmark 1337 lookup 133") || text.contains("fwmark"), "{text}");
     assert!(!pod.sh("ip rule show").contains("lookup 133"));
 }
+
+/// Runs the tool as the proxy user (validation only sees redirection for the proxy's own traffic).
+fn tool_as_proxy(pod: &Pod, args: &[&str]) -> Output {
+    pod.cmd("setpriv")
+        .args(["--reuid=1337", "--regid=1337", "--clear-groups"])
+        .arg(release_bin("istio-iptables"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn validation_passes_only_where_redirection_works() {
+    require_netns!();
+    for (addr, extra) in [("10.44.0.5/24", &[][..]), ("fd00:44::5/64", &[][..]), ("10.44.0.5/24", &["-m", "TPROXY"][..])] {
+        let pod = Pod::with_address(addr);
+        let validate: Vec<&str> = [SEED, extra, &["--run-validation", "--skip-rule-apply", "--probe-timeout=1s"]].concat();
+        let out = tool_as_proxy(&pod, &validate);
+        assert_eq!(out.status.code(), Some(126), "{addr} {extra:?} without rules: {}", stderr(&out));
+        assert!(stderr(&out).contains("not redirected"), "{}", stderr(&out));
+        assert!(tool(&pod, &[SEED, extra].concat(), &[]).status.success());
+        let out = tool_as_proxy(&pod, &validate);
+        assert!(out.status.success(), "{addr} {extra:?} with rules: {}", stderr(&out));
+    }
+}
