@@ -1,0 +1,162 @@
+//! The native nftables backend: Istio's nft ruleset, sent over netlink as one nf_tables
+//! transaction (no `nft` or `iptables` binary at run time).
+//!
+//! Each model rule becomes one rule of an `inet` table (`istio-proxy-nat`, `-mangle`,
+//! `-raw`), compiled to the same bytecode `nft -f` makes of Istio's own rule text, so
+//! `nft list ruleset` prints exactly what Istio's tool leaves behind.
+//!
+//! [`apply`] first reads our tables back and compares them with what it would send (both
+//! parsed and printed by libnftnl): equal means nothing is sent; none of ours means a plain
+//! install; anything else is drift, an error unless `reconcile`, which replaces every table
+//! of ours in the same transaction (add, delete, add full) so no packet sees a gap.
+
+mod batch;
+mod expr;
+mod netlink;
+mod raw;
+mod render;
+mod schema;
+mod state;
+
+use std::io;
+
+use thiserror::Error;
+
+use batch::{Message, Transaction, TransactionBuilder};
+use netlink::{DumpRequest, Netlink, Refusal};
+use raw::{Object, SetRef};
+use schema::table_named;
+use state::Snapshot;
+
+use crate::model::{Ruleset, Table};
+use crate::Outcome;
+
+#[derive(Debug, Error)]
+pub enum NftError {
+    #[error("cannot open a netlink socket to nf_tables: {0} (the tool needs CAP_NET_ADMIN in the pod's network namespace)")]
+    Socket(#[source] io::Error),
+    #[error("cannot read the current nftables ruleset: {0}")]
+    Read(#[source] io::Error),
+    #[error("cannot send the nftables transaction: {0}")]
+    Send(#[source] io::Error),
+    #[error(
+        "the kernel refused the nftables transaction, so nothing was changed:\n  {what}\n  error: {error}{}\n  hint: {hint}",
+        if *others > 0 { format!(" (and {others} more refusals)") } else { String::new() }
+    )]
+    Refused { what: String, error: io::Error, hint: String, others: usize },
+    #[error(
+        "the capture tables in this namespace differ from the requested ones:\n  {}\nre-run with --reconcile to replace them atomically (or --cleanup-only to remove them)",
+        details.join("\n  ")
+    )]
+    Drift { details: Vec<String> },
+}
+
+/// The nft script of a fresh install (for `--dry-run`): what [`apply`] sends to a namespace
+/// holding none of our tables, loadable with `nft -f`.
+pub fn script(ruleset: &Ruleset) -> String {
+    render::script(&render::plan(ruleset))
+}
+
+/// Programs `ruleset` in the current network namespace (see the module docs).
+pub fn apply(ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftError> {
+    let plan = render::plan(ruleset);
+    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
+    let have = read_ours(&mut netlink).map_err(NftError::Read)?;
+    let mut tx = TransactionBuilder::new();
+    let outcome = if have.is_empty() {
+        if plan.is_empty() {
+            return Ok(Outcome::Unchanged);
+        }
+        plan.iter().for_each(|table| tx.create(table));
+        Outcome::Applied
+    } else {
+        let want = state::planned(&plan);
+        if have == want {
+            return Ok(Outcome::Unchanged);
+        }
+        if !reconcile {
+            return Err(NftError::Drift { details: state::differences(&plan, &want, &have) });
+        }
+        for table in &plan {
+            tx.delete(table.table);
+            tx.create(table);
+        }
+        have.keys().filter(|t| !want.contains_key(t)).for_each(|&stale| tx.delete(stale));
+        Outcome::Reconciled
+    };
+    commit(&mut netlink, &tx.finish())?;
+    Ok(outcome)
+}
+
+/// Deletes our three tables, and nothing else, in one transaction.
+pub fn cleanup() -> Result<Outcome, NftError> {
+    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
+    let ours = our_tables(&netlink.dump(&DumpRequest::Tables).map_err(NftError::Read)?);
+    if ours.is_empty() {
+        return Ok(Outcome::NothingToRemove);
+    }
+    let mut tx = TransactionBuilder::new();
+    ours.into_iter().for_each(|table| tx.delete(table));
+    commit(&mut netlink, &tx.finish())?;
+    Ok(Outcome::Removed)
+}
+
+fn our_tables(objects: &[Object]) -> Vec<Table> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Table(t) => table_named(&t.name),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Everything in our tables: chains, rules, and the sets the rules use.
+fn read_ours(netlink: &mut Netlink) -> io::Result<Snapshot> {
+    let mut objects = netlink.dump(&DumpRequest::Tables)?;
+    let ours = our_tables(&objects);
+    if ours.is_empty() {
+        return Ok(Snapshot::new());
+    }
+    objects.extend(netlink.dump(&DumpRequest::Chains)?);
+    for table in ours {
+        let table = schema::table_name(table);
+        objects.extend(netlink.dump(&DumpRequest::Rules { table })?);
+        let sets = netlink.dump(&DumpRequest::Sets { table })?;
+        for set in &sets {
+            if let Object::Set(raw::SetObject { set: SetRef::Name(name), .. }) = set {
+                objects.extend(netlink.dump(&DumpRequest::Elements { table, set: name })?);
+            }
+        }
+        objects.extend(sets);
+    }
+    Ok(state::snapshot(&objects))
+}
+
+fn commit(netlink: &mut Netlink, tx: &Transaction) -> Result<(), NftError> {
+    let refusals = netlink.send(tx).map_err(NftError::Send)?;
+    let Some(first) = refusals.first() else { return Ok(()) };
+    let seqs = netlink::message_seqs(tx);
+    let message = seqs.iter().position(|&seq| seq == first.seq).map(|i| &tx.messages[i]);
+    Err(refused(first, message, refusals.len() - 1))
+}
+
+fn refused(refusal: &Refusal, message: Option<&Message>, others: usize) -> NftError {
+    let what = message.map_or("the transaction as a whole, when the kernel committed it".to_string(), |m| m.what.clone());
+    let modules = message.map(|m| m.modules.join(" ")).unwrap_or_default();
+    let modprobe = if modules.is_empty() { "modprobe nf_tables".to_string() } else { format!("modprobe nf_tables {modules}") };
+    let hint = match refusal.errno {
+        libc::ENOENT => format!(
+            "a kernel module is missing (on the node: `{modprobe}`), or the rule names a chain that does not exist (a chain exists only if it has rules)"
+        ),
+        libc::EOPNOTSUPP | libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT => {
+            format!("the kernel lacks support for this; on the node: `{modprobe}`")
+        }
+        libc::EPERM => "the tool needs CAP_NET_ADMIN in the pod's network namespace".to_string(),
+        libc::EEXIST | libc::EBUSY => "something changed our tables at the same moment; run again".to_string(),
+        libc::ELOOP => "the rules' jumps form a loop".to_string(),
+        libc::EINVAL => "the kernel found the message malformed; it may be too old for this expression".to_string(),
+        _ => "see the error above".to_string(),
+    };
+    NftError::Refused { what, error: io::Error::from_raw_os_error(refusal.errno), hint, others }
+}

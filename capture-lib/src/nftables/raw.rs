@@ -1,0 +1,387 @@
+//! What we need from libnftnl beyond the `nftnl` crate's safe API: four expressions it lacks
+//! (`redir`, `tproxy`, `ct zone set`, inverted `lookup`), two attributes of anonymous sets,
+//! and parsing nf_tables messages (the kernel's dumps and our own batch) into plain values.
+//!
+//! This is the only module of the crate with `unsafe` code. Every call goes through a
+//! pointer that libnftnl allocated and that is freed exactly once, on every path, by the
+//! `Owned` guard below.
+#![allow(unsafe_code)]
+
+use std::ffi::{c_char, CStr, CString};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+use nftnl::expr::{Expression, Register};
+use nftnl::nftnl_sys::{self as sys, libc};
+use nftnl::set::Set;
+use nftnl::Rule;
+
+/// `NF_NAT_RANGE_PROTO_SPECIFIED`: the redirect carries a port (what nft sends for `to :P`).
+const NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
+
+/// A new expression of kind `name` with 32-bit attributes set.
+fn expr_with(name: &CStr, attrs: &[(u32, u32)]) -> NonNull<sys::nftnl_expr> {
+    // SAFETY: `name` is a NUL-terminated string that outlives the call; libnftnl copies nothing
+    // from it and returns either NULL or a fresh expression we own.
+    let expr = NonNull::new(unsafe { sys::nftnl_expr_alloc(name.as_ptr()) })
+        .unwrap_or_else(|| panic!("libnftnl has no {name:?} expression (libnftnl too old?)"));
+    for &(attr, value) in attrs {
+        // SAFETY: `expr` is the live expression allocated above; the attribute ids are those
+        // libnftnl defines for this expression kind.
+        unsafe { sys::nftnl_expr_set_u32(expr.as_ptr(), attr as u16, value) };
+    }
+    expr
+}
+
+/// `redirect to :P`, with the port already in register 1 (as nft compiles it).
+pub(super) struct Redirect;
+
+impl Expression for Redirect {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        let reg = Register::Reg1.to_raw();
+        expr_with(
+            c"redir",
+            &[
+                (sys::NFTNL_EXPR_REDIR_REG_PROTO_MIN, reg),
+                (sys::NFTNL_EXPR_REDIR_REG_PROTO_MAX, reg),
+                (sys::NFTNL_EXPR_REDIR_FLAGS, NAT_RANGE_PROTO_SPECIFIED),
+            ],
+        )
+    }
+}
+
+/// `tproxy ip|ip6 to :P`, with the port already in register 1.
+pub(super) struct Tproxy {
+    pub v6: bool,
+}
+
+impl Expression for Tproxy {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        let family = if self.v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 };
+        expr_with(
+            c"tproxy",
+            &[(sys::NFTNL_EXPR_TPROXY_FAMILY, family as u32), (sys::NFTNL_EXPR_TPROXY_REG_PORT, Register::Reg1.to_raw())],
+        )
+    }
+}
+
+/// `ct zone set Z`, with the zone already in register 1.
+pub(super) struct CtZoneSet;
+
+impl Expression for CtZoneSet {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        expr_with(
+            c"ct",
+            &[(sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_ZONE as u32), (sys::NFTNL_EXPR_CT_SREG, Register::Reg1.to_raw())],
+        )
+    }
+}
+
+/// `!= @set`: register 1 is not in the set created earlier in the same batch.
+pub(super) struct NotInSet {
+    pub set_name: CString,
+    pub set_id: u32,
+}
+
+impl Expression for NotInSet {
+    fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
+        let expr = expr_with(
+            c"lookup",
+            &[
+                (sys::NFTNL_EXPR_LOOKUP_SREG, Register::Reg1.to_raw()),
+                (sys::NFTNL_EXPR_LOOKUP_SET_ID, self.set_id),
+                (sys::NFTNL_EXPR_LOOKUP_FLAGS, libc::NFT_LOOKUP_F_INV as u32),
+            ],
+        );
+        // SAFETY: `expr` is live; libnftnl copies the NUL-terminated name.
+        unsafe { sys::nftnl_expr_set_str(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set_name.as_ptr()) };
+        expr
+    }
+}
+
+/// The two attributes nft gives an anonymous set that `nftnl::set::Set` cannot: the number
+/// of elements (the kernel sizes the set by it) and the user data nft reads back to print it.
+pub(super) fn describe_anonymous_set<K>(set: &Set<'_, K>, size: u32, userdata: &[u8]) {
+    let set = set.as_ptr().as_ptr();
+    // SAFETY: `set` is owned by the live `Set` borrowed for this call; libnftnl copies the
+    // `userdata.len()` bytes it is given.
+    unsafe {
+        sys::nftnl_set_set_u32(set, sys::NFTNL_SET_DESC_SIZE as u16, size);
+        sys::nftnl_set_set_data(set, sys::NFTNL_SET_USERDATA as u16, userdata.as_ptr().cast(), userdata.len() as u32);
+    }
+}
+
+/// Which set a lookup or element list names. Our batch names anonymous sets by id (the
+/// kernel picks the `__setN` name); the kernel's dumps name them by that name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum SetRef {
+    Id(u32),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TableObject {
+    pub name: String,
+    pub flags: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ChainHook {
+    pub kind: String,
+    pub hook: u32,
+    pub priority: i32,
+    /// Absent when the chain was created without one (the kernel then accepts).
+    pub policy: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ChainObject {
+    pub table: String,
+    pub name: String,
+    pub hook: Option<ChainHook>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ExprObject {
+    /// Counters are compared without their values.
+    Counter,
+    Lookup { set: SetRef, flags: u32 },
+    /// libnftnl's own rendering, e.g. `payload load 2b @ transport header + 2 => reg 1`.
+    Other(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RuleObject {
+    pub table: String,
+    pub chain: String,
+    pub exprs: Vec<ExprObject>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SetObject {
+    pub table: String,
+    pub set: SetRef,
+    pub flags: u32,
+    pub key_type: u32,
+    pub key_len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ElementsObject {
+    pub table: String,
+    pub set: SetRef,
+    pub keys: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Object {
+    Table(TableObject),
+    Chain(ChainObject),
+    Rule(RuleObject),
+    Set(SetObject),
+    Elements(ElementsObject),
+}
+
+/// The kinds of nf_tables message [`parse`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ObjectKind {
+    Table,
+    Chain,
+    Rule,
+    Set,
+}
+
+/// A libnftnl object, freed on drop.
+struct Owned<T> {
+    ptr: NonNull<T>,
+    free: unsafe extern "C" fn(*const T),
+}
+
+impl<T> Owned<T> {
+    fn new(alloc: unsafe extern "C" fn() -> *mut T, free: unsafe extern "C" fn(*const T)) -> Self {
+        // SAFETY: the libnftnl allocators take no arguments and return NULL or a new object.
+        let ptr = NonNull::new(unsafe { alloc() }).expect("libnftnl: out of memory");
+        Owned { ptr, free }
+    }
+
+    fn get(&self) -> *mut T {
+        self.ptr.as_ptr()
+    }
+}
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from the matching allocator and is freed only here.
+        unsafe { (self.free)(self.ptr.as_ptr()) }
+    }
+}
+
+/// Copies a C string libnftnl returned (NULL reads as empty).
+fn string(ptr: *const c_char) -> String {
+    if ptr.is_null() {
+        return String::new();
+    }
+    // SAFETY: non-NULL strings from libnftnl getters are NUL-terminated and live as long as
+    // the object they belong to, which outlives this copy.
+    unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()
+}
+
+/// Parses one nf_tables message of `kind` (set elements are read in `netlink.rs`: libnftnl
+/// refuses its own element lists, numbered 1, 2, ... where it expects every item to be 1). `msg` must be one whole netlink message, aligned
+/// for `nlmsghdr` (as `mnl::NlMessages` yields them); `None` means libnftnl refused it.
+pub(super) fn parse(kind: ObjectKind, msg: &[u8]) -> Option<Object> {
+    let header_len = std::mem::size_of::<libc::nlmsghdr>();
+    assert!(msg.len() >= header_len && msg.as_ptr().cast::<libc::nlmsghdr>().is_aligned(), "not a netlink message");
+    let declared = u32::from_ne_bytes(msg[..4].try_into().expect("4 bytes")) as usize;
+    assert!(declared <= msg.len(), "truncated netlink message");
+    let nlh = msg.as_ptr().cast::<libc::nlmsghdr>();
+    // SAFETY: `nlh` points at an aligned header whose declared length lies within `msg`,
+    // which outlives the call; libnftnl only reads it.
+    unsafe {
+        match kind {
+            ObjectKind::Table => parse_table(nlh).map(Object::Table),
+            ObjectKind::Chain => parse_chain(nlh).map(Object::Chain),
+            ObjectKind::Rule => parse_rule(nlh).map(Object::Rule),
+            ObjectKind::Set => parse_set(nlh).map(Object::Set),
+        }
+    }
+}
+
+// The `parse_*` functions below share one contract.
+// # Safety
+// `nlh` must point at a whole, aligned netlink message that stays alive during the call.
+
+unsafe fn parse_table(nlh: *const libc::nlmsghdr) -> Option<TableObject> {
+    let table = Owned::new(sys::nftnl_table_alloc, sys::nftnl_table_free);
+    // SAFETY: `nlh` per this function's contract; `table` is live.
+    unsafe {
+        if sys::nftnl_table_nlmsg_parse(nlh, table.get()) < 0 {
+            return None;
+        }
+        Some(TableObject {
+            name: string(sys::nftnl_table_get_str(table.get(), sys::NFTNL_TABLE_NAME as u16)),
+            flags: sys::nftnl_table_get_u32(table.get(), sys::NFTNL_TABLE_FLAGS as u16),
+        })
+    }
+}
+
+unsafe fn parse_chain(nlh: *const libc::nlmsghdr) -> Option<ChainObject> {
+    let chain = Owned::new(sys::nftnl_chain_alloc, sys::nftnl_chain_free);
+    let c = chain.get();
+    // SAFETY: `nlh` per this function's contract; `c` is live and the getters read attributes it holds.
+    unsafe {
+        if sys::nftnl_chain_nlmsg_parse(nlh, c) < 0 {
+            return None;
+        }
+        let is_set = |attr: u32| sys::nftnl_chain_is_set(c, attr as u16);
+        let hook = is_set(sys::NFTNL_CHAIN_HOOKNUM).then(|| ChainHook {
+            kind: string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TYPE as u16)),
+            hook: sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_HOOKNUM as u16),
+            priority: sys::nftnl_chain_get_s32(c, sys::NFTNL_CHAIN_PRIO as u16),
+            policy: is_set(sys::NFTNL_CHAIN_POLICY).then(|| sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_POLICY as u16)),
+        });
+        Some(ChainObject {
+            table: string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TABLE as u16)),
+            name: string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_NAME as u16)),
+            hook,
+        })
+    }
+}
+
+unsafe fn parse_rule(nlh: *const libc::nlmsghdr) -> Option<RuleObject> {
+    let rule = Owned::new(sys::nftnl_rule_alloc, sys::nftnl_rule_free);
+    // SAFETY: `nlh` per this function's contract; `rule` is live while its expressions are read, and the iterator is
+    // destroyed before `rule` is freed.
+    unsafe {
+        if sys::nftnl_rule_nlmsg_parse(nlh, rule.get()) < 0 {
+            return None;
+        }
+        let iter = sys::nftnl_expr_iter_create(rule.get());
+        if iter.is_null() {
+            return None;
+        }
+        let mut exprs = Vec::new();
+        loop {
+            let expr = sys::nftnl_expr_iter_next(iter);
+            if expr.is_null() {
+                break;
+            }
+            exprs.push(describe_expr(expr));
+        }
+        sys::nftnl_expr_iter_destroy(iter);
+        Some(RuleObject {
+            table: string(sys::nftnl_rule_get_str(rule.get(), sys::NFTNL_RULE_TABLE as u16)),
+            chain: string(sys::nftnl_rule_get_str(rule.get(), sys::NFTNL_RULE_CHAIN as u16)),
+            exprs,
+        })
+    }
+}
+
+/// # Safety
+/// `expr` must be a live expression of a live rule.
+unsafe fn describe_expr(expr: *mut sys::nftnl_expr) -> ExprObject {
+    // SAFETY: per this function's contract; the getters read attributes the expression holds.
+    unsafe {
+        let name = string(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_NAME as u16));
+        match name.as_str() {
+            "counter" => ExprObject::Counter,
+            "lookup" => {
+                let is_set = |attr: u32| sys::nftnl_expr_is_set(expr, attr as u16);
+                let set = if is_set(sys::NFTNL_EXPR_LOOKUP_SET_ID) {
+                    SetRef::Id(sys::nftnl_expr_get_u32(expr, sys::NFTNL_EXPR_LOOKUP_SET_ID as u16))
+                } else {
+                    SetRef::Name(string(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_LOOKUP_SET as u16)))
+                };
+                let flags = if is_set(sys::NFTNL_EXPR_LOOKUP_FLAGS) {
+                    sys::nftnl_expr_get_u32(expr, sys::NFTNL_EXPR_LOOKUP_FLAGS as u16)
+                } else {
+                    0
+                };
+                ExprObject::Lookup { set, flags }
+            }
+            _ => {
+                let mut buf = [0 as c_char; 1024];
+                sys::nftnl_expr_snprintf(buf.as_mut_ptr(), buf.len(), expr, sys::NFTNL_OUTPUT_DEFAULT, 0);
+                ExprObject::Other(format!("{name} {}", string(buf.as_ptr()).trim_end()))
+            }
+        }
+    }
+}
+
+/// # Safety
+/// `set` must be a live, parsed set.
+unsafe fn set_ref(set: *const sys::nftnl_set) -> SetRef {
+    // SAFETY: per this function's contract.
+    unsafe {
+        if sys::nftnl_set_is_set(set, sys::NFTNL_SET_ID as u16) {
+            SetRef::Id(sys::nftnl_set_get_u32(set, sys::NFTNL_SET_ID as u16))
+        } else {
+            SetRef::Name(string(sys::nftnl_set_get_str(set, sys::NFTNL_SET_NAME as u16)))
+        }
+    }
+}
+
+unsafe fn parse_set(nlh: *const libc::nlmsghdr) -> Option<SetObject> {
+    let set = Owned::new(sys::nftnl_set_alloc, sys::nftnl_set_free);
+    let s = set.get();
+    // SAFETY: `nlh` per this function's contract; `s` is live.
+    unsafe {
+        if sys::nftnl_set_nlmsg_parse(nlh, s) < 0 {
+            return None;
+        }
+        Some(SetObject {
+            table: string(sys::nftnl_set_get_str(s, sys::NFTNL_SET_TABLE as u16)),
+            set: set_ref(s),
+            flags: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_FLAGS as u16),
+            key_type: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_KEY_TYPE as u16),
+            key_len: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_KEY_LEN as u16),
+        })
+    }
+}
+
+
+/// The socket's descriptor, borrowed to set a socket option.
+pub(super) fn borrow_fd(socket: &mnl::Socket) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor belongs to `socket`, which stays open as long as the borrow.
+    unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }
+}

@@ -1,0 +1,295 @@
+//! From the backend-neutral [`Ruleset`] to nft rules: which table and chain each rule lands
+//! in, and its terms in the order Istio's nftables tool writes them.
+//!
+//! The order matters beyond looks: nft compiles a rule left to right, so the same conditions
+//! written in another order are different bytecode. Istio's nft rules list their conditions
+//! in an order of their own (interface, protocol, address, ports, marks, owner), except the
+//! DNS rules, which were written separately: the nat DNS redirects name the server first
+//! (`ip daddr S tcp dport 53`) and the raw-table conntrack-zone rules name the port first
+//! (`udp dport 53 ip daddr S`). A term list is the single source for both the script text
+//! ([`std::fmt::Display`]) and the netlink expressions (`expr.rs`).
+
+use std::fmt;
+
+use super::schema::{base_chain, chain_name, chain_rank, table_name, BaseChain, TABLE_ORDER};
+use crate::config::Cidr;
+use crate::model::{Action, Chain, CtState, Family, Match, OwnerKind, Protocol, Rule, Ruleset, Table};
+
+/// One of our tables with its chains in creation order; only chains that hold rules exist.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TablePlan {
+    pub table: Table,
+    pub chains: Vec<ChainPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ChainPlan {
+    pub chain: Chain,
+    pub base: Option<BaseChain>,
+    /// Rules in their final order (Istio's inserts already replayed).
+    pub rules: Vec<NftRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct NftRule {
+    pub terms: Vec<Term>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Direction {
+    Source,
+    Destination,
+}
+
+/// One word group of an nft rule: a condition, a statement or the verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Term {
+    InInterface(String),
+    OutInterface(String),
+    L4Proto(Protocol),
+    Address { direction: Direction, cidr: Cidr, negated: bool },
+    /// `proto` is `None` only when the rule names no protocol (then `th`, any transport).
+    Port { proto: Option<Protocol>, direction: Direction, port: u16, negated: bool },
+    PortNotIn { proto: Option<Protocol>, ports: Vec<u16> },
+    CtState(CtState),
+    Mark { mark: u32, negated: bool },
+    ConnMark(u32),
+    Owner { kind: OwnerKind, id: u32, negated: bool },
+    Counter,
+    Redirect(u16),
+    Tproxy { v6: bool, port: u16 },
+    SetMark(u32),
+    /// `ct mark set mark`
+    SaveMark,
+    /// `meta mark set ct mark`
+    RestoreMark,
+    CtZone(u16),
+    Return,
+    Accept,
+    Drop,
+    Jump(Chain),
+}
+
+/// Our tables, in Istio's order, each with the chains that have rules.
+pub(super) fn plan(ruleset: &Ruleset) -> Vec<TablePlan> {
+    let chains = ruleset.chains(|_| true);
+    TABLE_ORDER
+        .into_iter()
+        .filter_map(|table| {
+            let mut in_table: Vec<_> = chains.iter().filter(|c| c.table == table && !c.rules.is_empty()).collect();
+            if in_table.is_empty() {
+                return None;
+            }
+            in_table.sort_by_key(|c| chain_rank(table, c.chain));
+            let chains = in_table
+                .into_iter()
+                .map(|c| ChainPlan {
+                    chain: c.chain,
+                    base: base_chain(table, c.chain),
+                    rules: c.rules.iter().map(|r| nft_rule(r)).collect(),
+                })
+                .collect();
+            Some(TablePlan { table, chains })
+        })
+        .collect()
+}
+
+/// Which of Istio's condition orders a rule follows (see the module docs).
+#[derive(Clone, Copy)]
+enum Style {
+    Main,
+    DnsRedirect,
+    DnsZone,
+}
+
+impl Style {
+    fn of(rule: &Rule) -> Style {
+        match (rule.table, rule.chain) {
+            (Table::Raw, _) => Style::DnsZone,
+            (Table::Nat, Chain::OutputDns) => Style::DnsRedirect,
+            _ => Style::Main,
+        }
+    }
+
+    /// Position of a condition in this style; conditions of equal rank keep the model's order.
+    fn rank(self, term: &Term) -> u8 {
+        let kind = match term {
+            Term::InInterface(_) | Term::OutInterface(_) => 0,
+            Term::L4Proto(_) => 1,
+            Term::Address { .. } => 2,
+            Term::CtState(_) => 3,
+            Term::Port { .. } | Term::PortNotIn { .. } => 4,
+            Term::Mark { .. } | Term::ConnMark(_) => 5,
+            _ => 6,
+        };
+        match (self, kind) {
+            (Style::Main, k) => k,
+            (Style::DnsRedirect, 2) => 0,
+            (Style::DnsZone, 2) => 5,
+            (_, k) => k,
+        }
+    }
+}
+
+fn nft_rule(rule: &Rule) -> NftRule {
+    let proto = rule.matches.iter().find_map(|m| match m {
+        Match::Protocol(p) => Some(*p),
+        _ => None,
+    });
+    let style = Style::of(rule);
+    let mut terms: Vec<Term> = rule.matches.iter().map(|m| condition(m, proto)).collect();
+    terms.sort_by_key(|t| style.rank(t));
+    let v6 = rule.address_family() == Some(Family::V6) || rule.family == Family::V6;
+    terms.extend(statements(&rule.action, v6));
+    NftRule { terms }
+}
+
+fn condition(m: &Match, proto: Option<Protocol>) -> Term {
+    match m {
+        Match::InInterface(name) => Term::InInterface(name.clone()),
+        Match::OutInterface(name) => Term::OutInterface(name.clone()),
+        Match::Protocol(p) => Term::L4Proto(*p),
+        Match::Source(cidr) => Term::Address { direction: Direction::Source, cidr: *cidr, negated: false },
+        Match::Destination { cidr, negated } => {
+            Term::Address { direction: Direction::Destination, cidr: *cidr, negated: *negated }
+        }
+        Match::DestPort { port, negated } => {
+            Term::Port { proto, direction: Direction::Destination, port: *port, negated: *negated }
+        }
+        Match::SourcePort(port) => Term::Port { proto, direction: Direction::Source, port: *port, negated: false },
+        Match::DestPortNotIn(ports) => Term::PortNotIn { proto, ports: ports.clone() },
+        Match::Owner { kind, id, negated } => Term::Owner { kind: *kind, id: *id, negated: *negated },
+        Match::Mark { mark, negated } => Term::Mark { mark: *mark, negated: *negated },
+        Match::ConnMark(mark) => Term::ConnMark(*mark),
+        Match::CtState(state) => Term::CtState(*state),
+    }
+}
+
+/// The counter goes right before the verdict, or before the one statement a rule has; the
+/// TPROXY rule carries its mark and verdict itself (`tproxy ... meta mark set M counter accept`).
+fn statements(action: &Action, v6: bool) -> Vec<Term> {
+    let last = match action {
+        Action::Jump(chain) => Term::Jump(*chain),
+        Action::Return => Term::Return,
+        Action::Accept => Term::Accept,
+        Action::Drop => Term::Drop,
+        Action::Redirect(port) => Term::Redirect(*port),
+        Action::Tproxy { port, mark } => {
+            return vec![Term::Tproxy { v6, port: *port }, Term::SetMark(*mark), Term::Counter, Term::Accept]
+        }
+        Action::SetMark(mark) => Term::SetMark(*mark),
+        Action::SaveMark => Term::SaveMark,
+        Action::RestoreMark => Term::RestoreMark,
+        Action::CtZone(zone) => Term::CtZone(*zone),
+    };
+    vec![Term::Counter, last]
+}
+
+fn proto_name(proto: Option<Protocol>) -> &'static str {
+    match proto {
+        Some(Protocol::Tcp) => "tcp",
+        Some(Protocol::Udp) => "udp",
+        None => "th",
+    }
+}
+
+fn not(negated: bool) -> &'static str {
+    if negated {
+        "!= "
+    } else {
+        ""
+    }
+}
+
+impl fmt::Display for Term {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Quoted: nft would read some legal interface names as keywords or numbers.
+            Term::InInterface(name) => write!(f, "iifname \"{name}\""),
+            Term::OutInterface(name) => write!(f, "oifname \"{name}\""),
+            Term::L4Proto(p) => write!(f, "meta l4proto {}", proto_name(Some(*p))),
+            Term::Address { direction, cidr, negated } => {
+                let family = if cidr.is_ipv4() { "ip" } else { "ip6" };
+                let field = match direction {
+                    Direction::Source => "saddr",
+                    Direction::Destination => "daddr",
+                };
+                write!(f, "{family} {field} {}{cidr}", not(*negated))
+            }
+            Term::Port { proto, direction, port, negated } => {
+                let field = match direction {
+                    Direction::Source => "sport",
+                    Direction::Destination => "dport",
+                };
+                write!(f, "{} {field} {}{port}", proto_name(*proto), not(*negated))
+            }
+            Term::PortNotIn { proto, ports } => {
+                let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+                write!(f, "{} dport != {{ {} }}", proto_name(*proto), list.join(", "))
+            }
+            Term::CtState(CtState::Invalid) => f.write_str("ct state invalid"),
+            Term::CtState(CtState::RelatedEstablished) => f.write_str("ct state related,established"),
+            Term::Mark { mark, negated } => write!(f, "meta mark {}{mark}", not(*negated)),
+            Term::ConnMark(mark) => write!(f, "ct mark {mark}"),
+            Term::Owner { kind, id, negated } => {
+                let key = match kind {
+                    OwnerKind::Uid => "skuid",
+                    OwnerKind::Gid => "skgid",
+                };
+                write!(f, "meta {key} {}{id}", not(*negated))
+            }
+            Term::Counter => f.write_str("counter"),
+            Term::Redirect(port) => write!(f, "redirect to :{port}"),
+            Term::Tproxy { v6, port } => write!(f, "tproxy {} to :{port}", if *v6 { "ip6" } else { "ip" }),
+            Term::SetMark(mark) => write!(f, "meta mark set {mark}"),
+            Term::SaveMark => f.write_str("ct mark set meta mark"),
+            Term::RestoreMark => f.write_str("meta mark set ct mark"),
+            Term::CtZone(zone) => write!(f, "ct zone set {zone}"),
+            Term::Return => f.write_str("return"),
+            Term::Accept => f.write_str("accept"),
+            Term::Drop => f.write_str("drop"),
+            Term::Jump(chain) => write!(f, "jump {}", chain_name(*chain)),
+        }
+    }
+}
+
+impl fmt::Display for NftRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let words: Vec<String> = self.terms.iter().map(Term::to_string).collect();
+        f.write_str(&words.join(" "))
+    }
+}
+
+/// `add chain inet T C [{ type .. hook .. priority N ; }]`
+pub(super) fn add_chain_line(table: Table, chain: &ChainPlan) -> String {
+    let mut line = format!("add chain inet {} {}", table_name(table), chain_name(chain.chain));
+    if let Some(base) = chain.base {
+        line += &format!(" {{ type {} hook {} priority {} ; }}", base.kind.name(), base.hook.name(), base.priority);
+    }
+    line
+}
+
+/// `add rule inet T C ...`
+pub(super) fn add_rule_line(table: Table, chain: Chain, rule: &NftRule) -> String {
+    format!("add rule inet {} {} {rule}", table_name(table), chain_name(chain))
+}
+
+/// The script of a fresh install: the same tables, chains and rules, in the same order, as
+/// the netlink batch `apply` sends to a namespace holding nothing of ours.
+pub(super) fn script(plan: &[TablePlan]) -> String {
+    let mut out = String::new();
+    for table in plan {
+        out += &format!("add table inet {}\n", table_name(table.table));
+        for chain in &table.chains {
+            out += &add_chain_line(table.table, chain);
+            out.push('\n');
+        }
+        for chain in &table.chains {
+            for rule in &chain.rules {
+                out += &add_rule_line(table.table, chain.chain, rule);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}

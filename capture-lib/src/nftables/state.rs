@@ -1,0 +1,183 @@
+//! Our tables in comparable form, from the kernel's dumps or from the batch we would send.
+//!
+//! Both sides go through the same parser and printer (libnftnl's), so "installed equals
+//! planned" is a plain comparison: rule expressions as libnftnl prints them, with counter
+//! values dropped and anonymous sets replaced by their contents.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::batch::{Transaction, TransactionBuilder};
+use super::netlink::{self, batch_messages};
+use super::raw::{self, ChainHook, ExprObject, Object, SetRef};
+use super::render::{add_rule_line, TablePlan};
+use super::schema::{chain_name, table_name, table_named, TABLE_ORDER};
+use crate::model::Table;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ChainState {
+    pub name: String,
+    /// `type .. hook .. priority .. policy ..` for base chains.
+    pub hook: Option<String>,
+    pub rules: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct TableState {
+    pub flags: u32,
+    pub chains: Vec<ChainState>,
+}
+
+/// Our tables that exist (or would), by table.
+pub(super) type Snapshot = BTreeMap<Table, TableState>;
+
+fn describe_hook(hook: &ChainHook) -> String {
+    // A chain created without a policy accepts.
+    let policy = match hook.policy.unwrap_or(nftnl::nftnl_sys::libc::NF_ACCEPT as u32) as i32 {
+        nftnl::nftnl_sys::libc::NF_ACCEPT => "accept".to_string(),
+        nftnl::nftnl_sys::libc::NF_DROP => "drop".to_string(),
+        other => other.to_string(),
+    };
+    format!("type {} hook {} priority {} policy {policy}", hook.kind, hook.hook, hook.priority)
+}
+
+/// Builds the snapshot of our tables from parsed objects; anything of other tables is ignored.
+pub(super) fn snapshot(objects: &[Object]) -> Snapshot {
+    let mut sets: HashMap<(&str, &SetRef), (&raw::SetObject, Vec<Vec<u8>>)> = HashMap::new();
+    for object in objects {
+        if let Object::Set(set) = object {
+            sets.insert((set.table.as_str(), &set.set), (set, Vec::new()));
+        }
+    }
+    for object in objects {
+        if let Object::Elements(elements) = object {
+            if let Some((_, keys)) = sets.get_mut(&(elements.table.as_str(), &elements.set)) {
+                keys.extend(elements.keys.iter().cloned());
+            }
+        }
+    }
+    let describe_set = |table: &str, set: &SetRef| -> String {
+        match sets.get(&(table, set)) {
+            Some((props, keys)) => {
+                let mut keys: Vec<String> = keys.iter().map(|k| hex(k)).collect();
+                keys.sort();
+                format!("type {} len {} flags {:#x} {{{}}}", props.key_type, props.key_len, props.flags, keys.join(","))
+            }
+            None => "missing set".to_string(),
+        }
+    };
+
+    let mut tables = Snapshot::new();
+    for object in objects {
+        match object {
+            Object::Table(t) => {
+                if let Some(table) = table_named(&t.name) {
+                    tables.insert(table, TableState { flags: t.flags, chains: Vec::new() });
+                }
+            }
+            Object::Chain(c) => {
+                if let Some(state) = table_named(&c.table).and_then(|t| tables.get_mut(&t)) {
+                    state.chains.push(ChainState {
+                        name: c.name.clone(),
+                        hook: c.hook.as_ref().map(describe_hook),
+                        rules: Vec::new(),
+                    });
+                }
+            }
+            Object::Rule(r) => {
+                let chain = table_named(&r.table)
+                    .and_then(|t| tables.get_mut(&t))
+                    .and_then(|state| state.chains.iter_mut().find(|c| c.name == r.chain));
+                if let Some(chain) = chain {
+                    let exprs: Vec<String> = r
+                        .exprs
+                        .iter()
+                        .map(|e| match e {
+                            ExprObject::Counter => "[ counter ]".to_string(),
+                            ExprObject::Lookup { set, flags } => {
+                                format!("[ lookup {} flags {flags:#x} ]", describe_set(&r.table, set))
+                            }
+                            ExprObject::Other(text) => format!("[ {text} ]"),
+                        })
+                        .collect();
+                    chain.rules.push(exprs.join(" "));
+                }
+            }
+            Object::Set(_) | Object::Elements(_) => {}
+        }
+    }
+    tables
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The objects of a batch, parsed back from its bytes.
+pub(super) fn batch_objects(tx: &Transaction) -> Vec<Object> {
+    batch_messages(tx)
+        .filter_map(|msg| netlink::parse(msg).expect("our own messages parse"))
+        .collect()
+}
+
+/// What our tables look like right after a fresh install of `plan`.
+pub(super) fn planned(plan: &[TablePlan]) -> Snapshot {
+    let mut builder = TransactionBuilder::new();
+    for table in plan {
+        builder.create(table);
+    }
+    snapshot(&batch_objects(&builder.finish()))
+}
+
+/// Human-readable differences between what is installed and what is planned.
+pub(super) fn differences(plan: &[TablePlan], want: &Snapshot, have: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    for table in TABLE_ORDER {
+        let name = table_name(table);
+        match (want.get(&table), have.get(&table)) {
+            (None, None) => {}
+            (Some(_), None) => out.push(format!("table inet {name} is missing")),
+            (None, Some(_)) => out.push(format!("table inet {name} is not part of this configuration (left by another one?)")),
+            (Some(w), Some(h)) => {
+                if w.flags != h.flags {
+                    out.push(format!("table inet {name} has flags {:#x} (e.g. dormant), expected {:#x}", h.flags, w.flags));
+                }
+                let table_plan = plan.iter().find(|p| p.table == table);
+                out.extend(chain_differences(table, table_plan, &w.chains, &h.chains));
+            }
+        }
+    }
+    out
+}
+
+fn chain_differences(table: Table, plan: Option<&TablePlan>, want: &[ChainState], have: &[ChainState]) -> Vec<String> {
+    let name = table_name(table);
+    let mut out = Vec::new();
+    for h in have.iter().filter(|h| !want.iter().any(|w| w.name == h.name)) {
+        out.push(format!("chain inet {name} {} is not part of this configuration", h.name));
+    }
+    for w in want {
+        let chain = format!("chain inet {name} {}", w.name);
+        let Some(h) = have.iter().find(|h| h.name == w.name) else {
+            out.push(format!("{chain} is missing"));
+            continue;
+        };
+        if w.hook != h.hook {
+            let show = |hook: &Option<String>| hook.clone().unwrap_or_else(|| "a regular chain".to_string());
+            out.push(format!("{chain} is {}, expected {}", show(&h.hook), show(&w.hook)));
+        }
+        if w.rules.len() != h.rules.len() {
+            out.push(format!("{chain} holds {} rules, expected {}", h.rules.len(), w.rules.len()));
+        }
+        if let Some(i) = (0..w.rules.len().max(h.rules.len())).find(|&i| w.rules.get(i) != h.rules.get(i)) {
+            let expected = plan
+                .and_then(|p| p.chains.iter().find(|c| chain_name(c.chain) == w.name))
+                .and_then(|c| c.rules.get(i).map(|r| format!("`{}`", add_rule_line(table, c.chain, r))));
+            let found = h.rules.get(i).map_or("nothing".to_string(), |r| format!("`{r}`"));
+            out.push(format!("{chain}: rule {} is {found}, expected {}", i + 1, expected.as_deref().unwrap_or("nothing")));
+        }
+    }
+    if out.is_empty() && want.iter().map(|c| &c.name).ne(have.iter().map(|c| &c.name)) {
+        out.push(format!("table inet {name} declares its chains in another order"));
+    }
+    out
+}
