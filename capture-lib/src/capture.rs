@@ -7,9 +7,12 @@ use std::fmt::Write;
 
 use thiserror::Error;
 
+use std::time::Duration;
+
 use crate::config::CaptureConfig;
 use crate::iptables::{self, IptablesError, IptablesOptions};
 use crate::model::{self, Dialect};
+use crate::namespace::{self, NamespaceError};
 use crate::routes::{self, RouteError, RoutePlan};
 use crate::Outcome;
 
@@ -29,6 +32,8 @@ pub struct Request {
     pub operation: Operation,
     /// Print what would be sent and change nothing.
     pub dry_run: bool,
+    /// How long to wait for a concurrent run (ours, or another xtables user) to finish.
+    pub lock_wait: Duration,
 }
 
 /// What happened, for the caller to print.
@@ -48,6 +53,8 @@ pub enum CaptureError {
     #[error("--native-nftables is not available in this build yet")]
     NftablesUnavailable,
     #[error(transparent)]
+    Namespace(#[from] NamespaceError),
+    #[error(transparent)]
     Routes(RouteError),
     #[error("{source}\nthe capture rules of this run were rolled back")]
     RoutesRolledBack { source: RouteError },
@@ -59,13 +66,14 @@ pub fn run(req: &Request) -> Result<Report, CaptureError> {
     let routes = RoutePlan::for_config(&req.config);
     // Refuse a plan that would break routing before any rule is touched.
     routes.check().map_err(CaptureError::Routes)?;
+    let _lock = if req.dry_run { None } else { Some(namespace::lock(req.lock_wait)?) };
     match req.backend {
-        Backend::Iptables(opts) => run_iptables(req, &opts, &routes),
+        Backend::Iptables(opts) => run_iptables(req, opts, &routes),
         Backend::Nftables => Err(CaptureError::NftablesUnavailable),
     }
 }
 
-fn run_iptables(req: &Request, opts: &IptablesOptions, routes: &RoutePlan) -> Result<Report, CaptureError> {
+fn run_iptables(req: &Request, opts: IptablesOptions, routes: &RoutePlan) -> Result<Report, CaptureError> {
     let ruleset = model::build(&req.config, Dialect::Iptables);
     let plan = iptables::plan(&ruleset, req.operation, opts)?;
     if req.dry_run {
@@ -79,8 +87,8 @@ fn run_iptables(req: &Request, opts: &IptablesOptions, routes: &RoutePlan) -> Re
         text.push_str(&describe_routes(req.operation, routes));
         return Ok(Report { outcome: plan.outcome, dry_run: Some(text), warnings: Vec::new() });
     }
-    let outcome = iptables::execute(&plan, opts)?;
-    let warnings = finish_routes(req.operation, routes, || iptables::undo(&plan.steps, opts).map_err(CaptureError::from))?;
+    let outcome = iptables::execute(&plan, req.lock_wait)?;
+    let warnings = finish_routes(req.operation, routes, || iptables::undo(&plan.steps, req.lock_wait).map_err(CaptureError::from))?;
     Ok(Report { outcome, dry_run: None, warnings })
 }
 

@@ -1,8 +1,12 @@
 //! The pod network namespace we program: entering it, checking we may change it, and
 //! reading what Istio derives from it (IP families in use, DNS servers).
 
+use std::fs::File;
 use std::net::IpAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
 
 use thiserror::Error;
 
@@ -22,6 +26,10 @@ pub enum NamespaceError {
     NoAddress,
     #[error("failed to load {path}: {source}")]
     ResolvConf { path: String, source: std::io::Error },
+    #[error("another capture run has been changing this network namespace for more than {0:?}; try again later")]
+    Busy(Duration),
+    #[error("cannot lock the network namespace: {0}")]
+    Lock(String),
 }
 
 /// Moves the calling thread (and every process it starts later) into the namespace at `path`,
@@ -31,6 +39,32 @@ pub fn enter(path: &Path) -> Result<(), NamespaceError> {
     let file = std::fs::File::open(path).map_err(|source| NamespaceError::Open { path: shown.clone(), source })?;
     nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
         .map_err(|source| NamespaceError::Enter { path: shown, source })
+}
+
+/// Held while a run reads and changes the namespace; released on drop.
+#[derive(Debug)]
+pub struct NamespaceLock {
+    _held: Flock<File>,
+}
+
+/// Serialises runs on the calling thread's namespace, so that two started at once cannot both
+/// see an empty namespace and both install (the second then finds the rules in place).
+/// The lock is an flock on the namespace's own nsfs inode, shared by every process that
+/// enters it, whatever its mount namespace (Istio's CNI uses the same file as xtables lock).
+pub fn lock(wait: Duration) -> Result<NamespaceLock, NamespaceError> {
+    let deadline = Instant::now() + wait;
+    let mut file = File::open("/proc/thread-self/ns/net").map_err(|e| NamespaceError::Lock(e.to_string()))?;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(held) => return Ok(NamespaceLock { _held: held }),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(NamespaceError::Busy(wait)),
+            Err((_, e)) => return Err(NamespaceError::Lock(e.to_string())),
+        }
+    }
 }
 
 /// Fails, naming the capability, unless this process may change network configuration.

@@ -176,7 +176,7 @@ pub struct Cli {
     /// iptables variant to use: legacy or nft [default: legacy only if it already holds rules, else nft].
     #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "", hide_default_value = true, value_name = "VARIANT")]
     pub force_iptables_binary: String,
-    /// How long to wait for the xtables lock held by another process.
+    /// How long to wait for the xtables lock, or for another capture run on this namespace.
     #[arg(long, env = "IPTABLES_LOCK_WAIT", default_value = "30s", value_parser = go_duration, value_name = "DURATION")]
     pub iptables_lock_wait: Duration,
     /// Log level (Istio's global flag): debug, info, warn, error or none.
@@ -247,7 +247,7 @@ impl Cli {
             "" => None,
             v => Some(Variant::parse(v).ok_or_else(|| UsageError::Variant(v.to_string()))?),
         };
-        Ok(Backend::Iptables(IptablesOptions { variant, lock_wait: self.iptables_lock_wait }))
+        Ok(Backend::Iptables(IptablesOptions { variant }))
     }
 
     /// Validates every setting; reads nothing from the namespace.
@@ -308,7 +308,13 @@ impl Cli {
             let (v4, v6) = namespace::dns_servers(resolv_conf)?;
             config.dns = DnsCapture::Servers { v4, v6 };
         }
-        Ok(Request { config, backend: self.backend()?, operation: self.operation(), dry_run: self.dry_run })
+        Ok(Request {
+            config,
+            backend: self.backend()?,
+            operation: self.operation(),
+            dry_run: self.dry_run,
+            lock_wait: self.iptables_lock_wait,
+        })
     }
 
     /// Settings that are not part of the ruleset but must still be valid.

@@ -41,18 +41,10 @@ pub enum IptablesError {
 }
 
 /// How to reach iptables.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct IptablesOptions {
     /// `FORCE_IPTABLES_BINARY`; `None` detects per family as Istio does.
     pub variant: Option<Variant>,
-    /// How long to wait for the xtables lock.
-    pub lock_wait: Duration,
-}
-
-impl Default for IptablesOptions {
-    fn default() -> Self {
-        Self { variant: None, lock_wait: Duration::from_secs(30) }
-    }
 }
 
 /// What to do with the ruleset.
@@ -87,7 +79,7 @@ pub struct Plan {
 }
 
 /// Reads the namespace and decides what to send. Touches nothing.
-pub fn plan(ruleset: &Ruleset, op: Operation, opts: &IptablesOptions) -> Result<Plan, IptablesError> {
+pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<Plan, IptablesError> {
     let mut steps = Vec::new();
     let mut outcome = match op {
         Operation::Apply { .. } => Outcome::Unchanged,
@@ -146,10 +138,11 @@ fn promote(current: Outcome, new: Outcome) -> Outcome {
 }
 
 /// Runs the plan; on failure puts every table it touched back as it was.
-pub fn execute(plan: &Plan, opts: &IptablesOptions) -> Result<Outcome, IptablesError> {
+/// `lock_wait` bounds the wait for the xtables lock.
+pub fn execute(plan: &Plan, lock_wait: Duration) -> Result<Outcome, IptablesError> {
     for (i, step) in plan.steps.iter().enumerate() {
-        if let Err(err) = step.bins.restore(&step.payload, true, opts.lock_wait) {
-            return Err(match undo(&plan.steps[..=i], opts) {
+        if let Err(err) = step.bins.restore(&step.payload, true, lock_wait) {
+            return Err(match undo(&plan.steps[..=i], lock_wait) {
                 Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
                 Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
             });
@@ -159,9 +152,9 @@ pub fn execute(plan: &Plan, opts: &IptablesOptions) -> Result<Outcome, IptablesE
 }
 
 /// Puts the tables the given steps touch back as they were before the plan was made.
-pub fn undo(steps: &[Step], opts: &IptablesOptions) -> Result<(), IptablesError> {
+pub fn undo(steps: &[Step], lock_wait: Duration) -> Result<(), IptablesError> {
     for step in steps.iter().rev() {
-        step.bins.restore(&step.rollback, false, opts.lock_wait)?;
+        step.bins.restore(&step.rollback, false, lock_wait)?;
     }
     Ok(())
 }

@@ -1,0 +1,111 @@
+//! Concurrency, locks, crashes and odd namespaces: the namespace always ends up correct.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use capture_tests::{release_bin, require_netns, Pod};
+
+const SEED: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+
+fn tool(pod: &Pod, args: &[&str]) -> Command {
+    let mut cmd = pod.cmd(release_bin("istio-iptables"));
+    cmd.args(SEED).args(args);
+    cmd
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The rules a single clean run leaves (both families, sorted).
+fn reference_rules(addr: &str, args: &[&str]) -> (Vec<String>, Vec<String>) {
+    let pod = Pod::with_address(addr);
+    assert!(tool(&pod, args).status().unwrap().success());
+    (pod.rules(false), pod.rules(true))
+}
+
+#[test]
+fn two_runs_at_once_leave_one_correct_ruleset() {
+    require_netns!();
+    let want = reference_rules("fd00:44::5/64", &[]);
+    for _ in 0..5 {
+        let pod = Pod::with_address("fd00:44::5/64");
+        let a = tool(&pod, &[]).stderr(Stdio::piped()).spawn().unwrap();
+        let b = tool(&pod, &[]).stderr(Stdio::piped()).spawn().unwrap();
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        assert!(a.status.success() && b.status.success(), "{} / {}", stderr(&a), stderr(&b));
+        let said = format!("{}{}", stderr(&a), stderr(&b));
+        assert!(said.contains("installed") && said.contains("already in place"), "{said}");
+        assert_eq!((pod.rules(false), pod.rules(true)), want);
+    }
+}
+
+#[test]
+fn a_concurrent_run_is_waited_for_then_reported() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    // Another run holds the namespace lock (an flock on the namespace's nsfs inode).
+    let mut holder = Command::new("flock").arg(pod.ns_path()).args(["sleep", "3"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = tool(&pod, &["--iptables-lock-wait=500ms"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("another capture run"), "{}", stderr(&out));
+    assert!(pod.rules(false).is_empty());
+    let started = Instant::now();
+    let out = tool(&pod, &["--iptables-lock-wait=10s"]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(started.elapsed() >= Duration::from_millis(1500), "it waited for the holder");
+    holder.wait().unwrap();
+    assert!(!pod.rules(false).is_empty());
+}
+
+#[test]
+fn a_held_xtables_lock_is_waited_for_up_to_the_limit() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    let lockfile = std::env::temp_dir().join(capture_tests::unique("xtlock"));
+    std::fs::write(&lockfile, b"").unwrap();
+    let mut holder = Command::new("flock").arg(&lockfile).args(["sleep", "4"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let out = tool(&pod, &["--iptables-lock-wait=1s"])
+        .env("FORCE_IPTABLES_BINARY", "legacy")
+        .env("XTABLES_LOCKFILE", &lockfile)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("xtables lock"), "{}", stderr(&out));
+    assert!(!pod.sh("iptables-legacy-save").contains("ISTIO"), "nothing half-applied");
+    holder.wait().unwrap();
+    let out = tool(&pod, &[]).env("FORCE_IPTABLES_BINARY", "legacy").env("XTABLES_LOCKFILE", &lockfile).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let _ = std::fs::remove_file(lockfile);
+}
+
+#[test]
+fn a_run_killed_at_any_point_is_repaired_by_the_next() {
+    require_netns!();
+    let args = ["-m", "TPROXY"];
+    let want = reference_rules("fd00:44::5/64", &args);
+    for i in 0..12u64 {
+        let pod = Pod::with_address("fd00:44::5/64");
+        let mut child = tool(&pod, &args).stderr(Stdio::null()).spawn().unwrap();
+        std::thread::sleep(Duration::from_micros(1500 * i));
+        let _ = child.kill();
+        let _ = child.wait();
+        let out = tool(&pod, &args).output().unwrap();
+        assert!(out.status.success(), "after a kill at {}us: {}", 1500 * i, stderr(&out));
+        assert_eq!((pod.rules(false), pod.rules(true)), want, "after a kill at {}us", 1500 * i);
+        assert_eq!(pod.sh("ip -6 rule show").matches("lookup 133").count(), 1);
+    }
+}
+
+#[test]
+fn ipv6_disabled_on_lo_keeps_capture_and_warns() {
+    require_netns!();
+    let pod = Pod::with_address("fd00:44::5/64");
+    pod.sh("sysctl -qw net.ipv6.conf.lo.disable_ipv6=1");
+    let out = tool(&pod, &[]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("warning") && stderr(&out).contains("disable_ipv6"), "{}", stderr(&out));
+    assert!(!pod.rules(false).is_empty() && !pod.rules(true).is_empty());
+}
