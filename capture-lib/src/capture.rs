@@ -13,6 +13,7 @@ use crate::config::CaptureConfig;
 use crate::iptables::{self, IptablesError, IptablesOptions};
 use crate::model::{self, Dialect};
 use crate::namespace::{self, NamespaceError};
+use crate::nftables::{self, NftError};
 use crate::routes::{self, RouteError, RoutePlan};
 use crate::Outcome;
 
@@ -50,8 +51,8 @@ pub struct Report {
 pub enum CaptureError {
     #[error(transparent)]
     Iptables(#[from] IptablesError),
-    #[error("--native-nftables is not available in this build yet")]
-    NftablesUnavailable,
+    #[error(transparent)]
+    Nftables(#[from] NftError),
     #[error(transparent)]
     Namespace(#[from] NamespaceError),
     #[error(transparent)]
@@ -69,8 +70,31 @@ pub fn run(req: &Request) -> Result<Report, CaptureError> {
     let _lock = if req.dry_run { None } else { Some(namespace::lock(req.lock_wait)?) };
     match req.backend {
         Backend::Iptables(opts) => run_iptables(req, opts, &routes),
-        Backend::Nftables => Err(CaptureError::NftablesUnavailable),
+        Backend::Nftables => run_nftables(req, &routes),
     }
+}
+
+fn run_nftables(req: &Request, routes: &RoutePlan) -> Result<Report, CaptureError> {
+    let ruleset = model::build(&req.config, Dialect::Nftables);
+    if req.dry_run {
+        let mut text = match req.operation {
+            Operation::Apply { .. } => nftables::script(&ruleset),
+            Operation::Cleanup => nftables::cleanup_script(),
+        };
+        text.push_str(&describe_routes(req.operation, routes));
+        return Ok(Report { outcome: Outcome::Unchanged, dry_run: Some(text), warnings: Vec::new() });
+    }
+    let outcome = match req.operation {
+        // --force-apply has nothing to force here: an exact ruleset is already what we'd send.
+        Operation::Apply { reconcile, .. } => nftables::apply(&ruleset, reconcile)?,
+        Operation::Cleanup => nftables::cleanup()?,
+    };
+    // Only a fresh install can be undone exactly (by deleting what we just created).
+    let warnings = finish_routes(req.operation, routes, || match outcome {
+        Outcome::Applied => nftables::cleanup().map(drop).map_err(CaptureError::from),
+        _ => Ok(()),
+    })?;
+    Ok(Report { outcome, dry_run: None, warnings })
 }
 
 fn run_iptables(req: &Request, opts: IptablesOptions, routes: &RoutePlan) -> Result<Report, CaptureError> {

@@ -88,6 +88,14 @@ pub fn apply(ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftError> {
     Ok(outcome)
 }
 
+/// An nft script equivalent to `cleanup` (loadable even where the tables are absent).
+pub fn cleanup_script() -> String {
+    schema::TABLE_ORDER
+        .into_iter()
+        .map(|t| format!("add table inet {0}\ndelete table inet {0}\n", schema::table_name(t)))
+        .collect()
+}
+
 /// Deletes our three tables, and nothing else, in one transaction.
 pub fn cleanup() -> Result<Outcome, NftError> {
     let mut netlink = Netlink::open().map_err(NftError::Socket)?;
