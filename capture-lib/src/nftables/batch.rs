@@ -138,7 +138,9 @@ fn rule_modules(rule: &NftRule) -> Vec<&'static str> {
         .filter_map(|term| match term {
             Term::Redirect(_) => Some("nft_redir"),
             Term::Tproxy { .. } => Some("nft_tproxy"),
-            Term::CtState(_) | Term::ConnMark(_) | Term::SaveMark | Term::RestoreMark | Term::CtZone(_) => Some("nft_ct"),
+            Term::CtState(_) | Term::ConnMark(_) | Term::SaveMark | Term::RestoreMark | Term::CtZone(_) => {
+                Some("nft_ct")
+            }
             _ => None,
         })
         .collect();

@@ -33,7 +33,9 @@ use crate::Outcome;
 
 #[derive(Debug, Error)]
 pub enum NftError {
-    #[error("cannot open a netlink socket to nf_tables: {0} (the tool needs CAP_NET_ADMIN in the pod's network namespace)")]
+    #[error(
+        "cannot open a netlink socket to nf_tables: {0} (the tool needs CAP_NET_ADMIN in the pod's network namespace)"
+    )]
     Socket(#[source] io::Error),
     #[error("cannot read the current nftables ruleset: {0}")]
     Read(#[source] io::Error),
@@ -150,9 +152,11 @@ fn commit(netlink: &mut Netlink, tx: &Transaction) -> Result<(), NftError> {
 }
 
 fn refused(refusal: &Refusal, message: Option<&Message>, others: usize) -> NftError {
-    let what = message.map_or("the transaction as a whole, when the kernel committed it".to_string(), |m| m.what.clone());
+    let what =
+        message.map_or("the transaction as a whole, when the kernel committed it".to_string(), |m| m.what.clone());
     let modules = message.map(|m| m.modules.join(" ")).unwrap_or_default();
-    let modprobe = if modules.is_empty() { "modprobe nf_tables".to_string() } else { format!("modprobe nf_tables {modules}") };
+    let modprobe =
+        if modules.is_empty() { "modprobe nf_tables".to_string() } else { format!("modprobe nf_tables {modules}") };
     let hint = match refusal.errno {
         libc::ENOENT => format!(
             "a kernel module is missing (on the node: `{modprobe}`), or the rule names a chain that does not exist (a chain exists only if it has rules)"

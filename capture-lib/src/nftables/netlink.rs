@@ -146,10 +146,9 @@ impl DumpRequest<'_> {
             DumpRequest::Chains => (libc::NFT_MSG_GETCHAIN, vec![]),
             DumpRequest::Rules { table } => (libc::NFT_MSG_GETRULE, vec![(NFTA_RULE_TABLE, table)]),
             DumpRequest::Sets { table } => (libc::NFT_MSG_GETSET, vec![(NFTA_SET_TABLE, table)]),
-            DumpRequest::Elements { table, set } => (
-                libc::NFT_MSG_GETSETELEM,
-                vec![(NFTA_SET_ELEM_LIST_TABLE, table), (NFTA_SET_ELEM_LIST_SET, set)],
-            ),
+            DumpRequest::Elements { table, set } => {
+                (libc::NFT_MSG_GETSETELEM, vec![(NFTA_SET_ELEM_LIST_TABLE, table), (NFTA_SET_ELEM_LIST_SET, set)])
+            }
         };
         let mut buf = Vec::with_capacity(64);
         buf.extend_from_slice(&0u32.to_ne_bytes()); // length, filled in below

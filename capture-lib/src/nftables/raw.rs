@@ -60,7 +60,10 @@ impl Expression for Tproxy {
         let family = if self.v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 };
         expr_with(
             c"tproxy",
-            &[(sys::NFTNL_EXPR_TPROXY_FAMILY, family as u32), (sys::NFTNL_EXPR_TPROXY_REG_PORT, Register::Reg1.to_raw())],
+            &[
+                (sys::NFTNL_EXPR_TPROXY_FAMILY, family as u32),
+                (sys::NFTNL_EXPR_TPROXY_REG_PORT, Register::Reg1.to_raw()),
+            ],
         )
     }
 }
@@ -145,7 +148,10 @@ pub(super) struct ChainObject {
 pub(super) enum ExprObject {
     /// Counters are compared without their values.
     Counter,
-    Lookup { set: SetRef, flags: u32 },
+    Lookup {
+        set: SetRef,
+        flags: u32,
+    },
     /// libnftnl's own rendering, e.g. `payload load 2b @ transport header + 2 => reg 1`.
     Other(String),
 }
@@ -278,7 +284,8 @@ unsafe fn parse_chain(nlh: *const libc::nlmsghdr) -> Option<ChainObject> {
             kind: string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TYPE as u16)),
             hook: sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_HOOKNUM as u16),
             priority: sys::nftnl_chain_get_s32(c, sys::NFTNL_CHAIN_PRIO as u16),
-            policy: is_set(sys::NFTNL_CHAIN_POLICY).then(|| sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_POLICY as u16)),
+            policy: is_set(sys::NFTNL_CHAIN_POLICY)
+                .then(|| sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_POLICY as u16)),
         });
         Some(ChainObject {
             table: string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TABLE as u16)),
@@ -378,7 +385,6 @@ unsafe fn parse_set(nlh: *const libc::nlmsghdr) -> Option<SetObject> {
         })
     }
 }
-
 
 /// The socket's descriptor, borrowed to set a socket option.
 pub(super) fn borrow_fd(socket: &mnl::Socket) -> BorrowedFd<'_> {

@@ -47,17 +47,39 @@ pub(super) enum Term {
     InInterface(String),
     OutInterface(String),
     L4Proto(Protocol),
-    Address { direction: Direction, cidr: Cidr, negated: bool },
+    Address {
+        direction: Direction,
+        cidr: Cidr,
+        negated: bool,
+    },
     /// `proto` is `None` only when the rule names no protocol (then `th`, any transport).
-    Port { proto: Option<Protocol>, direction: Direction, port: u16, negated: bool },
-    PortNotIn { proto: Option<Protocol>, ports: Vec<u16> },
+    Port {
+        proto: Option<Protocol>,
+        direction: Direction,
+        port: u16,
+        negated: bool,
+    },
+    PortNotIn {
+        proto: Option<Protocol>,
+        ports: Vec<u16>,
+    },
     CtState(CtState),
-    Mark { mark: u32, negated: bool },
+    Mark {
+        mark: u32,
+        negated: bool,
+    },
     ConnMark(u32),
-    Owner { kind: OwnerKind, id: u32, negated: bool },
+    Owner {
+        kind: OwnerKind,
+        id: u32,
+        negated: bool,
+    },
     Counter,
     Redirect(u16),
-    Tproxy { v6: bool, port: u16 },
+    Tproxy {
+        v6: bool,
+        port: u16,
+    },
     SetMark(u32),
     /// `ct mark set mark`
     SaveMark,
@@ -292,4 +314,89 @@ pub(super) fn script(plan: &[TablePlan]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::config::{parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, InterceptionMode, OutboundRanges};
+    use crate::model::{build, Dialect};
+
+    fn script_of(cfg: &CaptureConfig) -> String {
+        script(&plan(&build(cfg, Dialect::Nftables)))
+    }
+
+    #[test]
+    fn base_config_is_one_nat_table_with_only_the_chains_that_have_rules() {
+        let n = "add rule inet istio-proxy-nat";
+        let expected = format!(
+            "add table inet istio-proxy-nat
+add chain inet istio-proxy-nat output {{ type nat hook output priority -100 ; }}
+add chain inet istio-proxy-nat istio-inbound
+add chain inet istio-proxy-nat istio-redirect
+add chain inet istio-proxy-nat istio-in-redirect
+add chain inet istio-proxy-nat istio-output
+{n} output counter jump istio-output
+{n} istio-inbound meta l4proto tcp tcp dport 15008 counter return
+{n} istio-redirect meta l4proto tcp counter redirect to :15001
+{n} istio-in-redirect meta l4proto tcp counter redirect to :15006
+{n} istio-output oifname \"lo\" ip saddr 127.0.0.6/32 counter return
+{n} istio-output oifname \"lo\" meta l4proto tcp ip daddr != 127.0.0.1/32 tcp dport != 15008 meta skuid 1337 counter jump istio-in-redirect
+{n} istio-output oifname \"lo\" meta skuid != 1337 counter return
+{n} istio-output meta skuid 1337 counter return
+{n} istio-output oifname \"lo\" meta l4proto tcp ip daddr != 127.0.0.1/32 tcp dport != 15008 meta skgid 1337 counter jump istio-in-redirect
+{n} istio-output oifname \"lo\" meta skgid != 1337 counter return
+{n} istio-output meta skgid 1337 counter return
+{n} istio-output ip daddr 127.0.0.1/32 counter return
+"
+        );
+        assert_eq!(script_of(&CaptureConfig::default()), expected);
+    }
+
+    #[test]
+    fn dns_rules_keep_istios_own_condition_orders() {
+        let cfg = CaptureConfig {
+            dns: DnsCapture::Servers { v4: vec![Ipv4Addr::new(10, 96, 0, 10)], v6: vec![] },
+            ..CaptureConfig::default()
+        };
+        let text = script_of(&cfg);
+        // nat: the server first, then the port (with the port set in the proxy's lo rule).
+        assert!(text.contains(
+            "istio-output-dns ip daddr 10.96.0.10/32 meta l4proto tcp tcp dport 53 counter redirect to :15053\n"
+        ));
+        assert!(text.contains("tcp dport != { 53, 15008 } meta skuid 1337 counter jump istio-in-redirect\n"));
+        // raw: the port first, then the server.
+        assert!(text
+            .contains("istio-output-dns meta l4proto udp udp dport 53 ip daddr 10.96.0.10/32 counter ct zone set 2\n"));
+        assert!(
+            text.contains("istio-inbound meta l4proto udp udp sport 53 ip saddr 10.96.0.10/32 counter ct zone set 1\n")
+        );
+        assert!(text
+            .contains("add chain inet istio-proxy-raw prerouting { type filter hook prerouting priority -300 ; }\n"));
+    }
+
+    #[test]
+    fn tproxy_rules_carry_mark_and_verdict_and_the_mark_return_comes_first() {
+        let cfg = CaptureConfig {
+            mode: InterceptionMode::Tproxy,
+            inbound_ports: InboundPorts::All { except: vec![] },
+            ipv6: true,
+            outbound_ranges: OutboundRanges::Only(parse_cidrs("-i", "10.0.0.0/12").unwrap()),
+            ..CaptureConfig::default()
+        };
+        let text = script_of(&cfg);
+        let m = "add rule inet istio-proxy-mangle";
+        assert!(text.contains(&format!(
+            "{m} istio-tproxy meta l4proto tcp ip6 daddr != ::1/128 tproxy ip6 to :15006 meta mark set 1337 counter accept\n"
+        )));
+        assert!(text.contains("add chain inet istio-proxy-mangle output { type route hook output priority -150 ; }\n"));
+        let first_output_rule = text.lines().find(|l| l.starts_with("add rule inet istio-proxy-nat istio-output "));
+        assert_eq!(first_output_rule, Some("add rule inet istio-proxy-nat istio-output meta mark 1337 counter return"));
+        // Inserts are replayed: the mark return heads mangle istio-inbound, IPv6 before IPv4.
+        let inbound: Vec<&str> = text.lines().filter(|l| l.starts_with(&format!("{m} istio-inbound "))).collect();
+        assert_eq!(inbound[0], format!("{m} istio-inbound meta l4proto tcp meta mark 1337 counter return"));
+        assert!(inbound[1].contains("ip6 saddr ::6/128"), "{inbound:?}");
+    }
 }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use super::batch::{Transaction, TransactionBuilder};
 use super::netlink::{self, batch_messages};
-use super::raw::{self, ChainHook, ExprObject, Object, SetRef};
+use super::raw::{ChainHook, ExprObject, Object, SetRef};
 use super::render::{add_rule_line, TablePlan};
 use super::schema::{chain_name, table_name, table_named, TABLE_ORDER};
 use crate::model::Table;
@@ -40,31 +40,40 @@ fn describe_hook(hook: &ChainHook) -> String {
     format!("type {} hook {} priority {} policy {policy}", hook.kind, hook.hook, hook.priority)
 }
 
-/// Builds the snapshot of our tables from parsed objects; anything of other tables is ignored.
-pub(super) fn snapshot(objects: &[Object]) -> Snapshot {
-    let mut sets: HashMap<(&str, &SetRef), (&raw::SetObject, Vec<Vec<u8>>)> = HashMap::new();
-    for object in objects {
-        if let Object::Set(set) = object {
-            sets.insert((set.table.as_str(), &set.set), (set, Vec::new()));
-        }
-    }
+/// Every set by table and reference: its key type, flags and sorted contents.
+fn describe_sets(objects: &[Object]) -> HashMap<(&str, &SetRef), String> {
+    let mut keys: HashMap<(&str, &SetRef), Vec<String>> = HashMap::new();
     for object in objects {
         if let Object::Elements(elements) = object {
-            if let Some((_, keys)) = sets.get_mut(&(elements.table.as_str(), &elements.set)) {
-                keys.extend(elements.keys.iter().cloned());
-            }
+            let entry = keys.entry((elements.table.as_str(), &elements.set)).or_default();
+            entry.extend(elements.keys.iter().map(|k| hex(k)));
         }
     }
-    let describe_set = |table: &str, set: &SetRef| -> String {
-        match sets.get(&(table, set)) {
-            Some((props, keys)) => {
-                let mut keys: Vec<String> = keys.iter().map(|k| hex(k)).collect();
-                keys.sort();
-                format!("type {} len {} flags {:#x} {{{}}}", props.key_type, props.key_len, props.flags, keys.join(","))
+    objects
+        .iter()
+        .filter_map(|object| match object {
+            Object::Set(set) => {
+                let mut contents = keys.remove(&(set.table.as_str(), &set.set)).unwrap_or_default();
+                contents.sort();
+                let text = format!(
+                    "type {} len {} flags {:#x} {{{}}}",
+                    set.key_type,
+                    set.key_len,
+                    set.flags,
+                    contents.join(",")
+                );
+                Some(((set.table.as_str(), &set.set), text))
             }
-            None => "missing set".to_string(),
-        }
-    };
+            _ => None,
+        })
+        .collect()
+}
+
+/// Builds the snapshot of our tables from parsed objects; anything of other tables is ignored.
+pub(super) fn snapshot(objects: &[Object]) -> Snapshot {
+    let sets = describe_sets(objects);
+    let describe_set =
+        |table: &str, set: &SetRef| sets.get(&(table, set)).cloned().unwrap_or_else(|| "missing set".into());
 
     let mut tables = Snapshot::new();
     for object in objects {
@@ -114,9 +123,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The objects of a batch, parsed back from its bytes.
 pub(super) fn batch_objects(tx: &Transaction) -> Vec<Object> {
-    batch_messages(tx)
-        .filter_map(|msg| netlink::parse(msg).expect("our own messages parse"))
-        .collect()
+    batch_messages(tx).filter_map(|msg| netlink::parse(msg).expect("our own messages parse")).collect()
 }
 
 /// What our tables look like right after a fresh install of `plan`.
@@ -136,10 +143,15 @@ pub(super) fn differences(plan: &[TablePlan], want: &Snapshot, have: &Snapshot) 
         match (want.get(&table), have.get(&table)) {
             (None, None) => {}
             (Some(_), None) => out.push(format!("table inet {name} is missing")),
-            (None, Some(_)) => out.push(format!("table inet {name} is not part of this configuration (left by another one?)")),
+            (None, Some(_)) => {
+                out.push(format!("table inet {name} is not part of this configuration (left by another one?)"))
+            }
             (Some(w), Some(h)) => {
                 if w.flags != h.flags {
-                    out.push(format!("table inet {name} has flags {:#x} (e.g. dormant), expected {:#x}", h.flags, w.flags));
+                    out.push(format!(
+                        "table inet {name} has flags {:#x} (e.g. dormant), expected {:#x}",
+                        h.flags, w.flags
+                    ));
                 }
                 let table_plan = plan.iter().find(|p| p.table == table);
                 out.extend(chain_differences(table, table_plan, &w.chains, &h.chains));
@@ -173,11 +185,80 @@ fn chain_differences(table: Table, plan: Option<&TablePlan>, want: &[ChainState]
                 .and_then(|p| p.chains.iter().find(|c| chain_name(c.chain) == w.name))
                 .and_then(|c| c.rules.get(i).map(|r| format!("`{}`", add_rule_line(table, c.chain, r))));
             let found = h.rules.get(i).map_or("nothing".to_string(), |r| format!("`{r}`"));
-            out.push(format!("{chain}: rule {} is {found}, expected {}", i + 1, expected.as_deref().unwrap_or("nothing")));
+            out.push(format!(
+                "{chain}: rule {} is {found}, expected {}",
+                i + 1,
+                expected.as_deref().unwrap_or("nothing")
+            ));
         }
     }
     if out.is_empty() && want.iter().map(|c| &c.name).ne(have.iter().map(|c| &c.name)) {
         out.push(format!("table inet {name} declares its chains in another order"));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::config::{CaptureConfig, DnsCapture};
+    use crate::model::{build, Dialect};
+    use crate::nftables::render::plan;
+
+    fn dns_plan() -> Vec<TablePlan> {
+        let cfg = CaptureConfig {
+            dns: DnsCapture::Servers { v4: vec![Ipv4Addr::new(10, 96, 0, 10)], v6: vec![] },
+            ..CaptureConfig::default()
+        };
+        plan(&build(&cfg, Dialect::Nftables))
+    }
+
+    fn chain<'a>(snapshot: &'a Snapshot, table: Table, name: &str) -> &'a ChainState {
+        snapshot[&table].chains.iter().find(|c| c.name == name).unwrap()
+    }
+
+    #[test]
+    fn planned_state_reads_back_what_the_batch_holds() {
+        let plan = dns_plan();
+        let want = planned(&plan);
+        assert_eq!(want.keys().copied().collect::<Vec<_>>(), vec![Table::Nat, Table::Raw]);
+        let output = chain(&want, Table::Nat, "output");
+        assert_eq!(output.hook.as_deref(), Some("type nat hook 3 priority -100 policy accept"));
+        assert_eq!(output.rules, vec!["[ counter ] [ immediate reg 0 jump -> istio-output ]"]);
+        // The anonymous set is compared by contents: ports 53 and 15008, big-endian.
+        let lookups: Vec<&String> =
+            chain(&want, Table::Nat, "istio-output").rules.iter().filter(|r| r.contains("lookup")).collect();
+        assert_eq!(lookups.len(), 1);
+        assert!(lookups[0].contains("[ lookup type 13 len 2 flags 0x3 {0035,3aa0} flags 0x1 ]"), "{}", lookups[0]);
+        let zone = &chain(&want, Table::Raw, "istio-inbound").rules[0];
+        assert!(zone.ends_with("[ counter ] [ immediate reg 1 0x00000001 ] [ ct set zone with reg 1 ]"), "{zone}");
+    }
+
+    #[test]
+    fn differences_name_the_table_chain_and_rule() {
+        let plan = dns_plan();
+        let want = planned(&plan);
+        let mut have = want.clone();
+        have.remove(&Table::Raw);
+        let nat = have.get_mut(&Table::Nat).unwrap();
+        nat.chains.retain(|c| c.name != "istio-redirect");
+        let output = nat.chains.iter_mut().find(|c| c.name == "istio-output").unwrap();
+        output.rules[0] = "[ immediate reg 0 accept ]".into();
+        output.rules.push("[ immediate reg 0 drop ]".into());
+        have.insert(Table::Mangle, TableState { flags: 0, chains: Vec::new() });
+        assert_eq!(
+            differences(&plan, &want, &have),
+            vec![
+                "chain inet istio-proxy-nat istio-redirect is missing".to_string(),
+                "chain inet istio-proxy-nat istio-output holds 10 rules, expected 9".to_string(),
+                "chain inet istio-proxy-nat istio-output: rule 1 is `[ immediate reg 0 accept ]`, expected \
+                 `add rule inet istio-proxy-nat istio-output oifname \"lo\" ip saddr 127.0.0.6/32 counter return`"
+                    .to_string(),
+                "table inet istio-proxy-mangle is not part of this configuration (left by another one?)".to_string(),
+                "table inet istio-proxy-raw is missing".to_string(),
+            ]
+        );
+    }
 }
