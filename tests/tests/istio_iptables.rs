@@ -299,7 +299,14 @@ fn tool_as_proxy(pod: &Pod, args: &[&str]) -> Output {
 #[test]
 fn validation_passes_only_where_redirection_works() {
     require_netns!();
-    for (addr, extra) in [("10.44.0.5/24", &[][..]), ("fd00:44::5/64", &[][..]), ("10.44.0.5/24", &["-m", "TPROXY"][..])] {
+    let cases: [(&str, &[&str]); 5] = [
+        ("10.44.0.5/24", &[]),
+        ("fd00:44::5/64", &[]),
+        ("10.44.0.5/24", &["-m", "TPROXY"]),
+        ("10.44.0.5/24", &["--native-nftables"]),
+        ("fd00:44::5/64", &["-m", "TPROXY", "--native-nftables"]),
+    ];
+    for (addr, extra) in cases {
         let pod = Pod::with_address(addr);
         let validate: Vec<&str> = [SEED, extra, &["--run-validation", "--skip-rule-apply", "--probe-timeout=1s"]].concat();
         let out = tool_as_proxy(&pod, &validate);

@@ -17,26 +17,29 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// The rules a single clean run leaves (both families, sorted).
-fn reference_rules(addr: &str, args: &[&str]) -> (Vec<String>, Vec<String>) {
-    let pod = Pod::with_address(addr);
-    assert!(tool(&pod, args).status().unwrap().success());
-    (pod.rules(false), pod.rules(true))
+/// Everything the namespace holds that a run may change: both iptables families, the
+/// nftables ruleset and the TPROXY routing.
+fn snapshot(pod: &Pod) -> (Vec<String>, Vec<String>, String, String) {
+    (pod.rules(false), pod.rules(true), pod.nft_ruleset(), pod.sh("ip -4 rule; ip -6 rule; ip -6 addr show dev lo"))
 }
 
 #[test]
 fn two_runs_at_once_leave_one_correct_ruleset() {
     require_netns!();
-    let want = reference_rules("fd00:44::5/64", &[]);
-    for _ in 0..5 {
-        let pod = Pod::with_address("fd00:44::5/64");
-        let a = tool(&pod, &[]).stderr(Stdio::piped()).spawn().unwrap();
-        let b = tool(&pod, &[]).stderr(Stdio::piped()).spawn().unwrap();
-        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
-        assert!(a.status.success() && b.status.success(), "{} / {}", stderr(&a), stderr(&b));
-        let said = format!("{}{}", stderr(&a), stderr(&b));
-        assert!(said.contains("installed") && said.contains("already in place"), "{said}");
-        assert_eq!((pod.rules(false), pod.rules(true)), want);
+    for backend in [&[][..], &["--native-nftables"][..]] {
+        let reference = Pod::with_address("fd00:44::5/64");
+        assert!(tool(&reference, backend).status().unwrap().success());
+        let want = snapshot(&reference);
+        for _ in 0..4 {
+            let pod = Pod::with_address("fd00:44::5/64");
+            let a = tool(&pod, backend).stderr(Stdio::piped()).spawn().unwrap();
+            let b = tool(&pod, backend).stderr(Stdio::piped()).spawn().unwrap();
+            let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+            assert!(a.status.success() && b.status.success(), "{} / {}", stderr(&a), stderr(&b));
+            let said = format!("{}{}", stderr(&a), stderr(&b));
+            assert!(said.contains("installed") && said.contains("already in place"), "{backend:?}: {said}");
+            assert_eq!(snapshot(&pod), want, "{backend:?}");
+        }
     }
 }
 
@@ -84,18 +87,20 @@ fn a_held_xtables_lock_is_waited_for_up_to_the_limit() {
 #[test]
 fn a_run_killed_at_any_point_is_repaired_by_the_next() {
     require_netns!();
-    let args = ["-m", "TPROXY"];
-    let want = reference_rules("fd00:44::5/64", &args);
-    for i in 0..12u64 {
-        let pod = Pod::with_address("fd00:44::5/64");
-        let mut child = tool(&pod, &args).stderr(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(Duration::from_micros(1500 * i));
-        let _ = child.kill();
-        let _ = child.wait();
-        let out = tool(&pod, &args).output().unwrap();
-        assert!(out.status.success(), "after a kill at {}us: {}", 1500 * i, stderr(&out));
-        assert_eq!((pod.rules(false), pod.rules(true)), want, "after a kill at {}us", 1500 * i);
-        assert_eq!(pod.sh("ip -6 rule show").matches("lookup 133").count(), 1);
+    for args in [&["-m", "TPROXY"][..], &["-m", "TPROXY", "--native-nftables"][..]] {
+        let reference = Pod::with_address("fd00:44::5/64");
+        assert!(tool(&reference, args).status().unwrap().success());
+        let want = snapshot(&reference);
+        for i in 0..10u64 {
+            let pod = Pod::with_address("fd00:44::5/64");
+            let mut child = tool(&pod, args).stderr(Stdio::null()).spawn().unwrap();
+            std::thread::sleep(Duration::from_micros(1500 * i));
+            let _ = child.kill();
+            let _ = child.wait();
+            let out = tool(&pod, args).output().unwrap();
+            assert!(out.status.success(), "{args:?} after a kill at {}us: {}", 1500 * i, stderr(&out));
+            assert_eq!(snapshot(&pod), want, "{args:?} after a kill at {}us", 1500 * i);
+        }
     }
 }
 
