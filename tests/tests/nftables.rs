@@ -1,0 +1,188 @@
+//! `capture_lib::nftables` against the real kernel, inside pod namespaces: exactness against
+//! its own script, idempotence, atomicity, drift, and other people's tables.
+
+use std::fs::File;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use capture_lib::config::{
+    parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, Interface, InterceptionMode, OutboundRanges,
+};
+use capture_lib::model::{self, Action, Chain, Dialect, Family, Position, Rule, Ruleset, Table};
+use capture_lib::nftables::{self, NftError};
+use capture_lib::Outcome;
+use capture_tests::{require_netns, run_ok, unique, Pod};
+use nix::sched::{setns, CloneFlags};
+
+/// Runs `f` on a thread that joined the pod's network namespace (the netlink socket the
+/// backend opens belongs to the calling thread's namespace).
+fn in_pod<T: Send>(pod: &Pod, f: impl FnOnce() -> T + Send) -> T {
+    let namespace = File::open(pod.ns_path()).expect("open the pod's namespace");
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(|| {
+            setns(&namespace, CloneFlags::CLONE_NEWNET).expect("setns into the pod");
+            f()
+        });
+        thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn apply(pod: &Pod, ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftError> {
+    in_pod(pod, || nftables::apply(ruleset, reconcile))
+}
+
+fn cleanup(pod: &Pod) -> Result<Outcome, NftError> {
+    in_pod(pod, nftables::cleanup)
+}
+
+fn ruleset(cfg: &CaptureConfig) -> Ruleset {
+    model::build(cfg, Dialect::Nftables)
+}
+
+/// The largest ruleset: TPROXY on every port, dual stack, DNS to v4 and v6 servers, an
+/// excluded NIC and address ranges (every table, both port-set styles, tproxy ip and ip6).
+fn largest() -> Ruleset {
+    ruleset(&CaptureConfig {
+        mode: InterceptionMode::Tproxy,
+        inbound_ports: InboundPorts::All { except: vec![15090, 15021] },
+        outbound_ranges: OutboundRanges::All,
+        outbound_ranges_exclude: parse_cidrs("-x", "10.96.0.0/12,fd00:96::/108").unwrap(),
+        exclude_interfaces: vec![Interface::parse("-c", "eth9").unwrap()],
+        dns: DnsCapture::Servers { v4: vec![Ipv4Addr::new(10, 96, 0, 10)], v6: vec![Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 10)] },
+        drop_invalid: true,
+        ipv6: true,
+        ..CaptureConfig::default()
+    })
+}
+
+fn base() -> Ruleset {
+    ruleset(&CaptureConfig::default())
+}
+
+/// Loads an nft script into the pod with `nft -f`.
+fn nft_load(pod: &Pod, script: &str) {
+    let path = std::env::temp_dir().join(format!("{}.nft", unique("nftscript")));
+    std::fs::write(&path, script).unwrap();
+    run_ok(pod.cmd("nft").arg("-f").arg(&path));
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// The ruleset with rule handles: unchanged handles mean nothing was re-created.
+fn with_handles(pod: &Pod) -> String {
+    pod.sh("nft -a list ruleset")
+}
+
+#[test]
+fn apply_matches_its_own_script_and_a_second_apply_sends_nothing() {
+    require_netns!();
+    let rules = largest();
+    let pod = Pod::new();
+    assert_eq!(apply(&pod, &rules, false).unwrap(), Outcome::Applied);
+
+    let reference = Pod::new();
+    nft_load(&reference, &nftables::script(&rules));
+    let installed = pod.nft_ruleset();
+    assert_eq!(installed, reference.nft_ruleset(), "the batch and `nft -f` of its script differ");
+    for expected in ["tproxy ip6 to :15006", "tcp dport != { 53, 15008 }", "ct zone set 2", "type route hook output"] {
+        assert!(installed.contains(expected), "{expected:?} missing from:\n{installed}");
+    }
+
+    let before = with_handles(&pod);
+    assert_eq!(apply(&pod, &rules, false).unwrap(), Outcome::Unchanged);
+    assert_eq!(apply(&pod, &rules, true).unwrap(), Outcome::Unchanged);
+    assert_eq!(with_handles(&pod), before, "an unchanged apply re-created rules");
+
+    assert_eq!(cleanup(&pod).unwrap(), Outcome::Removed);
+    assert_eq!(pod.nft_ruleset(), "");
+    assert_eq!(cleanup(&pod).unwrap(), Outcome::NothingToRemove);
+}
+
+/// `nat output jump istio-redirect` while istio-redirect has no rules, so it is never created:
+/// the kernel refuses that rule after the table and chains were already in the batch.
+fn jumps_to_a_missing_chain() -> Ruleset {
+    let rule = Rule {
+        table: Table::Nat,
+        chain: Chain::Output,
+        family: Family::Any,
+        position: Position::Append,
+        matches: vec![],
+        action: Action::Jump(Chain::Redirect),
+    };
+    Ruleset { rules: vec![rule], ipv6: false }
+}
+
+#[test]
+fn a_refused_batch_changes_nothing() {
+    require_netns!();
+    let pod = Pod::new();
+    let err = apply(&pod, &jumps_to_a_missing_chain(), false).unwrap_err();
+    let NftError::Refused { what, error, .. } = &err else { panic!("expected a refusal, got {err}") };
+    assert_eq!(what, "add rule inet istio-proxy-nat output counter jump istio-redirect");
+    assert_eq!(error.raw_os_error(), Some(nix::errno::Errno::ENOENT as i32));
+    assert!(err.to_string().contains("names a chain that does not exist"), "{err}");
+    assert_eq!(pod.nft_ruleset(), "", "the table and chain before the refused rule were kept");
+
+    // Replacing a working ruleset with a broken one keeps the working one whole.
+    assert_eq!(apply(&pod, &base(), false).unwrap(), Outcome::Applied);
+    let before = with_handles(&pod);
+    assert!(matches!(apply(&pod, &jumps_to_a_missing_chain(), true), Err(NftError::Refused { .. })));
+    assert_eq!(with_handles(&pod), before);
+}
+
+#[test]
+fn other_tables_survive_apply_reconcile_and_cleanup() {
+    require_netns!();
+    let pod = Pod::new();
+    pod.sh(
+        "nft add table inet filter && \
+         nft add chain inet filter input '{ type filter hook input priority 0; }' && \
+         nft add rule inet filter input tcp dport 22 counter accept && \
+         iptables-nft -t nat -A OUTPUT -p tcp --dport 9999 -j RETURN",
+    );
+    let foreign = || (pod.sh("nft list table inet filter"), pod.sh("iptables-nft-save -t nat | grep -e '^-A'"));
+    let before = foreign();
+    assert!(before.1.contains("--dport 9999"), "{}", before.1);
+
+    assert_eq!(apply(&pod, &base(), false).unwrap(), Outcome::Applied);
+    assert_eq!(foreign(), before);
+    assert_eq!(apply(&pod, &largest(), true).unwrap(), Outcome::Reconciled);
+    assert_eq!(foreign(), before);
+    assert_eq!(cleanup(&pod).unwrap(), Outcome::Removed);
+    assert_eq!(foreign(), before);
+    assert!(!pod.sh("nft list tables").contains("istio-proxy"), "our tables outlived cleanup");
+}
+
+#[test]
+fn drift_is_refused_without_reconcile_and_repaired_with_it() {
+    require_netns!();
+    let fresh = Pod::new();
+    apply(&fresh, &base(), false).unwrap();
+
+    let pod = Pod::new();
+    apply(&pod, &base(), false).unwrap();
+    pod.sh("nft add rule inet istio-proxy-nat istio-output tcp dport 123 accept");
+    let edited = with_handles(&pod);
+    let err = apply(&pod, &base(), false).unwrap_err();
+    let NftError::Drift { details } = &err else { panic!("expected drift, got {err}") };
+    assert!(details.contains(&"chain inet istio-proxy-nat istio-output holds 9 rules, expected 8".to_string()), "{details:?}");
+    assert!(err.to_string().contains("--reconcile"), "{err}");
+    assert_eq!(with_handles(&pod), edited, "a refused apply changed the ruleset");
+
+    assert_eq!(apply(&pod, &base(), true).unwrap(), Outcome::Reconciled);
+    assert_eq!(pod.nft_ruleset(), fresh.nft_ruleset());
+    assert_eq!(apply(&pod, &base(), false).unwrap(), Outcome::Unchanged);
+}
+
+#[test]
+fn a_table_left_by_another_configuration_is_drift_and_reconcile_deletes_it() {
+    require_netns!();
+    let pod = Pod::new();
+    apply(&pod, &largest(), false).unwrap();
+    let err = apply(&pod, &base(), false).unwrap_err();
+    assert!(
+        err.to_string().contains("table inet istio-proxy-mangle is not part of this configuration"),
+        "{err}"
+    );
+    assert_eq!(apply(&pod, &base(), true).unwrap(), Outcome::Reconciled);
+    let tables = pod.sh("nft list tables");
+    assert_eq!(tables, "table inet istio-proxy-nat\n");
+}
