@@ -61,6 +61,8 @@ pub enum CaptureError {
     RoutesRolledBack { source: RouteError },
     #[error("{source}\nrolling the capture rules back also failed: {rollback}")]
     RoutesRollbackFailed { source: RouteError, rollback: Box<CaptureError> },
+    #[error("the capture in this network namespace is not as requested:\n  {}", differences.join("\n  "))]
+    NotInPlace { differences: Vec<String> },
 }
 
 pub fn run(req: &Request) -> Result<Report, CaptureError> {
@@ -71,6 +73,26 @@ pub fn run(req: &Request) -> Result<Report, CaptureError> {
     match req.backend {
         Backend::Iptables(opts) => run_iptables(req, opts, &routes),
         Backend::Nftables => run_nftables(req, &routes),
+    }
+}
+
+/// Checks, changing nothing, that the namespace holds exactly what an apply of `config` would
+/// leave there (rules and routes). `lock_wait` bounds the wait for a run in progress, so that a
+/// half-finished one is not judged.
+pub fn verify(config: &CaptureConfig, backend: Backend, lock_wait: Duration) -> Result<(), CaptureError> {
+    let routes = RoutePlan::for_config(config);
+    routes.check().map_err(CaptureError::Routes)?;
+    let _lock = namespace::lock(lock_wait)?;
+    let mut differences = match backend {
+        Backend::Iptables(opts) => iptables::differences(&model::build(config, Dialect::Iptables), opts)?,
+        Backend::Nftables => nftables::differences(&model::build(config, Dialect::Nftables))?,
+    };
+    let missing = routes::missing(&routes).map_err(CaptureError::Routes)?;
+    differences.extend(missing.into_iter().map(|command| format!("routing: missing `{command}`")));
+    if differences.is_empty() {
+        Ok(())
+    } else {
+        Err(CaptureError::NotInPlace { differences })
     }
 }
 

@@ -43,6 +43,8 @@ pub enum ConfigError {
     Loopback { setting: &'static str, value: String },
     #[error("unknown inbound interception mode {0:?} (expected REDIRECT or TPROXY)")]
     Mode(String),
+    #[error("{setting}: {value:?} is not an iptables variant (expected legacy or nft)")]
+    IptablesVariant { setting: &'static str, value: String },
     #[error("{setting}: {value:?} must not be empty")]
     Empty { setting: &'static str, value: String },
 }
@@ -313,12 +315,18 @@ pub fn parse_ports(setting: &'static str, value: &str) -> Result<Vec<u16>, Confi
     split_list(value).map(|p| parse_port(setting, p)).collect()
 }
 
-pub fn parse_inbound_ports(include: &str, exclude: &str) -> Result<InboundPorts, ConfigError> {
-    let except = parse_ports("--istio-local-exclude-ports", exclude)?;
+/// `include` is `*`, a port list or empty; `exclude` only matters with `*`.
+pub fn parse_inbound_ports(
+    include_setting: &'static str,
+    include: &str,
+    exclude_setting: &'static str,
+    exclude: &str,
+) -> Result<InboundPorts, ConfigError> {
+    let except = parse_ports(exclude_setting, exclude)?;
     Ok(match include.trim() {
         "" => InboundPorts::None,
         "*" => InboundPorts::All { except },
-        list => InboundPorts::Only(parse_ports("--istio-inbound-ports", list)?),
+        list => InboundPorts::Only(parse_ports(include_setting, list)?),
     })
 }
 
@@ -333,12 +341,11 @@ pub fn parse_cidrs(setting: &'static str, value: &str) -> Result<Vec<Cidr>, Conf
         .collect()
 }
 
-pub fn parse_outbound_ranges(value: &str) -> Result<OutboundRanges, ConfigError> {
-    const SETTING: &str = "--istio-service-cidr";
+pub fn parse_outbound_ranges(setting: &'static str, value: &str) -> Result<OutboundRanges, ConfigError> {
     if split_list(value).any(|c| c == "*") {
         return Ok(OutboundRanges::All);
     }
-    let cidrs = parse_cidrs(SETTING, value)?;
+    let cidrs = parse_cidrs(setting, value)?;
     Ok(if cidrs.is_empty() { OutboundRanges::None } else { OutboundRanges::Only(cidrs) })
 }
 
@@ -443,10 +450,12 @@ mod tests {
 
     #[test]
     fn inbound_ports_forms() {
-        assert_eq!(parse_inbound_ports("", "1").unwrap(), InboundPorts::None);
-        assert_eq!(parse_inbound_ports("*", "1,2").unwrap(), InboundPorts::All { except: vec![1, 2] });
-        assert_eq!(parse_inbound_ports("80,81", "").unwrap(), InboundPorts::Only(vec![80, 81]));
-        assert!(parse_inbound_ports("80,x", "").is_err());
+        let parse = |include, exclude| parse_inbound_ports("-b", include, "-d", exclude);
+        assert_eq!(parse("", "1").unwrap(), InboundPorts::None);
+        assert_eq!(parse("*", "1,2").unwrap(), InboundPorts::All { except: vec![1, 2] });
+        assert_eq!(parse("80,81", "").unwrap(), InboundPorts::Only(vec![80, 81]));
+        assert_eq!(parse("80,x", ""), Err(ConfigError::Port { setting: "-b", value: "x".into() }));
+        assert_eq!(parse("*", "x"), Err(ConfigError::Port { setting: "-d", value: "x".into() }));
     }
 
     #[test]
@@ -468,9 +477,9 @@ mod tests {
             parse_cidrs("-x", "10.0.0.0/8,*"),
             Err(ConfigError::WildcardExclude { setting: "-x" })
         );
-        assert_eq!(parse_outbound_ranges("*").unwrap(), OutboundRanges::All);
-        assert_eq!(parse_outbound_ranges("").unwrap(), OutboundRanges::None);
-        assert!(matches!(parse_outbound_ranges("1.2.3.0/24,::/0").unwrap(), OutboundRanges::Only(v) if v.len() == 2));
+        assert_eq!(parse_outbound_ranges("-i", "*").unwrap(), OutboundRanges::All);
+        assert_eq!(parse_outbound_ranges("-i", "").unwrap(), OutboundRanges::None);
+        assert!(matches!(parse_outbound_ranges("-i", "1.2.3.0/24,::/0").unwrap(), OutboundRanges::Only(v) if v.len() == 2));
     }
 
     #[test]

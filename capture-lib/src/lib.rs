@@ -3,7 +3,8 @@
 //! Data flows one way:
 //! [`config`] (validated settings) → [`model`] (the capture algorithm, backend-neutral) →
 //! a backend (`iptables`, `nftables`) that renders and applies it, plus `routes` for the
-//! addresses and policy routing the rules rely on.
+//! addresses and policy routing the rules rely on. [`settings`] gives user-facing values
+//! (flags, CNI configuration) their meaning once, for every front end.
 
 #![deny(unsafe_code)]
 
@@ -14,6 +15,7 @@ pub mod model;
 pub mod nftables;
 pub mod routes;
 pub mod namespace;
+pub mod settings;
 pub mod validation;
 
 /// What a backend did to the namespace.

@@ -198,6 +198,23 @@ pub fn remove(plan: &RoutePlan) -> Result<(), RouteError> {
     Ok(())
 }
 
+/// The entries the plan needs that the calling thread's namespace lacks, as the `ip` commands
+/// that would add them; empty when all are in place. IPv6 entries are not expected where IPv6
+/// is disabled, as `apply` only warns there. Changes nothing.
+pub fn missing(plan: &RoutePlan) -> Result<Vec<String>, RouteError> {
+    plan.check()?;
+    let mut netlink = Netlink::open()?;
+    let lo = netlink.loopback_index()?;
+    let ipv6_usable = ipv6_disabled().is_none();
+    let mut out = Vec::new();
+    for entry in plan.entries().into_iter().filter(|e| ipv6_usable || e.family() == Family::V4) {
+        if !entry.reconcile(&mut netlink, lo, Change::Check)? {
+            out.push(entry.command(Change::Add));
+        }
+    }
+    Ok(out)
+}
+
 /// Why IPv6 cannot be used in the calling thread's namespace, if it cannot.
 fn ipv6_disabled() -> Option<String> {
     for interface in [LOOPBACK, "all"] {
@@ -243,6 +260,8 @@ impl From<Family> for AddressFamily {
 enum Change {
     Add,
     Remove,
+    /// Only look.
+    Check,
 }
 
 impl fmt::Display for Change {
@@ -250,6 +269,7 @@ impl fmt::Display for Change {
         f.write_str(match self {
             Change::Add => "add",
             Change::Remove => "del",
+            Change::Check => "show",
         })
     }
 }
@@ -283,7 +303,8 @@ impl Entry {
         }
     }
 
-    fn reconcile(self, netlink: &mut Netlink, lo: u32, change: Change) -> Result<(), RouteError> {
+    /// Makes the change (or only looks); returns whether the entry was there before.
+    fn reconcile(self, netlink: &mut Netlink, lo: u32, change: Change) -> Result<bool, RouteError> {
         match self {
             Entry::PassthroughAddress => netlink.reconcile(passthrough_address(lo), change),
             Entry::MarkRule { family, mark, table } => netlink.reconcile(mark_rule(family, mark, table), change),
@@ -552,19 +573,22 @@ impl Netlink {
             .map_err(|source| RouteError::Netlink { command: format!("ip link show dev {LOOPBACK}"), source })
     }
 
-    /// Adds `wanted` unless an equal entry is there, or deletes every equal entry.
-    fn reconcile<E: KernelEntry>(&mut self, wanted: E, change: Change) -> Result<(), NetlinkError> {
+    /// Adds `wanted` unless an equal entry is there, deletes every equal entry, or only looks;
+    /// returns whether an equal entry was there.
+    fn reconcile<E: KernelEntry>(&mut self, wanted: E, change: Change) -> Result<bool, NetlinkError> {
         let found: Vec<E> = self
             .dump(E::dump_request(wanted.family()))?
             .into_iter()
             .filter_map(E::from_dump)
             .filter(|found| wanted.same_as(found))
             .collect();
+        let was_there = !found.is_empty();
         match change {
-            Change::Add if found.is_empty() => self.request(wanted.add_request(), NLM_F_CREATE | NLM_F_EXCL).map(drop),
-            Change::Add => Ok(()),
-            Change::Remove => found.into_iter().try_for_each(|entry| self.request(entry.delete_request(), 0).map(drop)),
+            Change::Add if !was_there => self.request(wanted.add_request(), NLM_F_CREATE | NLM_F_EXCL).map(drop)?,
+            Change::Add | Change::Check => {}
+            Change::Remove => found.into_iter().try_for_each(|entry| self.request(entry.delete_request(), 0).map(drop))?,
         }
+        Ok(was_there)
     }
 
     /// A listing, taken again when the kernel says it changed while being read.

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capture_lib::capture::{Backend, Operation, Request};
-use capture_lib::config::{self, CaptureConfig, ConfigError, DnsCapture, InterceptionMode};
-use capture_lib::iptables::{IptablesOptions, Variant};
+use capture_lib::config::{self, CaptureConfig, ConfigError, DnsCapture};
 use capture_lib::namespace::{self, NamespaceError};
+use capture_lib::settings::{SettingNames, Settings, DEFAULT_PROXY_UID};
 use capture_lib::validation::Probe;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Parser};
@@ -187,13 +187,31 @@ pub struct Cli {
     pub log_as_json: Option<bool>,
 }
 
+/// What the flags are called, for error messages.
+const FLAG_NAMES: SettingNames = SettingNames {
+    proxy_port: "--envoy-port",
+    inbound_capture_port: "--inbound-capture-port",
+    inbound_tunnel_port: "--inbound-tunnel-port",
+    proxy_uid: "--proxy-uid",
+    proxy_gid: "--proxy-gid",
+    inbound_ports: "--istio-inbound-ports",
+    exclude_inbound_ports: "--istio-local-exclude-ports",
+    outbound_ranges: "--istio-service-cidr",
+    exclude_outbound_ranges: "--istio-service-exclude-cidr",
+    outbound_ports: "--istio-outbound-ports",
+    exclude_outbound_ports: "--istio-local-outbound-ports-exclude",
+    exclude_interfaces: "--istio-exclude-interfaces",
+    kube_virt_interfaces: "--kube-virt-interfaces",
+    tproxy_mark: "--istio-inbound-tproxy-mark",
+    tproxy_route_table: "--istio-inbound-tproxy-route-table",
+    iptables_variant: "--force-iptables-binary",
+};
+
 /// A bad value in a flag or the environment.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("--force-iptables-binary: invalid FORCE_IPTABLES_BINARY value {0:?} (expected legacy or nft)")]
-    Variant(String),
     #[error("{var}: {value:?} is not a boolean")]
     EnvBool { var: &'static str, value: String },
 }
@@ -239,63 +257,44 @@ impl Cli {
         }
     }
 
-    fn backend(&self) -> Result<Backend, UsageError> {
-        if self.native_nftables {
-            return Ok(Backend::Nftables);
+    /// The flags and Istio's environment-only knobs, in Istio's syntax.
+    fn settings(&self) -> Settings {
+        let env = |var: &str| std::env::var(var).ok();
+        Settings {
+            proxy_port: self.envoy_port.clone(),
+            inbound_capture_port: self.inbound_capture_port.clone(),
+            inbound_tunnel_port: self.inbound_tunnel_port.clone(),
+            proxy_uid: if self.proxy_uid.is_empty() { envoy_user_uid() } else { self.proxy_uid.clone() },
+            proxy_gid: self.proxy_gid.clone(),
+            interception_mode: self.istio_inbound_interception_mode.clone(),
+            inbound_ports: self.istio_inbound_ports.clone(),
+            exclude_inbound_ports: self.istio_local_exclude_ports.clone(),
+            outbound_ranges: self.istio_service_cidr.clone(),
+            exclude_outbound_ranges: self.istio_service_exclude_cidr.clone(),
+            outbound_ports: self.istio_outbound_ports.clone(),
+            exclude_outbound_ports: self.istio_local_outbound_ports_exclude.clone(),
+            exclude_interfaces: self.istio_exclude_interfaces.clone(),
+            kube_virt_interfaces: self.kube_virt_interfaces.clone(),
+            tproxy_mark: self.istio_inbound_tproxy_mark.clone(),
+            tproxy_route_table: self.istio_inbound_tproxy_route_table.clone(),
+            redirect_dns: self.redirect_dns,
+            capture_all_dns: self.capture_all_dns,
+            drop_invalid: self.drop_invalid,
+            owner_groups: env("ISTIO_OUTBOUND_OWNER_GROUPS"),
+            owner_groups_exclude: env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE").unwrap_or_default(),
+            ipv4_loopback_cidr: env("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR").unwrap_or_default(),
+            native_nftables: self.native_nftables,
+            iptables_variant: self.force_iptables_binary.clone(),
         }
-        let variant = match self.force_iptables_binary.as_str() {
-            "" => None,
-            v => Some(Variant::parse(v).ok_or_else(|| UsageError::Variant(v.to_string()))?),
-        };
-        Ok(Backend::Iptables(IptablesOptions { variant }))
+    }
+
+    fn backend(&self) -> Result<Backend, UsageError> {
+        Ok(self.settings().backend(&FLAG_NAMES)?)
     }
 
     /// Validates every setting; reads nothing from the namespace.
     pub fn capture_config(&self) -> Result<CaptureConfig, UsageError> {
-        let proxy_uids = if self.proxy_uid.is_empty() {
-            default_proxy_uid()
-        } else {
-            config::parse_uids("--proxy-uid", &self.proxy_uid)?
-        };
-        let proxy_gids = if self.proxy_gid.is_empty() {
-            proxy_uids.clone()
-        } else {
-            config::parse_gids("--proxy-gid", &self.proxy_gid)?
-        };
-        let owner_include = std::env::var("ISTIO_OUTBOUND_OWNER_GROUPS").ok();
-        let owner_exclude = std::env::var("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE").unwrap_or_default();
-        let loopback = match std::env::var("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR") {
-            Ok(v) if !v.is_empty() => config::parse_loopback_cidr(&v)?,
-            _ => CaptureConfig::default().host_ipv4_loopback,
-        };
-        Ok(CaptureConfig {
-            proxy_port: config::parse_port("--envoy-port", &self.envoy_port)?,
-            inbound_capture_port: config::parse_port("--inbound-capture-port", &self.inbound_capture_port)?,
-            inbound_tunnel_port: config::parse_port("--inbound-tunnel-port", &self.inbound_tunnel_port)?,
-            proxy_uids,
-            proxy_gids,
-            mode: self.istio_inbound_interception_mode.parse::<InterceptionMode>()?,
-            inbound_ports: config::parse_inbound_ports(&self.istio_inbound_ports, &self.istio_local_exclude_ports)?,
-            outbound_ranges: config::parse_outbound_ranges(&self.istio_service_cidr)?,
-            outbound_ranges_exclude: config::parse_cidrs("--istio-service-exclude-cidr", &self.istio_service_exclude_cidr)?,
-            outbound_ports_include: config::parse_ports("--istio-outbound-ports", &self.istio_outbound_ports)?,
-            outbound_ports_exclude: config::parse_ports(
-                "--istio-local-outbound-ports-exclude",
-                &self.istio_local_outbound_ports_exclude,
-            )?,
-            exclude_interfaces: config::parse_interfaces("--istio-exclude-interfaces", &self.istio_exclude_interfaces)?,
-            kube_virt_interfaces: config::parse_interfaces("--kube-virt-interfaces", &self.kube_virt_interfaces)?,
-            tproxy_mark: config::parse_number("--istio-inbound-tproxy-mark", &self.istio_inbound_tproxy_mark)?,
-            tproxy_route_table: config::parse_number(
-                "--istio-inbound-tproxy-route-table",
-                &self.istio_inbound_tproxy_route_table,
-            )?,
-            owner_groups: config::parse_owner_groups(owner_include.as_deref(), &owner_exclude)?,
-            dns: if self.redirect_dns && self.capture_all_dns { DnsCapture::All } else { DnsCapture::Off },
-            drop_invalid: self.drop_invalid,
-            ipv6: false,
-            host_ipv4_loopback: loopback,
-        })
+        Ok(self.settings().capture_config(&FLAG_NAMES)?)
     }
 
     /// The full request: validated settings plus what the namespace itself tells (IP families,
@@ -304,7 +303,7 @@ impl Cli {
         let mut config = self.capture_config()?;
         self.validate_extras()?;
         config.ipv6 = namespace::uses_ipv6(self.dual_stack)?;
-        if self.redirect_dns && !self.capture_all_dns {
+        if self.settings().needs_dns_servers() {
             let (v4, v6) = namespace::dns_servers(resolv_conf)?;
             config.dns = DnsCapture::Servers { v4, v6 };
         }
@@ -344,11 +343,11 @@ impl Cli {
     }
 }
 
-/// Istio: the UID of $ENVOY_USER (istio-proxy), else 1337.
-fn default_proxy_uid() -> Vec<u32> {
+/// Istio's default proxy UID: that of $ENVOY_USER (istio-proxy) where the user exists.
+fn envoy_user_uid() -> String {
     let user = std::env::var("ENVOY_USER").unwrap_or_else(|_| "istio-proxy".to_string());
     let uid = nix::unistd::User::from_name(&user).ok().flatten().map(|u| u.uid.as_raw());
-    vec![uid.unwrap_or(1337)]
+    uid.unwrap_or(DEFAULT_PROXY_UID).to_string()
 }
 
 #[cfg(test)]

@@ -129,6 +129,19 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
     Ok(Plan { steps, outcome })
 }
 
+/// How the namespace's rules differ from `ruleset`, in words, per family; empty when exactly
+/// in place. Like `plan`, looks at IPv6 only when the ruleset programs it. Changes nothing.
+pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<String>, IptablesError> {
+    let mut out = Vec::new();
+    for v6 in [false, true].into_iter().filter(|&v6| !v6 || ruleset.ipv6) {
+        let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(v6)), v6);
+        let current = parse_save(&bins.save()?);
+        let family = bins.family();
+        out.extend(Desired::new(ruleset, v6).drift(&current).into_iter().map(|d| format!("{family}: {d}")));
+    }
+    Ok(out)
+}
+
 /// The strongest outcome wins: Reconciled over Applied over Unchanged.
 fn promote(current: Outcome, new: Outcome) -> Outcome {
     match (current, new) {

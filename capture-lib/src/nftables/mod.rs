@@ -90,6 +90,15 @@ pub fn apply(ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftError> {
     Ok(outcome)
 }
 
+/// How our tables differ from `ruleset`, in words; empty when exactly in place. Changes nothing.
+pub fn differences(ruleset: &Ruleset) -> Result<Vec<String>, NftError> {
+    let plan = render::plan(ruleset);
+    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
+    let have = read_ours(&mut netlink).map_err(NftError::Read)?;
+    let want = state::planned(&plan);
+    Ok(if have == want { Vec::new() } else { state::differences(&plan, &want, &have) })
+}
+
 /// An nft script equivalent to `cleanup` (loadable even where the tables are absent).
 pub fn cleanup_script() -> String {
     schema::TABLE_ORDER
