@@ -19,6 +19,10 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_VALIDATION: u8 = 126;
 
 fn main() -> ExitCode {
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    if let Some(exit) = cli_docs::generate_if_requested(&args, Cli::command) {
+        return exit;
+    }
     let matches = Cli::command().get_matches();
     let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

@@ -43,6 +43,10 @@ enum Error {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    if let Some(exit) = cli_docs::generate_if_requested(&args, <ProxyConfig as clap::CommandFactory>::command) {
+        return exit;
+    }
     let config = ProxyConfig::parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| "info".into()))

@@ -1,0 +1,62 @@
+//! `istio-capture-cni`: a chained CNI plugin (spec 1.0) that programs Istio's sidecar capture
+//! in each pod's network namespace when the pod is created, with capture-lib, so pods need no
+//! privileged init container. `istio-capture-cni install` puts it on a node (see install.rs).
+//!
+//! The runtime runs it with `CNI_*` variables and the network configuration on stdin; the
+//! result, or an error object with a CNI error code, goes to stdout.
+
+#![deny(unsafe_code)]
+
+mod install;
+mod netconf;
+mod plugin;
+mod protocol;
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use netconf::{CniArgs, NetConf};
+use protocol::{Command, Invocation, PluginError, LATEST_VERSION};
+
+fn main() -> ExitCode {
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == "install") {
+        return install::main();
+    }
+    let invocation = match Invocation::from_vars(|name| std::env::var(name).ok()) {
+        Ok(invocation) => invocation,
+        Err(e) => return fail(&e, LATEST_VERSION, "the CNI_* environment variables"),
+    };
+    if invocation.command == Command::Version {
+        return reply(&protocol::version_info());
+    }
+    let mut stdin = Vec::new();
+    if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+        return fail(&PluginError::Stdin(e), LATEST_VERSION, &plugin::describe(&invocation, None));
+    }
+    let conf = match NetConf::parse(&stdin) {
+        Ok(conf) => conf,
+        Err(e) => return fail(&e, LATEST_VERSION, &plugin::describe(&invocation, None)),
+    };
+    let args = match CniArgs::parse(&invocation.args) {
+        Ok(args) => args,
+        Err(e) => return fail(&e, &conf.cni_version, &plugin::describe(&invocation, None)),
+    };
+    match plugin::handle(&invocation, &conf, &args) {
+        Ok(Some(result)) => reply(&result),
+        Ok(None) => ExitCode::SUCCESS,
+        Err(e) => fail(&e, &conf.cni_version, &plugin::describe(&invocation, Some(&args))),
+    }
+}
+
+fn reply(result: &serde_json::Value) -> ExitCode {
+    println!("{result}");
+    ExitCode::SUCCESS
+}
+
+/// The spec's error object on stdout (what runtimes read), the message on stderr (what
+/// people read in the runtime's log), and a non-zero exit.
+fn fail(error: &PluginError, cni_version: &str, details: &str) -> ExitCode {
+    println!("{}", error.to_json(cni_version, details));
+    eprintln!("istio-capture-cni: {details}: {error}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,311 @@
+//! The plugin's network configuration (stdin) and the per-pod overrides, merged into the
+//! capture settings shared with istio-iptables, with Istio CNI's defaults.
+//!
+//! Capture keys are the camelCase names of istio-iptables' settings. Values take Istio's
+//! syntax as strings (`"*"`, `"80,443"`), or JSON numbers, lists and booleans. Layers, each
+//! overriding the one before: the `capture` object, `runtimeConfig.capture` (runtime
+//! capability arguments), then `CNI_ARGS` pairs of the same keys.
+
+use capture_lib::settings::{SettingNames, Settings};
+use serde_json::{Map, Value};
+
+use crate::protocol::PluginError;
+
+/// Inbound ports Istio CNI never captures: the agent's status, health and metrics ports.
+const ALWAYS_EXCLUDED_INBOUND_PORTS: [&str; 3] = ["15020", "15021", "15090"];
+
+/// The `CNI_ARGS` keys runtimes send on their own (Kubernetes pod identity).
+const RUNTIME_ARGS: [&str; 5] =
+    ["IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"];
+
+/// The keys whose values are Istio-syntax text, and where each goes in [`Settings`].
+type TextField = fn(&mut Settings) -> &mut String;
+const TEXT_KEYS: [(&str, TextField); 17] = [
+    ("proxyPort", |s| &mut s.proxy_port),
+    ("inboundCapturePort", |s| &mut s.inbound_capture_port),
+    ("inboundTunnelPort", |s| &mut s.inbound_tunnel_port),
+    ("proxyUID", |s| &mut s.proxy_uid),
+    ("proxyGID", |s| &mut s.proxy_gid),
+    ("interceptionMode", |s| &mut s.interception_mode),
+    ("inboundPorts", |s| &mut s.inbound_ports),
+    ("excludeInboundPorts", |s| &mut s.exclude_inbound_ports),
+    ("outboundIPRanges", |s| &mut s.outbound_ranges),
+    ("excludeOutboundIPRanges", |s| &mut s.exclude_outbound_ranges),
+    ("outboundPorts", |s| &mut s.outbound_ports),
+    ("excludeOutboundPorts", |s| &mut s.exclude_outbound_ports),
+    ("excludeInterfaces", |s| &mut s.exclude_interfaces),
+    ("kubeVirtInterfaces", |s| &mut s.kube_virt_interfaces),
+    ("tproxyMark", |s| &mut s.tproxy_mark),
+    ("tproxyRouteTable", |s| &mut s.tproxy_route_table),
+    ("forceIptablesBinary", |s| &mut s.iptables_variant),
+];
+const FLAG_KEYS: [&str; 5] = ["redirectDNS", "captureAllDNS", "dropInvalid", "dualStack", "nativeNftables"];
+
+/// The keys, as errors should name them.
+pub const KEY_NAMES: SettingNames = SettingNames {
+    proxy_port: "proxyPort",
+    inbound_capture_port: "inboundCapturePort",
+    inbound_tunnel_port: "inboundTunnelPort",
+    proxy_uid: "proxyUID",
+    proxy_gid: "proxyGID",
+    inbound_ports: "inboundPorts",
+    exclude_inbound_ports: "excludeInboundPorts",
+    outbound_ranges: "outboundIPRanges",
+    exclude_outbound_ranges: "excludeOutboundIPRanges",
+    outbound_ports: "outboundPorts",
+    exclude_outbound_ports: "excludeOutboundPorts",
+    exclude_interfaces: "excludeInterfaces",
+    kube_virt_interfaces: "kubeVirtInterfaces",
+    tproxy_mark: "tproxyMark",
+    tproxy_route_table: "tproxyRouteTable",
+    iptables_variant: "forceIptablesBinary",
+};
+
+/// What the runtime sent on stdin, as far as this plugin reads it.
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub cni_version: String,
+    /// Pods in these Kubernetes namespaces are left alone (e.g. kube-system).
+    pub exclude_namespaces: Vec<String>,
+    pub prev_result: Option<Value>,
+    capture: Map<String, Value>,
+    runtime_capture: Map<String, Value>,
+}
+
+impl NetConf {
+    pub fn parse(bytes: &[u8]) -> Result<NetConf, PluginError> {
+        let Value::Object(mut conf) = serde_json::from_slice(bytes).map_err(PluginError::Decode)? else {
+            return Err(PluginError::Config("the network configuration is not a JSON object".into()));
+        };
+        let text = |conf: &Map<String, Value>, key: &str| match conf.get(key) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            _ => Err(PluginError::Config(format!("{key} must be a non-empty string"))),
+        };
+        let cni_version = text(&conf, "cniVersion")?;
+        text(&conf, "name")?;
+        let exclude_namespaces = match conf.remove("excludeNamespaces") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .map(|item| match item {
+                    Value::String(ns) => Ok(ns),
+                    other => Err(PluginError::Config(format!("excludeNamespaces: {other} is not a string"))),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(PluginError::Config(format!("excludeNamespaces: {other} is not a list"))),
+        };
+        let runtime_capture = match conf.get_mut("runtimeConfig") {
+            Some(Value::Object(runtime)) => object(runtime.remove("capture"), "runtimeConfig.capture")?,
+            _ => Map::new(),
+        };
+        Ok(NetConf {
+            cni_version,
+            exclude_namespaces,
+            prev_result: conf.remove("prevResult"),
+            capture: object(conf.remove("capture"), "capture")?,
+            runtime_capture,
+        })
+    }
+}
+
+fn object(value: Option<Value>, name: &str) -> Result<Map<String, Value>, PluginError> {
+    match value {
+        None => Ok(Map::new()),
+        Some(Value::Object(map)) => {
+            match map.keys().find(|k| !TEXT_KEYS.iter().any(|(t, _)| t == k) && !FLAG_KEYS.contains(&k.as_str())) {
+                Some(unknown) => Err(PluginError::Config(format!("{name}: unknown setting {unknown:?}"))),
+                None => Ok(map),
+            }
+        }
+        Some(other) => Err(PluginError::Config(format!("{name}: {other} is not an object"))),
+    }
+}
+
+/// The pod identity and capture overrides of `CNI_ARGS`.
+#[derive(Debug, Clone, Default)]
+pub struct CniArgs {
+    pub pod_namespace: String,
+    pub pod_name: String,
+    overrides: Map<String, Value>,
+}
+
+impl CniArgs {
+    /// `K=V;K=V`. Unknown keys are refused unless `IgnoreUnknown` is true, as the reference
+    /// plugins do (runtimes set it when they add pod identity keys).
+    pub fn parse(text: &str) -> Result<CniArgs, PluginError> {
+        let mut pairs = Vec::new();
+        for pair in text.split(';').filter(|p| !p.is_empty()) {
+            let (key, value) =
+                pair.split_once('=').ok_or_else(|| PluginError::Args(format!("{pair:?} is not KEY=VALUE")))?;
+            pairs.push((key, value));
+        }
+        let lookup = |wanted: &str| pairs.iter().find(|(k, _)| *k == wanted).map(|(_, v)| v.to_string());
+        let ignore_unknown = lookup("IgnoreUnknown").is_some_and(|v| matches!(v.as_str(), "1" | "true" | "True"));
+        let mut overrides = Map::new();
+        for (key, value) in &pairs {
+            if TEXT_KEYS.iter().any(|(t, _)| t == key) || FLAG_KEYS.contains(key) {
+                overrides.insert(key.to_string(), Value::String(value.to_string()));
+            } else if !RUNTIME_ARGS.contains(key) && !ignore_unknown {
+                return Err(PluginError::Args(format!(
+                    "unknown key {key:?} (set IgnoreUnknown=1 to skip unknown keys)"
+                )));
+            }
+        }
+        Ok(CniArgs {
+            pod_namespace: lookup("K8S_POD_NAMESPACE").unwrap_or_default(),
+            pod_name: lookup("K8S_POD_NAME").unwrap_or_default(),
+            overrides,
+        })
+    }
+}
+
+/// The capture of one pod, in the shared settings' terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodCapture {
+    pub settings: Settings,
+    /// Program IPv6 whenever the pod has an IPv6 address.
+    pub dual_stack: bool,
+}
+
+impl PodCapture {
+    pub fn new(conf: &NetConf, args: &CniArgs) -> Result<PodCapture, PluginError> {
+        let mut merged = conf.capture.clone();
+        merged.extend(conf.runtime_capture.clone());
+        merged.extend(args.overrides.clone());
+
+        // Istio CNI's defaults for a pod without annotations.
+        let mut settings = Settings {
+            inbound_ports: "*".into(),
+            outbound_ranges: "*".into(),
+            exclude_outbound_ports: "15020".into(),
+            ..Settings::default()
+        };
+        for (key, field) in TEXT_KEYS {
+            if let Some(value) = merged.get(key) {
+                *field(&mut settings) = text(key, value)?;
+            }
+        }
+        let flag = |key: &str| merged.get(key).map(|v| flag(key, v)).transpose();
+        settings.redirect_dns = flag("redirectDNS")?.unwrap_or(false);
+        // A CNI plugin cannot read the pod's resolv.conf, so DNS capture takes all port-53 traffic.
+        settings.capture_all_dns = flag("captureAllDNS")?.unwrap_or(settings.redirect_dns);
+        if settings.needs_dns_servers() {
+            return Err(PluginError::Config(
+                "captureAllDNS: false needs the pod's resolv.conf, which a CNI plugin cannot read; \
+                 leave it unset (DNS capture then takes all port-53 traffic)"
+                    .into(),
+            ));
+        }
+        settings.drop_invalid = flag("dropInvalid")?.unwrap_or(false);
+        settings.native_nftables = flag("nativeNftables")?.unwrap_or(false);
+        settings.exclude_inbound_ports = with_required_ports(&settings.exclude_inbound_ports);
+        Ok(PodCapture { settings, dual_stack: flag("dualStack")?.unwrap_or(false) })
+    }
+}
+
+/// Istio-syntax text from a string, a number or a list of them.
+fn text(key: &str, value: &Value) -> Result<String, PluginError> {
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    let joined = match value {
+        Value::Array(items) => items.iter().map(scalar).collect::<Option<Vec<_>>>().map(|v| v.join(",")),
+        other => scalar(other),
+    };
+    joined.ok_or_else(|| PluginError::Config(format!("{key}: {value} is not a string, a number or a list of them")))
+}
+
+/// A boolean, or its text (from CNI_ARGS).
+fn flag(key: &str, value: &Value) -> Result<bool, PluginError> {
+    match value {
+        Value::Bool(b) => Ok(*b),
+        Value::String(s) if s == "true" => Ok(true),
+        Value::String(s) if s == "false" => Ok(false),
+        other => Err(PluginError::Config(format!("{key}: {other} is not true or false"))),
+    }
+}
+
+/// `list` plus the ports Istio CNI always excludes, each once.
+fn with_required_ports(list: &str) -> String {
+    let mut ports: Vec<&str> = capture_lib::config::split_list(list).collect();
+    for port in ALWAYS_EXCLUDED_INBOUND_PORTS {
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capture_lib::config::{DnsCapture, InboundPorts, OutboundRanges};
+
+    fn conf(json: &str) -> NetConf {
+        NetConf::parse(json.as_bytes()).unwrap()
+    }
+
+    fn capture(json: &str, args: &str) -> Result<PodCapture, PluginError> {
+        PodCapture::new(&conf(json), &CniArgs::parse(args)?)
+    }
+
+    #[test]
+    fn defaults_are_istio_cnis() {
+        let pod = capture(r#"{"cniVersion":"1.0.0","name":"k8s"}"#, "").unwrap();
+        let cfg = pod.settings.capture_config(&KEY_NAMES).unwrap();
+        assert_eq!(cfg.inbound_ports, InboundPorts::All { except: vec![15020, 15021, 15090] });
+        assert_eq!(cfg.outbound_ranges, OutboundRanges::All);
+        assert_eq!(cfg.outbound_ports_exclude, vec![15020]);
+        assert_eq!((cfg.proxy_uids, cfg.proxy_gids), (vec![1337], vec![1337]));
+        assert!(!pod.settings.native_nftables && !pod.dual_stack);
+    }
+
+    #[test]
+    fn layers_override_in_order_and_lists_take_json_forms() {
+        let json = r#"{"cniVersion":"1.0.0","name":"k8s",
+            "capture":{"excludeInboundPorts":[8081,"15021"],"proxyUID":1000,"redirectDNS":true,"nativeNftables":true},
+            "runtimeConfig":{"capture":{"proxyUID":"2000","interceptionMode":"TPROXY"}}}"#;
+        let pod = capture(json, "IgnoreUnknown=1;K8S_POD_NAME=web;interceptionMode=REDIRECT;dropInvalid=true").unwrap();
+        let s = &pod.settings;
+        assert_eq!(s.exclude_inbound_ports, "8081,15021,15020,15090");
+        assert_eq!((s.proxy_uid.as_str(), s.interception_mode.as_str()), ("2000", "REDIRECT"));
+        assert!(s.drop_invalid && s.native_nftables);
+        assert_eq!(s.capture_config(&KEY_NAMES).unwrap().dns, DnsCapture::All, "capture-all-DNS follows redirect-DNS");
+    }
+
+    #[test]
+    fn bad_input_names_the_key() {
+        let base = r#"{"cniVersion":"1.0.0","name":"k8s","capture":"#;
+        let err =
+            |capture_json: &str| NetConf::parse(format!("{base}{capture_json}}}").as_bytes()).unwrap_err().to_string();
+        assert!(err(r#"{"inboundPort":"80"}"#).contains("unknown setting \"inboundPort\""));
+        let bad_flag = capture(&format!(r#"{base}{{"redirectDNS":"yes"}}}}"#), "").unwrap_err();
+        assert_eq!(bad_flag.to_string(), "invalid network configuration: redirectDNS: \"yes\" is not true or false");
+        let bad_port = capture(r#"{"cniVersion":"1.0.0","name":"k8s"}"#, "excludeOutboundPorts=99999").unwrap();
+        let err = bad_port.settings.capture_config(&KEY_NAMES).unwrap_err().to_string();
+        assert!(err.starts_with("excludeOutboundPorts: \"99999\""), "{err}");
+        let no_servers = capture(&format!(r#"{base}{{"redirectDNS":true,"captureAllDNS":false}}}}"#), "");
+        assert!(no_servers.unwrap_err().to_string().contains("resolv.conf"));
+    }
+
+    #[test]
+    fn cni_args_refuse_unknown_keys_unless_told() {
+        assert!(matches!(CniArgs::parse("FOO=1"), Err(PluginError::Args(_))));
+        assert!(matches!(CniArgs::parse("novalue"), Err(PluginError::Args(_))));
+        let args = CniArgs::parse("IgnoreUnknown=1;FOO=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1").unwrap();
+        assert_eq!((args.pod_namespace.as_str(), args.pod_name.as_str()), ("shop", "web-1"));
+    }
+
+    #[test]
+    fn missing_fields_and_other_shapes_are_config_errors() {
+        assert!(matches!(NetConf::parse(b"[1]"), Err(PluginError::Config(_))));
+        assert!(matches!(NetConf::parse(b"{\"name\":\"x\"}"), Err(PluginError::Config(m)) if m.contains("cniVersion")));
+        assert!(matches!(NetConf::parse(b"{not json"), Err(PluginError::Decode(_))));
+        let conf =
+            conf(r#"{"cniVersion":"0.4.0","name":"k8s","excludeNamespaces":["kube-system"],"prevResult":{"ips":[]}}"#);
+        assert_eq!(conf.exclude_namespaces, vec!["kube-system"]);
+        assert!(conf.prev_result.is_some());
+    }
+}
