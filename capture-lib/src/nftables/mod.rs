@@ -162,8 +162,8 @@ fn commit(netlink: &mut Netlink, tx: &Transaction) -> Result<(), NftError> {
 
 fn refused(refusal: &Refusal, message: Option<&Message>, others: usize) -> NftError {
     let what =
-        message.map_or("the transaction as a whole, when the kernel committed it".to_string(), |m| m.what.clone());
-    let modules = message.map(|m| m.modules.join(" ")).unwrap_or_default();
+        message.map_or("the transaction as a whole, when the kernel committed it".to_string(), Message::describe);
+    let modules = message.map(|m| m.modules().join(" ")).unwrap_or_default();
     let modprobe =
         if modules.is_empty() { "modprobe nf_tables".to_string() } else { format!("modprobe nf_tables {modules}") };
     let hint = match refusal.errno {

@@ -5,7 +5,7 @@ use std::io;
 use mnl::{Bus, NlMessages, Socket};
 use nftnl::nftnl_sys::libc;
 use nix::errno::Errno;
-use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
+use nix::sys::socket::{recv, MsgFlags};
 
 use super::batch::Transaction;
 use super::raw::{self, ElementsObject, Object, ObjectKind, SetRef};
@@ -25,10 +25,6 @@ const NFTA_DATA_VALUE: u16 = 1;
 const NLA_TYPE_MASK: u16 = 0x3fff;
 /// The netlink header and the nf_tables `nfgenmsg` before the first attribute.
 const NFT_HEADERS_LEN: usize = 20;
-
-/// Receive-buffer room per acknowledgement (the kernel's accounting, not the 36 bytes).
-const ACK_ROOM: usize = 1024;
-const MIN_RECEIVE_BUFFER: usize = 1 << 20;
 
 /// How often a dump is retried when the ruleset changed while it was read.
 const DUMP_ATTEMPTS: usize = 5;
@@ -106,7 +102,7 @@ fn elements(msg: &[u8]) -> io::Result<ElementsObject> {
 }
 
 /// Every message of a finished batch, begin and end markers included.
-pub(super) fn batch_messages(tx: &Transaction) -> impl Iterator<Item = &[u8]> {
+pub(super) fn batch_messages<'t>(tx: &'t Transaction) -> impl Iterator<Item = &'t [u8]> {
     tx.batch.iter().flat_map(|page| NlMessages::new(page).map(|m| m.expect("nftnl builds well-formed messages")))
 }
 
@@ -219,13 +215,9 @@ impl Netlink {
 
     /// Sends the batch and collects the kernel's refusals (empty: it committed).
     pub(super) fn send(&mut self, tx: &Transaction) -> io::Result<Vec<Refusal>> {
-        // Every message is acknowledged; make room so no answer is dropped. Best effort: a
-        // process without CAP_NET_ADMIN in its user namespace keeps the default size.
-        let wanted = ((tx.messages.len() + 2) * ACK_ROOM).max(MIN_RECEIVE_BUFFER);
-        let _ = setsockopt(&self.fd(), sockopt::RcvBufForce, &wanted);
         self.socket.send_all(&tx.batch)?;
-        // The kernel processes the whole batch inside sendmsg, so every answer is queued
-        // by now: read until the socket is empty.
+        // The kernel processes the whole batch inside sendmsg, so every answer (an error, or
+        // an acknowledgement of the batch markers) is queued by now: read until none is left.
         let mut refusals = Vec::new();
         loop {
             let received = match recv(self.socket_fd(), &mut self.buffer, MsgFlags::MSG_DONTWAIT) {
@@ -252,9 +244,5 @@ impl Netlink {
     fn socket_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.socket.as_raw_fd()
-    }
-
-    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        raw::borrow_fd(&self.socket)
     }
 }

@@ -1,6 +1,7 @@
 //! What we need from libnftnl beyond the `nftnl` crate's safe API: four expressions it lacks
 //! (`redir`, `tproxy`, `ct zone set`, inverted `lookup`), two attributes of anonymous sets,
-//! and parsing nf_tables messages (the kernel's dumps and our own batch) into plain values.
+//! messages without the acknowledgement flag, and parsing nf_tables messages (the kernel's
+//! dumps and our own batch) into plain values.
 //!
 //! This is the only module of the crate with `unsafe` code. Every call goes through a
 //! pointer that libnftnl allocated and that is freed exactly once, on every path, by the
@@ -8,13 +9,12 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, CStr, CString};
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
 use nftnl::expr::{Expression, Register};
 use nftnl::nftnl_sys::{self as sys, libc};
 use nftnl::set::Set;
-use nftnl::Rule;
+use nftnl::{MsgType, NlMsg, Rule};
 
 /// `NF_NAT_RANGE_PROTO_SPECIFIED`: the redirect carries a port (what nft sends for `to :P`).
 const NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
@@ -111,6 +111,23 @@ pub(super) fn describe_anonymous_set<K>(set: &Set<'_, K>, size: u32, userdata: &
     unsafe {
         sys::nftnl_set_set_u32(set, sys::NFTNL_SET_DESC_SIZE as u16, size);
         sys::nftnl_set_set_data(set, sys::NFTNL_SET_USERDATA as u16, userdata.as_ptr().cast(), userdata.len() as u32);
+    }
+}
+
+/// A message sent without asking for an acknowledgement, as nft sends its batches: the
+/// kernel still answers every error, and one answer per message would only cost time.
+pub(super) struct Unacknowledged<'a, T>(pub &'a T);
+
+// SAFETY: writes exactly what the wrapped message writes, then clears one flag in it.
+unsafe impl<T: NlMsg> NlMsg for Unacknowledged<'_, T> {
+    unsafe fn write(&self, buf: *mut std::ffi::c_void, seq: u32, msg_type: MsgType) {
+        // SAFETY: the caller gives room for the largest message (the trait's contract); the
+        // wrapped message writes its netlink header at `buf`, flags at byte 6.
+        unsafe {
+            self.0.write(buf, seq, msg_type);
+            let flags = buf.cast::<u8>().add(6).cast::<u16>();
+            flags.write_unaligned(flags.read_unaligned() & !(libc::NLM_F_ACK as u16));
+        }
     }
 }
 
@@ -384,10 +401,4 @@ unsafe fn parse_set(nlh: *const libc::nlmsghdr) -> Option<SetObject> {
             key_len: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_KEY_LEN as u16),
         })
     }
-}
-
-/// The socket's descriptor, borrowed to set a socket option.
-pub(super) fn borrow_fd(socket: &mnl::Socket) -> BorrowedFd<'_> {
-    // SAFETY: the descriptor belongs to `socket`, which stays open as long as the borrow.
-    unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }
 }
