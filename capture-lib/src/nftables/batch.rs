@@ -7,7 +7,7 @@ use nftnl::set::Set;
 use nftnl::{Batch, FinalizedBatch, MsgType, NlMsg, ProtoFamily};
 
 use super::expr::{add_terms, port_set_userdata, Port, PortSet};
-use super::raw::{describe_anonymous_set, Unacknowledged};
+use super::raw::{describe_anonymous_set, Unacknowledged, ANONYMOUS_SET};
 use super::render::{add_chain_line, add_rule_line, ChainPlan, NftRule, TablePlan, Term};
 use super::schema::{chain_name, table_name, ChainType, Hook};
 use crate::model::{Chain, Table};
@@ -147,7 +147,7 @@ impl<'p> TransactionBuilder<'p> {
 
     /// An anonymous constant set, as nft makes one for `tcp dport != { 53, 15008 }`.
     fn add_port_set(&mut self, table: &nftnl::Table, port_set: &PortSet, message: Message<'p>) {
-        let mut set = Set::<Port>::new(c"__set%d", port_set.id, table, ProtoFamily::Inet);
+        let mut set = Set::<Port>::new(ANONYMOUS_SET, port_set.id, table, ProtoFamily::Inet);
         for &port in &port_set.ports {
             set.add(&Port(port));
         }

@@ -11,7 +11,6 @@ use nftnl::expr::{
     Bitwise, Cmp, CmpOp, Conntrack, Counter, Immediate, Meta, NetworkHeaderField, Payload, Register,
     TransportHeaderField, Verdict,
 };
-use nftnl::nftnl_sys::libc;
 use nftnl::Rule;
 
 use super::raw::{CtZoneSet, NotInSet, Redirect, Tproxy};
@@ -85,7 +84,7 @@ pub(super) fn add_terms(rule: &mut Rule, terms: &[Term], sets: &[PortSet]) {
                 let set = sets.next().expect("a port set for every port list");
                 require_l4proto(rule, &mut ctx, *proto);
                 rule.add_expr(&load_transport(2, 2));
-                rule.add_expr(&NotInSet { set_name: CString::from(c"__set%d"), set_id: set.id });
+                rule.add_expr(&NotInSet { set_id: set.id });
             }
             Term::CtState(state) => {
                 let mask = match state {

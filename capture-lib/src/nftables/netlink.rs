@@ -3,7 +3,6 @@
 use std::io;
 
 use mnl::{Bus, NlMessages, Socket};
-use nftnl::nftnl_sys::libc;
 use nix::errno::Errno;
 use nix::sys::socket::{recv, MsgFlags};
 

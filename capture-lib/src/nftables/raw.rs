@@ -3,12 +3,12 @@
 //! messages without the acknowledgement flag, and parsing nf_tables messages (the kernel's
 //! dumps and our own batch) into plain values.
 //!
-//! This is the only module of the crate with `unsafe` code. Every call goes through a
-//! pointer that libnftnl allocated and that is freed exactly once, on every path, by the
-//! `Owned` guard below.
+//! This is the only module of the crate with `unsafe` code. Every libnftnl object made here
+//! is either handed over to the `nftnl` crate (an expression belongs to its rule from then
+//! on) or freed exactly once, on every path, by the `Owned` guard below.
 #![allow(unsafe_code)]
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, CStr};
 use std::ptr::NonNull;
 
 use nftnl::expr::{Expression, Register};
@@ -80,9 +80,12 @@ impl Expression for CtZoneSet {
     }
 }
 
-/// `!= @set`: register 1 is not in the set created earlier in the same batch.
+/// The name nft gives an anonymous set; the kernel replaces `%d` with a free number.
+pub(super) const ANONYMOUS_SET: &CStr = c"__set%d";
+
+/// `!= @set`: register 1 is not in the anonymous set created earlier in the same batch
+/// with this id.
 pub(super) struct NotInSet {
-    pub set_name: CString,
     pub set_id: u32,
 }
 
@@ -97,7 +100,7 @@ impl Expression for NotInSet {
             ],
         );
         // SAFETY: `expr` is live; libnftnl copies the NUL-terminated name.
-        unsafe { sys::nftnl_expr_set_str(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET as u16, self.set_name.as_ptr()) };
+        unsafe { sys::nftnl_expr_set_str(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET as u16, ANONYMOUS_SET.as_ptr()) };
         expr
     }
 }
@@ -249,9 +252,9 @@ fn string(ptr: *const c_char) -> String {
     unsafe { CStr::from_ptr(ptr) }.to_string_lossy().into_owned()
 }
 
-/// Parses one nf_tables message of `kind` (set elements are read in `netlink.rs`: libnftnl
-/// refuses its own element lists, numbered 1, 2, ... where it expects every item to be 1). `msg` must be one whole netlink message, aligned
+/// Parses one nf_tables message of `kind`. `msg` must be one whole netlink message, aligned
 /// for `nlmsghdr` (as `mnl::NlMessages` yields them); `None` means libnftnl refused it.
+/// (Set elements are read in `netlink.rs`: libnftnl refuses the element lists it builds.)
 pub(super) fn parse(kind: ObjectKind, msg: &[u8]) -> Option<Object> {
     let header_len = std::mem::size_of::<libc::nlmsghdr>();
     assert!(msg.len() >= header_len && msg.as_ptr().cast::<libc::nlmsghdr>().is_aligned(), "not a netlink message");

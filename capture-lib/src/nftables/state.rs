@@ -32,9 +32,9 @@ pub(super) type Snapshot = BTreeMap<Table, TableState>;
 
 fn describe_hook(hook: &ChainHook) -> String {
     // A chain created without a policy accepts.
-    let policy = match hook.policy.unwrap_or(nftnl::nftnl_sys::libc::NF_ACCEPT as u32) as i32 {
-        nftnl::nftnl_sys::libc::NF_ACCEPT => "accept".to_string(),
-        nftnl::nftnl_sys::libc::NF_DROP => "drop".to_string(),
+    let policy = match hook.policy.unwrap_or(libc::NF_ACCEPT as u32) as i32 {
+        libc::NF_ACCEPT => "accept".to_string(),
+        libc::NF_DROP => "drop".to_string(),
         other => other.to_string(),
     };
     format!("type {} hook {} priority {} policy {policy}", hook.kind, hook.hook, hook.priority)
