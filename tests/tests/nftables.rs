@@ -5,7 +5,7 @@ use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use capture_lib::config::{
-    parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, Interface, InterceptionMode, OutboundRanges,
+    parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges,
 };
 use capture_lib::model::{self, Action, Chain, Dialect, Family, Position, Rule, Ruleset, Table};
 use capture_lib::nftables::{self, NftError};
@@ -47,7 +47,10 @@ fn largest() -> Ruleset {
         outbound_ranges: OutboundRanges::All,
         outbound_ranges_exclude: parse_cidrs("-x", "10.96.0.0/12,fd00:96::/108").unwrap(),
         exclude_interfaces: vec![Interface::parse("-c", "eth9").unwrap()],
-        dns: DnsCapture::Servers { v4: vec![Ipv4Addr::new(10, 96, 0, 10)], v6: vec![Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 10)] },
+        dns: DnsCapture::Servers {
+            v4: vec![Ipv4Addr::new(10, 96, 0, 10)],
+            v6: vec![Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 10)],
+        },
         drop_invalid: true,
         ipv6: true,
         ..CaptureConfig::default()
@@ -132,12 +135,10 @@ fn a_refused_batch_changes_nothing() {
 fn other_tables_survive_apply_reconcile_and_cleanup() {
     require_netns!();
     let pod = Pod::new();
-    pod.sh(
-        "nft add table inet filter && \
+    pod.sh("nft add table inet filter && \
          nft add chain inet filter input '{ type filter hook input priority 0; }' && \
          nft add rule inet filter input tcp dport 22 counter accept && \
-         iptables-nft -t nat -A OUTPUT -p tcp --dport 9999 -j RETURN",
-    );
+         iptables-nft -t nat -A OUTPUT -p tcp --dport 9999 -j RETURN");
     let foreign = || (pod.sh("nft list table inet filter"), pod.sh("iptables-nft-save -t nat | grep -e '^-A'"));
     let before = foreign();
     assert!(before.1.contains("--dport 9999"), "{}", before.1);
@@ -163,7 +164,10 @@ fn drift_is_refused_without_reconcile_and_repaired_with_it() {
     let edited = with_handles(&pod);
     let err = apply(&pod, &base(), false).unwrap_err();
     let NftError::Drift { details } = &err else { panic!("expected drift, got {err}") };
-    assert!(details.contains(&"chain inet istio-proxy-nat istio-output holds 9 rules, expected 8".to_string()), "{details:?}");
+    assert!(
+        details.contains(&"chain inet istio-proxy-nat istio-output holds 9 rules, expected 8".to_string()),
+        "{details:?}"
+    );
     assert!(err.to_string().contains("--reconcile"), "{err}");
     assert_eq!(with_handles(&pod), edited, "a refused apply changed the ruleset");
 
@@ -178,11 +182,23 @@ fn a_table_left_by_another_configuration_is_drift_and_reconcile_deletes_it() {
     let pod = Pod::new();
     apply(&pod, &largest(), false).unwrap();
     let err = apply(&pod, &base(), false).unwrap_err();
-    assert!(
-        err.to_string().contains("table inet istio-proxy-mangle is not part of this configuration"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("table inet istio-proxy-mangle is not part of this configuration"), "{err}");
     assert_eq!(apply(&pod, &base(), true).unwrap(), Outcome::Reconciled);
     let tables = pod.sh("nft list tables");
     assert_eq!(tables, "table inet istio-proxy-nat\n");
+}
+
+#[test]
+fn a_batch_of_several_pages_commits_whole_and_reads_back() {
+    require_netns!();
+    // 3000 include ranges: a batch of several nftnl pages, and dumps of several reads.
+    let ranges: Vec<String> = (0..3000).map(|i| format!("10.{}.{}.0/24", i / 256, i % 256)).collect();
+    let rules = ruleset(&CaptureConfig {
+        outbound_ranges: OutboundRanges::Only(parse_cidrs("-i", &ranges.join(",")).unwrap()),
+        ..CaptureConfig::default()
+    });
+    let pod = Pod::new();
+    assert_eq!(apply(&pod, &rules, false).unwrap(), Outcome::Applied);
+    assert_eq!(pod.nft_ruleset().matches("jump istio-redirect").count(), 3000);
+    assert_eq!(apply(&pod, &rules, false).unwrap(), Outcome::Unchanged);
 }

@@ -4,7 +4,7 @@ use std::io;
 
 use mnl::{Bus, NlMessages, Socket};
 use nix::errno::Errno;
-use nix::sys::socket::{recv, MsgFlags};
+use nix::sys::socket::{recv, setsockopt, sockopt, MsgFlags};
 
 use super::batch::Transaction;
 use super::raw::{self, ElementsObject, Object, ObjectKind, SetRef};
@@ -214,7 +214,15 @@ impl Netlink {
 
     /// Sends the batch and collects the kernel's refusals (empty: it committed).
     pub(super) fn send(&mut self, tx: &Transaction) -> io::Result<Vec<Refusal>> {
-        self.socket.send_all(&tx.batch)?;
+        // One send for all of nftnl's pages: the kernel reads a transaction from one
+        // message buffer, so a batch split over several sends would not commit.
+        let batch: Vec<u8> = tx.batch.iter().flatten().copied().collect();
+        // The socket must be able to hold it (the default is about 200 KiB). Best effort:
+        // without CAP_NET_ADMIN only a large batch fails, with EMSGSIZE.
+        let _ = setsockopt(&raw::borrow_fd(&self.socket), sockopt::SndBufForce, &batch.len());
+        if self.socket.send(&batch)? < batch.len() {
+            return Err(io::Error::other("the kernel took only part of the batch"));
+        }
         // The kernel processes the whole batch inside sendmsg, so every answer (an error, or
         // an acknowledgement of the batch markers) is queued by now: read until none is left.
         let mut refusals = Vec::new();

@@ -1,6 +1,7 @@
 //! What we need from libnftnl beyond the `nftnl` crate's safe API: four expressions it lacks
 //! (`redir`, `tproxy`, `ct zone set`, inverted `lookup`), two attributes of anonymous sets,
-//! messages without the acknowledgement flag, and parsing nf_tables messages (the kernel's
+//! messages without the acknowledgement flag, the socket's descriptor for one socket option,
+//! and parsing nf_tables messages (the kernel's
 //! dumps and our own batch) into plain values.
 //!
 //! This is the only module of the crate with `unsafe` code. Every libnftnl object made here
@@ -9,6 +10,7 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, CStr};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
 use nftnl::expr::{Expression, Register};
@@ -404,4 +406,10 @@ unsafe fn parse_set(nlh: *const libc::nlmsghdr) -> Option<SetObject> {
             key_len: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_KEY_LEN as u16),
         })
     }
+}
+
+/// The netlink socket's descriptor, borrowed to set a socket option.
+pub(super) fn borrow_fd(socket: &mnl::Socket) -> BorrowedFd<'_> {
+    // SAFETY: the descriptor belongs to `socket`, which stays open as long as the borrow.
+    unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }
 }
