@@ -22,6 +22,10 @@ fn main() -> ExitCode {
     if std::env::args_os().nth(1).is_some_and(|arg| arg == "install") {
         return install::main();
     }
+    // Read first, whatever the command: a runtime writing the configuration must not meet a
+    // closed pipe.
+    let mut stdin = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut stdin);
     let invocation = match Invocation::from_vars(|name| std::env::var(name).ok()) {
         Ok(invocation) => invocation,
         Err(e) => return fail(&e, LATEST_VERSION, "the CNI_* environment variables"),
@@ -29,8 +33,7 @@ fn main() -> ExitCode {
     if invocation.command == Command::Version {
         return reply(&protocol::version_info());
     }
-    let mut stdin = Vec::new();
-    if let Err(e) = std::io::stdin().read_to_end(&mut stdin) {
+    if let Err(e) = read {
         return fail(&PluginError::Stdin(e), LATEST_VERSION, &plugin::describe(&invocation, None));
     }
     let conf = match NetConf::parse(&stdin) {

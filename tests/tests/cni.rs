@@ -1,0 +1,338 @@
+//! `istio-capture-cni` driven exactly as a container runtime drives a plugin chain: `CNI_*`
+//! variables, the configuration on stdin, and the previous plugin's result as `prevResult`.
+//! The chain starts with Debian's real `bridge` + `host-local` plugins, run in a "node"
+//! namespace we make, so pods get their eth0 and address as on a real node:
+//!
+//! ```text
+//! node namespace: bridge capbr0 ── veth ── pod   10.77.0.x (capture, capture-proxy, app :8080)
+//!                                └─ veth ── client 10.77.0.y
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use capture_tests::{release_bin, require_netns, run_ok, unique, Pod};
+use serde_json::{json, Value};
+
+const PLUGIN_DIR: &str = "/usr/lib/cni";
+const APP_PORT: u16 = 8080;
+
+/// A node: a namespace holding the bridge, and host-local's address store.
+struct Node {
+    ns: Pod,
+    ipam_dir: PathBuf,
+}
+
+impl Node {
+    fn new() -> Node {
+        let ipam_dir = std::env::temp_dir().join(unique("cni-ipam"));
+        Node { ns: Pod::new(), ipam_dir }
+    }
+
+    fn bridge_conf(&self) -> Value {
+        json!({
+            "cniVersion": "1.0.0", "name": "capnet", "type": "bridge", "bridge": "capbr0",
+            "ipam": { "type": "host-local", "subnet": "10.77.0.0/24", "dataDir": self.ipam_dir }
+        })
+    }
+
+    /// Runs a plugin from the node's namespace as a runtime would.
+    fn exec(&self, plugin: &Path, command: &str, pod: &Pod, conf: &Value, args: &str) -> Output {
+        let mut cmd = self.ns.cmd(plugin);
+        cmd.env_clear()
+            .env("PATH", host_path())
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("container-{}", pod.name))
+            .env("CNI_NETNS", format!("/var/run/netns/{}", pod.name))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", PLUGIN_DIR)
+            .env("CNI_ARGS", args);
+        piped(&mut cmd, conf)
+    }
+
+    /// ADD of the bridge plugin alone; returns its result.
+    fn add_bridge(&self, pod: &Pod) -> Value {
+        let out = self.exec(&Path::new(PLUGIN_DIR).join("bridge"), "ADD", pod, &self.bridge_conf(), "");
+        assert!(out.status.success(), "bridge ADD failed: {}{}", text(&out.stdout), text(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("bridge result")
+    }
+
+    /// Our plugin, configured as the second plugin of the `capnet` list.
+    fn capture(&self, command: &str, pod: &Pod, capture: Value, prev_result: Option<&Value>, args: &str) -> Output {
+        let mut conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "capture": capture });
+        if let Some(prev) = prev_result {
+            conf["prevResult"] = prev.clone();
+        }
+        self.exec(&release_bin("istio-capture-cni"), command, pod, &conf, args)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.ipam_dir);
+    }
+}
+
+/// Runtimes run plugins with their own PATH; the iptables backend needs it.
+fn host_path() -> String {
+    std::env::var("PATH").unwrap_or_default()
+}
+
+fn piped(cmd: &mut Command, stdin: &Value) -> Output {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    child.stdin.take().unwrap().write_all(stdin.to_string().as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The CNI error object a failed invocation printed, after checking it failed.
+fn cni_error(out: &Output) -> Value {
+    assert!(!out.status.success(), "expected a failure, got {}", text(&out.stdout));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("no error JSON ({e}): {}", text(&out.stdout)))
+}
+
+fn assert_ok(out: &Output) {
+    assert!(out.status.success(), "plugin failed: {}{}", text(&out.stdout), text(&out.stderr));
+}
+
+fn pod_ip(result: &Value) -> IpAddr {
+    let address = result["ips"][0]["address"].as_str().expect("an address in the bridge result");
+    address.split('/').next().unwrap().parse().unwrap()
+}
+
+/// capture-proxy in the pod, as the sidecar's uid 1337.
+fn start_proxy(pod: &Pod, log: &Path) -> Child {
+    let mut cmd = pod.cmd("setpriv");
+    cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups"]).arg(release_bin("capture-proxy"));
+    let log = std::fs::File::create(log).unwrap();
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("start capture-proxy")
+}
+
+fn wait_ready(pod: &Pod, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = || -> std::io::Result<bool> {
+        let mut stream = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 15021)), Duration::from_secs(1))?;
+        stream.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n")?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"))
+    };
+    while !pod.enter(|| ready().unwrap_or(false)) {
+        assert!(Instant::now() < deadline, "capture-proxy never became ready:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn add_captures_pod_traffic_through_the_proxy_and_del_cleans_up() {
+    require_netns!();
+    let node = Node::new();
+    let (pod, client) = (Pod::new(), Pod::new());
+    let bridge_result = node.add_bridge(&pod);
+    node.add_bridge(&client);
+
+    let capture = json!({ "nativeNftables": true });
+    let out = node.capture("ADD", &pod, capture.clone(), Some(&bridge_result), "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;IgnoreUnknown=1");
+    assert_ok(&out);
+    let result: Value = serde_json::from_slice(&out.stdout).expect("ADD prints a result");
+    assert_eq!(result, bridge_result, "a chained plugin passes the previous result through unchanged");
+    let ruleset = pod.nft_ruleset();
+    assert!(ruleset.contains("table inet istio-proxy-nat"), "{ruleset}");
+    assert!(ruleset.contains("redirect to :15006"), "{ruleset}");
+
+    // The app answers with the address it sees the connection come from.
+    let app = pod.enter(|| TcpListener::bind(("0.0.0.0", APP_PORT)).unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut conn, peer) = app.accept().unwrap();
+        conn.write_all(peer.ip().to_string().as_bytes()).unwrap();
+    });
+    let log = std::env::temp_dir().join(format!("{}-capture-proxy.log", pod.name));
+    let mut proxy = start_proxy(&pod, &log);
+    wait_ready(&pod, &log);
+    let target = SocketAddr::new(pod_ip(&bridge_result), APP_PORT);
+    let seen = client.enter(|| {
+        let mut conn = TcpStream::connect_timeout(&target, Duration::from_secs(5)).expect("connect to the pod");
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut seen = String::new();
+        conn.read_to_string(&mut seen).unwrap();
+        seen
+    });
+    server.join().unwrap();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert_eq!(seen, "127.0.0.6", "the app must see the proxy's inbound passthrough source");
+
+    assert_ok(&node.capture("DEL", &pod, capture.clone(), Some(&bridge_result), ""));
+    let ruleset = pod.nft_ruleset();
+    assert!(!ruleset.contains("istio"), "DEL left rules behind:\n{ruleset}");
+    assert_ok(&node.capture("DEL", &pod, capture, Some(&bridge_result), ""));
+}
+
+#[test]
+fn check_fails_before_add_passes_after_and_sees_drift() {
+    require_netns!();
+    let node = Node::new();
+    let pod = Pod::new();
+    let prev = node.add_bridge(&pod);
+    let capture = json!({ "excludeInboundPorts": "8081" });
+
+    let before = cni_error(&node.capture("CHECK", &pod, capture.clone(), Some(&prev), ""));
+    assert_eq!(before["code"], 999);
+    assert!(before["msg"].as_str().unwrap().contains("ISTIO_INBOUND: missing"), "{before}");
+
+    assert_ok(&node.capture("ADD", &pod, capture.clone(), Some(&prev), ""));
+    let nat = pod.rules(false);
+    assert!(nat.iter().any(|r| r == "-A ISTIO_INBOUND -p tcp -m tcp --dport 8081 -j RETURN"), "{nat:?}");
+    assert!(nat.iter().any(|r| r == "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN"), "Istio CNI's exclusions: {nat:?}");
+    let out = node.capture("CHECK", &pod, capture.clone(), Some(&prev), "");
+    assert_ok(&out);
+    assert!(out.stdout.is_empty(), "CHECK prints nothing on success");
+
+    pod.sh("iptables -t nat -A ISTIO_OUTPUT -p tcp --dport 1 -j RETURN");
+    let drift = cni_error(&node.capture("CHECK", &pod, capture, Some(&prev), ""));
+    assert!(drift["msg"].as_str().unwrap().contains("--dport 1 -j RETURN"), "{drift}");
+}
+
+#[test]
+fn del_is_idempotent_and_tolerates_a_missing_namespace() {
+    require_netns!();
+    let node = Node::new();
+    let pod = Pod::new();
+    let prev = node.add_bridge(&pod);
+    let capture = json!({ "interceptionMode": "TPROXY" });
+    assert_ok(&node.capture("ADD", &pod, capture.clone(), Some(&prev), ""));
+    assert!(!pod.rules(false).is_empty());
+    assert!(pod.sh("ip rule show").contains("lookup 133"));
+
+    assert_ok(&node.capture("DEL", &pod, capture.clone(), Some(&prev), ""));
+    let left = pod.iptables_save(false);
+    assert!(!left.contains("ISTIO"), "DEL left rules behind:\n{left}");
+    assert!(!pod.sh("ip rule show").contains("lookup 133"), "DEL left the TPROXY rule");
+    assert_ok(&node.capture("DEL", &pod, capture.clone(), Some(&prev), ""));
+
+    let gone = Pod::new();
+    let name = gone.name.clone();
+    drop(gone);
+    assert!(!Path::new("/var/run/netns").join(&name).exists());
+    let mut cmd = node.ns.cmd(release_bin("istio-capture-cni"));
+    cmd.env_clear()
+        .env("PATH", host_path())
+        .env("CNI_COMMAND", "DEL")
+        .env("CNI_CONTAINERID", "gone")
+        .env("CNI_NETNS", format!("/var/run/netns/{name}"))
+        .env("CNI_IFNAME", "eth0");
+    assert_ok(&piped(&mut cmd, &json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni" })));
+    cmd.env_remove("CNI_NETNS");
+    assert_ok(&piped(&mut cmd, &json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni" })));
+}
+
+#[test]
+fn excluded_namespaces_are_left_alone() {
+    require_netns!();
+    let node = Node::new();
+    let pod = Pod::new();
+    let prev = node.add_bridge(&pod);
+    let conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni",
+                       "excludeNamespaces": ["kube-system"], "prevResult": prev });
+    let out = node.exec(&release_bin("istio-capture-cni"), "ADD", &pod, &conf, "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system");
+    assert_ok(&out);
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), prev);
+    assert!(pod.rules(false).is_empty(), "{:?}", pod.rules(false));
+}
+
+/// Runs the plugin with no namespace work: these fail (or answer) before touching one.
+fn plugin(command: &str, netns: Option<&str>, stdin: &str) -> Output {
+    let mut cmd = Command::new(release_bin("istio-capture-cni"));
+    cmd.env_clear().env("CNI_COMMAND", command).env("CNI_CONTAINERID", "c1").env("CNI_IFNAME", "eth0").env("CNI_PATH", PLUGIN_DIR);
+    if let Some(netns) = netns {
+        cmd.env("CNI_NETNS", netns);
+    }
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn version_lists_the_supported_versions() {
+    let out = plugin("VERSION", None, r#"{"cniVersion":"1.0.0"}"#);
+    assert_ok(&out);
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"]));
+    assert_eq!(info["cniVersion"], "1.0.0");
+}
+
+#[test]
+fn bad_input_gives_cni_errors_with_the_spec_codes() {
+    let netns = Some("/var/run/netns/never-entered");
+    let error = |command: &str, netns: Option<&str>, stdin: &str| cni_error(&plugin(command, netns, stdin));
+
+    let decode = error("ADD", netns, "{not json");
+    assert_eq!(decode["code"], 6, "{decode}");
+
+    let bad_port = error("ADD", netns, r#"{"cniVersion":"0.4.0","name":"n","type":"istio-capture-cni","capture":{"excludeInboundPorts":"80,99999"}}"#);
+    assert_eq!(bad_port["code"], 7, "{bad_port}");
+    assert_eq!(bad_port["cniVersion"], "0.4.0");
+    assert!(bad_port["msg"].as_str().unwrap().contains("excludeInboundPorts: \"99999\""), "{bad_port}");
+
+    let unknown_key = error("ADD", netns, r#"{"cniVersion":"1.0.0","name":"n","capture":{"inboundPort":"80"}}"#);
+    assert_eq!(unknown_key["code"], 7, "{unknown_key}");
+
+    let version = error("ADD", netns, r#"{"cniVersion":"2.0.0","name":"n"}"#);
+    assert_eq!(version["code"], 1, "{version}");
+
+    let old_check = error("CHECK", netns, r#"{"cniVersion":"0.3.1","name":"n"}"#);
+    assert_eq!(old_check["code"], 1, "{old_check}");
+
+    let no_netns = error("ADD", None, r#"{"cniVersion":"1.0.0","name":"n"}"#);
+    assert_eq!(no_netns["code"], 4, "{no_netns}");
+    assert!(no_netns["msg"].as_str().unwrap().contains("CNI_NETNS"), "{no_netns}");
+
+    let bad_args = cni_error(&{
+        let mut cmd = Command::new(release_bin("istio-capture-cni"));
+        cmd.env_clear().env("CNI_COMMAND", "ADD").env("CNI_CONTAINERID", "c1").env("CNI_IFNAME", "eth0");
+        cmd.env("CNI_PATH", PLUGIN_DIR).env("CNI_NETNS", netns.unwrap()).env("CNI_ARGS", "SURPRISE=1");
+        piped(&mut cmd, &json!({"cniVersion": "1.0.0", "name": "n"}))
+    });
+    assert_eq!(bad_args["code"], 4, "{bad_args}");
+}
+
+#[test]
+fn installer_ships_the_plugin_with_its_libraries_and_chains_it() {
+    let root = std::env::temp_dir().join(unique("cni-install"));
+    let (bin, conf) = (root.join("bin"), root.join("net.d"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&conf).unwrap();
+    let list = conf.join("10-capnet.conflist");
+    std::fs::write(&list, r#"{"cniVersion":"1.0.0","name":"capnet","plugins":[{"type":"bridge","bridge":"cni0"}]}"#).unwrap();
+    let install = || {
+        run_ok(Command::new(release_bin("istio-capture-cni")).arg("install").arg("--cni-bin-dir").arg(&bin).arg("--cni-conf-dir").arg(&conf))
+    };
+    let first = install();
+    assert!(text(&first.stderr).contains("chained istio-capture-cni"), "{}", text(&first.stderr));
+    let second = install();
+    assert!(text(&second.stderr).is_empty(), "a second install changes nothing: {}", text(&second.stderr));
+
+    let chained: Value = serde_json::from_str(&std::fs::read_to_string(&list).unwrap()).unwrap();
+    let plugins = chained["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 2);
+    assert_eq!(plugins[0]["type"], "bridge");
+    assert_eq!(plugins[1]["type"], "istio-capture-cni");
+    assert_eq!(plugins[1]["capture"]["nativeNftables"], true);
+
+    // The installed plugin loads the shipped libraries, whatever the node has.
+    let installed = bin.join("istio-capture-cni");
+    let ldd = text(&run_ok(Command::new("ldd").arg(&installed)).stdout);
+    for lib in ["libnftnl.so.11", "libmnl.so.0"] {
+        let line = ldd.lines().find(|l| l.contains(lib)).unwrap_or_else(|| panic!("{lib} not linked:\n{ldd}"));
+        assert!(line.contains("istio-capture-cni.libs"), "{lib} not taken from the shipped copy: {line}");
+    }
+    let version = run_ok(Command::new(&installed).env_clear().env("CNI_COMMAND", "VERSION"));
+    assert!(text(&version.stdout).contains("supportedVersions"));
+    std::fs::remove_dir_all(&root).unwrap();
+}
