@@ -1,0 +1,94 @@
+//! The minimal image without Docker: the directory `scripts/image-rootfs.sh` assembles (the
+//! Dockerfile's whole final stage) is used as a chroot, and the binaries run from it program
+//! a pod namespace with nothing but what the image holds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use capture_tests::{release_bin, require_netns, run_ok, unique, Pod};
+
+const SEED: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+
+/// The image's filesystem in a temporary directory, removed on drop.
+struct Rootfs(PathBuf);
+
+impl Rootfs {
+    fn build() -> Rootfs {
+        let dir = std::env::temp_dir().join(unique("image-rootfs"));
+        let release = release_bin("istio-iptables").parent().unwrap().to_path_buf();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/image-rootfs.sh");
+        run_ok(Command::new(script).arg(&dir).arg(release));
+        Rootfs(dir)
+    }
+
+    /// Every file, relative to the root.
+    fn files(&self) -> Vec<String> {
+        let out = run_ok(Command::new("find").arg(&self.0).args(["-type", "f", "-printf", "/%P\n"]));
+        let mut files: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+        files.sort();
+        files
+    }
+
+    /// Runs PROGRAM chrooted here, in the pod's network namespace, with a /proc of its own
+    /// mount namespace (as a container runtime provides one).
+    fn run_in(&self, pod: &Pod, program: &str, args: &[&str]) -> Output {
+        let mut cmd = pod.cmd("unshare");
+        cmd.arg(format!("--mount-proc={}/proc", self.0.display())).arg("chroot").arg(&self.0).arg(program).args(args);
+        cmd.env_clear().env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").output().expect("chroot")
+    }
+}
+
+impl Drop for Rootfs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn image_holds_only_the_binaries_and_their_libraries() {
+    let rootfs = Rootfs::build();
+    let files = rootfs.files();
+    for wanted in ["/istio-iptables", "/capture-proxy", "/istio-capture-cni", "/etc/passwd", "/etc/group"] {
+        assert!(files.iter().any(|f| f == wanted), "{wanted} missing from {files:?}");
+    }
+    for lib in ["libnftnl.so.11", "libmnl.so.0", "libc.so.6", "libgcc_s.so.1", "ld-linux"] {
+        assert!(files.iter().any(|f| f.contains(lib)), "{lib} missing from {files:?}");
+    }
+    let names: Vec<&str> = files.iter().map(|f| f.rsplit('/').next().unwrap()).collect();
+    for absent in ["sh", "bash", "nft", "iptables", "iptables-nft-restore", "ip"] {
+        assert!(!names.contains(&absent), "the image must not ship {absent}: {files:?}");
+    }
+    // Three binaries, two files in /etc, and only shared objects besides.
+    assert!(files.iter().filter(|f| !f.contains(".so")).count() == 5, "unexpected files: {files:?}");
+}
+
+#[test]
+fn native_nftables_capture_runs_from_the_image_alone() {
+    require_netns!();
+    let rootfs = Rootfs::build();
+    let pod = Pod::with_address("10.44.0.5/24");
+
+    let mut args = SEED.to_vec();
+    args.push("--native-nftables");
+    let out = rootfs.run_in(&pod, "/istio-iptables", &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ruleset = pod.nft_ruleset();
+    for want in ["table inet istio-proxy-nat", "redirect to :15006", "redirect to :15001", "skuid 1337"] {
+        assert!(ruleset.contains(want), "missing `{want}` in:\n{ruleset}");
+    }
+
+    args.push("--cleanup-only");
+    let out = rootfs.run_in(&pod, "/istio-iptables", &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!pod.nft_ruleset().contains("istio"), "{}", pod.nft_ruleset());
+
+    // The iptables backend needs userspace the image does not have, and says so.
+    let out = rootfs.run_in(&pod, "/istio-iptables", SEED);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is iptables installed?"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    for (program, flag) in [("/capture-proxy", "--version"), ("/istio-capture-cni", "install")] {
+        let out = rootfs.run_in(&pod, program, &[flag, "--help"]);
+        assert!(out.status.success(), "{program} does not start from the image: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
