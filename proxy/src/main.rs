@@ -16,7 +16,7 @@ mod privileges;
 mod proxy;
 mod socket;
 
-use std::io;
+use std::io::{self, IsTerminal};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering::Relaxed;
@@ -51,6 +51,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| "info".into()))
         .with_writer(io::stderr)
+        .with_ansi(io::stderr().is_terminal())
         .init();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -97,6 +97,21 @@ impl Pod {
         PathBuf::from(format!("/proc/{}/ns/net", self.pid()))
     }
 
+    /// Runs `f` on a thread inside this namespace. Sockets it creates stay in the namespace
+    /// and can be used from any thread afterwards (servers, clients).
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let ns = std::fs::File::open(self.ns_path()).expect("open the pod's netns");
+        std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the pod");
+                    f()
+                })
+                .join()
+                .expect("closure inside the pod panicked")
+        })
+    }
+
     /// `nsenter -t PID -n PROGRAM ARGS...`
     pub fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("nsenter");
