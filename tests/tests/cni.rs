@@ -62,7 +62,8 @@ impl Node {
 
     /// Our plugin, configured as the second plugin of the `capnet` list.
     fn capture(&self, command: &str, pod: &Pod, capture: Value, prev_result: Option<&Value>, args: &str) -> Output {
-        let mut conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "capture": capture });
+        let mut conf =
+            json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "capture": capture });
         if let Some(prev) = prev_result {
             conf["prevResult"] = prev.clone();
         }
@@ -117,14 +118,19 @@ fn start_proxy(pod: &Pod, log: &Path) -> Child {
 fn wait_ready(pod: &Pod, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let ready = || -> std::io::Result<bool> {
-        let mut stream = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 15021)), Duration::from_secs(1))?;
+        let mut stream =
+            TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 15021)), Duration::from_secs(1))?;
         stream.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n")?;
         let mut reply = String::new();
         stream.read_to_string(&mut reply)?;
         Ok(reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200"))
     };
     while !pod.enter(|| ready().unwrap_or(false)) {
-        assert!(Instant::now() < deadline, "capture-proxy never became ready:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "capture-proxy never became ready:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -138,7 +144,13 @@ fn add_captures_pod_traffic_through_the_proxy_and_del_cleans_up() {
     node.add_bridge(&client);
 
     let capture = json!({ "nativeNftables": true });
-    let out = node.capture("ADD", &pod, capture.clone(), Some(&bridge_result), "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;IgnoreUnknown=1");
+    let out = node.capture(
+        "ADD",
+        &pod,
+        capture.clone(),
+        Some(&bridge_result),
+        "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;IgnoreUnknown=1",
+    );
     assert_ok(&out);
     let result: Value = serde_json::from_slice(&out.stdout).expect("ADD prints a result");
     assert_eq!(result, bridge_result, "a chained plugin passes the previous result through unchanged");
@@ -189,7 +201,10 @@ fn check_fails_before_add_passes_after_and_sees_drift() {
     assert_ok(&node.capture("ADD", &pod, capture.clone(), Some(&prev), ""));
     let nat = pod.rules(false);
     assert!(nat.iter().any(|r| r == "-A ISTIO_INBOUND -p tcp -m tcp --dport 8081 -j RETURN"), "{nat:?}");
-    assert!(nat.iter().any(|r| r == "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN"), "Istio CNI's exclusions: {nat:?}");
+    assert!(
+        nat.iter().any(|r| r == "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN"),
+        "Istio CNI's exclusions: {nat:?}"
+    );
     let out = node.capture("CHECK", &pod, capture.clone(), Some(&prev), "");
     assert_ok(&out);
     assert!(out.stdout.is_empty(), "CHECK prints nothing on success");
@@ -240,7 +255,13 @@ fn excluded_namespaces_are_left_alone() {
     let prev = node.add_bridge(&pod);
     let conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni",
                        "excludeNamespaces": ["kube-system"], "prevResult": prev });
-    let out = node.exec(&release_bin("istio-capture-cni"), "ADD", &pod, &conf, "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system");
+    let out = node.exec(
+        &release_bin("istio-capture-cni"),
+        "ADD",
+        &pod,
+        &conf,
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system",
+    );
     assert_ok(&out);
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), prev);
     assert!(pod.rules(false).is_empty(), "{:?}", pod.rules(false));
@@ -249,7 +270,11 @@ fn excluded_namespaces_are_left_alone() {
 /// Runs the plugin with no namespace work: these fail (or answer) before touching one.
 fn plugin(command: &str, netns: Option<&str>, stdin: &str) -> Output {
     let mut cmd = Command::new(release_bin("istio-capture-cni"));
-    cmd.env_clear().env("CNI_COMMAND", command).env("CNI_CONTAINERID", "c1").env("CNI_IFNAME", "eth0").env("CNI_PATH", PLUGIN_DIR);
+    cmd.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "c1")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", PLUGIN_DIR);
     if let Some(netns) = netns {
         cmd.env("CNI_NETNS", netns);
     }
@@ -275,7 +300,11 @@ fn bad_input_gives_cni_errors_with_the_spec_codes() {
     let decode = error("ADD", netns, "{not json");
     assert_eq!(decode["code"], 6, "{decode}");
 
-    let bad_port = error("ADD", netns, r#"{"cniVersion":"0.4.0","name":"n","type":"istio-capture-cni","capture":{"excludeInboundPorts":"80,99999"}}"#);
+    let bad_port = error(
+        "ADD",
+        netns,
+        r#"{"cniVersion":"0.4.0","name":"n","type":"istio-capture-cni","capture":{"excludeInboundPorts":"80,99999"}}"#,
+    );
     assert_eq!(bad_port["code"], 7, "{bad_port}");
     assert_eq!(bad_port["cniVersion"], "0.4.0");
     assert!(bad_port["msg"].as_str().unwrap().contains("excludeInboundPorts: \"99999\""), "{bad_port}");
@@ -309,9 +338,17 @@ fn installer_ships_the_plugin_with_its_libraries_and_chains_it() {
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::create_dir_all(&conf).unwrap();
     let list = conf.join("10-capnet.conflist");
-    std::fs::write(&list, r#"{"cniVersion":"1.0.0","name":"capnet","plugins":[{"type":"bridge","bridge":"cni0"}]}"#).unwrap();
+    std::fs::write(&list, r#"{"cniVersion":"1.0.0","name":"capnet","plugins":[{"type":"bridge","bridge":"cni0"}]}"#)
+        .unwrap();
     let install = || {
-        run_ok(Command::new(release_bin("istio-capture-cni")).arg("install").arg("--cni-bin-dir").arg(&bin).arg("--cni-conf-dir").arg(&conf))
+        run_ok(
+            Command::new(release_bin("istio-capture-cni"))
+                .arg("install")
+                .arg("--cni-bin-dir")
+                .arg(&bin)
+                .arg("--cni-conf-dir")
+                .arg(&conf),
+        )
     };
     let first = install();
     assert!(text(&first.stderr).contains("chained istio-capture-cni"), "{}", text(&first.stderr));

@@ -7,7 +7,24 @@ use std::process::{Command, Output};
 
 use capture_tests::{release_bin, require_netns, run_ok, unique, Pod};
 
-const SEED: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+const SEED: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
 
 /// The image's filesystem in a temporary directory, removed on drop.
 struct Rootfs(PathBuf);
@@ -85,10 +102,18 @@ fn native_nftables_capture_runs_from_the_image_alone() {
     // The iptables backend needs userspace the image does not have, and says so.
     let out = rootfs.run_in(&pod, "/istio-iptables", SEED);
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is iptables installed?"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is iptables installed?"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     for (program, flag) in [("/capture-proxy", "--version"), ("/istio-capture-cni", "install")] {
         let out = rootfs.run_in(&pod, program, &[flag, "--help"]);
-        assert!(out.status.success(), "{program} does not start from the image: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{program} does not start from the image: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

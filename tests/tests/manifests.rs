@@ -1,0 +1,204 @@
+//! The Kubernetes examples under deploy/: parsed, the fields that matter asserted, and what
+//! they hand our binaries (arguments, environment, plugin configuration) run through the real
+//! binaries, so an example cannot drift from what the binaries accept.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use capture_tests::{release_bin, require_netns, run_ok, Pod};
+use serde::Deserialize;
+use serde_json::json;
+use serde_yaml::Value;
+
+/// Istio's standard sidecar capture, as the injector writes it.
+const SEED: &[&str] = &[
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+/// The binaries the image ships (scripts/image-rootfs.sh), by the path containers run them at.
+const IMAGE_BINARIES: [&str; 3] = ["/istio-iptables", "/capture-proxy", "/istio-capture-cni"];
+
+/// Every document of a manifest file.
+fn documents(file: &str) -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text).map(|doc| Value::deserialize(doc).expect("valid YAML")).collect()
+}
+
+fn kind<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"))
+}
+
+fn container<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_sequence().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no container {name}"))
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_sequence()
+        .map(|s| s.iter().map(|v| v.as_str().expect("a string").to_string()).collect())
+        .unwrap_or_default()
+}
+
+fn str_of<'a>(value: &'a Value, what: &str) -> &'a str {
+    value.as_str().unwrap_or_else(|| panic!("{what} is not a string: {value:?}"))
+}
+
+/// The capture-proxy sidecar: the exempt uid, readiness on 15021, flags the binary knows.
+fn assert_sidecar(pod: &Value) {
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "15090");
+    assert_eq!(annotations["prometheus.io/path"], "/stats/prometheus");
+
+    let proxy = container(&pod["spec"]["containers"], "capture-proxy");
+    assert_eq!(strings(&proxy["command"]), ["/capture-proxy"]);
+    let security = &proxy["securityContext"];
+    assert_eq!(security["runAsUser"].as_u64(), Some(1337));
+    assert_eq!(security["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+    assert!(security["capabilities"]["add"].is_null(), "REDIRECT mode needs no capability");
+    let probe = &proxy["readinessProbe"]["httpGet"];
+    assert_eq!((probe["path"].as_str(), probe["port"].as_u64()), (Some("/healthz/ready"), Some(15021)));
+    let ports: Vec<u64> =
+        proxy["ports"].as_sequence().unwrap().iter().filter_map(|p| p["containerPort"].as_u64()).collect();
+    assert!(ports.contains(&15090) && ports.contains(&15021), "{ports:?}");
+
+    let help = String::from_utf8(run_ok(Command::new(release_bin("capture-proxy")).arg("--help")).stdout).unwrap();
+    for flag in strings(&proxy["args"]).iter().filter(|a| a.starts_with("--")) {
+        assert!(help.contains(flag.as_str()), "capture-proxy has no {flag}");
+    }
+}
+
+#[test]
+fn init_container_pod_runs_istios_standard_capture() {
+    require_netns!();
+    let docs = documents("pod-init-container.yaml");
+    let pod = kind(&docs, "Pod");
+    let init = container(&pod["spec"]["initContainers"], "istio-init");
+    assert_eq!(strings(&init["command"]), ["/istio-iptables"]);
+    assert_eq!(strings(&init["args"]), SEED);
+    let security = &init["securityContext"];
+    assert_eq!(strings(&security["capabilities"]["add"]), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(security["runAsUser"].as_u64(), Some(0));
+    assert_eq!(security["runAsNonRoot"].as_bool(), Some(false));
+    assert_eq!(security["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_ne!(security["privileged"].as_bool(), Some(true));
+    assert_sidecar(pod);
+
+    // The container's command line and environment, run by the real binary.
+    let net = Pod::with_address("10.44.0.5/24");
+    let mut cmd = net.cmd(release_bin("istio-iptables"));
+    cmd.env_clear().args(strings(&init["args"])).arg("--dry-run");
+    for var in init["env"].as_sequence().unwrap() {
+        cmd.env(str_of(&var["name"], "env name"), str_of(&var["value"], "env value"));
+    }
+    let script = String::from_utf8(run_ok(&mut cmd).stdout).unwrap();
+    assert!(script.contains("add table inet istio-proxy-nat"), "the image has no iptables, so nftables: {script}");
+    assert!(script.contains("redirect to :15006") && script.contains("meta skuid 1337"), "{script}");
+}
+
+#[test]
+fn cni_mode_pod_needs_no_init_container_and_no_capability() {
+    let docs = documents("pod-cni-mode.yaml");
+    let pod = kind(&docs, "Pod");
+    assert!(pod["spec"]["initContainers"].is_null());
+    for c in pod["spec"]["containers"].as_sequence().unwrap() {
+        assert!(c["securityContext"]["capabilities"]["add"].is_null(), "{:?} adds capabilities", c["name"]);
+        assert_ne!(c["securityContext"]["privileged"].as_bool(), Some(true));
+    }
+    assert_sidecar(pod);
+}
+
+#[test]
+fn cni_daemonset_installs_and_chains_a_valid_plugin_config() {
+    let docs = documents("cni-daemonset.yaml");
+    let daemonset = kind(&docs, "DaemonSet");
+    let spec = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(spec["hostNetwork"].as_bool(), Some(true), "the installer must not need the pod network");
+    let install = container(&spec["containers"], "install-cni");
+    assert_eq!(strings(&install["command"]), ["/istio-capture-cni", "install"]);
+    let args = strings(&install["args"]);
+    let flag = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("no --{name}"))
+            .to_string()
+    };
+    assert!(flag("watch").parse::<u64>().unwrap() > 0);
+
+    // Each directory the installer writes is the node's, mounted where the flags point.
+    let mount_of = |path: &str| {
+        let mount = install["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|m| path.starts_with(str_of(&m["mountPath"], "mountPath")));
+        let volume = str_of(&mount.unwrap_or_else(|| panic!("{path} is not mounted"))["name"], "mount name");
+        spec["volumes"].as_sequence().unwrap().iter().find(|v| v["name"] == volume).unwrap().clone()
+    };
+    assert_eq!(mount_of(&flag("cni-bin-dir"))["hostPath"]["path"], "/opt/cni/bin");
+    assert_eq!(mount_of(&flag("cni-conf-dir"))["hostPath"]["path"], "/etc/cni/net.d");
+    let config_map_name = str_of(&mount_of(&flag("plugin-config"))["configMap"]["name"], "configMap name").to_string();
+
+    let config_map = kind(&docs, "ConfigMap");
+    assert_eq!(config_map["metadata"]["name"], config_map_name.as_str());
+    let file = Path::new(&flag("plugin-config")).file_name().unwrap().to_str().unwrap().to_string();
+    let entry: serde_json::Value =
+        serde_json::from_str(str_of(&config_map["data"][file.as_str()], "plugin.json")).unwrap();
+    assert_eq!(entry["type"], "istio-capture-cni");
+    assert_eq!(entry["capture"]["nativeNftables"], true, "the image has no iptables userspace");
+
+    // The entry as the runtime will hand it over (name and version from the list): it must pass
+    // validation and fail only on the namespace, which this test does not give.
+    let mut conf = entry.clone();
+    conf["cniVersion"] = json!("1.0.0");
+    conf["name"] = json!("k8s-pod-network");
+    let mut child = Command::new(release_bin("istio-capture-cni"))
+        .env_clear()
+        .envs([("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/opt/cni/bin")])
+        .env("CNI_NETNS", "/var/run/netns/no-such-pod-here")
+        .env("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let error: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(error["code"], 4, "the configuration must be valid: {error}");
+}
+
+#[test]
+fn every_container_runs_a_binary_the_image_ships() {
+    for file in ["pod-init-container.yaml", "pod-cni-mode.yaml", "cni-daemonset.yaml"] {
+        for doc in documents(file) {
+            let spec = if doc["kind"] == "Pod" { &doc["spec"] } else { &doc["spec"]["template"]["spec"] };
+            let lists = [&spec["initContainers"], &spec["containers"]];
+            for c in lists.into_iter().filter_map(Value::as_sequence).flatten() {
+                if c["image"].as_str().is_some_and(|i| i.starts_with("capture:")) {
+                    let program = strings(&c["command"]).first().cloned().unwrap_or_default();
+                    assert!(IMAGE_BINARIES.contains(&program.as_str()), "{file}: {:?} runs {program:?}", c["name"]);
+                    release_bin(program.trim_start_matches('/'));
+                }
+            }
+        }
+    }
+}
