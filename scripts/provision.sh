@@ -7,6 +7,7 @@ packages=(
   iptables nftables iproute2 util-linux iputils-ping  # what the tools program and the tests use
   libnftnl-dev libmnl-dev pkg-config gcc               # build: nftnl/mnl link libnftnl and libmnl
   python3 ca-certificates curl
+  containernetworking-plugins                          # the CNI tests chain after the real bridge + host-local
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

@@ -77,6 +77,17 @@ impl Drop for Node {
     }
 }
 
+/// The variant the host's `iptables` is (Debian's update-alternatives), for the iptables
+/// backend: the plugin then programs the rules where this test's `iptables` commands look.
+fn host_iptables_variant() -> &'static str {
+    let version = run_ok(Command::new("iptables").arg("--version"));
+    if text(&version.stdout).contains("legacy") {
+        "legacy"
+    } else {
+        "nft"
+    }
+}
+
 /// Runtimes run plugins with their own PATH; the iptables backend needs it.
 fn host_path() -> String {
     std::env::var("PATH").unwrap_or_default()
@@ -192,7 +203,7 @@ fn check_fails_before_add_passes_after_and_sees_drift() {
     let node = Node::new();
     let pod = Pod::new();
     let prev = node.add_bridge(&pod);
-    let capture = json!({ "excludeInboundPorts": "8081" });
+    let capture = json!({ "excludeInboundPorts": "8081", "forceIptablesBinary": host_iptables_variant() });
 
     let before = cni_error(&node.capture("CHECK", &pod, capture.clone(), Some(&prev), ""));
     assert_eq!(before["code"], 999);
@@ -220,7 +231,7 @@ fn del_is_idempotent_and_tolerates_a_missing_namespace() {
     let node = Node::new();
     let pod = Pod::new();
     let prev = node.add_bridge(&pod);
-    let capture = json!({ "interceptionMode": "TPROXY" });
+    let capture = json!({ "interceptionMode": "TPROXY", "forceIptablesBinary": host_iptables_variant() });
     assert_ok(&node.capture("ADD", &pod, capture.clone(), Some(&prev), ""));
     assert!(!pod.rules(false).is_empty());
     assert!(pod.sh("ip rule show").contains("lookup 133"));
@@ -265,6 +276,8 @@ fn excluded_namespaces_are_left_alone() {
     assert_ok(&out);
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), prev);
     assert!(pod.rules(false).is_empty(), "{:?}", pod.rules(false));
+    let ruleset = pod.nft_ruleset();
+    assert!(!ruleset.to_lowercase().contains("istio"), "{ruleset}");
 }
 
 /// Runs the plugin with no namespace work: these fail (or answer) before touching one.
