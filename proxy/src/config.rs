@@ -20,7 +20,8 @@ pub enum InboundMode {
 pub enum RelayMode {
     /// read(2)/write(2) through a userspace buffer.
     Copy,
-    /// splice(2) through a pipe, without copying into userspace.
+    /// read/write at first, then splice(2) through a pipe (no copy into userspace) once a
+    /// direction carries bulk data, like HAProxy's `option splice-auto`.
     Splice,
 }
 

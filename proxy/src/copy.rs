@@ -70,17 +70,15 @@ pub async fn relay(
     let activity = Activity { started, last_ms: AtomicU64::new(0) };
     let up = Meter { conn: AtomicU64::new(0), total: totals.upstream, activity: &activity };
     let down = Meter { conn: AtomicU64::new(0), total: totals.downstream, activity: &activity };
-    let close = match mode {
-        RelayMode::Copy => both_ways::<Buffer>(client, upstream, &up, &down, idle_timeout).await,
-        RelayMode::Splice => both_ways::<Pipe>(client, upstream, &up, &down, idle_timeout).await,
-    };
+    let splice = mode == RelayMode::Splice;
+    let close = both_ways(client, upstream, &up, &down, splice, idle_timeout).await;
     (Transferred { upstream: up.conn.load(Relaxed), downstream: down.conn.load(Relaxed) }, close)
 }
 
-async fn both_ways<C: Chunk>(client: &TcpStream, upstream: &TcpStream, up: &Meter<'_>, down: &Meter<'_>, idle_timeout: Duration) -> Close {
+async fn both_ways(client: &TcpStream, upstream: &TcpStream, up: &Meter<'_>, down: &Meter<'_>, splice: bool, idle_timeout: Duration) -> Close {
     let relaying = async {
-        let mut to_upstream = pin!(one_way::<C>(client, upstream, Side::Client, Side::Upstream, up));
-        let mut to_client = pin!(one_way::<C>(upstream, client, Side::Upstream, Side::Client, down));
+        let mut to_upstream = pin!(one_way(client, upstream, Side::Client, Side::Upstream, up, splice));
+        let mut to_client = pin!(one_way(upstream, client, Side::Upstream, Side::Client, down, splice));
         // Once one direction has ended, the socket it read from is no longer polled for data;
         // watch it for a reset so that it still reaches the other side promptly.
         let (rest, ended_reader, side) = tokio::select! {
@@ -102,8 +100,8 @@ async fn both_ways<C: Chunk>(client: &TcpStream, upstream: &TcpStream, up: &Mete
 }
 
 /// Moves `from`'s bytes to `to` until `from` sends FIN, then passes the FIN on.
-async fn one_way<C: Chunk>(from: &TcpStream, to: &TcpStream, reader: Side, writer: Side, meter: &Meter<'_>) -> Result<(), (Side, io::Error)> {
-    let mut chunk = C::new().map_err(|e| (reader, e))?;
+async fn one_way(from: &TcpStream, to: &TcpStream, reader: Side, writer: Side, meter: &Meter<'_>, splice: bool) -> Result<(), (Side, io::Error)> {
+    let mut chunk = Chunk::Buffer(Buffer::new());
     loop {
         let read = loop {
             match chunk.fill(from) {
@@ -126,17 +124,48 @@ async fn one_way<C: Chunk>(from: &TcpStream, to: &TcpStream, reader: Side, write
                 Err(e) => return Err((writer, e)),
             }
         }
+        if splice {
+            chunk.splice_if_bulk();
+        }
     }
 }
 
 /// Where one direction holds bytes between reading them and writing them.
-trait Chunk: Sized {
-    fn new() -> io::Result<Self>;
+enum Chunk {
+    Buffer(Buffer),
+    Pipe(Pipe),
+}
+
+impl Chunk {
     /// Takes what `from` has (WouldBlock when nothing yet); 0 means FIN. Called only when
     /// the chunk is empty.
-    fn fill(&mut self, from: &TcpStream) -> io::Result<usize>;
+    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+        match self {
+            Chunk::Buffer(buffer) => buffer.fill(from),
+            Chunk::Pipe(pipe) => pipe.fill(from),
+        }
+    }
+
     /// Gives `to` some of the held bytes (WouldBlock when it can take none now).
-    fn drain(&mut self, to: &TcpStream) -> io::Result<usize>;
+    fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
+        match self {
+            Chunk::Buffer(buffer) => buffer.drain(to),
+            Chunk::Pipe(pipe) => pipe.drain(to),
+        }
+    }
+
+    /// Moves to splice once this direction carries bulk data (HAProxy's splice-auto): for
+    /// small exchanges read/write is as cheap, and the pipe's two descriptors are not worth
+    /// holding. Stays on the buffer when no pipe can be had (descriptor limit).
+    fn splice_if_bulk(&mut self) {
+        if let Chunk::Buffer(buffer) = self {
+            if buffer.end >= Buffer::SPLICE_AFTER {
+                if let Ok(pipe) = Pipe::new() {
+                    *self = Chunk::Pipe(pipe);
+                }
+            }
+        }
+    }
 }
 
 /// A userspace buffer that starts small (most connections are short) and doubles, up to a
@@ -150,11 +179,11 @@ struct Buffer {
 impl Buffer {
     const INITIAL: usize = 16 * 1024;
     const MAX: usize = 256 * 1024;
-}
+    /// A single read this large means bulk data.
+    const SPLICE_AFTER: usize = 64 * 1024;
 
-impl Chunk for Buffer {
-    fn new() -> io::Result<Self> {
-        Ok(Buffer { bytes: vec![0; Self::INITIAL], start: 0, end: 0 })
+    fn new() -> Buffer {
+        Buffer { bytes: vec![0; Self::INITIAL], start: 0, end: 0 }
     }
 
     fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
@@ -185,9 +214,7 @@ impl Pipe {
     /// Larger than the default 64 KiB, fewer splice calls per megabyte.
     const SIZE: usize = 256 * 1024;
     const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
-}
 
-impl Chunk for Pipe {
     fn new() -> io::Result<Self> {
         let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // Unprivileged processes may be capped by /proc/sys/fs/pipe-max-size; the default works too.

@@ -6,6 +6,8 @@
 //! client 10.44.1.1 ── eth0 10.44.1.2 [pod: rules, proxy, app :8080] eth1 10.44.2.2 ── external 10.44.2.1 :9090
 //!        fd00:44:1::1     fd00:44:1::2                                fd00:44:2::2        fd00:44:2::1
 //! ```
+//!
+//! The tests run the release binaries: `cargo build --release` first (scripts/test.sh does).
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -538,8 +540,24 @@ fn resets_propagate_both_ways() {
     let mut stream = connect(&mesh.pod, SocketAddr::new(Family::V4.addrs().external, EXTERNAL_PORT));
     stream.write_all(b"ping").unwrap();
     external.recv_timeout(Duration::from_secs(5)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(receive_all(&mut stream), Err(io::ErrorKind::ConnectionReset));
+
+    // A client that resets after its FIN, while the application is still silent: the reset
+    // reaches the application at once, so its late answer fails instead of vanishing.
+    let app = server(&mesh.pod, APP_PORT + 1, |stream| {
+        let received = receive_all(stream)?;
+        std::thread::sleep(Duration::from_millis(500));
+        stream.write_all(b"late answer").map_err(|e| e.kind())?;
+        Ok(received)
+    });
+    let mut stream = connect(&mesh.client, SocketAddr::new(Family::V4.addrs().pod, APP_PORT + 1));
+    stream.write_all(b"request").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    reset_on_close(&stream);
+    drop(stream);
+    let late_answer = app.recv_timeout(Duration::from_secs(5)).unwrap().received;
+    assert!(matches!(late_answer, Err(io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset)), "{late_answer:?}");
 }
 
 /// Connects from `ns` to `addr` and expects the proxy to reset the connection, which may

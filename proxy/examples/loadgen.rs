@@ -1,0 +1,112 @@
+//! Load generator for `bench/proxy-bench.sh`: a 1-byte echo server, a request/response
+//! latency probe and a new-connection rate probe. Plain blocking sockets, one thread per
+//! connection, so that it costs every path under test the same.
+//!
+//! ```text
+//! loadgen serve PORT                     echo server on 0.0.0.0:PORT
+//! loadgen latency ADDR COUNT             1-byte round trips on one connection: "p50_us p99_us"
+//! loadgen rate ADDR SECONDS THREADS      new connections per second, each one 1-byte exchange
+//! ```
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The byte a rate probe sends: the server answers and then closes first, so TIME_WAIT
+/// lands on the server side and the client's ephemeral ports are not exhausted.
+const ANSWER_AND_CLOSE: u8 = b'c';
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| args.get(i).unwrap_or_else(|| usage());
+    match args.get(1).map(String::as_str) {
+        Some("serve") => serve(arg(2).parse().unwrap_or_else(|_| usage())),
+        Some("latency") => latency(parse_addr(arg(2)), arg(3).parse().unwrap_or_else(|_| usage())),
+        Some("rate") => rate(parse_addr(arg(2)), arg(3).parse().unwrap_or_else(|_| usage()), arg(4).parse().unwrap_or_else(|_| usage())),
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!("usage: loadgen serve PORT | latency ADDR COUNT | rate ADDR SECONDS THREADS");
+    std::process::exit(2)
+}
+
+fn parse_addr(text: &str) -> SocketAddr {
+    text.parse().unwrap_or_else(|_| usage())
+}
+
+fn serve(port: u16) {
+    let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || echo(stream));
+    }
+}
+
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut byte = [0u8; 1];
+    while let Ok(1) = stream.read(&mut byte) {
+        if stream.write_all(&byte).is_err() || byte[0] == ANSWER_AND_CLOSE {
+            return;
+        }
+    }
+}
+
+fn latency(addr: SocketAddr, count: usize) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).unwrap();
+    let mut byte = [b'p'];
+    let warmup = count / 10;
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..warmup + count {
+        let started = Instant::now();
+        stream.write_all(&byte).unwrap();
+        stream.read_exact(&mut byte).unwrap();
+        if i >= warmup {
+            samples.push(started.elapsed());
+        }
+    }
+    samples.sort();
+    let percentile = |p: usize| samples[(samples.len() * p / 100).min(samples.len() - 1)].as_secs_f64() * 1e6;
+    println!("{:.1} {:.1}", percentile(50), percentile(99));
+}
+
+fn rate(addr: SocketAddr, seconds: u64, threads: usize) {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (done, failed, stop) = (done.clone(), failed.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let counter = if one_exchange(addr).is_ok() { &done } else { &failed };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed().as_secs_f64();
+    for worker in workers {
+        worker.join().unwrap();
+    }
+    println!("{:.0} {}", done.load(Ordering::Relaxed) as f64 / elapsed, failed.load(Ordering::Relaxed));
+}
+
+fn one_exchange(addr: SocketAddr) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(&[ANSWER_AND_CLOSE])?;
+    let mut answer = [0u8; 2];
+    match stream.read(&mut answer)? {
+        1 if stream.read(&mut answer[1..])? == 0 => Ok(()),
+        _ => Err(std::io::ErrorKind::InvalidData.into()),
+    }
+}
