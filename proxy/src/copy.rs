@@ -190,7 +190,24 @@ impl Buffer {
         if self.end == self.bytes.len() && self.bytes.len() < Self::MAX {
             self.bytes.resize(self.bytes.len() * 2, 0);
         }
-        let read = from.try_read(&mut self.bytes)?;
+        let capacity = self.bytes.len();
+        let mut short_read = None;
+        // A read that returns less than asked for has emptied the socket (TCP reads stop only
+        // when the receive queue is empty), so tokio's readiness is cleared as after EAGAIN,
+        // sparing the read that would only return EAGAIN. The clear keeps any event that
+        // arrived after the read, exactly as for a real EAGAIN.
+        let result = from.try_io(Interest::READABLE, || {
+            let read = nix::unistd::read(from, &mut self.bytes)?;
+            if read > 0 && read < capacity {
+                short_read = Some(read);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(read)
+        });
+        let read = match (result, short_read) {
+            (Err(e), Some(read)) if e.kind() == io::ErrorKind::WouldBlock => read,
+            (result, _) => result?,
+        };
         (self.start, self.end) = (0, read);
         Ok(read)
     }
