@@ -289,3 +289,70 @@ impl Meter<'_> {
         self.total.fetch_add(bytes as u64, Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected pair of loopback sockets: (the peer, the proxy's end).
+    async fn connected() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (peer, listener.accept().await.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn relays_bulk_both_ways_passing_each_fin_on_and_counts_it() {
+        for mode in [RelayMode::Copy, RelayMode::Splice] {
+            let (mut client, client_end) = connected().await;
+            let (mut server, upstream_end) = connected().await;
+            let (total_up, total_down) = (AtomicU64::new(0), AtomicU64::new(0));
+            let totals = Totals { upstream: &total_up, downstream: &total_down };
+            let request: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
+            let talking = async {
+                client.write_all(&request).await.unwrap();
+                client.shutdown().await.unwrap();
+                let mut received = Vec::new();
+                server.read_to_end(&mut received).await.unwrap();
+                assert!(received == request, "{mode:?}: the request arrived changed");
+                // The server answers after the client's FIN reached it.
+                server.write_all(&received[..1000]).await.unwrap();
+                server.shutdown().await.unwrap();
+                let mut answer = Vec::new();
+                client.read_to_end(&mut answer).await.unwrap();
+                assert_eq!(answer, request[..1000]);
+            };
+            let ((bytes, close), ()) = tokio::join!(relay(&client_end, &upstream_end, mode, Duration::from_secs(10), totals), talking);
+            assert!(matches!(close, Close::Finished), "{mode:?}: {close:?}");
+            assert_eq!(bytes, Transferred { upstream: 3 << 20, downstream: 1000 });
+            assert_eq!((total_up.load(Relaxed), total_down.load(Relaxed)), (3 << 20, 1000));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reset_fails_the_relay_on_the_side_it_came_from() {
+        let (client, client_end) = connected().await;
+        let (_server, upstream_end) = connected().await;
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let resetting = async {
+            socket::abort_on_close(&client).unwrap();
+            drop(client);
+        };
+        let ((_, close), ()) =
+            tokio::join!(relay(&client_end, &upstream_end, RelayMode::Copy, Duration::from_secs(10), Totals { upstream: &up, downstream: &down }), resetting);
+        assert!(matches!(close, Close::Failed(Side::Client, ref e) if e.kind() == io::ErrorKind::ConnectionReset), "{close:?}");
+    }
+
+    #[tokio::test]
+    async fn silence_ends_the_relay_after_the_idle_timeout() {
+        let (_client, client_end) = connected().await;
+        let (_server, upstream_end) = connected().await;
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let started = Instant::now();
+        let (_, close) = relay(&client_end, &upstream_end, RelayMode::Splice, Duration::from_millis(100), Totals { upstream: &up, downstream: &down }).await;
+        assert!(matches!(close, Close::Idle), "{close:?}");
+        assert!(started.elapsed() >= Duration::from_millis(100));
+    }
+}
