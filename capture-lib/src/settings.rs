@@ -99,6 +99,28 @@ pub struct SettingNames {
     pub iptables_variant: &'static str,
 }
 
+impl SettingNames {
+    /// Istio's istio-iptables flags.
+    pub const ISTIO_FLAGS: SettingNames = SettingNames {
+        proxy_port: "--envoy-port",
+        inbound_capture_port: "--inbound-capture-port",
+        inbound_tunnel_port: "--inbound-tunnel-port",
+        proxy_uid: "--proxy-uid",
+        proxy_gid: "--proxy-gid",
+        inbound_ports: "--istio-inbound-ports",
+        exclude_inbound_ports: "--istio-local-exclude-ports",
+        outbound_ranges: "--istio-service-cidr",
+        exclude_outbound_ranges: "--istio-service-exclude-cidr",
+        outbound_ports: "--istio-outbound-ports",
+        exclude_outbound_ports: "--istio-local-outbound-ports-exclude",
+        exclude_interfaces: "--istio-exclude-interfaces",
+        kube_virt_interfaces: "--kube-virt-interfaces",
+        tproxy_mark: "--istio-inbound-tproxy-mark",
+        tproxy_route_table: "--istio-inbound-tproxy-route-table",
+        iptables_variant: "--force-iptables-binary",
+    };
+}
+
 impl Settings {
     /// Validates every setting; reads nothing from the namespace, so `ipv6` is left false
     /// and DNS capture limited to the pod's resolvers is left off for the caller to complete.
@@ -172,24 +194,7 @@ mod tests {
     use super::*;
     use crate::config::{InboundPorts, OutboundRanges};
 
-    const NAMES: SettingNames = SettingNames {
-        proxy_port: "proxyPort",
-        inbound_capture_port: "inboundCapturePort",
-        inbound_tunnel_port: "inboundTunnelPort",
-        proxy_uid: "proxyUID",
-        proxy_gid: "proxyGID",
-        inbound_ports: "inboundPorts",
-        exclude_inbound_ports: "excludeInboundPorts",
-        outbound_ranges: "outboundIPRanges",
-        exclude_outbound_ranges: "excludeOutboundIPRanges",
-        outbound_ports: "outboundPorts",
-        exclude_outbound_ports: "excludeOutboundPorts",
-        exclude_interfaces: "excludeInterfaces",
-        kube_virt_interfaces: "kubeVirtInterfaces",
-        tproxy_mark: "tproxyMark",
-        tproxy_route_table: "tproxyRouteTable",
-        iptables_variant: "iptablesVariant",
-    };
+    const NAMES: SettingNames = SettingNames::ISTIO_FLAGS;
 
     #[test]
     fn defaults_are_istios() {
@@ -216,11 +221,14 @@ mod tests {
     fn errors_name_the_front_ends_setting() {
         let bad = |settings: Settings| settings.capture_config(&NAMES).unwrap_err().to_string();
         let err = bad(Settings { exclude_inbound_ports: "99999".into(), ..Settings::default() });
-        assert!(err.starts_with("excludeInboundPorts: \"99999\""), "{err}");
+        assert!(err.starts_with("--istio-local-exclude-ports: \"99999\""), "{err}");
         let err = bad(Settings { exclude_outbound_ranges: "*".into(), ..Settings::default() });
-        assert!(err.starts_with("excludeOutboundIPRanges:"), "{err}");
+        assert!(err.starts_with("--istio-service-exclude-cidr:"), "{err}");
         let err = Settings { iptables_variant: "x".into(), ..Settings::default() }.backend(&NAMES).unwrap_err();
-        assert_eq!(err.to_string(), "iptablesVariant: \"x\" is not an iptables variant (expected legacy or nft)");
+        assert_eq!(
+            err.to_string(),
+            "--force-iptables-binary: \"x\" is not an iptables variant (expected legacy or nft)"
+        );
     }
 
     #[test]

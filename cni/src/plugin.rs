@@ -48,11 +48,7 @@ pub fn handle(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result
         Command::Version => Ok(Some(protocol::version_info())),
         Command::Add => {
             if !excluded {
-                enter(invocation)?;
-                let config = CaptureConfig {
-                    ipv6: namespace::uses_ipv6(pod.dual_stack).map_err(PluginError::Namespace)?,
-                    ..config
-                };
+                let config = enter_pod(invocation, config, pod.dual_stack)?;
                 let operation = Operation::Apply { reconcile: true, force: false };
                 let report =
                     capture::run(&Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT })?;
@@ -75,11 +71,7 @@ pub fn handle(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result
         }
         Command::Check => {
             if !excluded {
-                enter(invocation)?;
-                let config = CaptureConfig {
-                    ipv6: namespace::uses_ipv6(pod.dual_stack).map_err(PluginError::Namespace)?,
-                    ..config
-                };
+                let config = enter_pod(invocation, config, pod.dual_stack)?;
                 capture::verify(&config, backend, LOCK_WAIT)?;
             }
             Ok(None)
@@ -101,6 +93,14 @@ fn enter(invocation: &Invocation) -> Result<(), PluginError> {
     let netns = invocation.netns.as_deref().unwrap_or(Path::new(""));
     namespace::enter(netns).map_err(PluginError::Namespace)?;
     namespace::require_net_admin().map_err(PluginError::Namespace)
+}
+
+/// Enters the pod's namespace and completes `config` with what Istio reads there: whether the
+/// pod's addresses call for IPv6 rules.
+fn enter_pod(invocation: &Invocation, config: CaptureConfig, dual_stack: bool) -> Result<CaptureConfig, PluginError> {
+    enter(invocation)?;
+    let ipv6 = namespace::uses_ipv6(dual_stack).map_err(PluginError::Namespace)?;
+    Ok(CaptureConfig { ipv6, ..config })
 }
 
 /// For DEL: false when the namespace is already gone (nothing can be left in it).

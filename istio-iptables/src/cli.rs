@@ -187,26 +187,6 @@ pub struct Cli {
     pub log_as_json: Option<bool>,
 }
 
-/// What the flags are called, for error messages.
-const FLAG_NAMES: SettingNames = SettingNames {
-    proxy_port: "--envoy-port",
-    inbound_capture_port: "--inbound-capture-port",
-    inbound_tunnel_port: "--inbound-tunnel-port",
-    proxy_uid: "--proxy-uid",
-    proxy_gid: "--proxy-gid",
-    inbound_ports: "--istio-inbound-ports",
-    exclude_inbound_ports: "--istio-local-exclude-ports",
-    outbound_ranges: "--istio-service-cidr",
-    exclude_outbound_ranges: "--istio-service-exclude-cidr",
-    outbound_ports: "--istio-outbound-ports",
-    exclude_outbound_ports: "--istio-local-outbound-ports-exclude",
-    exclude_interfaces: "--istio-exclude-interfaces",
-    kube_virt_interfaces: "--kube-virt-interfaces",
-    tproxy_mark: "--istio-inbound-tproxy-mark",
-    tproxy_route_table: "--istio-inbound-tproxy-route-table",
-    iptables_variant: "--force-iptables-binary",
-};
-
 /// A bad value in a flag or the environment.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
@@ -289,12 +269,12 @@ impl Cli {
     }
 
     fn backend(&self) -> Result<Backend, UsageError> {
-        Ok(self.settings().backend(&FLAG_NAMES)?)
+        Ok(self.settings().backend(&SettingNames::ISTIO_FLAGS)?)
     }
 
     /// Validates every setting; reads nothing from the namespace.
     pub fn capture_config(&self) -> Result<CaptureConfig, UsageError> {
-        Ok(self.settings().capture_config(&FLAG_NAMES)?)
+        Ok(self.settings().capture_config(&SettingNames::ISTIO_FLAGS)?)
     }
 
     /// The full request: validated settings plus what the namespace itself tells (IP families,

@@ -38,6 +38,10 @@ macro_rules! require_netns {
     };
 }
 
+/// Istio's standard sidecar capture: the istio-init arguments its injector writes.
+#[rustfmt::skip]
+pub const SEED_ARGS: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A unique short name (interface names must stay under 16 bytes).

@@ -71,6 +71,14 @@ impl Node {
     }
 }
 
+/// A node with one pod on its bridge; returns the bridge's result too.
+fn node_with_pod() -> (Node, Pod, Value) {
+    let node = Node::new();
+    let pod = Pod::new();
+    let prev = node.add_bridge(&pod);
+    (node, pod, prev)
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.ipam_dir);
@@ -200,9 +208,7 @@ fn add_captures_pod_traffic_through_the_proxy_and_del_cleans_up() {
 #[test]
 fn check_fails_before_add_passes_after_and_sees_drift() {
     require_netns!();
-    let node = Node::new();
-    let pod = Pod::new();
-    let prev = node.add_bridge(&pod);
+    let (node, pod, prev) = node_with_pod();
     let capture = json!({ "excludeInboundPorts": "8081", "forceIptablesBinary": host_iptables_variant() });
 
     let before = cni_error(&node.capture("CHECK", &pod, capture.clone(), Some(&prev), ""));
@@ -228,9 +234,7 @@ fn check_fails_before_add_passes_after_and_sees_drift() {
 #[test]
 fn del_is_idempotent_and_tolerates_a_missing_namespace() {
     require_netns!();
-    let node = Node::new();
-    let pod = Pod::new();
-    let prev = node.add_bridge(&pod);
+    let (node, pod, prev) = node_with_pod();
     let capture = json!({ "interceptionMode": "TPROXY", "forceIptablesBinary": host_iptables_variant() });
     assert_ok(&node.capture("ADD", &pod, capture.clone(), Some(&prev), ""));
     assert!(!pod.rules(false).is_empty());
@@ -261,9 +265,7 @@ fn del_is_idempotent_and_tolerates_a_missing_namespace() {
 #[test]
 fn excluded_namespaces_are_left_alone() {
     require_netns!();
-    let node = Node::new();
-    let pod = Pod::new();
-    let prev = node.add_bridge(&pod);
+    let (node, pod, prev) = node_with_pod();
     let conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni",
                        "excludeNamespaces": ["kube-system"], "prevResult": prev });
     let out = node.exec(
@@ -307,7 +309,8 @@ fn version_lists_the_supported_versions() {
 
 #[test]
 fn bad_input_gives_cni_errors_with_the_spec_codes() {
-    let netns = Some("/var/run/netns/never-entered");
+    const NEVER_ENTERED: &str = "/var/run/netns/never-entered";
+    let netns = Some(NEVER_ENTERED);
     let error = |command: &str, netns: Option<&str>, stdin: &str| cni_error(&plugin(command, netns, stdin));
 
     let decode = error("ADD", netns, "{not json");
@@ -338,7 +341,7 @@ fn bad_input_gives_cni_errors_with_the_spec_codes() {
     let bad_args = cni_error(&{
         let mut cmd = Command::new(release_bin("istio-capture-cni"));
         cmd.env_clear().env("CNI_COMMAND", "ADD").env("CNI_CONTAINERID", "c1").env("CNI_IFNAME", "eth0");
-        cmd.env("CNI_PATH", PLUGIN_DIR).env("CNI_NETNS", netns.unwrap()).env("CNI_ARGS", "SURPRISE=1");
+        cmd.env("CNI_PATH", PLUGIN_DIR).env("CNI_NETNS", NEVER_ENTERED).env("CNI_ARGS", "SURPRISE=1");
         piped(&mut cmd, &json!({"cniVersion": "1.0.0", "name": "n"}))
     });
     assert_eq!(bad_args["code"], 4, "{bad_args}");

@@ -5,26 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use capture_tests::{release_bin, require_netns, run_ok, unique, Pod};
-
-const SEED: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
+use capture_tests::{release_bin, require_netns, run_ok, unique, Pod, SEED_ARGS};
 
 /// The image's filesystem in a temporary directory, removed on drop.
 struct Rootfs(PathBuf);
@@ -85,7 +66,7 @@ fn native_nftables_capture_runs_from_the_image_alone() {
     let rootfs = Rootfs::build();
     let pod = Pod::with_address("10.44.0.5/24");
 
-    let mut args = SEED.to_vec();
+    let mut args = SEED_ARGS.to_vec();
     args.push("--native-nftables");
     let out = rootfs.run_in(&pod, "/istio-iptables", &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -100,7 +81,7 @@ fn native_nftables_capture_runs_from_the_image_alone() {
     assert!(!pod.nft_ruleset().contains("istio"), "{}", pod.nft_ruleset());
 
     // The iptables backend needs userspace the image does not have, and says so.
-    let out = rootfs.run_in(&pod, "/istio-iptables", SEED);
+    let out = rootfs.run_in(&pod, "/istio-iptables", SEED_ARGS);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("is iptables installed?"),

@@ -6,30 +6,11 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use capture_tests::{release_bin, require_netns, run_ok, Pod};
+use capture_tests::{release_bin, require_netns, run_ok, Pod, SEED_ARGS};
 use serde::Deserialize;
 use serde_json::json;
 use serde_yaml::Value;
 
-/// Istio's standard sidecar capture, as the injector writes it.
-const SEED: &[&str] = &[
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
 /// The binaries the image ships (scripts/image-rootfs.sh), by the path containers run them at.
 const IMAGE_BINARIES: [&str; 3] = ["/istio-iptables", "/capture-proxy", "/istio-capture-cni"];
 
@@ -92,7 +73,7 @@ fn init_container_pod_runs_istios_standard_capture() {
     let pod = kind(&docs, "Pod");
     let init = container(&pod["spec"]["initContainers"], "istio-init");
     assert_eq!(strings(&init["command"]), ["/istio-iptables"]);
-    assert_eq!(strings(&init["args"]), SEED);
+    assert_eq!(strings(&init["args"]), SEED_ARGS);
     let security = &init["securityContext"];
     assert_eq!(strings(&security["capabilities"]["add"]), ["NET_ADMIN", "NET_RAW"]);
     assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
