@@ -18,30 +18,7 @@ const ALWAYS_EXCLUDED_INBOUND_PORTS: [&str; 3] = ["15020", "15021", "15090"];
 const RUNTIME_ARGS: [&str; 5] =
     ["IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"];
 
-/// The keys whose values are Istio-syntax text, and where each goes in [`Settings`].
-type TextField = fn(&mut Settings) -> &mut String;
-const TEXT_KEYS: [(&str, TextField); 17] = [
-    ("proxyPort", |s| &mut s.proxy_port),
-    ("inboundCapturePort", |s| &mut s.inbound_capture_port),
-    ("inboundTunnelPort", |s| &mut s.inbound_tunnel_port),
-    ("proxyUID", |s| &mut s.proxy_uid),
-    ("proxyGID", |s| &mut s.proxy_gid),
-    ("interceptionMode", |s| &mut s.interception_mode),
-    ("inboundPorts", |s| &mut s.inbound_ports),
-    ("excludeInboundPorts", |s| &mut s.exclude_inbound_ports),
-    ("outboundIPRanges", |s| &mut s.outbound_ranges),
-    ("excludeOutboundIPRanges", |s| &mut s.exclude_outbound_ranges),
-    ("outboundPorts", |s| &mut s.outbound_ports),
-    ("excludeOutboundPorts", |s| &mut s.exclude_outbound_ports),
-    ("excludeInterfaces", |s| &mut s.exclude_interfaces),
-    ("kubeVirtInterfaces", |s| &mut s.kube_virt_interfaces),
-    ("tproxyMark", |s| &mut s.tproxy_mark),
-    ("tproxyRouteTable", |s| &mut s.tproxy_route_table),
-    ("forceIptablesBinary", |s| &mut s.iptables_variant),
-];
-const FLAG_KEYS: [&str; 5] = ["redirectDNS", "captureAllDNS", "dropInvalid", "dualStack", "nativeNftables"];
-
-/// The keys, as errors should name them.
+/// The keys, as users write them and errors name them.
 pub const KEY_NAMES: SettingNames = SettingNames {
     proxy_port: "proxyPort",
     inbound_capture_port: "inboundCapturePort",
@@ -60,6 +37,29 @@ pub const KEY_NAMES: SettingNames = SettingNames {
     tproxy_route_table: "tproxyRouteTable",
     iptables_variant: "forceIptablesBinary",
 };
+
+/// The keys whose values are Istio-syntax text, and where each goes in [`Settings`].
+type TextField = fn(&mut Settings) -> &mut String;
+const TEXT_KEYS: [(&str, TextField); 17] = [
+    (KEY_NAMES.proxy_port, |s| &mut s.proxy_port),
+    (KEY_NAMES.inbound_capture_port, |s| &mut s.inbound_capture_port),
+    (KEY_NAMES.inbound_tunnel_port, |s| &mut s.inbound_tunnel_port),
+    (KEY_NAMES.proxy_uid, |s| &mut s.proxy_uid),
+    (KEY_NAMES.proxy_gid, |s| &mut s.proxy_gid),
+    ("interceptionMode", |s| &mut s.interception_mode),
+    (KEY_NAMES.inbound_ports, |s| &mut s.inbound_ports),
+    (KEY_NAMES.exclude_inbound_ports, |s| &mut s.exclude_inbound_ports),
+    (KEY_NAMES.outbound_ranges, |s| &mut s.outbound_ranges),
+    (KEY_NAMES.exclude_outbound_ranges, |s| &mut s.exclude_outbound_ranges),
+    (KEY_NAMES.outbound_ports, |s| &mut s.outbound_ports),
+    (KEY_NAMES.exclude_outbound_ports, |s| &mut s.exclude_outbound_ports),
+    (KEY_NAMES.exclude_interfaces, |s| &mut s.exclude_interfaces),
+    (KEY_NAMES.kube_virt_interfaces, |s| &mut s.kube_virt_interfaces),
+    (KEY_NAMES.tproxy_mark, |s| &mut s.tproxy_mark),
+    (KEY_NAMES.tproxy_route_table, |s| &mut s.tproxy_route_table),
+    (KEY_NAMES.iptables_variant, |s| &mut s.iptables_variant),
+];
+const FLAG_KEYS: [&str; 5] = ["redirectDNS", "captureAllDNS", "dropInvalid", "dualStack", "nativeNftables"];
 
 /// What the runtime sent on stdin, as far as this plugin reads it.
 #[derive(Debug, Clone)]
