@@ -12,6 +12,8 @@
 //!
 //! Run as root after `cargo build --release`:
 //! `cargo run --release -p capture-tests --example capture_bench -- [--runs N] [--bin PATH]`
+//! On a machine doing other work, run it under `chrt -f 50` (the commands inherit the
+//! real-time priority, so other work cannot preempt them); it prints how busy the machine was.
 
 use std::fs;
 use std::path::{Path, PathBuf};
