@@ -27,7 +27,7 @@ use tracing::{info, warn};
 
 use crate::admin::Endpoint;
 use crate::config::{InboundMode, ProxyConfig};
-use crate::drain::{InFlight, Stop};
+use crate::drain::InFlight;
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::proxy::Shared;
@@ -66,19 +66,23 @@ fn run(config: ProxyConfig) -> Result<(), Error> {
     privileges::check_uid(nix::unistd::getuid().as_raw(), config.proxy_uid, config.allow_any_uid)?;
     privileges::acquire(config.inbound_mode)?;
     raise_open_files_limit();
+    let listeners = Listeners::bind(&config)?;
+    // Capabilities belong to threads: drop them while this is the only one, so that the
+    // runtime's threads, started next, inherit the reduced set.
+    privileges::drop_unneeded(config.inbound_mode)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         runtime.worker_threads(config.worker_threads);
     }
-    runtime.enable_all().build().map_err(Error::Runtime)?.block_on(serve(config))
+    runtime.enable_all().build().map_err(Error::Runtime)?.block_on(serve(config, listeners))
 }
 
 /// The listeners of one run, bound before any capability is dropped.
 struct Listeners {
-    outbound: Vec<TcpListener>,
-    inbound: Vec<TcpListener>,
-    health: Vec<TcpListener>,
-    metrics: Vec<TcpListener>,
+    outbound: Vec<std::net::TcpListener>,
+    inbound: Vec<std::net::TcpListener>,
+    health: Vec<std::net::TcpListener>,
+    metrics: Vec<std::net::TcpListener>,
 }
 
 impl Listeners {
@@ -94,7 +98,7 @@ impl Listeners {
 }
 
 /// An IPv4 and an IPv6 listener on `port`; IPv4 only where the kernel has no IPv6.
-fn bind_both_families(role: &'static str, port: u16, transparent: bool) -> Result<Vec<TcpListener>, Error> {
+fn bind_both_families(role: &'static str, port: u16, transparent: bool) -> Result<Vec<std::net::TcpListener>, Error> {
     let mut listeners = Vec::with_capacity(2);
     for ipv6 in [false, true] {
         let addr = socket::any(ipv6, port);
@@ -107,11 +111,8 @@ fn bind_both_families(role: &'static str, port: u16, transparent: bool) -> Resul
     Ok(listeners)
 }
 
-async fn serve(config: ProxyConfig) -> Result<(), Error> {
-    let listeners = Listeners::bind(&config)?;
-    privileges::drop_unneeded(config.inbound_mode)?;
+async fn serve(config: ProxyConfig, listeners: Listeners) -> Result<(), Error> {
     let terminated = drain::termination_signal().map_err(Error::Runtime)?;
-
     let metrics = Arc::new(metrics::Metrics::default());
     let in_flight = InFlight::new(config.max_connections);
     let shared = Arc::new(Shared::new(&config, metrics.clone(), in_flight.clone()));
@@ -121,13 +122,19 @@ async fn serve(config: ProxyConfig) -> Result<(), Error> {
     let inbound = Arc::new(Inbound { mode: config.inbound_mode, tproxy_mark: config.tproxy_mark });
     let mut accepting = Vec::new();
     for listener in listeners.outbound {
+        let listener = TcpListener::from_std(listener).map_err(Error::Runtime)?;
         accepting.push(tokio::spawn(proxy::serve(listener, Arc::new(Outbound), shared.clone(), stop.clone())));
     }
     for listener in listeners.inbound {
+        let listener = TcpListener::from_std(listener).map_err(Error::Runtime)?;
         accepting.push(tokio::spawn(proxy::serve(listener, inbound.clone(), shared.clone(), stop.clone())));
     }
-    spawn_admin(listeners.health, Endpoint::Health, &state, &stop);
-    spawn_admin(listeners.metrics, Endpoint::Metrics, &state, &stop);
+    for (listeners, endpoint) in [(listeners.health, Endpoint::Health), (listeners.metrics, Endpoint::Metrics)] {
+        for listener in listeners {
+            let listener = TcpListener::from_std(listener).map_err(Error::Runtime)?;
+            tokio::spawn(admin::serve(listener, endpoint, state.clone(), stop.clone()));
+        }
+    }
     state.ready.store(true, Relaxed);
     info!(
         outbound = config.outbound_port,
@@ -149,12 +156,6 @@ async fn serve(config: ProxyConfig) -> Result<(), Error> {
         left => warn!(left, "drain deadline passed; closing the remaining connections"),
     }
     Ok(())
-}
-
-fn spawn_admin(listeners: Vec<TcpListener>, endpoint: Endpoint, state: &Arc<admin::State>, stop: &Stop) {
-    for listener in listeners {
-        tokio::spawn(admin::serve(listener, endpoint, state.clone(), stop.clone()));
-    }
 }
 
 /// Each connection holds two descriptors (six with splice); the default soft limit of 1024

@@ -29,8 +29,8 @@ pub trait TrafficPath: Send + Sync + 'static {
 
 /// Settings and state every connection of either path uses.
 pub struct Shared {
-    pub metrics: Arc<Metrics>,
-    pub in_flight: InFlight,
+    metrics: Arc<Metrics>,
+    in_flight: InFlight,
     capture_ports: [u16; 2],
     connect_timeout: Duration,
     idle_timeout: Duration,

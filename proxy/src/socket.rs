@@ -5,12 +5,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// Listening backlog, as Envoy's default.
 const BACKLOG: i32 = 1024;
 
-/// The wildcard address of `addr`'s family with `port`.
+/// The IPv4 or IPv6 wildcard address with `port`.
 pub fn any(ipv6: bool, port: u16) -> SocketAddr {
     let ip = if ipv6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
     SocketAddr::new(ip, port)
@@ -18,7 +18,7 @@ pub fn any(ipv6: bool, port: u16) -> SocketAddr {
 
 /// A listening socket on `addr`. IPv6 sockets are IPv6-only (an IPv4 socket sits beside
 /// them), and `transparent` sockets accept TPROXY'd connections for any address.
-pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -29,7 +29,7 @@ pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     }
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// The destination the client asked for before NAT REDIRECT rewrote it (SO_ORIGINAL_DST).

@@ -689,16 +689,43 @@ fn refuses_to_run_where_its_own_traffic_would_loop_or_tproxy_cannot_work() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("CAP_NET_ADMIN"), "{out:?}");
 }
 
+/// The capability sets of every thread of process `pid`: (CapEff, CapPrm, CapInh, CapAmb).
+fn thread_capabilities(pid: u32) -> Vec<[String; 4]> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .map(|task| {
+            let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+            let set = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim().to_string();
+            [set("CapEff:"), set("CapPrm:"), set("CapInh:"), set("CapAmb:")]
+        })
+        .collect()
+}
+
 #[test]
-fn redirect_mode_drops_every_capability_and_tproxy_keeps_only_net_admin() {
+fn every_thread_keeps_only_the_capabilities_its_mode_needs() {
     require_netns!();
-    for (mode, want) in [(Mode::Redirect, "0000000000000000"), (Mode::Tproxy, "0000000000001000")] {
+    const NONE: &str = "0000000000000000";
+    const NET_ADMIN: &str = "0000000000001000";
+    for (mode, kept) in [(Mode::Redirect, NONE), (Mode::Tproxy, NET_ADMIN)] {
         let mesh = Mesh::new(mode, Backend::Iptables, &[]);
-        let status = std::fs::read_to_string(format!("/proc/{}/status", mesh.proxy.id())).unwrap();
-        for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
-            let line = status.lines().find(|l| l.starts_with(set)).unwrap();
-            let expected = if set == "CapEff" || set == "CapPrm" { want } else { "0000000000000000" };
-            assert!(line.ends_with(expected), "{line} (want {expected})");
+        let threads = thread_capabilities(mesh.proxy.id());
+        assert!(threads.len() >= 2, "the main thread and the runtime's workers: {threads:?}");
+        for caps in threads {
+            assert_eq!(caps, [kept, kept, NONE, NONE].map(String::from));
         }
+    }
+    // Even started as root (all capabilities), REDIRECT mode keeps none in any thread.
+    let pod = Pod::new();
+    let log = format!("/tmp/{}-capture-proxy.log", pod.name);
+    let mut proxy = pod.cmd(release_bin("capture-proxy")).arg("--allow-any-uid").stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&log).unwrap().contains("ready") {
+        assert!(Instant::now() < deadline, "not ready: {}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let threads = thread_capabilities(proxy.id());
+    let _ = (proxy.kill(), proxy.wait(), std::fs::remove_file(&log));
+    for caps in threads {
+        assert_eq!(caps, [NONE, NONE, NONE, NONE].map(String::from));
     }
 }
