@@ -1,7 +1,6 @@
 //! `capture_lib::nftables` against the real kernel, inside pod namespaces: exactness against
 //! its own script, idempotence, atomicity, drift, and other people's tables.
 
-use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use capture_lib::config::{
@@ -11,27 +10,14 @@ use capture_lib::model::{self, Action, Chain, Dialect, Family, Position, Rule, R
 use capture_lib::nftables::{self, NftError};
 use capture_lib::Outcome;
 use capture_tests::{require_netns, run_ok, unique, Pod};
-use nix::sched::{setns, CloneFlags};
 
-/// Runs `f` on a thread that joined the pod's network namespace (the netlink socket the
-/// backend opens belongs to the calling thread's namespace).
-fn in_pod<T: Send>(pod: &Pod, f: impl FnOnce() -> T + Send) -> T {
-    let namespace = File::open(pod.ns_path()).expect("open the pod's namespace");
-    std::thread::scope(|scope| {
-        let thread = scope.spawn(|| {
-            setns(&namespace, CloneFlags::CLONE_NEWNET).expect("setns into the pod");
-            f()
-        });
-        thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
-}
-
+/// The backend acts on the calling thread's namespace, so it runs on a thread in the pod's.
 fn apply(pod: &Pod, ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftError> {
-    in_pod(pod, || nftables::apply(ruleset, reconcile))
+    pod.enter(|| nftables::apply(ruleset, reconcile))
 }
 
 fn cleanup(pod: &Pod) -> Result<Outcome, NftError> {
-    in_pod(pod, nftables::cleanup)
+    pod.enter(nftables::cleanup)
 }
 
 fn ruleset(cfg: &CaptureConfig) -> Ruleset {
