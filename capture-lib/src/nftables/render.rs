@@ -3,10 +3,10 @@
 //!
 //! The order matters beyond looks: nft compiles a rule left to right, so the same conditions
 //! written in another order are different bytecode. Istio's nft rules list their conditions
-//! in an order of their own (interface, protocol, address, ports, marks, owner), except the
-//! DNS rules, which were written separately: the nat DNS redirects name the server first
-//! (`ip daddr S tcp dport 53`) and the raw-table conntrack-zone rules name the port first
-//! (`udp dport 53 ip daddr S`). A term list is the single source for both the script text
+//! in an order of their own (interface, protocol, address, conntrack state, ports, marks,
+//! owner), except the DNS rules, which were written separately: the nat DNS redirects name
+//! the server first (`ip daddr S tcp dport 53`) and the raw-table conntrack-zone rules name
+//! the port first (`udp dport 53 ip daddr S`). A term list is the single source for both the script text
 //! ([`std::fmt::Display`]) and the netlink expressions (`expr.rs`).
 
 use std::fmt;
@@ -81,7 +81,7 @@ pub(super) enum Term {
         port: u16,
     },
     SetMark(u32),
-    /// `ct mark set mark`
+    /// `ct mark set meta mark`
     SaveMark,
     /// `meta mark set ct mark`
     RestoreMark,
@@ -98,7 +98,8 @@ pub(super) fn plan(ruleset: &Ruleset) -> Vec<TablePlan> {
     TABLE_ORDER
         .into_iter()
         .filter_map(|table| {
-            let mut in_table: Vec<_> = chains.iter().filter(|c| c.table == table && !c.rules.is_empty()).collect();
+            // `chains` holds only chains that have rules: the others are never created.
+            let mut in_table: Vec<_> = chains.iter().filter(|c| c.table == table).collect();
             if in_table.is_empty() {
                 return None;
             }
@@ -161,7 +162,8 @@ fn nft_rule(rule: &Rule) -> NftRule {
     let style = Style::of(rule);
     let mut terms: Vec<Term> = rule.matches.iter().map(|m| condition(m, proto)).collect();
     terms.sort_by_key(|t| style.rank(t));
-    let v6 = rule.address_family() == Some(Family::V6) || rule.family == Family::V6;
+    // The TPROXY rule's address says which stack it serves (`tproxy ip` or `tproxy ip6`).
+    let v6 = rule.address_family() == Some(Family::V6);
     terms.extend(statements(&rule.action, v6));
     NftRule { terms }
 }

@@ -122,7 +122,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The objects of a batch, parsed back from its bytes.
-pub(super) fn batch_objects(tx: &Transaction) -> Vec<Object> {
+fn batch_objects(tx: &Transaction) -> Vec<Object> {
     batch_messages(tx).filter_map(|msg| netlink::parse(msg).expect("our own messages parse")).collect()
 }
 
