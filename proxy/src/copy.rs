@@ -177,7 +177,8 @@ struct Buffer {
 }
 
 impl Buffer {
-    const INITIAL: usize = 16 * 1024;
+    /// Small, so that thousands of quiet connections cost little memory.
+    const INITIAL: usize = 4 * 1024;
     const MAX: usize = 256 * 1024;
     /// A single read this large means bulk data.
     const SPLICE_AFTER: usize = 64 * 1024;

@@ -25,12 +25,12 @@ pub struct Inbound {
 impl TrafficPath for Inbound {
     const DIRECTION: Direction = Direction::Inbound;
 
-    fn destination(&self, client: &TcpStream) -> io::Result<SocketAddr> {
+    fn destination(&self, client: &TcpStream, ipv6: bool) -> io::Result<SocketAddr> {
         match self.mode {
-            InboundMode::Redirect => socket::original_destination(client),
+            InboundMode::Redirect => socket::original_destination(client, ipv6),
             // TPROXY leaves the destination untouched; but the rules still NAT-redirect the
             // proxy's own connections to the pod's address, which only SO_ORIGINAL_DST knows.
-            InboundMode::Tproxy => socket::original_destination(client).or_else(|_| client.local_addr().map(socket::canonical)),
+            InboundMode::Tproxy => socket::original_destination(client, ipv6).or_else(|_| client.local_addr().map(socket::canonical)),
         }
     }
 

@@ -16,8 +16,8 @@ pub struct Outbound;
 impl TrafficPath for Outbound {
     const DIRECTION: Direction = Direction::Outbound;
 
-    fn destination(&self, client: &TcpStream) -> io::Result<SocketAddr> {
-        socket::original_destination(client)
+    fn destination(&self, client: &TcpStream, ipv6: bool) -> io::Result<SocketAddr> {
+        socket::original_destination(client, ipv6)
     }
 
     fn source(&self, _client: SocketAddr, _dest: SocketAddr) -> Source {

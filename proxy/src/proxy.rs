@@ -20,8 +20,8 @@ use crate::socket::{self, Source};
 pub trait TrafficPath: Send + Sync + 'static {
     const DIRECTION: Direction;
 
-    /// Where the client meant to go.
-    fn destination(&self, client: &TcpStream) -> io::Result<SocketAddr>;
+    /// Where the client meant to go; `ipv6` is the family of the accepted socket.
+    fn destination(&self, client: &TcpStream, ipv6: bool) -> io::Result<SocketAddr>;
 
     /// The address the upstream connection leaves from.
     fn source(&self, client: SocketAddr, dest: SocketAddr) -> Source;
@@ -65,11 +65,13 @@ pub async fn serve<P: TrafficPath>(listener: TcpListener, path: Arc<P>, shared: 
                 }
             },
         };
-        tokio::spawn(handle(client, socket::canonical(peer), path.clone(), shared.clone()));
+        tokio::spawn(handle(client, peer, path.clone(), shared.clone()));
     }
 }
 
-async fn handle<P: TrafficPath>(client: TcpStream, peer: SocketAddr, path: Arc<P>, shared: Arc<Shared>) {
+async fn handle<P: TrafficPath>(client: TcpStream, accepted_from: SocketAddr, path: Arc<P>, shared: Arc<Shared>) {
+    // accept() reports the peer in the socket's own family; logs and TPROXY want it plain.
+    let (ipv6, peer) = (accepted_from.is_ipv6(), socket::canonical(accepted_from));
     let metrics = shared.metrics.path(P::DIRECTION);
     let _active = metrics.accepted();
     let direction = P::DIRECTION.label();
@@ -79,7 +81,7 @@ async fn handle<P: TrafficPath>(client: TcpStream, peer: SocketAddr, path: Arc<P
         return reset(&client);
     };
     let started = Instant::now();
-    match forward(&client, peer, &*path, &shared, metrics).await {
+    match forward(&client, peer, ipv6, &*path, &shared, metrics).await {
         Ok((dest, bytes, close)) => debug!(
             direction,
             src = %peer,
@@ -116,12 +118,13 @@ enum ForwardError {
 async fn forward<P: TrafficPath>(
     client: &TcpStream,
     peer: SocketAddr,
+    ipv6: bool,
     path: &P,
     shared: &Shared,
     metrics: &PathMetrics,
 ) -> Result<(SocketAddr, Transferred, Close), ForwardError> {
     let _ = socket::set_nodelay(client);
-    let dest = path.destination(client).map_err(ForwardError::NoDestination)?;
+    let dest = path.destination(client, ipv6).map_err(ForwardError::NoDestination)?;
     if is_own_listener(dest, &shared.capture_ports, socket::is_local) {
         metrics.refused(Refusal::Loop);
         return Err(ForwardError::Loop(dest));

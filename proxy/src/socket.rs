@@ -32,10 +32,11 @@ pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpLi
     Ok(socket.into())
 }
 
-/// The destination the client asked for before NAT REDIRECT rewrote it (SO_ORIGINAL_DST).
-pub fn original_destination(stream: &TcpStream) -> io::Result<SocketAddr> {
+/// The destination the client asked for before NAT REDIRECT rewrote it (SO_ORIGINAL_DST, or
+/// IP6T_SO_ORIGINAL_DST on an IPv6 socket).
+pub fn original_destination(stream: &TcpStream, ipv6: bool) -> io::Result<SocketAddr> {
     let socket = SockRef::from(stream);
-    let original = if stream.local_addr()?.is_ipv6() { socket.original_dst_v6()? } else { socket.original_dst_v4()? };
+    let original = if ipv6 { socket.original_dst_v6()? } else { socket.original_dst_v4()? };
     original
         .as_socket()
         .map(canonical)
