@@ -262,6 +262,19 @@ fn del_is_idempotent_and_tolerates_a_missing_namespace() {
     assert_ok(&piped(&mut cmd, &json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni" })));
 }
 
+/// Another run holding the namespace (its lock, an flock on the namespace itself) makes ADD
+/// answer "try again later" once the plugin's wait (10 s) is over.
+#[test]
+fn a_busy_namespace_is_try_again_later() {
+    require_netns!();
+    let (node, pod, prev) = node_with_pod();
+    let namespace = std::fs::File::open(pod.ns_path()).unwrap();
+    let _held = nix::fcntl::Flock::lock(namespace, nix::fcntl::FlockArg::LockExclusiveNonblock).expect("lock");
+    let busy = cni_error(&node.capture("ADD", &pod, json!({ "nativeNftables": true }), Some(&prev), ""));
+    assert_eq!(busy["code"], 11, "{busy}");
+    assert!(!pod.nft_ruleset().contains("istio"), "nothing may be changed while another run holds the lock");
+}
+
 #[test]
 fn excluded_namespaces_are_left_alone() {
     require_netns!();
