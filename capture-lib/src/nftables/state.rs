@@ -37,7 +37,15 @@ fn describe_hook(hook: &ChainHook) -> String {
         libc::NF_DROP => "drop".to_string(),
         other => other.to_string(),
     };
-    format!("type {} hook {} priority {} policy {policy}", hook.kind, hook.hook, hook.priority)
+    let hook_name = match hook.hook as i32 {
+        libc::NF_INET_PRE_ROUTING => "prerouting".to_string(),
+        libc::NF_INET_LOCAL_IN => "input".to_string(),
+        libc::NF_INET_FORWARD => "forward".to_string(),
+        libc::NF_INET_LOCAL_OUT => "output".to_string(),
+        libc::NF_INET_POST_ROUTING => "postrouting".to_string(),
+        other => other.to_string(),
+    };
+    format!("type {} hook {hook_name} priority {} policy {policy}", hook.kind, hook.priority)
 }
 
 /// Every set by table and reference: its key type, flags and sorted contents.
@@ -225,7 +233,7 @@ mod tests {
         let want = planned(&plan);
         assert_eq!(want.keys().copied().collect::<Vec<_>>(), vec![Table::Nat, Table::Raw]);
         let output = chain(&want, Table::Nat, "output");
-        assert_eq!(output.hook.as_deref(), Some("type nat hook 3 priority -100 policy accept"));
+        assert_eq!(output.hook.as_deref(), Some("type nat hook output priority -100 policy accept"));
         assert_eq!(output.rules, vec!["[ counter ] [ immediate reg 0 jump -> istio-output ]"]);
         // The anonymous set is compared by contents: ports 53 and 15008, big-endian.
         let lookups: Vec<&String> =
