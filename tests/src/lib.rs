@@ -130,13 +130,19 @@ impl Pod {
     }
 
     /// `iptables-save`-style dump of one family's rules (comments and counters stripped).
+    /// Both variants are read (nft, then legacy), so the tests hold whichever one the host's
+    /// plain `iptables` is and whichever one the tool chose.
     pub fn iptables_save(&self, v6: bool) -> String {
-        let bin = if v6 { "ip6tables-save" } else { "iptables-save" };
-        let out = self.cmd(bin).output().expect(bin);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
+        let family = if v6 { "ip6tables" } else { "iptables" };
+        ["nft", "legacy"]
+            .iter()
+            .flat_map(|variant| {
+                let bin = format!("{family}-{variant}-save");
+                let out = self.cmd(&bin).output().unwrap_or_else(|e| panic!("{bin}: {e}"));
+                String::from_utf8_lossy(&out.stdout).into_owned().lines().map(str::to_string).collect::<Vec<_>>()
+            })
             .filter(|l| !l.starts_with('#'))
-            .map(|l| format!("{}\n", l.split(" [").next().unwrap_or(l)))
+            .map(|l| format!("{}\n", l.split(" [").next().unwrap_or(&l)))
             .collect()
     }
 

@@ -226,7 +226,7 @@ fn check_fails_before_add_passes_after_and_sees_drift() {
     assert_ok(&out);
     assert!(out.stdout.is_empty(), "CHECK prints nothing on success");
 
-    pod.sh("iptables -t nat -A ISTIO_OUTPUT -p tcp --dport 1 -j RETURN");
+    pod.sh("iptables-nft -t nat -A ISTIO_OUTPUT -p tcp --dport 1 -j RETURN");
     let drift = cni_error(&node.capture("CHECK", &pod, capture, Some(&prev), ""));
     assert!(drift["msg"].as_str().unwrap().contains("--dport 1 -j RETURN"), "{drift}");
 }

@@ -2,10 +2,7 @@
 
 use std::process::Output;
 
-use capture_tests::{release_bin, require_netns, run_ok, Pod};
-
-/// Istio's standard sidecar invocation (the seed command).
-const SEED: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+use capture_tests::{release_bin, require_netns, run_ok, Pod, SEED_ARGS as SEED};
 
 fn tool(pod: &Pod, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = pod.cmd(release_bin("istio-iptables"));
@@ -20,9 +17,10 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `nsenter -t PID -n iptables -t nat -S`, as a node agent would look.
+/// `nsenter -t PID -n iptables -t nat -S`, as a node agent would look (with the nft variant
+/// named, since the tool picks it in a fresh namespace even where plain iptables is legacy).
 fn nat_rules(pod: &Pod) -> String {
-    String::from_utf8_lossy(&run_ok(pod.cmd("iptables").args(["-t", "nat", "-S"])).stdout).into_owned()
+    String::from_utf8_lossy(&run_ok(pod.cmd("iptables-nft").args(["-t", "nat", "-S"])).stdout).into_owned()
 }
 
 #[test]
@@ -75,12 +73,12 @@ fn drift_needs_reconcile_and_foreign_rules_survive() {
     let pod = Pod::with_address("10.44.0.5/24");
     assert!(tool(&pod, SEED, &[]).status.success());
     let clean = pod.rules(false);
-    pod.sh("iptables -t nat -A OUTPUT -p tcp --dport 123 -j ACCEPT");
+    pod.sh("iptables-nft -t nat -A OUTPUT -p tcp --dport 123 -j ACCEPT");
     // A foreign rule outside our chains is not drift.
     let out = tool(&pod, SEED, &[]);
     assert!(out.status.success() && stderr(&out).contains("already in place"), "{}", stderr(&out));
 
-    pod.sh("iptables -t nat -A ISTIO_INBOUND -p tcp --dport 9999 -j RETURN");
+    pod.sh("iptables-nft -t nat -A ISTIO_INBOUND -p tcp --dport 9999 -j RETURN");
     let drifted = pod.rules(false);
     let out = tool(&pod, SEED, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
@@ -105,8 +103,8 @@ fn drift_needs_reconcile_and_foreign_rules_survive() {
 fn cleanup_removes_only_what_we_added() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
-    pod.sh("iptables -t nat -N USER_CHAIN && iptables -t nat -A USER_CHAIN -j RETURN && iptables -t nat -A PREROUTING -j USER_CHAIN");
-    pod.sh("iptables -t mangle -A OUTPUT -p udp -j MARK --set-mark 7");
+    pod.sh("iptables-nft -t nat -N USER_CHAIN && iptables-nft -t nat -A USER_CHAIN -j RETURN && iptables-nft -t nat -A PREROUTING -j USER_CHAIN");
+    pod.sh("iptables-nft -t mangle -A OUTPUT -p udp -j MARK --set-mark 7");
     let before = pod.rules(false);
     assert!(tool(&pod, &[SEED, &["-m", "TPROXY"]].concat(), &[]).status.success());
     assert!(pod.rules(false).len() > before.len() + 10);
@@ -223,7 +221,7 @@ fn legacy_is_used_only_where_it_already_holds_rules() {
 fn a_refused_ipv6_half_rolls_back_the_ipv4_half() {
     require_netns!();
     let pod = Pod::with_address("fd00:44::5/64");
-    pod.sh("iptables -t nat -A OUTPUT -p tcp --dport 123 -j ACCEPT");
+    pod.sh("iptables-nft -t nat -A OUTPUT -p tcp --dport 123 -j ACCEPT");
     let before = pod.iptables_save(false);
     // Fault injection: an ip6tables-nft-restore that refuses any --noflush input, as a kernel
     // without ip6table_nat would; the IPv4 half is real and must be undone.

@@ -3,9 +3,7 @@
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use capture_tests::{release_bin, require_netns, Pod};
-
-const SEED: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"];
+use capture_tests::{release_bin, require_netns, Pod, SEED_ARGS as SEED};
 
 fn tool(pod: &Pod, args: &[&str]) -> Command {
     let mut cmd = pod.cmd(release_bin("istio-iptables"));
