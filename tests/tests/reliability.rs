@@ -15,10 +15,12 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// Everything the namespace holds that a run may change: both iptables families, the
-/// nftables ruleset and the TPROXY routing.
+/// Everything the namespace holds that a run may change: both iptables families, our
+/// nftables tables and the TPROXY routing. (iptables-nft's own tables are compared through
+/// iptables-save: the order in which the two families create them is not fixed.)
 fn snapshot(pod: &Pod) -> (Vec<String>, Vec<String>, String, String) {
-    (pod.rules(false), pod.rules(true), pod.nft_ruleset(), pod.sh("ip -4 rule; ip -6 rule; ip -6 addr show dev lo"))
+    let ours = pod.sh("for t in nat mangle raw; do nft list table inet istio-proxy-$t 2>/dev/null || true; done");
+    (pod.rules(false), pod.rules(true), ours, pod.sh("ip -4 rule; ip -6 rule; ip -6 addr show dev lo"))
 }
 
 #[test]

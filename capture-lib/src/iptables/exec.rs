@@ -42,6 +42,7 @@ pub struct Binaries {
     pub save: String,
     pub restore: String,
     pub v6: bool,
+    variant: Variant,
 }
 
 impl Binaries {
@@ -60,7 +61,7 @@ impl Binaries {
                 format!("{base}-{op}")
             }
         };
-        Binaries { save: pick("save"), restore: pick("restore"), v6 }
+        Binaries { save: pick("save"), restore: pick("restore"), v6, variant }
     }
 
     pub fn family(&self) -> &'static str {
@@ -68,6 +69,19 @@ impl Binaries {
             "IPv6"
         } else {
             "IPv4"
+        }
+    }
+
+    /// True when the kernel certainly holds no table of this variant and family, so there is
+    /// no state to read and no process to start. Legacy tables are listed in
+    /// /proc/net/ip{,6}_tables_names; iptables-nft's are nf_tables tables of the family.
+    pub fn holds_nothing(&self) -> bool {
+        match self.variant {
+            Variant::Legacy => {
+                let names = if self.v6 { "/proc/net/ip6_tables_names" } else { "/proc/net/ip_tables_names" };
+                std::fs::read_to_string(names).map(|t| t.trim().is_empty()).unwrap_or(false)
+            }
+            Variant::Nft => crate::nftables::has_iptables_tables(self.v6).is_ok_and(|any| !any),
         }
     }
 

@@ -85,15 +85,12 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
         Operation::Apply { .. } => Outcome::Unchanged,
         Operation::Cleanup => Outcome::NothingToRemove,
     };
-    for v6 in [false, true] {
-        let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(v6)), v6);
-        // IPv6 not programmed: its state is neither needed (apply) nor required (cleanup).
+    // IPv6 not programmed: its state is not needed to apply, but cleanup still looks.
+    let families: Vec<bool> = [false, true].into_iter().filter(|&v6| !v6 || ruleset.ipv6 || op == Operation::Cleanup).collect();
+    for (v6, bins, current) in read_states(&families, opts) {
         let needed = !v6 || ruleset.ipv6;
-        if !needed && op != Operation::Cleanup {
-            continue;
-        }
-        let current = match bins.save() {
-            Ok(text) => parse_save(&text),
+        let current = match current {
+            Ok(state) => state,
             Err(_) if !needed => continue,
             Err(e) => return Err(e),
         };
@@ -142,6 +139,24 @@ pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<Strin
     Ok(out)
 }
 
+/// Each family's current state, read concurrently (two processes at most, none for a family
+/// that holds no table at all).
+fn read_states(families: &[bool], opts: IptablesOptions) -> Vec<(bool, Binaries, Result<SaveState, IptablesError>)> {
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = families
+            .iter()
+            .map(|&v6| {
+                scope.spawn(move || {
+                    let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(v6)), v6);
+                    let state = if bins.holds_nothing() { Ok(SaveState::new()) } else { bins.save().map(|t| parse_save(&t)) };
+                    (v6, bins, state)
+                })
+            })
+            .collect();
+        readers.into_iter().map(|r| r.join().expect("state reader panicked")).collect()
+    })
+}
+
 /// The strongest outcome wins: Reconciled over Applied over Unchanged.
 fn promote(current: Outcome, new: Outcome) -> Outcome {
     match (current, new) {
@@ -152,16 +167,23 @@ fn promote(current: Outcome, new: Outcome) -> Outcome {
 
 /// Runs the plan; on failure puts every table it touched back as it was.
 /// `lock_wait` bounds the wait for the xtables lock.
+/// The families are independent, so their restores run concurrently.
 pub fn execute(plan: &Plan, lock_wait: Duration) -> Result<Outcome, IptablesError> {
-    for (i, step) in plan.steps.iter().enumerate() {
-        if let Err(err) = step.bins.restore(&step.payload, true, lock_wait) {
-            return Err(match undo(&plan.steps[..=i], lock_wait) {
-                Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
-                Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
-            });
-        }
+    let results: Vec<Result<(), IptablesError>> = std::thread::scope(|scope| {
+        let restores: Vec<_> = plan
+            .steps
+            .iter()
+            .map(|step| scope.spawn(move || step.bins.restore(&step.payload, true, lock_wait)))
+            .collect();
+        restores.into_iter().map(|r| r.join().expect("restore thread panicked")).collect()
+    });
+    match results.into_iter().find_map(Result::err) {
+        None => Ok(plan.outcome),
+        Some(err) => Err(match undo(&plan.steps, lock_wait) {
+            Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
+            Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
+        }),
     }
-    Ok(plan.outcome)
 }
 
 /// Puts the tables the given steps touch back as they were before the plan was made.

@@ -99,6 +99,14 @@ pub fn differences(ruleset: &Ruleset) -> Result<Vec<String>, NftError> {
     Ok(if have == want { Vec::new() } else { state::differences(&plan, &want, &have) })
 }
 
+/// Whether nf_tables holds any table of the IPv4 (or IPv6) family: where none exists,
+/// iptables-nft has nothing either, and its state need not be read with a process.
+pub fn has_iptables_tables(v6: bool) -> Result<bool, NftError> {
+    let family = if v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 } as u8;
+    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
+    Ok(!netlink.dump(&DumpRequest::TablesOf { family }).map_err(NftError::Read)?.is_empty())
+}
+
 /// An nft script equivalent to `cleanup` (loadable even where the tables are absent).
 pub fn cleanup_script() -> String {
     schema::TABLE_ORDER

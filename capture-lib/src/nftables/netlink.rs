@@ -127,6 +127,8 @@ fn nul_terminated(s: &str) -> Vec<u8> {
 /// What a dump asks for: the object kind, and the table (and set) it is limited to.
 pub(super) enum DumpRequest<'a> {
     Tables,
+    /// The tables of another family (`NFPROTO_IPV4`/`NFPROTO_IPV6`: iptables-nft's).
+    TablesOf { family: u8 },
     Chains,
     Rules { table: &'a str },
     Sets { table: &'a str },
@@ -134,10 +136,14 @@ pub(super) enum DumpRequest<'a> {
 }
 
 impl DumpRequest<'_> {
-    /// `NFT_MSG_GET*` with `NLM_F_DUMP` for the inet family.
+    /// `NFT_MSG_GET*` with `NLM_F_DUMP` for the inet family (or the one named).
     fn message(&self) -> Vec<u8> {
+        let family = match *self {
+            DumpRequest::TablesOf { family } => family,
+            _ => libc::NFPROTO_INET as u8,
+        };
         let (msg, attrs): (i32, Vec<(u16, &str)>) = match *self {
-            DumpRequest::Tables => (libc::NFT_MSG_GETTABLE, vec![]),
+            DumpRequest::Tables | DumpRequest::TablesOf { .. } => (libc::NFT_MSG_GETTABLE, vec![]),
             DumpRequest::Chains => (libc::NFT_MSG_GETCHAIN, vec![]),
             DumpRequest::Rules { table } => (libc::NFT_MSG_GETRULE, vec![(NFTA_RULE_TABLE, table)]),
             DumpRequest::Sets { table } => (libc::NFT_MSG_GETSET, vec![(NFTA_SET_TABLE, table)]),
@@ -151,7 +157,7 @@ impl DumpRequest<'_> {
         buf.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
         buf.extend_from_slice(&1u32.to_ne_bytes()); // sequence number
         buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
-        buf.extend_from_slice(&[libc::NFPROTO_INET as u8, libc::NFNETLINK_V0 as u8, 0, 0]);
+        buf.extend_from_slice(&[family, libc::NFNETLINK_V0 as u8, 0, 0]);
         for (kind, value) in attrs {
             push_attr(&mut buf, kind, &nul_terminated(value));
         }
