@@ -95,40 +95,66 @@ CFG
 done
 sleep 1
 
-# One measurement of each kind against pod number $1 (10.55.$1.2).
+# CPU time (user + system, in clock ticks) the proxy in pod $1 has used so far; 0 on the
+# direct path.
+proxy_cpu_ticks() {
+  local pid
+  for pid in $(ip netns pids "$tag$1"); do
+    case $(cat "/proc/$pid/comm") in
+      capture-proxy | haproxy) awk '{ print $14 + $15 }' "/proc/$pid/stat" && return ;;
+    esac
+  done
+  echo 0
+}
+
+# One measurement of each kind against the pod of path $2 (number $1, at 10.55.$1.2):
+# "gbps p50_us p99_us connections_per_s failed proxy_cpu_us_per_connection".
 measure() {
-  local addr=10.55.$1.2 gbps latency rate
+  local addr=10.55.$1.2 gbps latency rate cpu_before cpu_after
   gbps=$(ip netns exec "$client" iperf3 -c "$addr" -p 5201 -t "$seconds" -J |
     python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))')
   latency=$(ip netns exec "$client" "$loadgen" latency "$addr:8080" "$latency_count")
+  cpu_before=$(proxy_cpu_ticks "$2")
   rate=$(ip netns exec "$client" "$loadgen" rate "$addr:8080" "$seconds" "$rate_threads")
-  echo "$gbps $latency $rate"
+  cpu_after=$(proxy_cpu_ticks "$2")
+  echo "$gbps $latency $rate $(python3 -c "print('%.1f' % (($cpu_after - $cpu_before) * 1e6 / $(getconf CLK_TCK) / ($(echo "$rate" | cut -d' ' -f1) * $seconds)))")"
 }
 
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 # Rounds alternate the paths so that background load spreads over all of them; the table
 # shows each path's median.
 for round in $(seq "$rounds"); do
   i=0
   for path in "${paths[@]}"; do
     i=$((i + 1))
-    measure "$i" | tee -a "$work/results-$path" | sed "s/^/round $round $path: /" >&2
+    measure "$i" "$path" | tee -a "$work/results-$path" | sed "s/^/round $round $path: /" >&2
   done
 done
 
-# "gbps p50 p99 rate failed" medians of a path's rounds.
-median() {
-  python3 - "$work/results-$1" <<'PY'
+# A path's rounds, column by column: "median (min–max)" for each of gbps p50 p99 rate, and
+# the total of failed connections.
+summary() {
+  python3 - "$work/results-$1" "${2:-}" <<'PY'
 import statistics, sys
 rows = [list(map(float, line.split())) for line in open(sys.argv[1])]
-print(" ".join("%g" % statistics.median(col) for col in zip(*rows)))
+cols = list(zip(*rows))
+def cell(col, fmt):
+    med = fmt % statistics.median(col)
+    return "%s (%s–%s)" % (med, fmt % min(col), fmt % max(col)) if len(col) > 1 else med
+if sys.argv[2] == "p50":
+    print(statistics.median(cols[1]))
+else:
+    cells = [cell(c, fmt) for c, fmt in zip(cols, ["%.2f", "%.1f", "%.1f", "%.0f"])]
+    cpu = cell(cols[5], "%.1f") if max(cols[5]) > 0 else "–"
+    print(" | ".join(cells + ["%d" % sum(cols[4]), cpu]))
 PY
 }
-direct_p50=$(median direct | cut -d' ' -f2)
+direct_p50=$(summary direct p50)
 row() {
-  local gbps p50 p99 rate failed added
-  read -r gbps p50 p99 rate failed <<<"$(median "$2")"
+  local p50 added
+  p50=$(summary "$2" p50)
   added=$(python3 -c "print('%+.1f' % ($p50 - $direct_p50))")
-  echo "| $1 | $gbps | $p50 | $p99 | $added | $rate | $failed |"
+  summary "$2" | awk -F' [|] ' -v label="$1" -v added="$added" '{ print "| " label " | " $1 " | " $2 " | " $3 " | " added " | " $4 " | " $5 " | " $6 " |" }'
 }
 
 {
@@ -137,19 +163,24 @@ row() {
   echo "Measured by \`bench/proxy-bench.sh\` on $(date -u +%Y-%m-%d): $(nproc) CPUs"
   echo "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r),"
   echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), iperf3 $(iperf3 -v | head -1 | cut -d' ' -f2)."
+  echo "Load average when the run started: $load_before (other work shared the machine: expect noise,"
+  echo "hence the ranges)."
   echo "Client and pod are network namespaces joined by a veth pair; every process shares the same CPUs."
   echo "The pod holds our \`istio-iptables\` REDIRECT rules (\`-b '*'\`), except on the direct path; the"
   echo "proxy under test runs as uid 1337 and dials the application from 127.0.0.6."
   echo
-  echo "| path | throughput (Gbit/s, iperf3 ${seconds}s, 1 stream) | 1-byte RTT p50 (µs) | p99 (µs) | added p50 vs direct (µs) | new connections/s (${rate_threads} clients, ${seconds}s) | failed |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| path | throughput (Gbit/s, iperf3 ${seconds}s, 1 stream) | 1-byte RTT p50 (µs) | p99 (µs) | added p50 vs direct (µs) | new connections/s (${rate_threads} clients, ${seconds}s) | failed | proxy CPU per connection (µs) |"
+  echo "|---|---|---|---|---|---|---|---|"
   row "direct (no capture)" direct
   row "capture-proxy, splice relay (default)" splice
   row "capture-proxy, copy relay (\`--relay copy\`)" copy
   row "HAProxy 2.6 (\`option splice-auto\`)" haproxy
   echo
-  echo "Each cell is the median of ${rounds} rounds; the rounds alternate the paths."
+  echo "Each cell is the median of ${rounds} rounds, with the lowest and highest in brackets; the rounds"
+  echo "alternate the paths. \"failed\" counts connections that did not complete, over all rounds."
   echo "Latency: ${latency_count} sequential 1-byte round trips on one connection after $((latency_count / 10)) warm-up"
   echo "trips. Connections: each one connects, sends one byte, reads the echo and the server's close."
+  echo "Proxy CPU per connection: user + system time the proxy process used during the connection-rate"
+  echo "test, divided by the connections made; unlike the rates, it hardly depends on the machine's other load."
 } >"$out"
 cat "$out"

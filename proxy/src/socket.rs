@@ -17,10 +17,12 @@ pub fn any(ipv6: bool, port: u16) -> SocketAddr {
 }
 
 /// A listening socket on `addr`. IPv6 sockets are IPv6-only (an IPv4 socket sits beside
-/// them), and `transparent` sockets accept TPROXY'd connections for any address.
-pub fn listen(addr: SocketAddr, transparent: bool) -> io::Result<std::net::TcpListener> {
+/// them), `transparent` sockets accept TPROXY'd connections for any address, and
+/// `per_worker` ones (SO_REUSEPORT) let each worker have its own listener on the port.
+pub fn listen(addr: SocketAddr, transparent: bool, per_worker: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(per_worker)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
