@@ -106,16 +106,19 @@ fn run_nftables(req: &Request, routes: &RoutePlan) -> Result<Report, CaptureErro
         text.push_str(&describe_routes(req.operation, routes));
         return Ok(Report { outcome: Outcome::Unchanged, dry_run: Some(text), warnings: Vec::new() });
     }
-    let outcome = match req.operation {
+    let (outcome, warnings) = match req.operation {
         // --force-apply has nothing to force here: an exact ruleset is already what we'd send.
-        Operation::Apply { reconcile, .. } => nftables::apply(&ruleset, reconcile)?,
-        Operation::Cleanup => nftables::cleanup()?,
+        Operation::Apply { reconcile, .. } => apply_with_routes(
+            routes,
+            || nftables::apply(&ruleset, reconcile).map_err(CaptureError::from),
+            // Only a fresh install can be undone exactly (by deleting what we just created).
+            |outcome| match outcome {
+                Outcome::Applied => nftables::cleanup().map(drop).map_err(CaptureError::from),
+                _ => Ok(()),
+            },
+        )?,
+        Operation::Cleanup => (nftables::cleanup()?, remove_routes(routes)?),
     };
-    // Only a fresh install can be undone exactly (by deleting what we just created).
-    let warnings = finish_routes(req.operation, routes, || match outcome {
-        Outcome::Applied => nftables::cleanup().map(drop).map_err(CaptureError::from),
-        _ => Ok(()),
-    })?;
     Ok(Report { outcome, dry_run: None, warnings })
 }
 
@@ -133,8 +136,14 @@ fn run_iptables(req: &Request, opts: IptablesOptions, routes: &RoutePlan) -> Res
         text.push_str(&describe_routes(req.operation, routes));
         return Ok(Report { outcome: plan.outcome, dry_run: Some(text), warnings: Vec::new() });
     }
-    let outcome = iptables::execute(&plan, req.lock_wait)?;
-    let warnings = finish_routes(req.operation, routes, || iptables::undo(&plan.steps, req.lock_wait).map_err(CaptureError::from))?;
+    let (outcome, warnings) = match req.operation {
+        Operation::Apply { .. } => apply_with_routes(
+            routes,
+            || iptables::execute(&plan, req.lock_wait).map_err(CaptureError::from),
+            |_| iptables::undo(&plan.steps, req.lock_wait).map_err(CaptureError::from),
+        )?,
+        Operation::Cleanup => (iptables::execute(&plan, req.lock_wait)?, remove_routes(routes)?),
+    };
     Ok(Report { outcome, dry_run: None, warnings })
 }
 
@@ -147,24 +156,44 @@ fn describe_routes(op: Operation, routes: &RoutePlan) -> String {
     lines.iter().map(|l| format!("# then: {l}\n")).collect()
 }
 
-/// Adds (or, on cleanup, removes) the routing the rules rely on. A namespace without IPv6 keeps
-/// its IPv4 capture and gets a warning; any other failure undoes the rules just applied.
-fn finish_routes(
-    op: Operation,
+/// Applies the rules and the routing they rely on concurrently (they are independent, and the
+/// init container's start-up time is the pod's). If either fails, what the other did in this
+/// run is taken back: nothing is left half-applied. A namespace without IPv6 keeps its IPv4
+/// capture and gets a warning.
+fn apply_with_routes(
     routes: &RoutePlan,
-    undo_rules: impl FnOnce() -> Result<(), CaptureError>,
-) -> Result<Vec<String>, CaptureError> {
-    let result = match op {
-        Operation::Apply { .. } => routes::apply(routes),
-        Operation::Cleanup => routes::remove(routes),
+    apply_rules: impl FnOnce() -> Result<Outcome, CaptureError>,
+    undo_rules: impl FnOnce(&Outcome) -> Result<(), CaptureError>,
+) -> Result<(Outcome, Vec<String>), CaptureError> {
+    let mut added = routes::Added::default();
+    let (rules, routing) = std::thread::scope(|scope| {
+        let routing = scope.spawn(|| routes::apply_tracked(routes, &mut added));
+        let rules = apply_rules();
+        (rules, routing.join().expect("routing thread panicked"))
+    });
+    let warnings = match (&rules, routing) {
+        (_, Ok(())) => Vec::new(),
+        (_, Err(e @ RouteError::Ipv6Disabled { .. })) => vec![e.to_string()],
+        (Err(_), Err(_)) => Vec::new(),
+        (Ok(outcome), Err(source)) => {
+            let _ = routes::undo(&added);
+            return Err(match undo_rules(outcome) {
+                Ok(()) => CaptureError::RoutesRolledBack { source },
+                Err(rollback) => CaptureError::RoutesRollbackFailed { source, rollback: Box::new(rollback) },
+            });
+        }
     };
-    match result {
-        Ok(()) => Ok(Vec::new()),
-        Err(e @ RouteError::Ipv6Disabled { .. }) => Ok(vec![e.to_string()]),
-        Err(source) if op == Operation::Cleanup => Err(CaptureError::Routes(source)),
-        Err(source) => Err(match undo_rules() {
-            Ok(()) => CaptureError::RoutesRolledBack { source },
-            Err(rollback) => CaptureError::RoutesRollbackFailed { source, rollback: Box::new(rollback) },
-        }),
+    match rules {
+        Ok(outcome) => Ok((outcome, warnings)),
+        Err(e) => {
+            // The rules undid themselves; take back the routing this run added.
+            let _ = routes::undo(&added);
+            Err(e)
+        }
     }
+}
+
+/// Cleanup's routing step: remove what the capture needed.
+fn remove_routes(routes: &RoutePlan) -> Result<Vec<String>, CaptureError> {
+    routes::remove(routes).map(|()| Vec::new()).map_err(CaptureError::Routes)
 }

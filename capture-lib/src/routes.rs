@@ -168,22 +168,43 @@ impl RoutePlan {
 /// are left as they are. IPv4 comes first: if IPv6 is disabled, the IPv4 part is in place when
 /// [`RouteError::Ipv6Disabled`] is returned, so the caller may warn and go on.
 pub fn apply(plan: &RoutePlan) -> Result<(), RouteError> {
+    apply_tracked(plan, &mut Added::default())
+}
+
+/// The entries one `apply` added (those that were not there before), so that a run whose
+/// rules failed can take back exactly these and nothing that an earlier run left.
+#[derive(Debug, Default)]
+pub struct Added(Vec<Entry>);
+
+/// [`apply`], recording in `added` what it adds, even when it fails part way.
+pub fn apply_tracked(plan: &RoutePlan, added: &mut Added) -> Result<(), RouteError> {
     plan.check()?;
     let mut netlink = Netlink::open()?;
     let lo = netlink.loopback_index()?;
     let (v4, v6): (Vec<Entry>, Vec<Entry>) = plan.entries().into_iter().partition(|e| e.family() == Family::V4);
-    for entry in v4 {
-        entry.reconcile(&mut netlink, lo, Change::Add)?;
-    }
+    let mut add = |entry: Entry| -> Result<(), RouteError> {
+        if !entry.reconcile(&mut netlink, lo, Change::Add)? {
+            added.0.push(entry);
+        }
+        Ok(())
+    };
+    v4.into_iter().try_for_each(&mut add)?;
     if !v6.is_empty() {
         if let Some(reason) = ipv6_disabled() {
             return Err(RouteError::Ipv6Disabled { reason });
         }
     }
-    for entry in v6 {
-        entry.reconcile(&mut netlink, lo, Change::Add)?;
+    v6.into_iter().try_for_each(add)
+}
+
+/// Removes what `added` records, newest first.
+pub fn undo(added: &Added) -> Result<(), RouteError> {
+    if added.0.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    let mut netlink = Netlink::open()?;
+    let lo = netlink.loopback_index()?;
+    added.0.iter().rev().try_for_each(|entry| entry.reconcile(&mut netlink, lo, Change::Remove).map(drop))
 }
 
 /// Removes from the calling thread's network namespace every entry equal to one `apply` adds;
