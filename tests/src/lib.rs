@@ -170,6 +170,12 @@ impl Pod {
     }
 }
 
+impl Default for Pod {
+    fn default() -> Self {
+        Pod::new()
+    }
+}
+
 impl Drop for Pod {
     fn drop(&mut self) {
         let target = format!("/var/run/netns/{}", self.name);

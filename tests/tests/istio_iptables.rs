@@ -143,7 +143,9 @@ fn ipv6_pod_gets_both_families() {
 fn bad_input_is_named_and_nothing_is_programmed() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+    // (arguments, environment, what the error must name)
+    type BadInput<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[BadInput] = &[
         (&["-b", "80,99999"], &[], "99999"),
         (&["-b", "http"], &[], "\"http\""),
         (&["-p", "0"], &[], "\"0\""),
