@@ -182,5 +182,7 @@ row() {
   echo "trips. Connections: each one connects, sends one byte, reads the echo and the server's close."
   echo "Proxy CPU per connection: user + system time the proxy process used during the connection-rate"
   echo "test, divided by the connections made; unlike the rates, it hardly depends on the machine's other load."
+  echo "The two capture-proxy rows run the same code in the latency and connection tests (splice starts"
+  echo "only after a 64 KiB read), so their difference in those columns shows this run's noise."
 } >"$out"
 cat "$out"
