@@ -125,15 +125,15 @@ impl Settings {
     /// Validates every setting; reads nothing from the namespace, so `ipv6` is left false
     /// and DNS capture limited to the pod's resolvers is left off for the caller to complete.
     pub fn capture_config(&self, names: &SettingNames) -> Result<CaptureConfig, ConfigError> {
-        let proxy_uids = if self.proxy_uid.is_empty() {
-            vec![DEFAULT_PROXY_UID]
-        } else {
-            config::parse_uids(names.proxy_uid, &self.proxy_uid)?
+        // A list of only commas (`-u ,`) is as empty as `""`: with no proxy UID at all the
+        // proxy's own traffic would be captured, and raw OUTPUT would jump to an empty chain.
+        let proxy_uids = match config::parse_uids(names.proxy_uid, &self.proxy_uid)? {
+            uids if uids.is_empty() => vec![DEFAULT_PROXY_UID],
+            uids => uids,
         };
-        let proxy_gids = if self.proxy_gid.is_empty() {
-            proxy_uids.clone()
-        } else {
-            config::parse_gids(names.proxy_gid, &self.proxy_gid)?
+        let proxy_gids = match config::parse_gids(names.proxy_gid, &self.proxy_gid)? {
+            gids if gids.is_empty() => proxy_uids.clone(),
+            gids => gids,
         };
         let host_ipv4_loopback = match self.ipv4_loopback_cidr.as_str() {
             "" => CaptureConfig::default().host_ipv4_loopback,
@@ -195,6 +195,12 @@ mod tests {
     use crate::config::{InboundPorts, OutboundRanges};
 
     const NAMES: SettingNames = SettingNames::ISTIO_FLAGS;
+
+    #[test]
+    fn proxy_uid_and_gid_lists_of_only_commas_mean_the_defaults() {
+        let cfg = Settings { proxy_uid: ",".into(), proxy_gid: ",,".into(), ..Settings::default() }.capture_config(&NAMES).unwrap();
+        assert_eq!((cfg.proxy_uids, cfg.proxy_gids), (vec![DEFAULT_PROXY_UID], vec![DEFAULT_PROXY_UID]));
+    }
 
     #[test]
     fn defaults_are_istios() {
