@@ -126,6 +126,12 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
     Ok(Plan { steps, outcome })
 }
 
+/// The restore input that installs `ruleset` for one family in a namespace holding nothing of
+/// ours. Reads no state: what `plan` sends to a fresh namespace, for fuzzing and review.
+pub fn install_payload(ruleset: &Ruleset, v6: bool) -> String {
+    Desired::new(ruleset, v6).payload(&BTreeMap::new(), true)
+}
+
 /// How the namespace's rules differ from `ruleset`, in words, per family; empty when exactly
 /// in place. Like `plan`, looks at IPv6 only when the ruleset programs it. Changes nothing.
 pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<String>, IptablesError> {
