@@ -24,7 +24,9 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(arg(2).parse().unwrap_or_else(|_| usage())),
         Some("latency") => latency(parse_addr(arg(2)), arg(3).parse().unwrap_or_else(|_| usage())),
-        Some("rate") => rate(parse_addr(arg(2)), arg(3).parse().unwrap_or_else(|_| usage()), arg(4).parse().unwrap_or_else(|_| usage())),
+        Some("rate") => {
+            rate(parse_addr(arg(2)), arg(3).parse().unwrap_or_else(|_| usage()), arg(4).parse().unwrap_or_else(|_| usage()))
+        }
         _ => usage(),
     }
 }

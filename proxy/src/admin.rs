@@ -93,11 +93,9 @@ pub fn route(endpoint: Endpoint, request_line: &str, state: &State) -> Response 
     match (endpoint, path) {
         (Endpoint::Health, READY_PATH) if state.ready.load(Relaxed) => text("200 OK", "ready\n"),
         (Endpoint::Health, READY_PATH) => text("503 Service Unavailable", "not ready\n"),
-        (Endpoint::Metrics, METRICS_PATH) => Response {
-            status: "200 OK",
-            content_type: "text/plain; version=0.0.4; charset=utf-8",
-            body: state.metrics.render(),
-        },
+        (Endpoint::Metrics, METRICS_PATH) => {
+            Response { status: "200 OK", content_type: "text/plain; version=0.0.4; charset=utf-8", body: state.metrics.render() }
+        }
         _ => text("404 Not Found", "not found\n"),
     }
 }

@@ -75,7 +75,14 @@ pub async fn relay(
     (Transferred { upstream: up.conn.load(Relaxed), downstream: down.conn.load(Relaxed) }, close)
 }
 
-async fn both_ways(client: &TcpStream, upstream: &TcpStream, up: &Meter<'_>, down: &Meter<'_>, splice: bool, idle_timeout: Duration) -> Close {
+async fn both_ways(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    up: &Meter<'_>,
+    down: &Meter<'_>,
+    splice: bool,
+    idle_timeout: Duration,
+) -> Close {
     let relaying = async {
         let mut to_upstream = pin!(one_way(client, upstream, Side::Client, Side::Upstream, up, splice));
         let mut to_client = pin!(one_way(upstream, client, Side::Upstream, Side::Client, down, splice));
@@ -100,7 +107,14 @@ async fn both_ways(client: &TcpStream, upstream: &TcpStream, up: &Meter<'_>, dow
 }
 
 /// Moves `from`'s bytes to `to` until `from` sends FIN, then passes the FIN on.
-async fn one_way(from: &TcpStream, to: &TcpStream, reader: Side, writer: Side, meter: &Meter<'_>, splice: bool) -> Result<(), (Side, io::Error)> {
+async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    reader: Side,
+    writer: Side,
+    meter: &Meter<'_>,
+    splice: bool,
+) -> Result<(), (Side, io::Error)> {
     let mut chunk = Chunk::Buffer(Buffer::new());
     loop {
         let read = loop {
@@ -242,7 +256,8 @@ impl Pipe {
 
     fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
         // The pipe is empty here, so EAGAIN can only mean that the socket has nothing.
-        let moved = from.try_io(Interest::READABLE, || Ok(splice(from, None, &self.write_end, None, Self::SIZE, Self::FLAGS)?))?;
+        let moved =
+            from.try_io(Interest::READABLE, || Ok(splice(from, None, &self.write_end, None, Self::SIZE, Self::FLAGS)?))?;
         self.held = moved;
         Ok(moved)
     }
@@ -325,7 +340,8 @@ mod tests {
                 client.read_to_end(&mut answer).await.unwrap();
                 assert_eq!(answer, request[..1000]);
             };
-            let ((bytes, close), ()) = tokio::join!(relay(&client_end, &upstream_end, mode, Duration::from_secs(10), totals), talking);
+            let ((bytes, close), ()) =
+                tokio::join!(relay(&client_end, &upstream_end, mode, Duration::from_secs(10), totals), talking);
             assert!(matches!(close, Close::Finished), "{mode:?}: {close:?}");
             assert_eq!(bytes, Transferred { upstream: 3 << 20, downstream: 1000 });
             assert_eq!((total_up.load(Relaxed), total_down.load(Relaxed)), (3 << 20, 1000));
@@ -341,8 +357,16 @@ mod tests {
             socket::abort_on_close(&client).unwrap();
             drop(client);
         };
-        let ((_, close), ()) =
-            tokio::join!(relay(&client_end, &upstream_end, RelayMode::Copy, Duration::from_secs(10), Totals { upstream: &up, downstream: &down }), resetting);
+        let ((_, close), ()) = tokio::join!(
+            relay(
+                &client_end,
+                &upstream_end,
+                RelayMode::Copy,
+                Duration::from_secs(10),
+                Totals { upstream: &up, downstream: &down }
+            ),
+            resetting
+        );
         assert!(matches!(close, Close::Failed(Side::Client, ref e) if e.kind() == io::ErrorKind::ConnectionReset), "{close:?}");
     }
 
@@ -352,7 +376,14 @@ mod tests {
         let (_server, upstream_end) = connected().await;
         let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
         let started = Instant::now();
-        let (_, close) = relay(&client_end, &upstream_end, RelayMode::Splice, Duration::from_millis(100), Totals { upstream: &up, downstream: &down }).await;
+        let (_, close) = relay(
+            &client_end,
+            &upstream_end,
+            RelayMode::Splice,
+            Duration::from_millis(100),
+            Totals { upstream: &up, downstream: &down },
+        )
+        .await;
         assert!(matches!(close, Close::Idle), "{close:?}");
         assert!(started.elapsed() >= Duration::from_millis(100));
     }

@@ -100,7 +100,14 @@ mod tests {
     #[tokio::test]
     async fn stop_reaches_every_clone() {
         let (trigger, stop) = stop_channel();
-        let mut waiters: Vec<_> = (0..2).map(|_| tokio::spawn({ let mut s = stop.clone(); async move { s.stopped().await } })).collect();
+        let mut waiters: Vec<_> = (0..2)
+            .map(|_| {
+                tokio::spawn({
+                    let mut s = stop.clone();
+                    async move { s.stopped().await }
+                })
+            })
+            .collect();
         trigger.fire();
         for waiter in waiters.drain(..) {
             tokio::time::timeout(Duration::from_secs(1), waiter).await.expect("stopped").unwrap();

@@ -30,7 +30,9 @@ impl TrafficPath for Inbound {
             InboundMode::Redirect => socket::original_destination(client, ipv6),
             // TPROXY leaves the destination untouched; but the rules still NAT-redirect the
             // proxy's own connections to the pod's address, which only SO_ORIGINAL_DST knows.
-            InboundMode::Tproxy => socket::original_destination(client, ipv6).or_else(|_| client.local_addr().map(socket::canonical)),
+            InboundMode::Tproxy => {
+                socket::original_destination(client, ipv6).or_else(|_| client.local_addr().map(socket::canonical))
+            }
         }
     }
 

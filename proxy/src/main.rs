@@ -86,7 +86,11 @@ fn run(config: ProxyConfig) -> Result<(), Error> {
     }
     info!(workers, "listening");
 
-    let admin = Admin { health: listeners.health, metrics: listeners.metrics, state: Arc::new(admin::State { ready: false.into(), metrics }) };
+    let admin = Admin {
+        health: listeners.health,
+        metrics: listeners.metrics,
+        state: Arc::new(admin::State { ready: false.into(), metrics }),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
     runtime.block_on(supervise(&config, admin, accepting, in_flight, trigger, stop))
 }
@@ -123,7 +127,12 @@ impl Listeners {
 }
 
 /// An IPv4 and an IPv6 listener on `port`; IPv4 only where the kernel has no IPv6.
-fn bind_both_families(role: &'static str, port: u16, transparent: bool, per_worker: bool) -> Result<Vec<std::net::TcpListener>, Error> {
+fn bind_both_families(
+    role: &'static str,
+    port: u16,
+    transparent: bool,
+    per_worker: bool,
+) -> Result<Vec<std::net::TcpListener>, Error> {
     let mut listeners = Vec::with_capacity(2);
     for ipv6 in [false, true] {
         let addr = socket::any(ipv6, port);

@@ -117,7 +117,9 @@ impl Metrics {
         let simple: [(&str, &str, &str, Field); 3] = [
             ("capture_proxy_connections_total", "counter", "Connections accepted from the capture rules.", |p| &p.connections),
             ("capture_proxy_connections_active", "gauge", "Connections accepted and not yet closed.", |p| &p.active),
-            ("capture_proxy_connect_errors_total", "counter", "Upstream connections that failed or timed out.", |p| &p.connect_errors),
+            ("capture_proxy_connect_errors_total", "counter", "Upstream connections that failed or timed out.", |p| {
+                &p.connect_errors
+            }),
         ];
         for (name, kind, help, field) in simple {
             header(&mut out, name, kind, help);
@@ -135,7 +137,12 @@ impl Metrics {
         }
 
         let name = "capture_proxy_connections_refused_total";
-        header(&mut out, name, "counter", "Accepted connections reset unforwarded: a loop back into the proxy, or over --max-connections.");
+        header(
+            &mut out,
+            name,
+            "counter",
+            "Accepted connections reset unforwarded: a loop back into the proxy, or over --max-connections.",
+        );
         for (direction, path) in paths {
             for (reason, count) in [("loop", &path.refused_loop), ("limit", &path.refused_limit)] {
                 sample(&mut out, name, &[("direction", direction), ("reason", reason)], count.load(Relaxed));
@@ -213,7 +220,8 @@ mod tests {
         outbound.connected_in(Duration::from_secs(30));
         let text = metrics.render();
         let bucket = |le: &str| {
-            value_of(&text, &format!(r#"capture_proxy_connect_duration_seconds_bucket{{direction="outbound",le="{le}"}}"#)).to_string()
+            value_of(&text, &format!(r#"capture_proxy_connect_duration_seconds_bucket{{direction="outbound",le="{le}"}}"#))
+                .to_string()
         };
         assert_eq!(bucket("0.0001"), "1");
         assert_eq!(bucket("0.0025"), "1");

@@ -96,7 +96,8 @@ async fn handle<P: TrafficPath>(client: TcpStream, accepted_from: SocketAddr, pa
             if let ForwardError::Loop(_) = error {
                 warn!(direction, src = %peer, %error, "refused");
             } else {
-                debug!(direction, src = %peer, duration_ms = started.elapsed().as_millis() as u64, close = %error, "connection closed");
+                let duration_ms = started.elapsed().as_millis() as u64;
+                debug!(direction, src = %peer, duration_ms, close = %error, "connection closed");
             }
             reset(&client);
         }

@@ -39,7 +39,12 @@ impl Family {
     fn addrs(self) -> Addrs {
         let ip = |s: &str| s.parse().unwrap();
         match self {
-            Family::V4 => Addrs { client: ip("10.44.1.1"), pod: ip("10.44.1.2"), pod_external_side: ip("10.44.2.2"), external: ip("10.44.2.1") },
+            Family::V4 => Addrs {
+                client: ip("10.44.1.1"),
+                pod: ip("10.44.1.2"),
+                pod_external_side: ip("10.44.2.2"),
+                external: ip("10.44.2.1"),
+            },
             Family::V6 => Addrs {
                 client: ip("fd00:44:1::1"),
                 pod: ip("fd00:44:1::2"),
@@ -118,7 +123,8 @@ impl Mesh {
 
     /// The proxy's metrics, scraped from inside the pod.
     fn metrics(&self) -> String {
-        let (status, body) = self.pod.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 15090)), "/stats/prometheus")).expect("scrape");
+        let (status, body) =
+            self.pod.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 15090)), "/stats/prometheus")).expect("scrape");
         assert_eq!(status, "200");
         body
     }
@@ -325,7 +331,9 @@ fn bulk_exchange(mut stream: TcpStream, server: &mpsc::Receiver<Seen>) -> Seen {
 
 /// A connection made from inside `ns`; reads and writes give up after 10 s instead of hanging.
 fn connect(ns: &Pod, addr: SocketAddr) -> TcpStream {
-    let stream = ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5))).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    let stream = ns
+        .enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
     set_timeouts(&stream);
     stream
 }
@@ -363,7 +371,11 @@ fn bulk_both_ways(mesh: &Mesh, family: Family, mode: Mode) {
         mesh.expect_metric(&format!(r#"capture_proxy_connections_active{{direction="{direction}"}}"#), 0);
         let text = mesh.metrics();
         let get = |series: String| metric(&text, &series);
-        assert_eq!(get(format!(r#"capture_proxy_connections_total{{direction="{direction}"}}"#)), 1, "each connection counted once\n{text}");
+        assert_eq!(
+            get(format!(r#"capture_proxy_connections_total{{direction="{direction}"}}"#)),
+            1,
+            "each connection counted once\n{text}"
+        );
         assert_eq!(get(format!(r#"capture_proxy_bytes_total{{direction="{direction}",flow="upstream"}}"#)), BULK as u64);
         assert_eq!(get(format!(r#"capture_proxy_bytes_total{{direction="{direction}",flow="downstream"}}"#)), BULK as u64);
         assert_eq!(get(format!(r#"capture_proxy_connect_duration_seconds_count{{direction="{direction}"}}"#)), 1);
@@ -444,9 +456,12 @@ fn proxy_uid_and_pod_local_traffic_are_not_captured() {
     let external = server(&mesh.external, EXTERNAL_PORT, echo_peer);
 
     // uid 1337 reaches the external server directly (bash's /dev/tcp as the proxy's user).
-    let out = run_ok(mesh.pod.cmd("setpriv").args(["--reuid=1337", "--regid=1337", "--clear-groups", "bash", "-c"]).arg(format!(
-        "exec 3<>/dev/tcp/10.44.2.1/{EXTERNAL_PORT}; echo hi >&3; cat <&3"
-    )));
+    let out = run_ok(
+        mesh.pod
+            .cmd("setpriv")
+            .args(["--reuid=1337", "--regid=1337", "--clear-groups", "bash", "-c"])
+            .arg(format!("exec 3<>/dev/tcp/10.44.2.1/{EXTERNAL_PORT}; echo hi >&3; cat <&3")),
+    );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("10.44.2.2:"), "{out:?}");
     external.recv_timeout(Duration::from_secs(5)).unwrap();
 
@@ -473,7 +488,11 @@ fn admin_ports_are_reachable_from_outside_without_the_proxy() {
         assert!(body.contains("# TYPE capture_proxy_connect_duration_seconds histogram"), "{body}");
     }
     let text = mesh.metrics();
-    assert_eq!(metric(&text, r#"capture_proxy_connections_total{direction="inbound"}"#), 0, "admin traffic went through the proxy\n{text}");
+    assert_eq!(
+        metric(&text, r#"capture_proxy_connections_total{direction="inbound"}"#),
+        0,
+        "admin traffic went through the proxy\n{text}"
+    );
 }
 
 fn greet_then_read(stream: &mut TcpStream) -> Result<Digest, io::ErrorKind> {
@@ -563,10 +582,11 @@ fn resets_propagate_both_ways() {
 /// Connects from `ns` to `addr` and expects the proxy to reset the connection, which may
 /// arrive before the connect call has even returned.
 fn expect_reset(ns: &Pod, addr: SocketAddr) {
-    let outcome = ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5))).map_err(|e| e.kind()).and_then(|mut stream| {
-        set_timeouts(&stream);
-        receive_all(&mut stream)
-    });
+    let outcome =
+        ns.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5))).map_err(|e| e.kind()).and_then(|mut stream| {
+            set_timeouts(&stream);
+            receive_all(&mut stream)
+        });
     assert_eq!(outcome, Err(io::ErrorKind::ConnectionReset), "connection to {addr}");
 }
 
@@ -584,8 +604,16 @@ fn loops_back_into_the_proxy_are_refused() {
     mesh.expect_metric(r#"capture_proxy_connections_refused_total{direction="inbound",reason="loop"}"#, 1);
     let text = mesh.metrics();
     for direction in ["inbound", "outbound"] {
-        assert_eq!(metric(&text, &format!(r#"capture_proxy_connections_total{{direction="{direction}"}}"#)), 1, "no second trip\n{text}");
-        assert_eq!(metric(&text, &format!(r#"capture_proxy_connect_duration_seconds_count{{direction="{direction}"}}"#)), 0, "{text}");
+        assert_eq!(
+            metric(&text, &format!(r#"capture_proxy_connections_total{{direction="{direction}"}}"#)),
+            1,
+            "no second trip\n{text}"
+        );
+        assert_eq!(
+            metric(&text, &format!(r#"capture_proxy_connect_duration_seconds_count{{direction="{direction}"}}"#)),
+            0,
+            "{text}"
+        );
     }
 }
 
@@ -717,7 +745,12 @@ fn every_thread_keeps_only_the_capabilities_its_mode_needs() {
     // Even started as root (all capabilities), REDIRECT mode keeps none in any thread.
     let pod = Pod::new();
     let log = format!("/tmp/{}-capture-proxy.log", pod.name);
-    let mut proxy = pod.cmd(release_bin("capture-proxy")).arg("--allow-any-uid").stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let mut proxy = pod
+        .cmd(release_bin("capture-proxy"))
+        .arg("--allow-any-uid")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !std::fs::read_to_string(&log).unwrap().contains("ready") {
         assert!(Instant::now() < deadline, "not ready: {}", std::fs::read_to_string(&log).unwrap());
