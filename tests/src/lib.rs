@@ -211,3 +211,68 @@ pub fn link(a: &Pod, a_if: &str, a_addr: &str, b: &Pod, b_if: &str, b_addr: &str
         pod.sh(&format!("ip link set {tmp} name {name} && ip addr add {addr} dev {name}{nodad} && ip link set {name} up"));
     }
 }
+
+/// `setpriv` arguments that leave a program exactly `caps` (e.g. `["net_admin"]`, or none)
+/// in its inheritable, ambient and bounding sets, so it cannot regain anything else.
+pub fn only_capabilities(caps: &[&str]) -> Vec<String> {
+    let set = std::iter::once("-all".to_string()).chain(caps.iter().map(|c| format!("+{c}"))).collect::<Vec<_>>().join(",");
+    ["--inh-caps", "--ambient-caps", "--bounding-set"].iter().map(|flag| format!("{flag}={set}")).collect()
+}
+
+/// A pod holding Istio's standard capture (both families) and running capture-proxy as uid
+/// 1337 with only `caps`, linked to an `external` namespace whose servers the pod dials:
+///
+/// ```text
+/// [pod: rules, capture-proxy] eth1 10.44.2.2 ── eth0 10.44.2.1 [external]
+/// ```
+pub struct ProxiedPod {
+    pub pod: Pod,
+    pub external: Pod,
+    pub proxy: Child,
+    log: PathBuf,
+}
+
+impl ProxiedPod {
+    /// `mode` is REDIRECT or TPROXY; `capture_args` go to istio-iptables, `flags` to the proxy.
+    pub fn new(mode: &str, capture_args: &[&str], caps: &[&str], flags: &[&str]) -> ProxiedPod {
+        let (pod, external) = (Pod::new(), Pod::new());
+        link(&pod, "eth1", "10.44.2.2/24", &external, "eth0", "10.44.2.1/24");
+        let seed_with_mode = SEED_ARGS.iter().map(|a| if *a == "REDIRECT" { mode } else { a });
+        run_ok(pod.cmd(release_bin("istio-iptables")).args(seed_with_mode).args(capture_args));
+        let log = std::env::temp_dir().join(format!("{}-capture-proxy.log", pod.name));
+        let mut cmd = pod.cmd("setpriv");
+        cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups"]).args(only_capabilities(caps));
+        cmd.arg(release_bin("capture-proxy")).args(["--inbound-mode", mode]).args(flags);
+        let stderr = std::fs::File::create(&log).unwrap();
+        let proxy = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn().expect("start capture-proxy");
+        let proxied = ProxiedPod { pod, external, proxy, log };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !proxied.log_text().contains("ready") {
+            assert!(proxied.proxy_alive(), "capture-proxy exited:\n{}", proxied.log_text());
+            assert!(std::time::Instant::now() < deadline, "capture-proxy never became ready:\n{}", proxied.log_text());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        proxied
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the proxy is still running (not exited, not a zombie).
+    pub fn proxy_alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.proxy.id()))
+            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    }
+}
+
+impl Drop for ProxiedPod {
+    fn drop(&mut self) {
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+        if std::thread::panicking() {
+            eprintln!("--- capture-proxy log ---\n{}", self.log_text());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
