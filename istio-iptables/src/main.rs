@@ -1,6 +1,8 @@
 //! `istio-iptables`: a thin shell over capture-lib. Parse, validate, enter the namespace,
 //! check privileges, run, and turn any error into one clear message and an exit code.
 
+#![deny(unsafe_code)]
+
 mod cli;
 
 use std::path::Path;
