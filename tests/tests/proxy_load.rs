@@ -90,6 +90,20 @@ fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
+/// The proxy's fd count once it has stopped changing (the last connections of a burst close
+/// just after their peers do).
+fn settled_fds(pid: u32) -> usize {
+    let mut last = open_fds(pid);
+    let mut unchanged = 0;
+    while unchanged < 3 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = open_fds(pid);
+        unchanged = if now == last { unchanged + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 /// Waits until the proxy holds `want` fds (it closes both sockets just after the peers do).
 fn wait_for_fds(proxied: &ProxiedPod, want: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -152,8 +166,7 @@ fn churning_short_connections_leaks_no_fds_or_memory() {
     let pid = proxied.proxy.id();
     // Warm up first: the allocator's arenas and the runtimes' slabs reach their working size.
     churn(&proxied, 1_000, 4);
-    let fds = open_fds(pid);
-    wait_for_fds(&proxied, fds);
+    let fds = settled_fds(pid);
     let rss_before = rss_bytes(pid);
     let started = Instant::now();
     churn(&proxied, total, 4);
