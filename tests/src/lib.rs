@@ -228,8 +228,52 @@ pub fn only_capabilities(caps: &[&str]) -> Vec<String> {
 pub struct ProxiedPod {
     pub pod: Pod,
     pub external: Pod,
-    pub proxy: Child,
+    pub proxy: ProxyProcess,
+}
+
+/// A running capture-proxy and the file its log goes to; killed on drop, and its log shown
+/// when a test fails.
+pub struct ProxyProcess {
+    child: Child,
     log: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Takes over a proxy started by `cmd` (spawned here), logging to `log`.
+    pub fn spawn(cmd: &mut Command, log: PathBuf) -> ProxyProcess {
+        let stderr = std::fs::File::create(&log).unwrap();
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn().expect("start capture-proxy");
+        ProxyProcess { child, log }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the proxy is still running (not exited, not a zombie).
+    pub fn alive(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.id()))
+            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- capture-proxy log ---\n{}", self.log_text());
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
 }
 
 impl ProxiedPod {
@@ -243,9 +287,7 @@ impl ProxiedPod {
         let mut cmd = pod.cmd("setpriv");
         cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups"]).args(only_capabilities(caps));
         cmd.arg(release_bin("capture-proxy")).args(["--inbound-mode", mode]).args(flags);
-        let stderr = std::fs::File::create(&log).unwrap();
-        let proxy = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr).spawn().expect("start capture-proxy");
-        let proxied = ProxiedPod { pod, external, proxy, log };
+        let proxied = ProxiedPod { pod, external, proxy: ProxyProcess::spawn(&mut cmd, log) };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !proxied.log_text().contains("ready") {
             assert!(proxied.proxy_alive(), "capture-proxy exited:\n{}", proxied.log_text());
@@ -256,23 +298,10 @@ impl ProxiedPod {
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proxy.log_text()
     }
 
-    /// Whether the proxy is still running (not exited, not a zombie).
     pub fn proxy_alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.proxy.id()))
-            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
-    }
-}
-
-impl Drop for ProxiedPod {
-    fn drop(&mut self) {
-        let _ = self.proxy.kill();
-        let _ = self.proxy.wait();
-        if std::thread::panicking() {
-            eprintln!("--- capture-proxy log ---\n{}", self.log_text());
-        }
-        let _ = std::fs::remove_file(&self.log);
+        self.proxy.alive()
     }
 }

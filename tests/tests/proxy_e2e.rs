@@ -11,11 +11,11 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use capture_tests::{link, release_bin, require_netns, run_ok, Pod};
+use capture_tests::{link, release_bin, require_netns, run_ok, Pod, ProxyProcess};
 
 const APP_PORT: u16 = 8080;
 const EXTERNAL_PORT: u16 = 9090;
@@ -69,8 +69,7 @@ enum Backend {
 
 /// The three namespaces, with capture rules and a running proxy in the pod.
 struct Mesh {
-    proxy: Child,
-    log: String,
+    proxy: ProxyProcess,
     client: Pod,
     pod: Pod,
     external: Pod,
@@ -98,9 +97,9 @@ impl Mesh {
         if mode == Mode::Tproxy {
             flags.extend(["--inbound-mode", "TPROXY"]);
         }
-        let log = format!("/tmp/{}-capture-proxy.log", pod.name);
-        let proxy = start_proxy(&pod, mode == Mode::Tproxy, &flags, &log);
-        let mesh = Mesh { proxy, log, client, pod, external };
+        let log = std::env::temp_dir().join(format!("{}-capture-proxy.log", pod.name));
+        let proxy = ProxyProcess::spawn(&mut proxy_command(&pod, mode == Mode::Tproxy, &flags), log);
+        let mesh = Mesh { proxy, client, pod, external };
         mesh.wait_ready();
         mesh
     }
@@ -118,7 +117,7 @@ impl Mesh {
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.proxy.log_text()
     }
 
     /// The proxy's metrics, scraped from inside the pod.
@@ -155,27 +154,15 @@ impl Mesh {
     }
 }
 
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        let _ = self.proxy.kill();
-        let _ = self.proxy.wait();
-        if std::thread::panicking() {
-            eprintln!("--- capture-proxy log ---\n{}", self.log_text());
-        }
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
 /// capture-proxy in `pod` as uid 1337, the way a sidecar container runs it.
-fn start_proxy(pod: &Pod, net_admin: bool, flags: &[&str], log: &str) -> Child {
+fn proxy_command(pod: &Pod, net_admin: bool, flags: &[&str]) -> Command {
     let mut cmd = pod.cmd("setpriv");
     cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups"]);
     if net_admin {
         cmd.args(["--inh-caps=+net_admin", "--ambient-caps=+net_admin"]);
     }
     cmd.arg(release_bin("capture-proxy")).args(flags).env("RUST_LOG", "capture_proxy=debug");
-    let log = std::fs::File::create(log).unwrap();
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().expect("start capture-proxy")
+    cmd
 }
 
 /// The value of one sample line of a Prometheus text exposition.
@@ -744,20 +731,15 @@ fn every_thread_keeps_only_the_capabilities_its_mode_needs() {
     }
     // Even started as root (all capabilities), REDIRECT mode keeps none in any thread.
     let pod = Pod::new();
-    let log = format!("/tmp/{}-capture-proxy.log", pod.name);
-    let mut proxy = pod
-        .cmd(release_bin("capture-proxy"))
-        .arg("--allow-any-uid")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let log = std::env::temp_dir().join(format!("{}-capture-proxy.log", pod.name));
+    let proxy = ProxyProcess::spawn(pod.cmd(release_bin("capture-proxy")).arg("--allow-any-uid"), log);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::read_to_string(&log).unwrap().contains("ready") {
-        assert!(Instant::now() < deadline, "not ready: {}", std::fs::read_to_string(&log).unwrap());
+    while !proxy.log_text().contains("ready") {
+        assert!(Instant::now() < deadline, "not ready: {}", proxy.log_text());
         std::thread::sleep(Duration::from_millis(20));
     }
     let threads = thread_capabilities(proxy.id());
-    let _ = (proxy.kill(), proxy.wait(), std::fs::remove_file(&log));
+    drop(proxy);
     for caps in threads {
         assert_eq!(caps, [NONE, NONE, NONE, NONE].map(String::from));
     }
