@@ -21,7 +21,7 @@ pub enum NamespaceError {
     #[error("cannot read capabilities: {0}")]
     Capabilities(String),
     #[error("cannot list interface addresses: {0}")]
-    Addresses(nix::Error),
+    Addresses(String),
     #[error("no valid local IP address found (no non-loopback, non-link-local address on any interface)")]
     NoAddress,
     #[error("failed to load {path}: {source}")]
@@ -80,15 +80,7 @@ pub fn require_net_admin() -> Result<(), NamespaceError> {
 /// (loopback and link-local ignored): without dual-stack the first address's family
 /// decides; with dual-stack any IPv6 address does.
 pub fn uses_ipv6(dual_stack: bool) -> Result<bool, NamespaceError> {
-    let addrs: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
-        .map_err(NamespaceError::Addresses)?
-        .filter_map(|ifa| {
-            let sa = ifa.address?;
-            sa.as_sockaddr_in()
-                .map(|a| IpAddr::V4(a.ip()))
-                .or_else(|| sa.as_sockaddr_in6().map(|a| IpAddr::V6(a.ip())))
-        })
-        .collect();
+    let addrs = crate::routes::addresses().map_err(|e| NamespaceError::Addresses(e.to_string()))?;
     ipv6_from_addresses(&addrs, dual_stack)
 }
 

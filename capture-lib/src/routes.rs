@@ -197,6 +197,32 @@ pub fn apply_tracked(plan: &RoutePlan, added: &mut Added) -> Result<(), RouteErr
     v6.into_iter().try_for_each(add)
 }
 
+/// Every address on the calling thread's namespace's interfaces, IPv4 first, as the kernel
+/// lists them (one address dump; `getifaddrs` would also dump every link).
+pub fn addresses() -> Result<Vec<IpAddr>, RouteError> {
+    let mut netlink = Netlink::open()?;
+    let listing = netlink
+        .dump(AddressMessage::dump_request(AddressFamily::Unspec))
+        .map_err(|source| RouteError::Netlink { command: "ip addr show".to_string(), source })?;
+    Ok(listing
+        .into_iter()
+        .filter_map(AddressMessage::from_dump)
+        .filter_map(|message| {
+            // IFA_LOCAL is the address itself where both are given (IPv4); IPv6 gives IFA_ADDRESS.
+            let local = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            local.or_else(|| {
+                message.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            })
+        })
+        .collect())
+}
+
 /// Removes what `added` records, newest first.
 pub fn undo(added: &Added) -> Result<(), RouteError> {
     if added.0.is_empty() {
