@@ -17,4 +17,5 @@ ip -n "$ns" addr add 10.44.0.5/24 dev eth0
 
 set -x
 ip netns exec "$ns" target/release/istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' -d 15090,15021,15020
-ip netns exec "$ns" iptables-save -t nat
+# In a fresh namespace the tool picks iptables-nft (as Istio does), whatever plain iptables is.
+ip netns exec "$ns" iptables-nft-save -t nat
