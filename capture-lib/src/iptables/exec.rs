@@ -25,15 +25,21 @@ impl Variant {
 
     /// Istio's rule: legacy only when it already holds tables in this namespace (someone
     /// uses it here; adding nft rules beside them would split the ruleset), otherwise nft.
-    /// Legacy tables of the current namespace are listed in /proc/net/ip{,6}_tables_names;
-    /// reading that file is equivalent to `iptables-legacy-save` and starts no process.
     pub fn detect(v6: bool) -> Variant {
-        let names = if v6 { "/proc/net/ip6_tables_names" } else { "/proc/net/ip_tables_names" };
-        match std::fs::read_to_string(names) {
-            Ok(tables) if !tables.trim().is_empty() => Variant::Legacy,
-            _ => Variant::Nft,
+        if legacy_holds_tables(v6) == Some(true) {
+            Variant::Legacy
+        } else {
+            Variant::Nft
         }
     }
+}
+
+/// Whether iptables-legacy holds any table of the family in the current namespace (`None`:
+/// cannot tell). Legacy tables are listed in /proc/net/ip{,6}_tables_names; reading that file
+/// is equivalent to `iptables-legacy-save` and starts no process.
+fn legacy_holds_tables(v6: bool) -> Option<bool> {
+    let names = if v6 { "/proc/net/ip6_tables_names" } else { "/proc/net/ip_tables_names" };
+    std::fs::read_to_string(names).ok().map(|tables| !tables.trim().is_empty())
 }
 
 /// The save/restore pair for one family and variant.
@@ -73,14 +79,11 @@ impl Binaries {
     }
 
     /// True when the kernel certainly holds no table of this variant and family, so there is
-    /// no state to read and no process to start. Legacy tables are listed in
-    /// /proc/net/ip{,6}_tables_names; iptables-nft's are nf_tables tables of the family.
+    /// no state to read and no process to start (iptables-nft's tables are nf_tables tables of
+    /// the family).
     pub fn holds_nothing(&self) -> bool {
         match self.variant {
-            Variant::Legacy => {
-                let names = if self.v6 { "/proc/net/ip6_tables_names" } else { "/proc/net/ip_tables_names" };
-                std::fs::read_to_string(names).map(|t| t.trim().is_empty()).unwrap_or(false)
-            }
+            Variant::Legacy => legacy_holds_tables(self.v6) == Some(false),
             Variant::Nft => crate::nftables::has_iptables_tables(self.v6).is_ok_and(|any| !any),
         }
     }
