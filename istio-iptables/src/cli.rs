@@ -277,11 +277,10 @@ impl Cli {
         Ok(self.settings().capture_config(&SettingNames::ISTIO_FLAGS)?)
     }
 
-    /// The full request: validated settings plus what the namespace itself tells (IP families,
-    /// DNS servers), read as Istio reads them. Call after entering the namespace.
-    pub fn request(&self, resolv_conf: &std::path::Path) -> Result<Request, SetupError> {
-        let mut config = self.capture_config()?;
-        self.validate_extras()?;
+    /// The full request: the settings validated by [`Cli::capture_config`] plus what the
+    /// namespace itself tells (IP families, DNS servers), read as Istio reads them. Call after
+    /// entering the namespace.
+    pub fn request(&self, mut config: CaptureConfig, resolv_conf: &std::path::Path) -> Result<Request, SetupError> {
         config.ipv6 = namespace::uses_ipv6(self.dual_stack)?;
         if self.settings().needs_dns_servers() {
             let (v4, v6) = namespace::dns_servers(resolv_conf)?;

@@ -34,15 +34,16 @@ fn main() -> ExitCode {
         return fail(EXIT_USAGE, &e);
     }
     // Refuse bad values before touching anything, even before entering the namespace.
-    if let Err(e) = cli.capture_config().and_then(|_| cli.validate_extras()) {
-        return fail(EXIT_USAGE, &e);
-    }
+    let config = match cli.capture_config().and_then(|config| cli.validate_extras().map(|()| config)) {
+        Ok(config) => config,
+        Err(e) => return fail(EXIT_USAGE, &e),
+    };
     if let Some(path) = cli.namespace_path() {
         if let Err(e) = namespace::enter(&path) {
             return fail(EXIT_FAILURE, &e);
         }
     }
-    let request = match cli.request(Path::new("/etc/resolv.conf")) {
+    let request = match cli.request(config, Path::new("/etc/resolv.conf")) {
         Ok(r) => r,
         Err(SetupError::Usage(e)) => return fail(EXIT_USAGE, &e),
         Err(e) => return fail(EXIT_FAILURE, &e),
