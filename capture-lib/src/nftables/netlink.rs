@@ -222,7 +222,7 @@ impl Netlink {
     pub(super) fn send(&mut self, tx: &Transaction) -> io::Result<Vec<Refusal>> {
         // One send for all of nftnl's pages: the kernel reads a transaction from one
         // message buffer, so a batch split over several sends would not commit.
-        let batch: Vec<u8> = tx.batch.iter().flatten().copied().collect();
+        let batch = tx.batch.iter().collect::<Vec<&[u8]>>().concat();
         // The socket must be able to hold it (the default is about 200 KiB). Best effort:
         // without CAP_NET_ADMIN only a large batch fails, with EMSGSIZE.
         let _ = setsockopt(&raw::borrow_fd(&self.socket), sockopt::SndBufForce, &batch.len());
