@@ -10,6 +10,8 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+use crate::accounts;
+
 /// The agent's DNS listener: DNS capture always redirects here.
 pub const DNS_CAPTURE_PORT: u16 = 15053;
 /// The mark the proxy's own outbound-to-inbound traffic carries in TPROXY mode.
@@ -359,32 +361,29 @@ pub fn parse_number(setting: &'static str, value: &str) -> Result<u32, ConfigErr
         .map_err(|_| ConfigError::Number { setting, value: value.to_string() })
 }
 
-/// A UID list: numbers, or user names resolved through the system's user database.
+/// A UID list: numbers, or user names from `/etc/passwd`.
 pub fn parse_uids(setting: &'static str, value: &str) -> Result<Vec<u32>, ConfigError> {
     split_list(value)
-        .map(|u| match u.parse::<u32>() {
-            Ok(uid) => Ok(uid),
-            Err(_) => match nix::unistd::User::from_name(u) {
-                Ok(Some(user)) => Ok(user.uid.as_raw()),
-                _ => Err(ConfigError::UnknownUser { setting, value: u.to_string() }),
-            },
+        .map(|u| {
+            u.parse::<u32>()
+                .ok()
+                .or_else(|| accounts::uid(u))
+                .ok_or_else(|| ConfigError::UnknownUser { setting, value: u.to_string() })
         })
         .collect()
 }
 
-/// A GID list: numbers, or group names resolved through the system's group database.
+/// A GID list: numbers, or group names from `/etc/group`.
 pub fn parse_gids(setting: &'static str, value: &str) -> Result<Vec<u32>, ConfigError> {
     split_list(value).map(|g| resolve_group(setting, g)).collect()
 }
 
 fn resolve_group(setting: &'static str, value: &str) -> Result<u32, ConfigError> {
-    match value.parse::<u32>() {
-        Ok(gid) => Ok(gid),
-        Err(_) => match nix::unistd::Group::from_name(value) {
-            Ok(Some(group)) => Ok(group.gid.as_raw()),
-            _ => Err(ConfigError::UnknownGroup { setting, value: value.to_string() }),
-        },
-    }
+    value
+        .parse::<u32>()
+        .ok()
+        .or_else(|| accounts::gid(value))
+        .ok_or_else(|| ConfigError::UnknownGroup { setting, value: value.to_string() })
 }
 
 /// `ISTIO_OUTBOUND_OWNER_GROUPS` (unset means `*`) and `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`.

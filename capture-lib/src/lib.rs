@@ -8,6 +8,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod accounts;
 pub mod capture;
 pub mod config;
 pub mod iptables;

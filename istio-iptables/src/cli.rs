@@ -325,8 +325,7 @@ impl Cli {
 /// Istio's default proxy UID: that of $ENVOY_USER (istio-proxy) where the user exists.
 fn envoy_user_uid() -> String {
     let user = std::env::var("ENVOY_USER").unwrap_or_else(|_| "istio-proxy".to_string());
-    let uid = nix::unistd::User::from_name(&user).ok().flatten().map(|u| u.uid.as_raw());
-    uid.unwrap_or(DEFAULT_PROXY_UID).to_string()
+    capture_lib::accounts::uid(&user).unwrap_or(DEFAULT_PROXY_UID).to_string()
 }
 
 #[cfg(test)]
