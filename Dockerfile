@@ -5,8 +5,8 @@
 #   docker build -t capture .
 #
 # The final stage holds only what scripts/image-rootfs.sh assembles: the three binaries and the
-# shared libraries `ldd` lists for them (libnftnl.so.11, libmnl.so.0, libc, libm, libgcc_s, the
-# loader), plus /etc/passwd and /etc/group naming istio-proxy (1337). There is no shell and no
+# shared libraries `ldd` lists for them (istio-iptables is static and needs none; the others
+# load libnftnl.so.11, libmnl.so.0, libc, libm, libgcc_s and the loader), plus /etc/passwd and /etc/group naming istio-proxy (1337). There is no shell and no
 # iptables or nft userspace, so capture must use the native nftables backend:
 # `istio-iptables --native-nftables ...` and the CNI plugin's "nativeNftables": true.
 # tests/tests/image.rs builds the same directory with the same script and runs the binaries
@@ -18,7 +18,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p istio-iptables -p capture-proxy -p istio-capture-cni \
+RUN scripts/static-libs.sh \
+ && scripts/build.sh -p istio-iptables -p capture-proxy -p istio-capture-cni \
  && scripts/image-rootfs.sh /rootfs target/release
 
 FROM scratch

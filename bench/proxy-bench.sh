@@ -9,7 +9,7 @@
 # linked to one client namespace. Measures iperf3 throughput, 1-byte request/response latency
 # (p50/p99) and new connections per second, and writes the table to BENCHMARKS-proxy.md.
 #
-# Run as root from the repository root, after `cargo build --release`:
+# Run as root from the repository root, after scripts/build.sh:
 #   bench/proxy-bench.sh     (ROUNDS=3 SECONDS_PER_TEST=5 LATENCY_COUNT=20000 RATE_THREADS=4 by default)
 # Everything stays inside the namespaces this script creates; it removes them on exit.
 set -euo pipefail
@@ -25,7 +25,7 @@ release=target/release
 for tool in haproxy iperf3; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy iperf3 >/dev/null; }
 done
-cargo build --release -q -p istio-iptables -p capture-proxy --example loadgen
+scripts/build.sh -q -p istio-iptables -p capture-proxy --example loadgen
 loadgen=$(realpath "$release/examples/loadgen")
 capture_proxy=$(realpath "$release/capture-proxy")
 istio_iptables=$(realpath "$release/istio-iptables")

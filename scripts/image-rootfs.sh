@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Assembles the whole filesystem of our minimal image in DIR: the three release binaries at /,
 # exactly the shared libraries `ldd` says they load (libnftnl, libmnl, libc, libgcc_s, ... and
-# the loader) at the paths the loader looks for them, and a passwd/group naming the proxy's
-# user. No shell, no iptables, no nft: `istio-iptables --native-nftables` and the CNI plugin
-# need none. The Dockerfile's final stage is `FROM scratch` plus this directory, and
+# the loader, for capture-proxy and the CNI plugin; istio-iptables, built by scripts/build.sh,
+# is static and loads none) at the paths the loader looks for them, and a passwd/group naming
+# the proxy's user. No shell, no iptables, no nft: `istio-iptables --native-nftables` and the
+# CNI plugin need none. The Dockerfile's final stage is `FROM scratch` plus this directory, and
 # tests/tests/image.rs runs the binaries chrooted into it, so what is tested is what ships.
 #
 # Usage: scripts/image-rootfs.sh DIR [RELEASE_DIR]   (RELEASE_DIR defaults to target/release)

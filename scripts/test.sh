@@ -6,8 +6,9 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 shared=${SHARED_DIR:-../shared}
 
-# Integration tests drive the release binaries, so build them first (one profile for all).
-cargo build --release --workspace --locked
+# Integration tests drive the release binaries, so build them first (one profile for all;
+# istio-iptables linked statically, as it ships).
+scripts/build.sh
 cargo test --release --workspace --locked -- --test-threads=2
 # Supply chain: licenses, bans, sources (advisories need GitHub: see deny.toml).
 cargo deny check licenses bans sources

@@ -10,7 +10,8 @@
 //! by this same program re-run inside the namespace (`ip netns exec NS capture_bench time ...`),
 //! so both sides of a ratio pay the same timer overhead and see the pod's resolv.conf.
 //!
-//! Run as root after `cargo build --release`:
+//! Run as root after `scripts/build.sh` (which links istio-iptables statically, as it ships; the
+//! report says how the measured binary is linked):
 //! `cargo run --release -p capture-tests --example capture_bench -- [--runs N] [--bin PATH]`
 //! On a machine doing other work, run it under `chrt -f 50` (the commands inherit the
 //! real-time priority, so other work cannot preempt them); it prints how busy the machine was.
@@ -167,8 +168,22 @@ fn bench(bin: &Path, runs: usize) {
     let (busy, total) = cpu_times().delta(&cpu_before);
     fs::remove_dir_all(&scratch).unwrap();
     report(&mut contenders, runs);
+    println!("\n{} is {}", bin.display(), linkage(bin));
     // The runs themselves keep one core busy; much more means other work skewed them.
     println!("\nmachine busy {:.0}% of the time during the runs (2 cores: 50% is one core)", 100.0 * busy / total);
+}
+
+/// How `ldd` describes the binary: "statically linked", or the shared libraries it loads.
+fn linkage(bin: &Path) -> String {
+    let out = Command::new("ldd").arg(bin).output().expect("ldd");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let libraries: Vec<&str> =
+        text.lines().filter_map(|l| l.split_whitespace().next()).filter(|l| l.contains(".so")).collect();
+    if libraries.is_empty() {
+        text.trim().to_string()
+    } else {
+        format!("dynamically linked ({})", libraries.join(", "))
+    }
 }
 
 /// Jiffies the machine spent busy and in total, from `/proc/stat`.

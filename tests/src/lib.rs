@@ -8,11 +8,11 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Path of a workspace binary built in release mode (the tests' `build.rs`-free contract:
-/// `cargo build --release` runs before `cargo test`, as the README's test command does).
+/// `scripts/build.sh` runs before `cargo test`, as the README's test command does).
 pub fn release_bin(name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root");
     let path = root.join("target/release").join(name);
-    assert!(path.exists(), "{} is missing: run `cargo build --release` first", path.display());
+    assert!(path.exists(), "{} is missing: run scripts/build.sh first", path.display());
     path
 }
 

@@ -19,6 +19,14 @@ impl Rootfs {
         Rootfs(dir)
     }
 
+    /// A root holding one binary (at /) and an empty /proc, nothing else.
+    fn only(binary: &Path) -> Rootfs {
+        let dir = std::env::temp_dir().join(unique("bare-rootfs"));
+        std::fs::create_dir_all(dir.join("proc")).unwrap();
+        std::fs::copy(binary, dir.join(binary.file_name().unwrap())).unwrap();
+        Rootfs(dir)
+    }
+
     /// Every file, relative to the root.
     fn files(&self) -> Vec<String> {
         let out = run_ok(Command::new("find").arg(&self.0).args(["-type", "f", "-printf", "/%P\n"]));
@@ -95,6 +103,26 @@ fn native_nftables_capture_runs_from_the_image_alone() {
         "capture-proxy does not start from the image: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// istio-iptables is linked statically (scripts/build.sh), like Istio's Go binary: an init
+/// container image holding that one file, without even a loader, is enough to capture.
+#[test]
+fn istio_iptables_alone_captures() {
+    require_netns!();
+    let rootfs = Rootfs::only(&release_bin("istio-iptables"));
+    let pod = Pod::with_address("10.44.0.5/24");
+    let args = [SEED_ARGS, &["--native-nftables"]].concat();
+    let out = rootfs.run_in(&pod, "/istio-iptables", &args);
+    assert!(
+        out.status.success(),
+        "istio-iptables does not run alone (is it linked statically? build with scripts/build.sh): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ruleset = pod.nft_ruleset();
+    for want in ["table inet istio-proxy-nat", "redirect to :15006", "redirect to :15001"] {
+        assert!(ruleset.contains(want), "missing `{want}` in:\n{ruleset}");
+    }
 }
 
 /// What the DaemonSet runs: the installer, from the image, ships the libraries it was loaded

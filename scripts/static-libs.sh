@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The static archives istio-iptables links (scripts/build.sh): prints the directory holding
+# libmnl.a, fetching it first if needed. libnftnl.a comes with Debian's libnftnl-dev, but
+# libmnl-dev ships libmnl.a only from Debian 13 (trixie) on; on older releases this takes that
+# one file out of trixie's libmnl-dev package, checked against the SHA-256 of Debian's signed
+# package index, without installing the package (its libmnl0 dependency is not needed: the
+# archive is linked in).
+#
+# Usage: scripts/static-libs.sh          fetch if missing, print the directory
+#        scripts/static-libs.sh --find   print the directory, or fail if there is none
+set -euo pipefail
+dir=${CAPTURE_STATIC_LIBS:-/usr/local/lib/capture-static}
+
+find_libmnl() {
+  local system
+  system=$(gcc -print-file-name=libmnl.a)
+  if [ -f "$system" ]; then
+    dirname "$system"
+  elif [ -f "$dir/libmnl.a" ]; then
+    echo "$dir"
+  else
+    return 1
+  fi
+}
+
+if find_libmnl; then
+  exit 0
+fi
+if [ "${1:-}" = "--find" ]; then
+  echo "static-libs: no libmnl.a (run scripts/static-libs.sh to fetch it)" >&2
+  exit 1
+fi
+
+# Debian 13's libmnl-dev 1.0.5-3, per architecture: file name and SHA-256 (from
+# dists/trixie/main/binary-ARCH/Packages).
+case "$(dpkg --print-architecture)" in
+  amd64) sha=7f9a7c3f470ec400171981816df189ec86b11083c3f8d391d0800ed09a87bfc3 ;;
+  arm64) sha=046ecea98bfb827fffdc9a19c3efd75b9862995e3532987a9272787e70a3a9b6 ;;
+  *)
+    echo "static-libs: no pinned libmnl-dev for $(dpkg --print-architecture); istio-iptables will link dynamically" >&2
+    exit 1
+    ;;
+esac
+deb=libmnl-dev_1.0.5-3_$(dpkg --print-architecture).deb
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+curl -sSfL -o "$work/$deb" "https://deb.debian.org/debian/pool/main/libm/libmnl/$deb"
+echo "$sha  $work/$deb" | sha256sum --check --quiet
+dpkg-deb -x "$work/$deb" "$work/root"
+install -D -m 0644 "$work/root/usr/lib/$(gcc -print-multiarch)/libmnl.a" "$dir/libmnl.a"
+echo "$dir"
