@@ -19,7 +19,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 RUN scripts/static-libs.sh \
- && scripts/build.sh -p istio-iptables -p capture-proxy -p istio-capture-cni \
+ && scripts/build.sh istio-iptables capture-proxy istio-capture-cni \
  && scripts/image-rootfs.sh /rootfs target/release
 
 FROM scratch

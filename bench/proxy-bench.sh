@@ -25,7 +25,8 @@ release=target/release
 for tool in haproxy iperf3; do
   command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy iperf3 >/dev/null; }
 done
-scripts/build.sh -q -p istio-iptables -p capture-proxy --example loadgen
+scripts/build.sh -q istio-iptables capture-proxy
+cargo build --release -q -p capture-proxy --example loadgen
 loadgen=$(realpath "$release/examples/loadgen")
 capture_proxy=$(realpath "$release/capture-proxy")
 istio_iptables=$(realpath "$release/istio-iptables")

@@ -1,24 +1,52 @@
 #!/usr/bin/env bash
-# Builds the release binaries (the whole workspace, or the cargo arguments given), then links
-# istio-iptables statically: glibc, libnftnl and libmnl inside, no shared library, no loader.
-# Like Istio's own (Go) binary, it then runs in any init-container image, and it starts in
-# about 0.4 ms less (BENCHMARKS.md). Where no static libmnl is at hand
-# (scripts/static-libs.sh), istio-iptables stays dynamically linked.
+# Builds the release binaries, istio-iptables as a static executable: glibc, libnftnl and
+# libmnl inside, no shared library, no loader. Like Istio's own (Go) binary, it then runs in
+# any init-container image, and it starts about 0.4 ms sooner (BENCHMARKS.md). Where no static
+# libmnl is at hand (scripts/static-libs.sh), it is linked dynamically like the others.
 #
-# Only the final link differs: `cargo rustc` passes crt-static to the istio-iptables crate
-# alone, so the dependencies built above are reused (a workspace-wide crt-static would need
-# an explicit --target, which moves every binary out of target/release). A later plain
-# `cargo build` relinks istio-iptables dynamically; run this script again to get the static one.
+# Only istio-iptables' own crate is built differently: `cargo rustc` passes crt-static to it
+# alone and reuses the dependencies the workspace build made (crt-static for the whole
+# workspace would need an explicit --target, which moves every binary out of target/release).
+# A plain `cargo build` of istio-iptables links it dynamically again; this script puts the
+# static one back.
 #
-# Usage: scripts/build.sh [CARGO BUILD ARGUMENTS...]   (default: --workspace)
+# Usage: scripts/build.sh [-q] [PACKAGE...]   (default: the whole workspace)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
-cargo build --release --locked "${@:---workspace}"
-if libs=$(scripts/static-libs.sh --find); then
-  cargo rustc --release --locked -p istio-iptables --bin istio-iptables -- \
-    -C target-feature=+crt-static -L "native=$libs"
+cargo=(--release --locked)
+if [ "${1:-}" = "-q" ]; then
+  cargo+=(--quiet)
+  shift
+fi
+static_libs=$(scripts/static-libs.sh --find) || static_libs=""
+
+# What `cargo build` makes: everything asked for, but istio-iptables where it is linked below.
+link_static=false
+if [ $# -eq 0 ]; then
+  selection=(--workspace)
+  if [ -n "$static_libs" ]; then
+    selection+=(--exclude istio-iptables)
+    link_static=true
+  fi
 else
-  echo "build: istio-iptables is dynamically linked (no static libmnl)" >&2
+  selection=()
+  for package in "$@"; do
+    if [ "$package" = istio-iptables ] && [ -n "$static_libs" ]; then
+      link_static=true
+    else
+      selection+=(-p "$package")
+    fi
+  done
+fi
+
+if [ ${#selection[@]} -gt 0 ]; then
+  cargo build "${cargo[@]}" "${selection[@]}"
+fi
+if $link_static; then
+  cargo rustc "${cargo[@]}" -p istio-iptables --bin istio-iptables -- \
+    -C target-feature=+crt-static -L "native=$static_libs"
+elif [ -z "$static_libs" ]; then
+  echo "build: istio-iptables is linked dynamically (no static libmnl)" >&2
 fi

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/provision.sh
 export PATH="$HOME/.cargo/bin:$PATH"
-scripts/build.sh --quiet -p istio-iptables
+scripts/build.sh -q istio-iptables
 
 ns=demo-pod-$$
 trap 'ip netns del "$ns" 2>/dev/null || true' EXIT
