@@ -35,9 +35,9 @@ pub enum ConfigError {
     Interface { setting: &'static str, value: String, why: &'static str },
     #[error("{setting}: {value:?} is not a number")]
     Number { setting: &'static str, value: String },
-    #[error("{setting}: no user named {value:?} (give a numeric UID or an existing user name)")]
+    #[error("{setting}: no user named {value:?} in /etc/passwd (give a numeric UID or a user listed there)")]
     UnknownUser { setting: &'static str, value: String },
-    #[error("{setting}: no group named {value:?} (give a numeric GID or an existing group name)")]
+    #[error("{setting}: no group named {value:?} in /etc/group (give a numeric GID or a group listed there)")]
     UnknownGroup { setting: &'static str, value: String },
     #[error("{setting}: {count} owner groups given, at most {MAX_OWNER_GROUPS} are supported")]
     TooManyOwnerGroups { setting: &'static str, count: usize },
