@@ -6,9 +6,10 @@
 #
 # The final stage holds only what scripts/image-rootfs.sh assembles: the three binaries and the
 # shared libraries `ldd` lists for them (istio-iptables is static and needs none; the others
-# load libnftnl.so.11, libmnl.so.0, libc, libm, libgcc_s and the loader), plus /etc/passwd and /etc/group naming istio-proxy (1337). There is no shell and no
-# iptables or nft userspace, so capture must use the native nftables backend:
-# `istio-iptables --native-nftables ...` and the CNI plugin's "nativeNftables": true.
+# load libnftnl.so.11, libmnl.so.0, libc, libm, libgcc_s and the loader), plus /etc/passwd and
+# /etc/group naming istio-proxy (1337). There is no shell and no iptables or nft userspace, so
+# capture must use the native nftables backend: `istio-iptables --native-nftables ...` and the
+# CNI plugin's "nativeNftables": true.
 # tests/tests/image.rs builds the same directory with the same script and runs the binaries
 # chrooted into it, without Docker.
 

@@ -31,17 +31,18 @@ if [ "${1:-}" = "--find" ]; then
   exit 1
 fi
 
-# Debian 13's libmnl-dev 1.0.5-3, per architecture: file name and SHA-256 (from
+# Debian 13's libmnl-dev 1.0.5-3, per architecture: its SHA-256 (from
 # dists/trixie/main/binary-ARCH/Packages).
-case "$(dpkg --print-architecture)" in
+arch=$(dpkg --print-architecture)
+case "$arch" in
   amd64) sha=7f9a7c3f470ec400171981816df189ec86b11083c3f8d391d0800ed09a87bfc3 ;;
   arm64) sha=046ecea98bfb827fffdc9a19c3efd75b9862995e3532987a9272787e70a3a9b6 ;;
   *)
-    echo "static-libs: no pinned libmnl-dev for $(dpkg --print-architecture); istio-iptables will link dynamically" >&2
+    echo "static-libs: no pinned libmnl-dev for $arch; istio-iptables will link dynamically" >&2
     exit 1
     ;;
 esac
-deb=libmnl-dev_1.0.5-3_$(dpkg --print-architecture).deb
+deb=libmnl-dev_1.0.5-3_$arch.deb
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 curl -sSfL -o "$work/$deb" "https://deb.debian.org/debian/pool/main/libm/libmnl/$deb"
