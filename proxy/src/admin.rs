@@ -11,6 +11,7 @@ use tracing::debug;
 
 use crate::drain::Stop;
 use crate::metrics::Metrics;
+use crate::socket;
 
 pub const READY_PATH: &str = "/healthz/ready";
 pub const METRICS_PATH: &str = "/stats/prometheus";
@@ -20,6 +21,15 @@ pub const METRICS_PATH: &str = "/stats/prometheus";
 pub enum Endpoint {
     Health,
     Metrics,
+}
+
+impl Endpoint {
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Health => "health",
+            Endpoint::Metrics => "metrics",
+        }
+    }
 }
 
 /// What the endpoints report.
@@ -39,12 +49,11 @@ pub struct Response {
 /// Answers admin requests on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, state: Arc<State>, mut stop: Stop) {
     loop {
-        tokio::select! {
+        let (stream, _) = tokio::select! {
             () = stop.stopped() => return,
-            accepted = listener.accept() => if let Ok((stream, _)) = accepted {
-                tokio::spawn(answer(stream, endpoint, state.clone()));
-            },
-        }
+            accepted = socket::accept(&listener, endpoint.label()) => accepted,
+        };
+        tokio::spawn(answer(stream, endpoint, state.clone()));
     }
 }
 

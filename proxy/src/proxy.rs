@@ -55,15 +55,7 @@ pub async fn serve<P: TrafficPath>(listener: TcpListener, path: Arc<P>, shared: 
     loop {
         let (client, peer) = tokio::select! {
             () = stop.stopped() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Typically EMFILE: back off instead of spinning until descriptors free up.
-                    warn!(direction = P::DIRECTION.label(), %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = socket::accept(&listener, P::DIRECTION.label()) => accepted,
         };
         tokio::spawn(handle(client, peer, path.clone(), shared.clone()));
     }

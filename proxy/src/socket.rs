@@ -3,12 +3,18 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use std::time::Duration;
+
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, info, warn};
 
 /// Listening backlog, as Envoy's default.
 const BACKLOG: i32 = 1024;
+
+/// How long an accept loop waits after a failed accept before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The IPv4 or IPv6 wildcard address with `port`.
 pub fn any(ipv6: bool, port: u16) -> SocketAddr {
@@ -32,6 +38,27 @@ pub fn listen(addr: SocketAddr, transparent: bool, per_worker: bool) -> io::Resu
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
     Ok(socket.into())
+}
+
+/// The next connection on `listener` (serving `role`). A failed accept (EMFILE or ENFILE at the
+/// descriptor limit, typically) leaves the connection in the backlog and the listener readable,
+/// so trying again at once would spin: wait a little first, and log the first failure of a run.
+pub async fn accept(listener: &TcpListener, role: &'static str) -> (TcpStream, SocketAddr) {
+    let mut failures = 0u64;
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => {
+                if failures > 0 {
+                    info!(role, failures, "accepting again");
+                }
+                return accepted;
+            }
+            Err(error) if failures == 0 => warn!(role, %error, "accept failed; retrying every {ACCEPT_BACKOFF:?}"),
+            Err(error) => debug!(role, %error, "accept failed"),
+        }
+        failures += 1;
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
+    }
 }
 
 /// The destination the client asked for before NAT REDIRECT rewrote it (SO_ORIGINAL_DST, or

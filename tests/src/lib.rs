@@ -279,6 +279,12 @@ impl Drop for ProxyProcess {
 impl ProxiedPod {
     /// `mode` is REDIRECT or TPROXY; `capture_args` go to istio-iptables, `flags` to the proxy.
     pub fn new(mode: &str, capture_args: &[&str], caps: &[&str], flags: &[&str]) -> ProxiedPod {
+        ProxiedPod::launched_by(&[], mode, capture_args, caps, flags)
+    }
+
+    /// As [`ProxiedPod::new`], with the proxy started by `launcher`, a command that runs the rest
+    /// of its arguments (such as `prlimit --nofile=128:128`) after dropping to uid 1337.
+    pub fn launched_by(launcher: &[&str], mode: &str, capture_args: &[&str], caps: &[&str], flags: &[&str]) -> ProxiedPod {
         let (pod, external) = (Pod::new(), Pod::new());
         link(&pod, "eth1", "10.44.2.2/24", &external, "eth0", "10.44.2.1/24");
         let seed_with_mode = SEED_ARGS.iter().map(|a| if *a == "REDIRECT" { mode } else { a });
@@ -286,7 +292,7 @@ impl ProxiedPod {
         let log = std::env::temp_dir().join(format!("{}-capture-proxy.log", pod.name));
         let mut cmd = pod.cmd("setpriv");
         cmd.args(["--reuid=1337", "--regid=1337", "--clear-groups"]).args(only_capabilities(caps));
-        cmd.arg(release_bin("capture-proxy")).args(["--inbound-mode", mode]).args(flags);
+        cmd.args(launcher).arg(release_bin("capture-proxy")).args(["--inbound-mode", mode]).args(flags);
         let proxied = ProxiedPod { pod, external, proxy: ProxyProcess::spawn(&mut cmd, log) };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !proxied.log_text().contains("ready") {

@@ -33,7 +33,12 @@ fn raise_open_files(want: u64) -> u64 {
 /// Our pod, with the ephemeral port range and TIME_WAIT reuse a busy client host would have:
 /// the app's and the proxy's connections to the one server share those ports.
 fn proxied_pod(flags: &[&str]) -> ProxiedPod {
-    let proxied = ProxiedPod::new("REDIRECT", &[], &[], flags);
+    proxied_pod_launched_by(&[], flags)
+}
+
+/// As [`proxied_pod`], the proxy started by `launcher` (see [`ProxiedPod::launched_by`]).
+fn proxied_pod_launched_by(launcher: &[&str], flags: &[&str]) -> ProxiedPod {
+    let proxied = ProxiedPod::launched_by(launcher, "REDIRECT", &[], &[], flags);
     proxied.pod.sh("sysctl -qw net.ipv4.ip_local_port_range='1024 65535' net.ipv4.tcp_tw_reuse=1");
     proxied
 }
@@ -289,4 +294,72 @@ fn sigterm_drains_hundreds_of_transfers_in_flight_without_cutting_them() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(proxied.log_text().contains("drained"), "{}", proxied.log_text());
+}
+
+/// How many of the descriptors numbered below `limit` process `pid` holds (it may have inherited
+/// higher ones, such as a build tool's jobserver pipe).
+fn fds_below(pid: u32, limit: usize) -> usize {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    fds.filter(|fd| fd.as_ref().unwrap().file_name().to_str().unwrap().parse::<usize>().unwrap() < limit).count()
+}
+
+/// User + system CPU time process `pid` has used, in clock ticks (1/100 s on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    // Fields 14 and 15 of proc(5), counted after the command name (field 2).
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_full_descriptor_table_with_an_admin_connection_pending_does_not_spin() {
+    require_netns!();
+    // A descriptor table small enough to fill (the proxy raises its soft limit to the hard one).
+    let limit = 128;
+    let proxied = proxied_pod_launched_by(&["prlimit", &format!("--nofile={limit}:{limit}"), "--"], &[]);
+    echo_server(&proxied);
+    let pid = proxied.proxy.id();
+
+    // Relayed connections take two descriptors each: hold them until at most one is left.
+    let mut relayed = Vec::new();
+    while fds_below(pid, limit) + 2 <= limit {
+        let mut stream = connect_many(&proxied, 1).remove(0);
+        round_trip(&mut stream).expect("relayed below the limit");
+        relayed.push(stream);
+    }
+    // Probes of the health port take the last descriptor (the admin task holds it while it
+    // waits 5 s for a request) and then stay pending in the backlog.
+    let health = SocketAddr::from(([127, 0, 0, 1], 15021));
+    let probes: Vec<TcpStream> = proxied.pod.enter(|| (0..3).map(|_| TcpStream::connect(health).expect("backlog")).collect());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(fds_below(pid, limit), limit, "the proxy's descriptor table is full");
+
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(pid) - before;
+    // A loop retrying accept at once burns a whole CPU (about 100 ticks here, still dozens on a
+    // loaded machine); backing off costs next to nothing.
+    assert!(used < 20, "the proxy used {used} ticks of CPU in 1 s with a full descriptor table");
+
+    // Once descriptors are free again, the pending probe is answered.
+    drop(relayed);
+    drop(probes);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ready = loop {
+        let answer = proxied.pod.enter(|| -> io::Result<String> {
+            let mut stream = TcpStream::connect_timeout(&health, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n")?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        });
+        match answer {
+            Ok(answer) if answer.starts_with("HTTP/1.1 200") => break answer,
+            _ => assert!(Instant::now() < deadline, "health never answered again:\n{}", proxied.log_text()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(ready.ends_with("ready\n"), "{ready}");
+    assert!(proxied.log_text().contains("accept failed"), "{}", proxied.log_text());
 }
