@@ -61,20 +61,20 @@ pub struct ProxyConfig {
     #[arg(long)]
     pub allow_any_uid: bool,
 
-    /// How long to wait for the upstream to accept a connection (e.g. 10s, 500ms).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    /// How long to wait for the upstream to accept a connection, in Go's syntax (e.g. 10s, 500ms).
+    #[arg(long, default_value = "10s", value_parser = timeout)]
     pub connect_timeout: Duration,
 
-    /// Close a connection when neither side has sent anything for this long.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    /// Close a connection when neither side has sent anything for this long (e.g. 1h, 90m).
+    #[arg(long, default_value = "1h", value_parser = timeout)]
     pub idle_timeout: Duration,
 
     /// Connections relayed at once; more are refused with a reset.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
-    /// After SIGTERM, how long in-flight connections may run before the proxy exits.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    /// After SIGTERM, how long in-flight connections may run before the proxy exits (0: close them at once).
+    #[arg(long, default_value = "5s", value_parser = go_syntax::parse_duration)]
     pub drain_timeout: Duration,
 
     /// How the relay moves bytes.
@@ -124,20 +124,14 @@ impl ProxyConfig {
     }
 }
 
-/// Parses `250ms`, `10s`, `2m`, `1h`, or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 10s or 500ms"))?;
-    let seconds_per_unit = match unit {
-        "ms" => return Ok(Duration::from_millis(value)),
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        _ => return Err(format!("unknown unit `{unit}` in `{text}` (use ms, s, m or h)")),
-    };
-    Ok(Duration::from_secs(value * seconds_per_unit))
+/// A timeout in Go's duration syntax, as Istio's flags take it: zero would end every
+/// connection (or connect attempt) at once, so it is refused with the rest of the bad values.
+fn timeout(text: &str) -> Result<Duration, String> {
+    match go_syntax::parse_duration(text) {
+        Ok(Duration::ZERO) => Err(format!("{text:?} would time out at once: give a duration longer than 0, such as 10s")),
+        Ok(duration) => Ok(duration),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -177,15 +171,27 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert!(parse_duration("1d").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("").is_err());
+    fn durations_are_gos_and_zero_or_overflowing_timeouts_are_refused() {
+        let config = parse(&["--connect-timeout", "1m30s", "--idle-timeout", "1.5h", "--drain-timeout", "0"]).unwrap();
+        assert_eq!(config.connect_timeout, Duration::from_secs(90));
+        assert_eq!(config.idle_timeout, Duration::from_secs(5400));
+        assert_eq!(config.drain_timeout, Duration::ZERO, "no drain: close at once");
+        let longest = parse(&["--idle-timeout", "2562047h47m16.854775807s"]).unwrap();
+        assert_eq!(longest.idle_timeout, Duration::from_nanos(i64::MAX as u64));
+        for (flag, value, why) in [
+            ("--idle-timeout", "0s", "longer than 0"),
+            ("--connect-timeout", "0", "longer than 0"),
+            ("--idle-timeout", "9999999999999999999s", "too long"),
+            ("--drain-timeout", "99999999999999999h", "too long"),
+            ("--idle-timeout", "7", "not a duration"),
+            ("--connect-timeout", "1d", "not a duration"),
+            ("--drain-timeout", "-5s", "negative"),
+        ] {
+            let error = parse(&[&format!("{flag}={value}")]).unwrap_err();
+            assert_eq!(error.exit_code(), 2, "{flag} {value}");
+            let message = error.to_string();
+            assert!(message.contains(flag) && message.contains(why), "{flag} {value}: {message}");
+        }
     }
 
     #[test]

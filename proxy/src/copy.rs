@@ -283,7 +283,9 @@ impl Activity {
     /// Completes once nothing has moved for `timeout`.
     async fn idle_for(&self, timeout: Duration) {
         loop {
-            let deadline = self.started + Duration::from_millis(self.last_ms.load(Relaxed)) + timeout;
+            let last = self.started + Duration::from_millis(self.last_ms.load(Relaxed));
+            // Past what the clock can hold (Go's longest duration, about 292 years): never.
+            let Some(deadline) = last.checked_add(timeout) else { return std::future::pending().await };
             if Instant::now() >= deadline {
                 return;
             }

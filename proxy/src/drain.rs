@@ -1,4 +1,4 @@
-//! Graceful shutdown: on SIGTERM stop accepting, then let in-flight connections finish, up
+//! Graceful shutdown: on SIGTERM (or SIGINT) stop accepting, then let in-flight connections finish, up
 //! to a deadline. The same count of in-flight connections enforces `--max-connections`.
 
 use std::sync::Arc;
@@ -6,16 +6,29 @@ use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tracing::info;
 
-/// Installs the SIGTERM (what Kubernetes sends) and SIGINT handlers now, and returns a future
-/// that completes with the name of the first of them to arrive.
+/// Installs the signal handlers now, so that from here on no signal below ends the process by
+/// its default action, and returns a future that completes with the name of the first signal that
+/// stops the proxy: SIGTERM (what Kubernetes sends) or SIGINT. SIGHUP, SIGUSR1 and SIGUSR2 are
+/// logged and ignored: the proxy has no configuration to reload and no log to reopen, and
+/// draining on a stray hang-up would take the pod's traffic down (Envoy ignores SIGHUP too).
 pub fn termination_signal() -> std::io::Result<impl std::future::Future<Output = &'static str>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     Ok(async move {
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        loop {
+            let ignored = tokio::select! {
+                _ = term.recv() => return "SIGTERM",
+                _ = int.recv() => return "SIGINT",
+                _ = hup.recv() => "SIGHUP",
+                _ = usr1.recv() => "SIGUSR1",
+                _ = usr2.recv() => "SIGUSR2",
+            };
+            info!(signal = ignored, "ignored: only SIGTERM and SIGINT stop the proxy");
         }
     })
 }

@@ -63,6 +63,13 @@ fn main() -> ExitCode {
 }
 
 fn run(config: ProxyConfig) -> Result<(), Error> {
+    // The main thread's runtime serves the admin endpoints and the signals. It starts no thread,
+    // and its signal handlers go in first, so that no signal kills the proxy unannounced.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+    let terminated = {
+        let _main = runtime.enter();
+        drain::termination_signal().map_err(Error::Runtime)?
+    };
     privileges::check_uid(nix::unistd::getuid().as_raw(), config.proxy_uid, config.allow_any_uid)?;
     privileges::acquire(config.inbound_mode)?;
     raise_open_files_limit();
@@ -91,8 +98,7 @@ fn run(config: ProxyConfig) -> Result<(), Error> {
         metrics: listeners.metrics,
         state: Arc::new(admin::State { ready: false.into(), metrics }),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
-    runtime.block_on(supervise(&config, admin, accepting, in_flight, trigger, stop))
+    runtime.block_on(supervise(&config, admin, accepting, in_flight, terminated, trigger, stop))
 }
 
 /// Every listener of a run, bound before any capability is dropped.
@@ -184,16 +190,16 @@ struct Admin {
     state: Arc<admin::State>,
 }
 
-/// Serves the admin endpoints until SIGTERM, then stops accepting everywhere and drains.
+/// Serves the admin endpoints until `terminated` (SIGTERM), then stops accepting everywhere and drains.
 async fn supervise(
     config: &ProxyConfig,
     admin: Admin,
     accepting: Vec<tokio::task::JoinHandle<()>>,
     in_flight: InFlight,
+    terminated: impl std::future::Future<Output = &'static str>,
     trigger: drain::Trigger,
     stop: Stop,
 ) -> Result<(), Error> {
-    let terminated = drain::termination_signal().map_err(Error::Runtime)?;
     for (listeners, endpoint) in [(admin.health, Endpoint::Health), (admin.metrics, Endpoint::Metrics)] {
         for listener in listeners {
             let listener = TcpListener::from_std(listener).map_err(Error::Runtime)?;

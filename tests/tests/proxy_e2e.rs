@@ -673,6 +673,85 @@ fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     assert!(mesh.log_text().contains("drained"), "{}", mesh.log_text());
 }
 
+/// Starts capture-proxy in a fresh namespace with `flags` and returns its exit code and
+/// stderr; a proxy still running after 5 s fails the test (it accepted what it should refuse).
+fn start_expecting_exit(flags: &[&str]) -> (Option<i32>, String) {
+    let pod = Pod::new();
+    let log = std::env::temp_dir().join(format!("{}-capture-proxy.log", pod.name));
+    let mut proxy = ProxyProcess::spawn(pod.cmd(release_bin("capture-proxy")).arg("--allow-any-uid").args(flags), log);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(status) = proxy.try_wait().unwrap() {
+            return (status.code(), proxy.log_text());
+        }
+        assert!(Instant::now() < deadline, "{flags:?} was accepted: the proxy is running\n{}", proxy.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn zero_overflowing_and_non_go_durations_are_refused_at_start_up() {
+    require_netns!();
+    for (flag, value) in [
+        ("--idle-timeout", "0s"),
+        ("--connect-timeout", "0"),
+        ("--idle-timeout", "9999999999999999999s"),
+        ("--drain-timeout", "99999999999999999h"),
+        ("--idle-timeout", "7"),
+    ] {
+        let (code, stderr) = start_expecting_exit(&[flag, value]);
+        assert_eq!(code, Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag) && stderr.contains(value), "{flag} {value}: {stderr}");
+    }
+}
+
+#[test]
+fn the_longest_go_duration_is_an_idle_timeout_that_never_fires() {
+    require_netns!();
+    let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &["--idle-timeout", "2562047h47m16.854775807s"]);
+    let app = server(&mesh.pod, APP_PORT, echo_peer);
+    let answer = request(&mut connect(&mesh.client, SocketAddr::new(Family::V4.addrs().pod, APP_PORT)));
+    assert!(answer.starts_with("127.0.0.6:"), "{answer}\n{}", mesh.log_text());
+    app.recv_timeout(Duration::from_secs(5)).unwrap();
+    mesh.expect_metric(r#"capture_proxy_connections_active{direction="inbound"}"#, 0);
+    assert!(!mesh.log_text().contains("panicked"), "{}", mesh.log_text());
+}
+
+#[test]
+fn sighup_and_sigusr_are_logged_and_ignored_with_connections_in_flight() {
+    require_netns!();
+    let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
+    let app = server(&mesh.pod, APP_PORT, |stream| {
+        let received = receive_all(stream)?;
+        stream.write_all(b"done").map_err(|e| e.kind())?;
+        Ok(received)
+    });
+    let pod_app = SocketAddr::new(Family::V4.addrs().pod, APP_PORT);
+    let mut in_flight = connect(&mesh.client, pod_app);
+    in_flight.write_all(b"first half, ").unwrap();
+    mesh.expect_metric(r#"capture_proxy_connections_active{direction="inbound"}"#, 1);
+
+    for signal in ["HUP", "USR1", "USR2"] {
+        run_ok(Command::new("kill").args([&format!("-{signal}"), &mesh.proxy.id().to_string()]));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(mesh.proxy.alive(), "a signal stopped the proxy:\n{}", mesh.log_text());
+    mesh.wait_ready();
+    // The connection in flight completes, and new ones are still relayed.
+    in_flight.write_all(b"second half").unwrap();
+    in_flight.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    in_flight.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "done");
+    assert_eq!(app.recv_timeout(Duration::from_secs(5)).unwrap().received.map(|d| d.len), Ok(23));
+    assert_eq!(request(&mut connect(&mesh.client, pod_app)), "done");
+    let log = mesh.log_text();
+    for signal in ["SIGHUP", "SIGUSR1", "SIGUSR2"] {
+        assert!(log.contains(&format!("signal=\"{signal}\"")) || log.contains(&format!("signal={signal}")), "{log}");
+    }
+    assert!(!log.contains("draining"), "{log}");
+}
+
 #[test]
 fn refuses_to_run_where_its_own_traffic_would_loop_or_tproxy_cannot_work() {
     require_netns!();
