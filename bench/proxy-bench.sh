@@ -7,23 +7,37 @@
 #                 original destination, source 127.0.0.6, option splice-auto)
 # Each path has its own pod namespace (all with the same istio-iptables rules except direct),
 # linked to one client namespace. Measures iperf3 throughput, 1-byte request/response latency
-# (p50/p99) and new connections per second, and writes the table to BENCHMARKS-proxy.md.
+# (p50/p99), the proxy's system calls per round trip (perf), new connections per second with the
+# proxy's CPU per connection, and the proxy's RSS per idle relayed connection at two counts; writes
+# the tables, with capture-proxy/HAProxy ratios taken within each round, to BENCHMARKS-proxy.md.
 #
 # Run as root from the repository root, after scripts/build.sh:
-#   bench/proxy-bench.sh     (ROUNDS=3 SECONDS_PER_TEST=5 LATENCY_COUNT=20000 RATE_THREADS=4 by default)
+#   bench/proxy-bench.sh     (ROUNDS=5 SECONDS_PER_TEST=5 LATENCY_COUNT=20000 RATE_THREADS=4
+#                             SYSCALL_COUNT=5000 IDLE_COUNTS="1000 10000" by default)
+# Idle connections take two descriptors in the proxy: the larger count is cut to what the
+# RLIMIT_NOFILE hard limit allows (raising it needs CAP_SYS_RESOURCE), and the table says so.
 # Everything stays inside the namespaces this script creates; it removes them on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${SECONDS_PER_TEST:-5}
 latency_count=${LATENCY_COUNT:-20000}
-rounds=${ROUNDS:-3}
+rounds=${ROUNDS:-5}
 rate_threads=${RATE_THREADS:-4}
+syscall_count=${SYSCALL_COUNT:-5000}
+# Each idle relayed connection holds two of the proxy's descriptors; keep 400 for the rest.
+fd_limit=$(ulimit -Hn)
+idle_counts=""
+for n in ${IDLE_COUNTS:-1000 10000}; do
+  idle_counts+=" $(( n < (fd_limit - 400) / 2 ? n : (fd_limit - 400) / 2 ))"
+done
+idle_counts=${idle_counts# }
+idle_max=${idle_counts##* }
 out=${OUT:-BENCHMARKS-proxy.md}
 release=target/release
 
-for tool in haproxy iperf3; do
-  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy iperf3 >/dev/null; }
+for tool in haproxy iperf3 perf; do
+  command -v "$tool" >/dev/null || { apt-get update -qq && apt-get install -y -qq haproxy iperf3 linux-perf >/dev/null; }
 done
 scripts/build.sh -q istio-iptables capture-proxy
 cargo build --release -q -p capture-proxy --example loadgen
@@ -74,9 +88,10 @@ for path in "${paths[@]}"; do
         "$capture_proxy" --relay "$path" 2>"$work/proxy-$path.log" &
       ;;
     haproxy)
-      cat >"$work/haproxy.cfg" <<'CFG'
+      cat >"$work/haproxy.cfg" <<CFG
 global
-    maxconn 7000
+    maxconn $((idle_max + 50))
+    maxpipes 64
 defaults
     mode tcp
     timeout connect 10s
@@ -96,29 +111,76 @@ CFG
 done
 sleep 1
 
-# CPU time (user + system, in clock ticks) the proxy in pod $1 has used so far; 0 on the
-# direct path.
-proxy_cpu_ticks() {
+# The pid of the proxy under test in the pod of path $1; empty on the direct path.
+proxy_pid() {
   local pid
   for pid in $(ip netns pids "$tag$1"); do
     case $(cat "/proc/$pid/comm") in
-      capture-proxy | haproxy) awk '{ print $14 + $15 }' "/proc/$pid/stat" && return ;;
+      capture-proxy | haproxy) echo "$pid" && return ;;
     esac
   done
-  echo 0
+}
+
+# CPU time (user + system, in clock ticks) process $1 has used so far.
+cpu_ticks() {
+  awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
+rss_kib() {
+  awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"
+}
+
+# System calls the proxy (pid $2) makes per 1-byte round trip, over SYSCALL_COUNT trips to
+# 10.55.$1.2 (and their tenth as warm-up), counted by perf on the syscall-entry tracepoint.
+syscalls_per_round_trip() {
+  local perf_pid count
+  perf stat -x, -e raw_syscalls:sys_enter -p "$2" -o "$work/perf.csv" &
+  perf_pid=$!
+  sleep 0.5
+  ip netns exec "$client" "$loadgen" latency "10.55.$1.2:8080" "$syscall_count" >/dev/null
+  kill -INT "$perf_pid"
+  wait "$perf_pid" || true
+  count=$(awk -F, '/raw_syscalls:sys_enter/ { print $1 }' "$work/perf.csv")
+  python3 -c "print('%.2f' % ($count / ($syscall_count + $syscall_count // 10)))"
+}
+
+# The proxy's (pid $2) RSS growth per connection while IDLE_COUNTS idle connections to the
+# holding server at 10.55.$1.2:8081 are relayed: one figure per count, in bytes.
+idle_bytes_per_connection() {
+  local rss_before line n figures=()
+  rss_before=$(rss_kib "$2")
+  coproc holder { ip netns exec "$client" "$loadgen" hold "10.55.$1.2:8081" $idle_counts; }
+  for n in $idle_counts; do
+    read -r line <&"${holder[0]}"
+    [ "$line" = "held $n" ] || { echo "holding $n connections failed: $line" >&2; exit 1; }
+    sleep 0.5
+    figures+=("$(( ($(rss_kib "$2") - rss_before) * 1024 / n ))")
+    echo >&"${holder[1]}"
+  done
+  wait "$holder_PID"
+  echo "${figures[@]}"
 }
 
 # One measurement of each kind against the pod of path $2 (number $1, at 10.55.$1.2):
-# "gbps p50_us p99_us connections_per_s failed proxy_cpu_us_per_connection".
+# "gbps p50_us p99_us connections_per_s failed cpu_us_per_connection syscalls_per_rtt idle_bytes..."
+# (the last three 0 on the direct path).
 measure() {
-  local addr=10.55.$1.2 gbps latency rate cpu_before cpu_after
+  local addr=10.55.$1.2 pid gbps latency rate cpu_before cpu_after cpu=0 syscalls=0 idle
+  pid=$(proxy_pid "$2")
   gbps=$(ip netns exec "$client" iperf3 -c "$addr" -p 5201 -t "$seconds" -J |
     python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))')
   latency=$(ip netns exec "$client" "$loadgen" latency "$addr:8080" "$latency_count")
-  cpu_before=$(proxy_cpu_ticks "$2")
+  [ -n "$pid" ] && cpu_before=$(cpu_ticks "$pid")
   rate=$(ip netns exec "$client" "$loadgen" rate "$addr:8080" "$seconds" "$rate_threads")
-  cpu_after=$(proxy_cpu_ticks "$2")
-  echo "$gbps $latency $rate $(python3 -c "print('%.1f' % (($cpu_after - $cpu_before) * 1e6 / $(getconf CLK_TCK) / ($(echo "$rate" | cut -d' ' -f1) * $seconds)))")"
+  if [ -n "$pid" ]; then
+    cpu_after=$(cpu_ticks "$pid")
+    cpu=$(python3 -c "print('%.1f' % (($cpu_after - $cpu_before) * 1e6 / $(getconf CLK_TCK) / (${rate%% *} * $seconds)))")
+    syscalls=$(syscalls_per_round_trip "$1" "$pid")
+    idle=$(idle_bytes_per_connection "$1" "$pid")
+  else
+    idle=$(echo "$idle_counts" | sed 's/[0-9]*/0/g')
+  fi
+  echo "$gbps $latency $rate $cpu $syscalls $idle"
 }
 
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -132,30 +194,58 @@ for round in $(seq "$rounds"); do
   done
 done
 
-# A path's rounds, column by column: "median (min–max)" for each of gbps p50 p99 rate, and
-# the total of failed connections.
-summary() {
-  python3 - "$work/results-$1" "${2:-}" <<'PY'
-import statistics, sys
-rows = [list(map(float, line.split())) for line in open(sys.argv[1])]
-cols = list(zip(*rows))
-def cell(col, fmt):
-    med = fmt % statistics.median(col)
-    return "%s (%s–%s)" % (med, fmt % min(col), fmt % max(col)) if len(col) > 1 else med
-if sys.argv[2] == "p50":
-    print(statistics.median(cols[1]))
-else:
-    cells = [cell(c, fmt) for c, fmt in zip(cols, ["%.2f", "%.1f", "%.1f", "%.0f"])]
-    cpu = cell(cols[5], "%.1f") if max(cols[5]) > 0 else "–"
-    print(" | ".join(cells + ["%d" % sum(cols[4]), cpu]))
+# The tables: each path's median (lowest–highest) over the rounds, and the ratios of
+# capture-proxy (default relay) to HAProxy, taken within each round.
+report() {
+  WORK=$work ROUNDS=$rounds SECONDS_PER_TEST=$seconds RATE_THREADS=$rate_threads LATENCY_COUNT=$latency_count \
+    SYSCALL_COUNT=$syscall_count IDLE_COUNTS=$idle_counts FD_LIMIT=$fd_limit python3 - <<'PY'
+import os, statistics
+env = os.environ
+work, idle_counts = env["WORK"], env["IDLE_COUNTS"].split()
+def rows(path):
+    return [list(map(float, line.split())) for line in open(f"{work}/results-{path}")]
+results = {p: rows(p) for p in ["direct", "splice", "copy", "haproxy"]}
+direct = results["direct"]
+def cell(values, fmt):
+    med = fmt % statistics.median(values)
+    return f"{med} ({fmt % min(values)}–{fmt % max(values)})" if len(values) > 1 else med
+def column(path, i):
+    return [row[i] for row in results[path]]
+def added(path, i):
+    return [row[i] - d[i] for row, d in zip(results[path], direct)]
+labels = [("direct (no capture)", "direct"), ("capture-proxy, splice relay (default)", "splice"),
+          ("capture-proxy, copy relay (`--relay copy`)", "copy"), ("HAProxy 2.6 (`option splice-auto`)", "haproxy")]
+idle_heads = " | ".join(f"idle RSS per connection at {n} (bytes)" for n in idle_counts)
+print(f"| path | throughput (Gbit/s) | 1-byte RTT p50 (µs) | p99 (µs) | added p50 (µs) | added p99 (µs) | new connections/s | failed | proxy CPU per connection (µs) | proxy syscalls per round trip | {idle_heads} |")
+print("|---" * (10 + len(idle_counts)) + "|")
+for label, path in labels:
+    proxied = path != "direct"
+    cells = [cell(column(path, 0), "%.2f"), cell(column(path, 1), "%.1f"), cell(column(path, 2), "%.1f"),
+             cell(added(path, 1), "%+.1f") if proxied else "–", cell(added(path, 2), "%+.1f") if proxied else "–",
+             cell(column(path, 3), "%.0f"), "%d" % sum(column(path, 4)),
+             cell(column(path, 5), "%.1f") if proxied else "–", cell(column(path, 6), "%.2f") if proxied else "–"]
+    cells += [cell(column(path, 7 + k), "%.0f") if proxied else "–" for k in range(len(idle_counts))]
+    print(f"| {label} | " + " | ".join(cells) + " |")
+print()
+ours, theirs = results["splice"], results["haproxy"]
+def ratio(values_ours, values_theirs):
+    return [a / b for a, b in zip(values_ours, values_theirs)]
+measures = [
+    ("throughput", ratio(column("splice", 0), column("haproxy", 0)), "≥ 1", lambda r: r >= 1),
+    ("added p50 latency", ratio(added("splice", 1), added("haproxy", 1)), "≤ 0.8", lambda r: r <= 0.8),
+    ("added p99 latency", ratio(added("splice", 2), added("haproxy", 2)), "≤ 0.8", lambda r: r <= 0.8),
+    ("new connections/s", ratio(column("splice", 3), column("haproxy", 3)), "≥ 1", lambda r: r >= 1),
+    ("CPU per connection", ratio(column("splice", 5), column("haproxy", 5)), "(reported)", None),
+    ("syscalls per round trip", ratio(column("splice", 6), column("haproxy", 6)), "(reported)", None),
+] + [(f"idle RSS per connection at {n}", ratio(column("splice", 7 + k), column("haproxy", 7 + k)), "≤ 1", lambda r: r <= 1)
+     for k, n in enumerate(idle_counts)]
+print("| capture-proxy (default) ÷ HAProxy | median ratio (lowest–highest) | target | met by the median | met in every round |")
+print("|---|---|---|---|---|")
+for name, values, target, ok in measures:
+    met = ("yes" if ok(statistics.median(values)) else "no") if ok else "–"
+    every = ("yes" if all(map(ok, values)) else "no") if ok else "–"
+    print(f"| {name} | {cell(values, '%.2f')} | {target} | {met} | {every} |")
 PY
-}
-direct_p50=$(summary direct p50)
-row() {
-  local p50 added
-  p50=$(summary "$2" p50)
-  added=$(python3 -c "print('%+.1f' % ($p50 - $direct_p50))")
-  summary "$2" | awk -F' [|] ' -v label="$1" -v added="$added" '{ print "| " label " | " $1 " | " $2 " | " $3 " | " added " | " $4 " | " $5 " | " $6 " |" }'
 }
 
 {
@@ -164,25 +254,29 @@ row() {
   echo "Measured by \`bench/proxy-bench.sh\` on $(date -u +%Y-%m-%d): $(nproc) CPUs"
   echo "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r),"
   echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), iperf3 $(iperf3 -v | head -1 | cut -d' ' -f2)."
-  echo "Load average when the run started: $load_before (other work shared the machine: expect noise,"
-  echo "hence the ranges)."
+  echo "Load average when the run started: $load_before; when it ended: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "(other work shared the machine: expect noise, hence the ranges)."
   echo "Client and pod are network namespaces joined by a veth pair; every process shares the same CPUs."
   echo "The pod holds our \`istio-iptables\` REDIRECT rules (\`-b '*'\`), except on the direct path; the"
   echo "proxy under test runs as uid 1337 and dials the application from 127.0.0.6."
   echo
-  echo "| path | throughput (Gbit/s, iperf3 ${seconds}s, 1 stream) | 1-byte RTT p50 (µs) | p99 (µs) | added p50 vs direct (µs) | new connections/s (${rate_threads} clients, ${seconds}s) | failed | proxy CPU per connection (µs) |"
-  echo "|---|---|---|---|---|---|---|---|"
-  row "direct (no capture)" direct
-  row "capture-proxy, splice relay (default)" splice
-  row "capture-proxy, copy relay (\`--relay copy\`)" copy
-  row "HAProxy 2.6 (\`option splice-auto\`)" haproxy
+  report
   echo
   echo "Each cell is the median of ${rounds} rounds, with the lowest and highest in brackets; the rounds"
-  echo "alternate the paths. \"failed\" counts connections that did not complete, over all rounds."
+  echo "alternate the paths, and each ratio is taken within a round. \"failed\" counts connections that"
+  echo "did not complete, over all rounds. Throughput: iperf3, ${seconds} s, one stream."
   echo "Latency: ${latency_count} sequential 1-byte round trips on one connection after $((latency_count / 10)) warm-up"
-  echo "trips. Connections: each one connects, sends one byte, reads the echo and the server's close."
-  echo "Proxy CPU per connection: user + system time the proxy process used during the connection-rate"
-  echo "test, divided by the connections made; unlike the rates, it hardly depends on the machine's other load."
+  echo "trips; \"added\" is the path's figure minus the direct path's in the same round."
+  echo "Connections: ${rate_threads} client threads for ${seconds} s; each connection sends one byte, reads the echo and"
+  echo "the server's close. Proxy CPU per connection: user + system time of the proxy process during that"
+  echo "test, divided by the connections made. Syscalls: every system call the proxy process entered"
+  echo "(perf, \`raw_syscalls:sys_enter\`) during $((syscall_count + syscall_count / 10)) round trips, divided by them."
+  echo "Idle RSS: the proxy's resident memory growth while ${idle_counts// / and then } connections, each after"
+  echo "one 1-byte exchange, sit idle, divided by their number; kernel socket buffers are not in RSS."
+  echo "The larger count is what RLIMIT_NOFILE allows here (hard limit ${fd_limit}, two descriptors per"
+  echo "connection, which this machine does not let us raise), not 10,000. For the same reason HAProxy runs"
+  echo "with \`maxconn $((idle_max + 50))\` and \`maxpipes 64\` (its default, a quarter of maxconn, would reserve"
+  echo "descriptors beyond the limit)."
   echo "The two capture-proxy rows run the same code in the latency and connection tests (splice starts"
   echo "only after a 64 KiB read), so their difference in those columns shows this run's noise."
 } >"$out"

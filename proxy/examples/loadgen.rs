@@ -3,9 +3,12 @@
 //! connection, so that it costs every path under test the same.
 //!
 //! ```text
-//! loadgen serve PORT                     echo server on 0.0.0.0:PORT
+//! loadgen serve PORT                     echo server on 0.0.0.0:PORT, and a holding server on PORT+1
 //! loadgen latency ADDR COUNT             1-byte round trips on one connection: "p50_us p99_us"
 //! loadgen rate ADDR SECONDS THREADS      new connections per second, each one 1-byte exchange
+//! loadgen hold ADDR COUNT...             opens connections to a holding server until COUNT are
+//!                                        open, one 1-byte exchange each, prints "held COUNT" and
+//!                                        waits for a line on stdin; then the next COUNT
 //! ```
 
 use std::io::{Read, Write};
@@ -24,6 +27,7 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(arg(2).parse().unwrap_or_else(|_| usage())),
         Some("latency") => latency(parse_addr(arg(2)), arg(3).parse().unwrap_or_else(|_| usage())),
+        Some("hold") => hold(parse_addr(arg(2)), args[3..].iter().map(|n| n.parse().unwrap_or_else(|_| usage())).collect()),
         Some("rate") => {
             rate(parse_addr(arg(2)), arg(3).parse().unwrap_or_else(|_| usage()), arg(4).parse().unwrap_or_else(|_| usage()))
         }
@@ -32,7 +36,7 @@ fn main() {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: loadgen serve PORT | latency ADDR COUNT | rate ADDR SECONDS THREADS");
+    eprintln!("usage: loadgen serve PORT | latency ADDR COUNT | rate ADDR SECONDS THREADS | hold ADDR COUNT...");
     std::process::exit(2)
 }
 
@@ -42,6 +46,8 @@ fn parse_addr(text: &str) -> SocketAddr {
 
 fn serve(port: u16) {
     let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+    let holding = TcpListener::bind(("0.0.0.0", port + 1)).expect("bind");
+    std::thread::spawn(move || hold_connections(holding));
     for stream in listener.incoming().flatten() {
         std::thread::spawn(move || echo(stream));
     }
@@ -54,6 +60,42 @@ fn echo(mut stream: TcpStream) {
         if stream.write_all(&byte).is_err() || byte[0] == ANSWER_AND_CLOSE {
             return;
         }
+    }
+}
+
+/// Answers the first byte of each connection and then keeps it open, idle, without a thread
+/// per connection (thousands are held at once).
+fn hold_connections(listener: TcpListener) {
+    let mut held = Vec::new();
+    let mut sweep_at = 1024;
+    for mut stream in listener.incoming().flatten() {
+        let mut byte = [0u8; 1];
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        if stream.read_exact(&mut byte).is_ok() && stream.write_all(&byte).is_ok() && stream.set_nonblocking(true).is_ok() {
+            held.push(stream);
+        }
+        // Every 1024 accepts, let go of the connections the client has closed since.
+        if held.len() >= sweep_at {
+            held.retain(|s: &TcpStream| matches!(s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
+            sweep_at = held.len() + 1024;
+        }
+    }
+}
+
+fn hold(addr: SocketAddr, counts: Vec<usize>) {
+    let mut held = Vec::new();
+    for count in counts {
+        while held.len() < count {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut byte = [b'h'];
+            stream.write_all(&byte).unwrap();
+            stream.read_exact(&mut byte).expect("answer");
+            held.push(stream);
+        }
+        println!("held {count}");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).unwrap();
     }
 }
 

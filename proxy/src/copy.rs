@@ -1,16 +1,19 @@
 //! The relay: moves bytes both ways between a client and its upstream until both directions
 //! have ended, passing each FIN on by itself (half-close) and stopping at the first error.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
-use tokio::io::Interest;
+use tokio::io::{Interest, Ready};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::config::RelayMode;
 use crate::socket;
@@ -59,6 +62,10 @@ pub struct Totals<'a> {
 
 /// Relays between `client` and `upstream` until both directions end, one fails, or nothing
 /// moves for `idle_timeout`.
+///
+/// One hand-written poll drives both directions, so a connection's whole relay state is a few
+/// words and its timer: each socket's readiness is awaited through its own reader and writer
+/// wake-up slots (`poll_read_ready`, `poll_write_ready`), with no waiter kept in the task.
 pub async fn relay(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -66,180 +73,292 @@ pub async fn relay(
     idle_timeout: Duration,
     totals: Totals<'_>,
 ) -> (Transferred, Close) {
-    let started = Instant::now();
-    let activity = Activity { started, last_ms: AtomicU64::new(0) };
-    let up = Meter { conn: AtomicU64::new(0), total: totals.upstream, activity: &activity };
-    let down = Meter { conn: AtomicU64::new(0), total: totals.downstream, activity: &activity };
     let splice = mode == RelayMode::Splice;
-    let close = both_ways(client, upstream, &up, &down, splice, idle_timeout).await;
-    (Transferred { upstream: up.conn.load(Relaxed), downstream: down.conn.load(Relaxed) }, close)
+    let mut up = Flow::new(client, upstream, Side::Client, Side::Upstream, totals.upstream, splice);
+    let mut down = Flow::new(upstream, client, Side::Upstream, Side::Client, totals.downstream, splice);
+    let mut idle = Idle::new(idle_timeout);
+    let mut idle_timer = pin!(tokio::time::sleep(idle_timeout));
+    // Once one direction has ended, the socket it read from is no longer polled for data: its
+    // reset is watched for separately, so that it still reaches the other side promptly.
+    let mut ended_reader = None;
+    let close = std::future::poll_fn(|cx| {
+        let mut moved = false;
+        for flow in [&mut up, &mut down] {
+            if let Poll::Ready(Err((side, error))) = flow.poll(cx) {
+                return Poll::Ready(Close::Failed(side, error));
+            }
+            moved |= flow.progressed;
+        }
+        match (up.ended(), down.ended()) {
+            (true, true) => return Poll::Ready(Close::Finished),
+            (true, false) => {
+                if let Poll::Ready(error) = watch_for_reset(&mut ended_reader, client, cx) {
+                    return Poll::Ready(Close::Failed(Side::Client, error));
+                }
+            }
+            (false, true) => {
+                if let Poll::Ready(error) = watch_for_reset(&mut ended_reader, upstream, cx) {
+                    return Poll::Ready(Close::Failed(Side::Upstream, error));
+                }
+            }
+            (false, false) => {}
+        }
+        if moved {
+            idle.touch();
+        }
+        match idle.poll(idle_timer.as_mut(), cx) {
+            Poll::Ready(()) => Poll::Ready(Close::Idle),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    (Transferred { upstream: up.bytes, downstream: down.bytes }, close)
 }
 
-async fn both_ways(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    up: &Meter<'_>,
-    down: &Meter<'_>,
-    splice: bool,
-    idle_timeout: Duration,
-) -> Close {
-    let relaying = async {
-        let mut to_upstream = pin!(one_way(client, upstream, Side::Client, Side::Upstream, up, splice));
-        let mut to_client = pin!(one_way(upstream, client, Side::Upstream, Side::Client, down, splice));
-        // Once one direction has ended, the socket it read from is no longer polled for data;
-        // watch it for a reset so that it still reaches the other side promptly.
-        let (rest, ended_reader, side) = tokio::select! {
-            ended = &mut to_upstream => { ended?; (to_client, client, Side::Client) }
-            ended = &mut to_client => { ended?; (to_upstream, upstream, Side::Upstream) }
-        };
-        tokio::select! {
-            ended = rest => ended,
-            _ = ended_reader.ready(Interest::ERROR) => Err((side, socket::take_error(ended_reader))),
+/// A boxed wait for an error on `socket`, made the first time it is needed (only half-closed
+/// connections need one); ready with the socket's error.
+fn watch_for_reset<'a>(
+    watch: &mut Option<Pin<Box<dyn Future<Output = io::Result<Ready>> + Send + 'a>>>,
+    socket: &'a TcpStream,
+    cx: &mut Context<'_>,
+) -> Poll<io::Error> {
+    let waiting = watch.get_or_insert_with(|| Box::pin(socket.ready(Interest::ERROR)));
+    waiting.as_mut().poll(cx).map(|_| socket::take_error(socket))
+}
+
+/// When the relay last moved data, and the timer that ends it after `timeout` of silence.
+struct Idle {
+    timeout: Duration,
+    last: Instant,
+}
+
+impl Idle {
+    fn new(timeout: Duration) -> Idle {
+        Idle { timeout, last: Instant::now() }
+    }
+
+    fn touch(&mut self) {
+        self.last = Instant::now();
+    }
+
+    /// Ready once nothing has moved for the timeout. The timer is only moved when it fires
+    /// early, not on every step.
+    fn poll(&self, mut timer: Pin<&mut Sleep>, cx: &mut Context<'_>) -> Poll<()> {
+        while timer.as_mut().poll(cx).is_ready() {
+            // Past what the clock can hold (Go's longest duration, about 292 years): never.
+            let Some(deadline) = self.last.checked_add(self.timeout) else { return Poll::Pending };
+            if deadline <= Instant::now() {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(deadline);
         }
-    };
-    tokio::select! {
-        ended = relaying => match ended {
-            Ok(()) => Close::Finished,
-            Err((side, error)) => Close::Failed(side, error),
-        },
-        () = up.activity.idle_for(idle_timeout) => Close::Idle,
+        Poll::Pending
     }
 }
 
-/// Moves `from`'s bytes to `to` until `from` sends FIN, then passes the FIN on.
-async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
+/// Steps one direction takes per poll before letting other connections run.
+const STEPS_PER_POLL: usize = 16;
+
+/// One direction: moves `from`'s bytes to `to` until `from` sends FIN, then passes the FIN on.
+/// While nothing is in flight it holds no buffer and no pipe: bytes are read into the worker's
+/// scratch buffer (or spliced into a pooled pipe) only once `from` is readable, and written on at
+/// once; only what `to` cannot take yet is kept, until it can.
+struct Flow<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
     reader: Side,
     writer: Side,
-    meter: &Meter<'_>,
+    total: &'a AtomicU64,
+    bytes: u64,
+    held: Option<Held>,
     splice: bool,
-) -> Result<(), (Side, io::Error)> {
-    let mut chunk = Chunk::Buffer(Buffer::new());
-    loop {
-        let read = loop {
-            match chunk.fill(from) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => from.readable().await.map_err(|e| (reader, e))?,
-                other => break other.map_err(|e| (reader, e))?,
-            }
-        };
-        if read == 0 {
-            return socket::shutdown_write(to).map_err(|e| (writer, e));
+    /// This direction carries bulk data: it splices from now on (HAProxy's splice-auto).
+    bulk: bool,
+    ended: bool,
+    progressed: bool,
+}
+
+impl<'a> Flow<'a> {
+    fn new(from: &'a TcpStream, to: &'a TcpStream, reader: Side, writer: Side, total: &'a AtomicU64, splice: bool) -> Self {
+        Flow { from, to, reader, writer, total, bytes: 0, held: None, splice, bulk: false, ended: false, progressed: false }
+    }
+
+    fn ended(&self) -> bool {
+        self.ended
+    }
+
+    fn add(&mut self, written: usize) {
+        self.bytes += written as u64;
+        self.total.fetch_add(written as u64, Relaxed);
+    }
+
+    /// Moves what can be moved now (setting `progressed` if it read anything): Ready(Ok) once
+    /// the direction has ended, Pending while it waits for a socket.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), (Side, io::Error)>> {
+        self.progressed = false;
+        if self.ended {
+            return Poll::Ready(Ok(()));
         }
-        meter.activity.touch();
-        let mut left = read;
-        while left > 0 {
-            match chunk.drain(to) {
-                Ok(written) => {
-                    left -= written;
-                    meter.add(written);
+        for _ in 0..STEPS_PER_POLL {
+            if let Some(held) = self.held.as_mut() {
+                match held.write(self.to) {
+                    Ok(written) => {
+                        if held.is_empty() {
+                            if let Some(held) = self.held.take() {
+                                held.release();
+                            }
+                        }
+                        self.add(written);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => match self.to.poll_write_ready(cx) {
+                        Poll::Ready(Ok(())) => continue,
+                        Poll::Ready(Err(e)) => return Poll::Ready(Err((self.writer, e))),
+                        Poll::Pending => return Poll::Pending,
+                    },
+                    Err(e) => return Poll::Ready(Err((self.writer, e))),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await.map_err(|e| (writer, e))?,
-                Err(e) => return Err((writer, e)),
             }
+            let attempt = if self.bulk { Pipe::relay(self.from, self.to) } else { relay_through_scratch(self.from, self.to) };
+            let Moved { read, written, rest } = match attempt {
+                Ok(moved) => moved,
+                Err(Failure::Read(e)) if e.kind() == io::ErrorKind::WouldBlock => match self.from.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => continue,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((self.reader, e))),
+                    Poll::Pending => return Poll::Pending,
+                },
+                Err(Failure::Read(e)) => return Poll::Ready(Err((self.reader, e))),
+                Err(Failure::Write(e)) => return Poll::Ready(Err((self.writer, e))),
+            };
+            if read == 0 {
+                self.ended = true;
+                return Poll::Ready(socket::shutdown_write(self.to).map_err(|e| (self.writer, e)));
+            }
+            self.progressed = true;
+            self.add(written);
+            // A read that filled the scratch buffer means bulk data; small exchanges are as
+            // cheap through the buffer.
+            self.bulk |= self.splice && read == SCRATCH_SIZE;
+            self.held = rest;
         }
-        if splice {
-            chunk.splice_if_bulk();
-        }
+        // Busy: let the worker's other connections run, then carry on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
-/// Where one direction holds bytes between reading them and writing them.
-enum Chunk {
-    Buffer(Buffer),
+/// What one read-and-write step moved.
+struct Moved {
+    /// Bytes taken from the reader; 0 is its FIN.
+    read: usize,
+    /// Bytes the writer took at once.
+    written: usize,
+    /// What the writer could not take yet.
+    rest: Option<Held>,
+}
+
+/// Why a step stopped: the reader (WouldBlock: nothing to read yet) or the writer failed.
+enum Failure {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Bytes read but not yet written, kept by the direction only while the writer is backed up.
+enum Held {
+    Bytes { bytes: Box<[u8]>, start: usize },
     Pipe(Pipe),
 }
 
-impl Chunk {
-    /// Takes what `from` has (WouldBlock when nothing yet); 0 means FIN. Called only when
-    /// the chunk is empty.
-    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+impl Held {
+    fn is_empty(&self) -> bool {
         match self {
-            Chunk::Buffer(buffer) => buffer.fill(from),
-            Chunk::Pipe(pipe) => pipe.fill(from),
+            Held::Bytes { bytes, start } => *start == bytes.len(),
+            Held::Pipe(pipe) => pipe.held == 0,
         }
     }
 
-    /// Gives `to` some of the held bytes (WouldBlock when it can take none now).
-    fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
+    /// Writes some of the held bytes; returns how many.
+    fn write(&mut self, to: &TcpStream) -> io::Result<usize> {
         match self {
-            Chunk::Buffer(buffer) => buffer.drain(to),
-            Chunk::Pipe(pipe) => pipe.drain(to),
-        }
-    }
-
-    /// Moves to splice once this direction carries bulk data (HAProxy's splice-auto): for
-    /// small exchanges read/write is as cheap, and the pipe's two descriptors are not worth
-    /// holding. Stays on the buffer when no pipe can be had (descriptor limit).
-    fn splice_if_bulk(&mut self) {
-        if let Chunk::Buffer(buffer) = self {
-            if buffer.end >= Buffer::SPLICE_AFTER {
-                if let Ok(pipe) = Pipe::new() {
-                    *self = Chunk::Pipe(pipe);
-                }
+            Held::Bytes { bytes, start } => {
+                let written = to.try_write(&bytes[*start..])?;
+                *start += written;
+                Ok(written)
             }
+            Held::Pipe(pipe) => pipe.drain(to),
+        }
+    }
+
+    /// Frees what was held once it is all written: a pipe goes back to the worker's pool.
+    fn release(self) {
+        if let Held::Pipe(pipe) = self {
+            pipe.give_back();
         }
     }
 }
 
-/// A userspace buffer that starts small (most connections are short) and doubles, up to a
-/// cap, each time a read fills it.
-struct Buffer {
-    bytes: Vec<u8>,
-    start: usize,
-    end: usize,
+/// Each worker's one read buffer, lent to whichever connection is being served; a read larger
+/// than this is bulk data.
+const SCRATCH_SIZE: usize = 64 * 1024;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
 }
 
-impl Buffer {
-    /// Small, so that thousands of quiet connections cost little memory.
-    const INITIAL: usize = 4 * 1024;
-    const MAX: usize = 256 * 1024;
-    /// A single read this large means bulk data.
-    const SPLICE_AFTER: usize = 64 * 1024;
-
-    fn new() -> Buffer {
-        Buffer { bytes: vec![0; Self::INITIAL], start: 0, end: 0 }
-    }
-
-    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
-        if self.end == self.bytes.len() && self.bytes.len() < Self::MAX {
-            self.bytes.resize(self.bytes.len() * 2, 0);
+/// Reads what `from` has into the scratch buffer and writes it to `to`, keeping a copy of
+/// only what `to` cannot take.
+fn relay_through_scratch(from: &TcpStream, to: &TcpStream) -> Result<Moved, Failure> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let read = read_draining(from, scratch).map_err(Failure::Read)?;
+        if read == 0 {
+            return Ok(Moved { read, written: 0, rest: None });
         }
-        let capacity = self.bytes.len();
-        let mut short_read = None;
-        // A read that returns less than asked for has emptied the socket (TCP reads stop only
-        // when the receive queue is empty), so tokio's readiness is cleared as after EAGAIN,
-        // sparing the read that would only return EAGAIN. The clear keeps any event that
-        // arrived after the read, exactly as for a real EAGAIN.
-        let result = from.try_io(Interest::READABLE, || {
-            let read = nix::unistd::read(from, &mut self.bytes)?;
-            if read > 0 && read < capacity {
-                short_read = Some(read);
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            Ok(read)
-        });
-        let read = match (result, short_read) {
-            (Err(e), Some(read)) if e.kind() == io::ErrorKind::WouldBlock => read,
-            (result, _) => result?,
+        let written = match to.try_write(&scratch[..read]) {
+            Ok(written) => written,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(Failure::Write(e)),
         };
-        (self.start, self.end) = (0, read);
-        Ok(read)
-    }
+        let rest = (written < read).then(|| Held::Bytes { bytes: scratch[written..read].into(), start: 0 });
+        Ok(Moved { read, written, rest })
+    })
+}
 
-    fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
-        let written = to.try_write(&self.bytes[self.start..self.end])?;
-        self.start += written;
-        Ok(written)
+/// Reads from `from` into `buffer` (WouldBlock when it has nothing yet; 0 at FIN).
+fn read_draining(from: &TcpStream, buffer: &mut [u8]) -> io::Result<usize> {
+    let capacity = buffer.len();
+    let mut short_read = None;
+    // A read that returns less than asked for has emptied the socket (TCP reads stop only when
+    // the receive queue is empty), so tokio's readiness is cleared as after EAGAIN, sparing the
+    // read that would only return EAGAIN. The clear keeps any event that arrived after the
+    // read, exactly as for a real EAGAIN.
+    let result = from.try_io(Interest::READABLE, || {
+        let read = nix::unistd::read(from, buffer)?;
+        if read > 0 && read < capacity {
+            short_read = Some(read);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(read)
+    });
+    match (result, short_read) {
+        (Err(e), Some(read)) if e.kind() == io::ErrorKind::WouldBlock => Ok(read),
+        (result, _) => result,
     }
 }
 
 /// A pipe that splice(2) moves bytes into from one socket and out of to the other, so they
-/// never cross into userspace.
+/// never cross into userspace. Directions borrow one from their worker's pool only while
+/// bytes are in it.
 struct Pipe {
     read_end: OwnedFd,
     write_end: OwnedFd,
     held: usize,
+}
+
+/// Empty pipes a worker keeps for the next bulk transfer; more are closed.
+const PIPE_POOL: usize = 32;
+
+thread_local! {
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Pipe {
@@ -247,64 +366,63 @@ impl Pipe {
     const SIZE: usize = 256 * 1024;
     const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
 
-    fn new() -> io::Result<Self> {
+    /// An empty pipe from the worker's pool, or a new one.
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = PIPES.with_borrow_mut(Vec::pop) {
+            return Ok(pipe);
+        }
         let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         // Unprivileged processes may be capped by /proc/sys/fs/pipe-max-size; the default works too.
         let _ = fcntl(&write_end, FcntlArg::F_SETPIPE_SZ(Self::SIZE as i32));
         Ok(Pipe { read_end, write_end, held: 0 })
     }
 
-    fn fill(&mut self, from: &TcpStream) -> io::Result<usize> {
+    /// Returns this empty pipe to the worker's pool, or closes it when the pool is full.
+    fn give_back(self) {
+        debug_assert_eq!(self.held, 0, "only empty pipes are pooled");
+        PIPES.with_borrow_mut(|pool| {
+            if pool.len() < PIPE_POOL {
+                pool.push(self);
+            }
+        });
+    }
+
+    /// Splices what `from` has through a pooled pipe into `to`. Without a pipe to be had
+    /// (descriptor limit), falls back to the scratch buffer.
+    fn relay(from: &TcpStream, to: &TcpStream) -> Result<Moved, Failure> {
+        let Ok(mut pipe) = Pipe::take() else { return relay_through_scratch(from, to) };
         // The pipe is empty here, so EAGAIN can only mean that the socket has nothing.
-        let moved =
-            from.try_io(Interest::READABLE, || Ok(splice(from, None, &self.write_end, None, Self::SIZE, Self::FLAGS)?))?;
-        self.held = moved;
-        Ok(moved)
+        let spliced = from.try_io(Interest::READABLE, || Ok(splice(from, None, &pipe.write_end, None, Self::SIZE, Self::FLAGS)?));
+        let read = match spliced {
+            Ok(read) => read,
+            Err(e) => {
+                pipe.give_back();
+                return Err(Failure::Read(e));
+            }
+        };
+        if read == 0 {
+            pipe.give_back();
+            return Ok(Moved { read, written: 0, rest: None });
+        }
+        pipe.held = read;
+        let written = match pipe.drain(to) {
+            Ok(written) => written,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(Failure::Write(e)),
+        };
+        let rest = if pipe.held == 0 {
+            pipe.give_back();
+            None
+        } else {
+            Some(Held::Pipe(pipe))
+        };
+        Ok(Moved { read, written, rest })
     }
 
     fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
         let moved = to.try_io(Interest::WRITABLE, || Ok(splice(&self.read_end, None, to, None, self.held, Self::FLAGS)?))?;
         self.held -= moved;
         Ok(moved)
-    }
-}
-
-/// When either direction last moved data.
-struct Activity {
-    started: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        self.last_ms.store(self.started.elapsed().as_millis() as u64, Relaxed);
-    }
-
-    /// Completes once nothing has moved for `timeout`.
-    async fn idle_for(&self, timeout: Duration) {
-        loop {
-            let last = self.started + Duration::from_millis(self.last_ms.load(Relaxed));
-            // Past what the clock can hold (Go's longest duration, about 292 years): never.
-            let Some(deadline) = last.checked_add(timeout) else { return std::future::pending().await };
-            if Instant::now() >= deadline {
-                return;
-            }
-            tokio::time::sleep_until(deadline).await;
-        }
-    }
-}
-
-/// Counts one direction's bytes for the connection and for the process.
-struct Meter<'a> {
-    conn: AtomicU64,
-    total: &'a AtomicU64,
-    activity: &'a Activity,
-}
-
-impl Meter<'_> {
-    fn add(&self, bytes: usize) {
-        self.conn.fetch_add(bytes as u64, Relaxed);
-        self.total.fetch_add(bytes as u64, Relaxed);
     }
 }
 
@@ -347,6 +465,9 @@ mod tests {
             assert!(matches!(close, Close::Finished), "{mode:?}: {close:?}");
             assert_eq!(bytes, Transferred { upstream: 3 << 20, downstream: 1000 });
             assert_eq!((total_up.load(Relaxed), total_down.load(Relaxed)), (3 << 20, 1000));
+            // Bulk went through a pipe, which the finished relay gave back to this worker's pool.
+            let pooled = PIPES.with_borrow(Vec::len);
+            assert!(if mode == RelayMode::Splice { pooled >= 1 } else { pooled == 0 }, "{mode:?}: {pooled} pipes pooled");
         }
     }
 

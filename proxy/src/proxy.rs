@@ -181,6 +181,20 @@ mod tests {
         assert!(!is_own_listener("10.44.0.5:15021".parse().unwrap(), &ports, local), "health is not captured");
     }
 
+    /// An idle relayed connection costs its task, two socket registrations and nothing else:
+    /// keep the task to a few hundred bytes (it was 1,680 with an async block per direction).
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let config = ProxyConfig::parse_from(["capture-proxy"]).unwrap();
+        let shared = Arc::new(Shared::new(&config, Arc::default(), InFlight::new(1)));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let task = handle(client, addr, Arc::new(crate::outbound::Outbound), shared);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "a connection's task takes {size} bytes");
+    }
+
     #[test]
     fn close_reasons_read_well_in_logs() {
         assert_eq!(describe(&Close::Finished), "finished");

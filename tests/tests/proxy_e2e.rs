@@ -668,7 +668,11 @@ fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     let mut answer = String::new();
     in_flight.read_to_string(&mut answer).unwrap();
     assert_eq!(answer, "done");
-    assert_eq!(app.recv_timeout(Duration::from_secs(5)).unwrap().received.map(|d| d.len), Ok(23));
+    // A probe accepted just before the listeners closed reaches the application empty: skip it.
+    let seen = std::iter::from_fn(|| app.recv_timeout(Duration::from_secs(5)).ok())
+        .find(|seen| seen.received.as_ref().map_or(true, |digest| digest.len > 0))
+        .expect("the application saw the connection in flight");
+    assert_eq!(seen.received.map(|d| d.len), Ok(23));
     assert!(mesh.wait_exit().success(), "{}", mesh.log_text());
     assert!(mesh.log_text().contains("drained"), "{}", mesh.log_text());
 }
