@@ -249,8 +249,6 @@ PY
 }
 
 {
-  echo "# capture-proxy benchmark: captured inbound path"
-  echo
   echo "Measured by \`bench/proxy-bench.sh\` on $(date -u +%Y-%m-%d): $(nproc) CPUs"
   echo "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r),"
   echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), iperf3 $(iperf3 -v | head -1 | cut -d' ' -f2)."
@@ -279,5 +277,14 @@ PY
   echo "descriptors beyond the limit)."
   echo "The two capture-proxy rows run the same code in the latency and connection tests (splice starts"
   echo "only after a 64 KiB read), so their difference in those columns shows this run's noise."
-} >"$out"
-cat "$out"
+} >"$work/measured.md"
+# The measured part replaces the one between the markers in $out; the analysis around it stays.
+python3 - "$out" "$work/measured.md" <<'PY'
+import os, sys
+out, measured = sys.argv[1], open(sys.argv[2]).read()
+begin, end = "<!-- measured by bench/proxy-bench.sh -->\n", "<!-- end of measurement -->\n"
+text = open(out).read() if os.path.exists(out) else f"# capture-proxy benchmark: captured inbound path\n\n{begin}{end}"
+head, rest = text.split(begin, 1)
+open(out, "w").write(head + begin + measured + end + rest.split(end, 1)[1])
+PY
+cat "$work/measured.md"

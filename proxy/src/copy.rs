@@ -61,7 +61,8 @@ pub struct Totals<'a> {
 }
 
 /// Relays between `client` and `upstream` until both directions end, one fails, or nothing
-/// moves for `idle_timeout`.
+/// moves for `idle_timeout`. The caller closes both sockets as soon as it returns: when both
+/// directions ended, that sends the last FIN on.
 ///
 /// One hand-written poll drives both directions, so a connection's whole relay state is a few
 /// words and its timer: each socket's readiness is awaited through its own reader and writer
@@ -78,8 +79,8 @@ pub async fn relay(
     let mut down = Flow::new(upstream, client, Side::Upstream, Side::Client, totals.downstream, splice);
     let mut idle = Idle::new(idle_timeout);
     let mut idle_timer = pin!(tokio::time::sleep(idle_timeout));
-    // Once one direction has ended, the socket it read from is no longer polled for data: its
-    // reset is watched for separately, so that it still reaches the other side promptly.
+    // The socket a direction that has ended read from is no longer polled for data: its reset
+    // is watched for separately, so that it still reaches the other side promptly.
     let mut ended_reader = None;
     let close = std::future::poll_fn(|cx| {
         let mut moved = false;
@@ -89,19 +90,21 @@ pub async fn relay(
             }
             moved |= flow.progressed;
         }
-        match (up.ended(), down.ended()) {
+        // Once one direction has ended, its FIN is passed on and the socket it read from is
+        // watched for a reset. Once both have, closing both sockets next sends the last FIN.
+        let half_closed = match (up.ended(), down.ended()) {
             (true, true) => return Poll::Ready(Close::Finished),
-            (true, false) => {
-                if let Poll::Ready(error) = watch_for_reset(&mut ended_reader, client, cx) {
-                    return Poll::Ready(Close::Failed(Side::Client, error));
-                }
+            (true, false) => Some((&mut up, client, Side::Client)),
+            (false, true) => Some((&mut down, upstream, Side::Upstream)),
+            (false, false) => None,
+        };
+        if let Some((ended, reader, side)) = half_closed {
+            if let Err((side, error)) = ended.pass_fin_on() {
+                return Poll::Ready(Close::Failed(side, error));
             }
-            (false, true) => {
-                if let Poll::Ready(error) = watch_for_reset(&mut ended_reader, upstream, cx) {
-                    return Poll::Ready(Close::Failed(Side::Upstream, error));
-                }
+            if let Poll::Ready(error) = watch_for_reset(&mut ended_reader, reader, cx) {
+                return Poll::Ready(Close::Failed(side, error));
             }
-            (false, false) => {}
         }
         if moved {
             idle.touch();
@@ -159,7 +162,7 @@ impl Idle {
 /// Steps one direction takes per poll before letting other connections run.
 const STEPS_PER_POLL: usize = 16;
 
-/// One direction: moves `from`'s bytes to `to` until `from` sends FIN, then passes the FIN on.
+/// One direction: moves `from`'s bytes to `to` until `from` sends FIN, which the relay passes on.
 /// While nothing is in flight it holds no buffer and no pipe: bytes are read into the worker's
 /// scratch buffer (or spliced into a pooled pipe) only once `from` is readable, and written on at
 /// once; only what `to` cannot take yet is kept, until it can.
@@ -174,17 +177,28 @@ struct Flow<'a> {
     splice: bool,
     /// This direction carries bulk data: it splices from now on (HAProxy's splice-auto).
     bulk: bool,
+    /// `from` has sent FIN.
     ended: bool,
+    fin_passed: bool,
     progressed: bool,
 }
 
 impl<'a> Flow<'a> {
     fn new(from: &'a TcpStream, to: &'a TcpStream, reader: Side, writer: Side, total: &'a AtomicU64, splice: bool) -> Self {
-        Flow { from, to, reader, writer, total, bytes: 0, held: None, splice, bulk: false, ended: false, progressed: false }
+        Flow { from, to, reader, writer, total, bytes: 0, held: None, splice, bulk: false, ended: false, fin_passed: false, progressed: false }
     }
 
     fn ended(&self) -> bool {
         self.ended
+    }
+
+    /// Once `from` has sent FIN, sends it on to `to` (half-close), once.
+    fn pass_fin_on(&mut self) -> Result<(), (Side, io::Error)> {
+        if self.ended && !self.fin_passed {
+            self.fin_passed = true;
+            socket::shutdown_write(self.to).map_err(|e| (self.writer, e))?;
+        }
+        Ok(())
     }
 
     fn add(&mut self, written: usize) {
@@ -232,7 +246,7 @@ impl<'a> Flow<'a> {
             };
             if read == 0 {
                 self.ended = true;
-                return Poll::Ready(socket::shutdown_write(self.to).map_err(|e| (self.writer, e)));
+                return Poll::Ready(Ok(()));
             }
             self.progressed = true;
             self.add(written);
@@ -460,8 +474,9 @@ mod tests {
                 client.read_to_end(&mut answer).await.unwrap();
                 assert_eq!(answer, request[..1000]);
             };
-            let ((bytes, close), ()) =
-                tokio::join!(relay(&client_end, &upstream_end, mode, Duration::from_secs(10), totals), talking);
+            // As the proxy does, close both sockets as soon as the relay returns: that sends the last FIN.
+            let relaying = async move { relay(&client_end, &upstream_end, mode, Duration::from_secs(10), totals).await };
+            let ((bytes, close), ()) = tokio::join!(relaying, talking);
             assert!(matches!(close, Close::Finished), "{mode:?}: {close:?}");
             assert_eq!(bytes, Transferred { upstream: 3 << 20, downstream: 1000 });
             assert_eq!((total_up.load(Relaxed), total_down.load(Relaxed)), (3 << 20, 1000));
