@@ -239,7 +239,7 @@ impl Cli {
     }
 
     /// The flags and Istio's environment-only knobs, in Istio's syntax.
-    fn settings(&self) -> Settings {
+    pub fn settings(&self) -> Settings {
         let env = |var: &str| std::env::var(var).ok();
         Settings {
             proxy_port: self.envoy_port.clone(),
@@ -293,6 +293,7 @@ impl Cli {
             operation: self.operation(),
             dry_run: self.dry_run,
             lock_wait: self.iptables_lock_wait,
+            detail: self.log.detail(),
         })
     }
 

@@ -9,6 +9,7 @@ use std::io::{self, Write};
 use std::panic::Location;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use capture_lib::Detail;
 use clap::{ArgAction, Args};
 
 /// Istio's levels, least to most verbose: a threshold lets through every record at or below it.
@@ -141,6 +142,18 @@ pub struct LogFlags {
     pub log_rotate_max_backups: Option<i64>,
 }
 
+impl LogFlags {
+    /// What the capture report must describe for this log: the rules sent at info, also the
+    /// state read and the plan at debug, nothing more below info (no text is rendered for nothing).
+    pub fn detail(&self) -> Detail {
+        match self.log_output_level {
+            Level::Debug => Detail::Trace,
+            Level::Info => Detail::Sent,
+            _ => Detail::Outcome,
+        }
+    }
+}
+
 /// A log target that cannot be opened: a usage error naming the flag.
 #[derive(Debug, thiserror::Error)]
 #[error("{flag}: cannot open {path}: {source}")]
@@ -207,6 +220,11 @@ impl Logger {
     /// Whether records of `level` are written: callers skip building text nobody will read.
     pub fn enabled(&self, level: Level) -> bool {
         level != Level::None && level <= self.level
+    }
+
+    #[track_caller]
+    pub fn debug(&self, message: &str) {
+        self.log(Level::Debug, message);
     }
 
     #[track_caller]

@@ -5,14 +5,14 @@
 
 mod cli;
 mod log;
+mod report;
 
 use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
-use capture_lib::capture::{self, Report};
+use capture_lib::capture;
 use capture_lib::{namespace, validation};
-use capture_lib::Outcome;
 use clap::{CommandFactory, FromArgMatches};
 
 use cli::{Cli, SetupError};
@@ -58,6 +58,7 @@ fn main() -> ExitCode {
         Err(SetupError::Usage(e)) => return fail(&log, EXIT_USAGE, &e),
         Err(e) => return fail(&log, EXIT_FAILURE, &e),
     };
+    report::log_settings(&log, &cli, &request);
     if cli.skip_rule_apply {
         log.info("--skip-rule-apply: no rules programmed");
     } else {
@@ -67,7 +68,7 @@ fn main() -> ExitCode {
             }
         }
         match capture::run(&request) {
-            Ok(report) => print_report(&log, &report),
+            Ok(report) => report::log_report(&log, &report),
             Err(e) => return fail(&log, EXIT_FAILURE, &e),
         }
     }
@@ -93,24 +94,6 @@ fn arguments(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
         args.remove(1);
     }
     args
-}
-
-fn print_report(log: &Logger, report: &Report) {
-    for w in &report.warnings {
-        log.warn(w);
-    }
-    if let Some(text) = &report.dry_run {
-        print!("{text}");
-        return;
-    }
-    let what = match report.outcome {
-        Outcome::Applied => "capture rules installed",
-        Outcome::Unchanged => "capture rules already in place; nothing changed",
-        Outcome::Reconciled => "drifted capture rules replaced",
-        Outcome::Removed => "capture rules removed",
-        Outcome::NothingToRemove => "no capture rules to remove",
-    };
-    log.info(what);
 }
 
 #[track_caller]
