@@ -55,8 +55,19 @@ impl Podman {
         let podman = Podman { dir };
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/image-build.sh");
         let release = release_bin("istio-iptables").parent().unwrap().to_path_buf();
-        let mut build = Command::new(script);
-        build.arg("test").arg(release).env("ENGINE", "podman");
+        // podman keeps a blob-info cache for root at a fixed path (/var/lib/containers/cache) that
+        // no configuration moves: the build runs in a mount namespace of its own in which /var/lib
+        // is an empty tmpfs, so the cache goes away with it.
+        let mut build = Command::new("unshare");
+        build.args([
+            "--mount",
+            "--propagation=private",
+            "sh",
+            "-c",
+            "mount -t tmpfs build-var-lib /var/lib && exec \"$@\"",
+            "sh",
+        ]);
+        build.arg(script).arg("test").arg(release).env("ENGINE", "podman");
         run_ok(podman.configure(&mut build));
         podman
     }
@@ -69,15 +80,21 @@ impl Podman {
     }
 
     fn configure<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
-        cmd.env("CONTAINERS_CONF", self.dir.join("containers.conf"))
-            .env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
+        cmd.env("CONTAINERS_CONF", self.dir.join("containers.conf")).env("CONTAINERS_STORAGE_CONF", self.dir.join("storage.conf"))
     }
 
     /// Runs a container to its end in `pod`'s network namespace: `options` go to `podman run`,
     /// then the image and its arguments. Returns its exit code and `podman logs`.
     pub fn run_in(&self, pod: &Pod, options: &[String], image: &str, args: &[String]) -> Finished {
         let name = unique("ctr");
-        let out = self.cmd().args(["run", "--pull=never", "--name", &name]).arg(network(pod)).args(options).arg(image).args(args).output();
+        let out = self
+            .cmd()
+            .args(["run", "--pull=never", "--name", &name])
+            .arg(network(pod))
+            .args(options)
+            .arg(image)
+            .args(args)
+            .output();
         let out = out.expect("podman run");
         let logs = self.logs(&name);
         run_ok(self.cmd().args(["rm", &name]));

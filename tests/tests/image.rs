@@ -135,15 +135,16 @@ fn iptables_image_adds_only_iptables_and_what_it_loads() {
     let mut others: Vec<String> = others.into_iter().map(name).collect();
     others.sort();
     #[rustfmt::skip]
-    let expected = ["libip4tc.so.2", "libip6tc.so.2", "libxtables.so.12", "xtables-legacy-multi", "xtables-nft-multi", "xtables.lock"];
+    let expected = ["libip4tc.so.2", "libip6tc.so.2", "libxtables.so.12", "xtables-legacy-multi", "xtables-nft-multi",
+                    "xtables.lock"];
     assert_eq!(others, expected, "added: {added:?}");
     assert!(added.contains(&"/run/xtables.lock".to_string()), "the lock must exist for a read-only root: {added:?}");
     let mut extensions: Vec<String> = extensions.into_iter().map(name).collect();
     extensions.sort();
     #[rustfmt::skip]
-    let used = ["libxt_CONNMARK.so", "libxt_CT.so", "libxt_MARK.so", "libxt_REDIRECT.so", "libxt_TPROXY.so", "libxt_connmark.so",
-                "libxt_conntrack.so", "libxt_mark.so", "libxt_multiport.so", "libxt_owner.so", "libxt_standard.so", "libxt_tcp.so",
-                "libxt_udp.so"];
+    let used = ["libxt_CONNMARK.so", "libxt_CT.so", "libxt_MARK.so", "libxt_REDIRECT.so", "libxt_TPROXY.so",
+                "libxt_connmark.so", "libxt_conntrack.so", "libxt_mark.so", "libxt_multiport.so", "libxt_owner.so",
+                "libxt_standard.so", "libxt_tcp.so", "libxt_udp.so"];
     assert_eq!(extensions, used);
 
     let sbin = rootfs.0.join("usr/sbin");

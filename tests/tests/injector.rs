@@ -131,8 +131,13 @@ impl Injection {
         };
         let mut options: Vec<String> = security.iter().map(|o| o.to_string()).collect();
         options.extend(
-            ["--security-opt=no-new-privileges", "--read-only", "--read-only-tmpfs=false", "--volume=/etc/resolv.conf:/etc/resolv.conf:ro"]
-                .map(String::from),
+            [
+                "--security-opt=no-new-privileges",
+                "--read-only",
+                "--read-only-tmpfs=false",
+                "--volume=/etc/resolv.conf:/etc/resolv.conf:ro",
+            ]
+            .map(String::from),
         );
         options.extend(self.proxy_metadata.iter().map(|(name, value)| format!("--env={name}={value}")));
         options
@@ -188,7 +193,11 @@ fn cases() -> Vec<(&'static str, Injection)> {
         ("TPROXY", Injection { interception_mode: "TPROXY", ..default() }),
         (
             "outbound IP ranges",
-            Injection { include_ip_ranges: "10.96.0.0/12,192.168.0.0/16", exclude_ip_ranges: "10.96.0.1/32,169.254.169.254/32", ..default() },
+            Injection {
+                include_ip_ranges: "10.96.0.0/12,192.168.0.0/16",
+                exclude_ip_ranges: "10.96.0.1/32,169.254.169.254/32",
+                ..default()
+            },
         ),
         ("inbound ports", Injection { include_inbound_ports: "8080,9090", ..default() }),
         (

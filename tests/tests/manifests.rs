@@ -12,7 +12,8 @@ use serde_json::json;
 use serde_yaml::Value;
 
 /// The binaries our images ship (scripts/image-rootfs.sh), by the path containers run them at.
-const IMAGE_BINARIES: [&str; 3] = ["/usr/local/bin/istio-iptables", "/usr/local/bin/capture-proxy", "/usr/local/bin/istio-capture-cni"];
+const IMAGE_BINARIES: [&str; 3] =
+    ["/usr/local/bin/istio-iptables", "/usr/local/bin/capture-proxy", "/usr/local/bin/istio-capture-cni"];
 
 /// Whether `image` names one of our images (`capture` or `capture-iptables`, any registry).
 fn is_ours(image: &str) -> bool {
