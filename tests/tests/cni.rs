@@ -155,6 +155,7 @@ fn wait_ready(pod: &Pod, log: &Path) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn add_captures_pod_traffic_through_the_proxy_and_del_cleans_up() {
     require_netns!();
     let node = Node::new();
@@ -206,6 +207,7 @@ fn add_captures_pod_traffic_through_the_proxy_and_del_cleans_up() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn check_fails_before_add_passes_after_and_sees_drift() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
@@ -232,6 +234,7 @@ fn check_fails_before_add_passes_after_and_sees_drift() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn del_is_idempotent_and_tolerates_a_missing_namespace() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
@@ -265,6 +268,7 @@ fn del_is_idempotent_and_tolerates_a_missing_namespace() {
 /// Another run holding the namespace (its lock, an flock on the namespace itself) makes ADD
 /// answer "try again later" once the plugin's wait (10 s) is over.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_busy_namespace_is_try_again_later() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
@@ -276,6 +280,7 @@ fn a_busy_namespace_is_try_again_later() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn excluded_namespaces_are_left_alone() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
