@@ -27,8 +27,9 @@ macro_rules! require_netns {
     () => {
         assert!(
             $crate::can_run(),
-            "needs root and network namespaces (euid 0 and `unshare --net true`), which this run lacks; it was not \
-             marked ignored because CI is set or the tests were built where namespaces worked (rebuild to have it ignored)"
+            "needs root and network namespaces (euid 0 and `unshare --net true`), which this run lacks; it was \
+             not marked ignored because CI is set or the tests were built where namespaces worked (rebuild to \
+             have it ignored)"
         );
     };
 }
