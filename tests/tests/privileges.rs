@@ -27,7 +27,7 @@ fn holds_capture(pod: &Pod) -> bool {
 #[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn istio_iptables_needs_only_net_admin_with_iptables_nft_and_native_nftables() {
     require_netns!();
-    let backends: [(&[(&str, &str)], &[&str]); 2] = [(&[("FORCE_IPTABLES_BINARY", "nft")], &[]), (&[], &["--native-nftables"])];
+    let backends = [(&[("FORCE_IPTABLES_BINARY", "nft")][..], &[][..]), (&[][..], &["--native-nftables"][..])];
     for (env, args) in backends {
         for mode in [&["-m", "REDIRECT"], &["-m", "TPROXY"]] {
             let pod = Pod::with_address("fd00:44::5/64");
