@@ -15,13 +15,13 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::OnceLock;
 
 use capture_tests::podman::{Finished, Podman, IPTABLES_IMAGE, MINIMAL_IMAGE};
-use capture_tests::{can_run, http_get, link, metric, release_bin, run_ok, Pod};
+use capture_tests::{http_get, link, metric, release_bin, require_netns, run_ok, Pod};
 
 static PODMAN: OnceLock<Podman> = OnceLock::new();
 
 /// podman with both images, built once for all tests of this file.
 fn podman() -> &'static Podman {
-    assert!(can_run(), "these tests need root and network namespaces");
+    require_netns!();
     PODMAN.get_or_init(Podman::with_images)
 }
 
@@ -306,6 +306,7 @@ fn check_case(podman: &Podman, image: &str, backend: Backend, name: &str, case: 
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn minimal_image_runs_every_injected_case_with_native_nftables() {
     let podman = podman();
     for (name, case) in cases() {
@@ -314,6 +315,7 @@ fn minimal_image_runs_every_injected_case_with_native_nftables() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn iptables_image_runs_every_injected_case_with_each_backend() {
     let podman = podman();
     for (name, case) in cases() {
@@ -326,6 +328,7 @@ fn iptables_image_runs_every_injected_case_with_each_backend() {
 /// A second injected run (a restarted pod's init container) finds the rules in place and changes
 /// nothing: the image's iptables-save reads back what its iptables-restore wrote.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_rerun_from_the_image_finds_the_rules_in_place() {
     let podman = podman();
     for backend in [Backend::IptablesNft, Backend::IptablesLegacy, Backend::NativeNftables] {
@@ -345,6 +348,7 @@ fn a_rerun_from_the_image_finds_the_rules_in_place() {
 /// (`--run-validation --skip-rule-apply`, as the proxy user, no capability) only proves that
 /// redirection works; where nothing redirects it fails with Istio's 126.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn cni_mode_validation_runs_as_the_proxy_user() {
     let podman = podman();
     for (image, backend) in [(MINIMAL_IMAGE, Backend::NativeNftables), (IPTABLES_IMAGE, Backend::IptablesNft)] {
@@ -441,17 +445,20 @@ fn injected_pod_passes_traffic_through_the_proxy(mode: &'static str) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn injected_pod_redirect_passes_both_ways_through_the_proxy() {
     injected_pod_passes_traffic_through_the_proxy("REDIRECT");
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn injected_pod_tproxy_passes_both_ways_through_the_proxy() {
     injected_pod_passes_traffic_through_the_proxy("TPROXY");
 }
 
 /// The image's bare entrypoint explains itself instead of programming anything.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn the_images_without_arguments_print_help() {
     let podman = podman();
     for image in [MINIMAL_IMAGE, IPTABLES_IMAGE] {

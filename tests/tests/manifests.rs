@@ -187,6 +187,7 @@ fn cni_daemonset_installs_and_chains_a_valid_plugin_config() {
 /// Istio's injector output with our image as proxy_init: the init container is Istio's, untouched
 /// (no command, the subcommand word first), and our image's entrypoint runs it as written.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn istio_injected_pod_runs_our_image_unchanged() {
     require_netns!();
     let docs = documents("pod-istio-injected.yaml");
