@@ -159,6 +159,15 @@ fn injected_arguments_are_the_ones_istio_writes() {
     let istio = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
                  "-d", "15090,15021,15020", "--log_output_level=default:info"];
     assert_eq!(Injection::default().args(), istio);
+
+    // Istio's own injection fixtures (pkg/kube/inject/testdata/inject/*.injected at 86c9f01).
+    #[rustfmt::skip]
+    let istio = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "127.0.0.1/24,10.96.0.1/24",
+                 "-x", "10.96.0.2/24,10.96.0.3/24", "-b", "1,2,3", "-d", "15090,15021,4,5,6,15020", "-o", "7,8,9",
+                 "--log_output_level=default:info"];
+    assert_eq!(traffic_annotations().args(), istio, "traffic-annotations.yaml.injected");
+    let cni = Injection { cni: true, ..Injection::default() }.args();
+    assert_eq!(cni[cni.len() - 3..], ["--log_output_level=default:info", "--run-validation", "--skip-rule-apply"]);
     assert_eq!(exclude_inbound_port("15020", " 8081, 15020"), " 8081, 15020");
     assert_eq!(exclude_inbound_port("15020", "8081,,9000 "), "8081,9000,15020");
 }
@@ -185,6 +194,18 @@ impl Backend {
     }
 }
 
+/// The annotations of Istio's injection fixture traffic-annotations.yaml.
+fn traffic_annotations() -> Injection {
+    Injection {
+        include_ip_ranges: "127.0.0.1/24,10.96.0.1/24",
+        exclude_ip_ranges: "10.96.0.2/24,10.96.0.3/24",
+        include_inbound_ports: "1,2,3",
+        exclude_inbound_ports: "4,5,6",
+        exclude_outbound_ports: Some("7,8,9"),
+        ..Injection::default()
+    }
+}
+
 /// The table of pods the injector may write, by annotation and mesh value.
 fn cases() -> Vec<(&'static str, Injection)> {
     let default = Injection::default;
@@ -200,6 +221,7 @@ fn cases() -> Vec<(&'static str, Injection)> {
             },
         ),
         ("inbound ports", Injection { include_inbound_ports: "8080,9090", ..default() }),
+        ("Istio's traffic-annotations fixture", traffic_annotations()),
         (
             "excluded and included ports",
             Injection {
