@@ -3,6 +3,7 @@
 //! line with Istio's field names (`level`, `time`, `caller`, `msg`). Istio's tool logs on its
 //! default scope, which zap names nowhere, so neither form carries a `scope`.
 
+use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -185,24 +186,29 @@ impl Target {
         })
     }
 
-    /// One write per record where the stream allows it, so records from concurrent writers
-    /// never interleave mid-line.
-    fn write(&self, record: &[u8]) {
+    /// One write where the stream allows it, so that concurrent writers never interleave.
+    fn write(&self, records: &[u8]) {
         // A log that cannot be written must not change what the run does or its exit code.
         let _ = match self {
-            Target::Stdout => io::stdout().lock().write_all(record).and_then(|()| io::stdout().flush()),
-            Target::Stderr => io::stderr().lock().write_all(record),
-            Target::File(file) => (&*file).write_all(record),
+            Target::Stdout => io::stdout().lock().write_all(records).and_then(|()| io::stdout().flush()),
+            Target::Stderr => io::stderr().lock().write_all(records),
+            Target::File(file) => (&*file).write_all(records),
         };
     }
 }
 
 /// The configured log: where records go, from which level, in which form.
+///
+/// Records are collected and written once, when the logger is dropped at the end of the run:
+/// each write to a pipe wakes its reader (the container runtime), and one write per record
+/// cost a tenth of a native nftables run. Every wait of a run is bounded (the lock, the
+/// validation probe), so nothing is held back for long.
 pub struct Logger {
     level: Level,
     json: bool,
     caller: bool,
     targets: Vec<Target>,
+    records: RefCell<String>,
 }
 
 impl Logger {
@@ -214,7 +220,11 @@ impl Logger {
         if let Some(path) = &flags.log_rotate {
             targets.push(Target::open("--log_rotate", path)?);
         }
-        Ok(Logger { level: flags.log_output_level, json: flags.log_as_json, caller: flags.log_caller, targets })
+        Ok(Logger::new(flags.log_output_level, flags.log_as_json, flags.log_caller, targets))
+    }
+
+    fn new(level: Level, json: bool, caller: bool, targets: Vec<Target>) -> Logger {
+        Logger { level, json, caller, targets, records: RefCell::default() }
     }
 
     /// Whether records of `level` are written: callers skip building text nobody will read.
@@ -250,7 +260,16 @@ impl Logger {
         // Called here, not through a closure, so that it names the line that logged.
         let caller = if self.caller { Some(Location::caller()) } else { None };
         let record = render(level, &timestamp(SystemTime::now()), caller, message, self.json);
-        self.targets.iter().for_each(|target| target.write(record.as_bytes()));
+        self.records.borrow_mut().push_str(&record);
+    }
+}
+
+impl Drop for Logger {
+    fn drop(&mut self) {
+        let records = self.records.take();
+        if !records.is_empty() {
+            self.targets.iter().for_each(|target| target.write(records.as_bytes()));
+        }
     }
 }
 
@@ -354,7 +373,7 @@ mod tests {
 
     #[test]
     fn threshold_lets_through_its_level_and_more_severe() {
-        let logger = |level| Logger { level, json: false, caller: false, targets: Vec::new() };
+        let logger = |level| Logger::new(level, false, false, Vec::new());
         assert!(logger(Level::Info).enabled(Level::Info) && logger(Level::Info).enabled(Level::Error));
         assert!(!logger(Level::Info).enabled(Level::Debug));
         assert!(logger(Level::Debug).enabled(Level::Debug));
