@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+pub mod containerd;
+pub mod cri;
+
 /// Path of a workspace binary built in release mode (the tests' `build.rs`-free contract:
 /// `scripts/build.sh` runs before `cargo test`, as the README's test command does).
 pub fn release_bin(name: &str) -> PathBuf {
@@ -59,17 +62,32 @@ pub struct Pod {
 impl Pod {
     /// A namespace with `lo` up and nothing else.
     pub fn new() -> Pod {
+        let pod = Pod::hold_with(Command::new("unshare").args(["--net", "sleep", "infinity"]));
+        pod.sh("ip link set lo up");
+        pod
+    }
+
+    /// Holds a namespace someone else made (a container runtime's sandbox) open, so that it
+    /// can be looked into after its owner has let go of it.
+    pub fn hold(netns: &Path) -> Pod {
+        Pod::hold_with(Command::new("nsenter").arg(format!("--net={}", netns.display())).args(["sleep", "infinity"]))
+    }
+
+    /// Starts `holder`, a process that ends up sleeping in another network namespace, and
+    /// names that namespace under /var/run/netns.
+    fn hold_with(holder: &mut Command) -> Pod {
         let name = unique("pod");
-        let holder = Command::new("unshare")
-            .args(["--net", "sleep", "infinity"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("unshare --net");
-        // Wait until the holder has its own namespace.
+        let mut holder = holder.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{holder:?}: {e}"));
+        // Wait until the holder has its namespace.
         let own = std::fs::read_link("/proc/self/ns/net").unwrap();
-        for _ in 0..200 {
-            if std::fs::read_link(format!("/proc/{}/ns/net", holder.id())).map(|l| l != own).unwrap_or(false) {
-                break;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{}/ns/net", holder.id())).map_or(true, |l| l == own) {
+            if let Some(status) = holder.try_wait().unwrap() {
+                panic!("the namespace holder exited ({status})");
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = holder.kill();
+                panic!("the namespace holder never left this namespace");
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -78,7 +96,6 @@ impl Pod {
         let target = format!("/var/run/netns/{}", pod.name);
         std::fs::write(&target, b"").unwrap();
         run_ok(Command::new("mount").args(["--bind", &pod.ns_path().to_string_lossy(), &target]));
-        pod.sh("ip link set lo up");
         pod
     }
 
