@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 
 use crate::cri::api::PodSandboxConfig;
 use crate::cri::{CriClient, CriError};
-use crate::{release_bin, run_ok, unique, Pod};
+use crate::{process_running, release_bin, run_ok, unique, Pod};
 
 /// The sandbox image every pod runs, built and imported by [`Containerd::start`].
 pub const PAUSE_IMAGE: &str = "localhost/capture-tests/pause:1";
@@ -104,8 +104,10 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("start containerd");
-        let mut containerd = Containerd { dir, node, daemon };
-        let cri = containerd.wait_serving();
+        let containerd = Containerd { dir, node, daemon };
+        let cri = containerd.wait_for("containerd to serve its socket", || {
+            CriClient::connect(&containerd.socket()).ok().filter(|cri| cri.version().is_ok())
+        });
         containerd.import_pause_image(&cri);
         for plugin in ["bridge", "host-local", "loopback"] {
             let link = containerd.cni_bin_dir().join(plugin);
@@ -204,30 +206,16 @@ impl Containerd {
         format!("--- containerd log (last lines) ---\n{}", lines[lines.len().saturating_sub(30)..].join("\n"))
     }
 
-    /// Polls `ready` until it yields, failing the test (with containerd's log) at [`STARTUP`].
+    /// Polls `ready` until it yields, failing the test (with containerd's log) when containerd
+    /// exits or at [`STARTUP`].
     fn wait_for<T>(&self, what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
         let deadline = Instant::now() + STARTUP;
         loop {
             if let Some(value) = ready() {
                 return value;
             }
+            assert!(process_running(self.daemon.id()), "containerd exited while waiting for {what}\n{}", self.log_tail());
             assert!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.log_tail());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_serving(&mut self) -> CriClient {
-        let deadline = Instant::now() + STARTUP;
-        loop {
-            if let Some(status) = self.daemon.try_wait().unwrap() {
-                panic!("containerd exited ({status})\n{}", self.log_tail());
-            }
-            if let Ok(cri) = CriClient::connect(&self.socket()) {
-                if cri.version().is_ok() {
-                    return cri;
-                }
-            }
-            assert!(Instant::now() < deadline, "containerd never served its socket\n{}", self.log_tail());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -273,20 +261,27 @@ pub struct RunningPod {
 #[derive(Debug, Clone)]
 pub struct Footprint {
     pub pod: RunningPod,
-    /// The namespace's inode (`net:[INODE]`), by which anything still holding it is found.
-    netns_inode: u64,
+    /// The node's end of a veth pair whose other end is in the pod's namespace: the kernel
+    /// deletes both when the namespace is destroyed, whatever kept it alive until then (a mount,
+    /// a process, an open file or socket), and namespace inodes are reused, so this is how
+    /// "the namespace is gone" is told.
+    namespace_probe: String,
     /// The bridge's end of the pod's veth pair, in the node's namespace.
     host_veth: String,
     /// The bridge plugin's per-pod NAT chain (`ipMasq`), `CNI-…`.
     nat_chain: String,
 }
 
+/// The name of the namespace probe's end in the pod.
+const PROBE_IN_POD: &str = "footprint";
+/// How long the kernel may take to destroy a namespace nothing holds any more (it does so
+/// asynchronously, after an RCU grace period).
+const NAMESPACE_TEARDOWN: Duration = Duration::from_secs(10);
+
 impl Containerd {
     /// Reads `pod`'s footprint; panics when a part of it is missing, so that its absence later
-    /// means something.
+    /// means something. Adds the namespace probe (a down veth, `footprint`, in the pod).
     pub fn footprint(&self, pod: &RunningPod) -> Footprint {
-        use std::os::unix::fs::MetadataExt;
-        let netns_inode = std::fs::metadata(&pod.netns).unwrap().ino();
         assert!(self.ip_reservations().contains(&pod.ip), "host-local holds no reservation for {}", pod.ip);
         // `2: eth0@if5: ...`: the peer's index in the node's namespace.
         let mut eth0 = Command::new("nsenter");
@@ -308,13 +303,16 @@ impl Containerd {
             .and_then(|line| line.rsplit("-j ").next())
             .unwrap_or_else(|| panic!("no POSTROUTING rule for sandbox {} on the node:\n{nat}", pod.id))
             .to_string();
-        Footprint { pod: pod.clone(), netns_inode, host_veth, nat_chain }
+        let namespace_probe = unique("probe");
+        let netns = pod.netns.display();
+        self.node.sh(&format!("ip link add {namespace_probe} type veth peer name {PROBE_IN_POD} netns {netns}"));
+        Footprint { pod: pod.clone(), namespace_probe, host_veth, nat_chain }
     }
 
-    /// What of `footprint` is still on the node: host-local's reservation, NAT rules and chain,
-    /// the veth, the namespace's mount, and anything (process, thread, file, mount) holding it.
+    /// What of `footprint` is still on the node now: host-local's reservation, NAT rules and
+    /// chain, the veth, the namespace's mount, the namespace itself.
     pub fn leftovers(&self, footprint: &Footprint) -> Vec<String> {
-        let Footprint { pod, netns_inode, host_veth, nat_chain } = footprint;
+        let Footprint { pod, namespace_probe, host_veth, nat_chain } = footprint;
         let mut left = Vec::new();
         if self.ip_reservations().contains(&pod.ip) {
             left.push(format!("host-local's reservation of {}", pod.ip));
@@ -325,36 +323,30 @@ impl Containerd {
                 .filter(|line| line.contains(&pod.id) || line.contains(nat_chain.as_str()))
                 .map(|line| format!("node rule: {line}")),
         );
-        if self.node.sh("ip -o link show").lines().any(|line| line.contains(&format!(" {host_veth}@"))) {
+        let links = self.node.sh("ip -o link show");
+        if links.lines().any(|line| line.contains(&format!(" {host_veth}@"))) {
             left.push(format!("the node's veth {host_veth}"));
         }
         if pod.netns.exists() {
             left.push(format!("the namespace mount {}", pod.netns.display()));
         }
-        left.extend(namespace_holders(*netns_inode));
+        if links.lines().any(|line| line.contains(&format!(" {namespace_probe}@"))) {
+            left.push(format!("the namespace (its probe {namespace_probe} is still there)"));
+        }
         left
     }
-}
 
-/// Everything that keeps the network namespace `net:[inode]` alive: mounts of it, and
-/// processes' (or their threads') namespaces and open files.
-fn namespace_holders(inode: u64) -> Vec<String> {
-    let wanted = format!("net:[{inode}]");
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut holders: Vec<String> =
-        mountinfo.lines().filter(|line| line.contains(&wanted)).map(|line| format!("mount: {line}")).collect();
-    let links = |dir: PathBuf| std::fs::read_dir(dir).into_iter().flatten().flatten().map(|entry| entry.path());
-    for process in
-        links(PathBuf::from("/proc")).filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().parse::<u32>().is_ok()))
-    {
-        let namespaces = links(process.join("task")).map(|task| task.join("ns/net"));
-        for link in namespaces.chain(links(process.join("fd"))) {
-            if std::fs::read_link(&link).is_ok_and(|target| target.as_os_str() == wanted.as_str()) {
-                holders.push(format!("{} holds {wanted}", link.display()));
+    /// [`Containerd::leftovers`] once the kernel has had time to destroy the namespace.
+    pub fn settled_leftovers(&self, footprint: &Footprint) -> Vec<String> {
+        let deadline = Instant::now() + NAMESPACE_TEARDOWN;
+        loop {
+            let left = self.leftovers(footprint);
+            if left.is_empty() || Instant::now() > deadline {
+                return left;
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
-    holders
 }
 
 impl Drop for Containerd {

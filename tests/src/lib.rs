@@ -203,6 +203,12 @@ impl Drop for Pod {
     }
 }
 
+/// Whether process `pid` is still running (not exited, not a zombie).
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+}
+
 /// Runs a command and panics with its output when it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -277,8 +283,7 @@ impl ProxyProcess {
 
     /// Whether the proxy is still running (not exited, not a zombie).
     pub fn alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.id()))
-            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        process_running(self.id())
     }
 }
 

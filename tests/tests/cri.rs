@@ -35,7 +35,7 @@ fn stop_and_remove_leaving_nothing(containerd: &Containerd, cri: &CriClient, foo
     let id = &footprint.pod.id;
     cri.stop_pod_sandbox(id).expect("StopPodSandbox");
     cri.remove_pod_sandbox(id).expect("RemovePodSandbox");
-    assert_eq!(containerd.leftovers(footprint), Vec::<String>::new());
+    assert_eq!(containerd.settled_leftovers(footprint), Vec::<String>::new());
     let listed = cri.list_pod_sandbox(None).expect("ListPodSandbox");
     assert!(listed.iter().all(|sandbox| &sandbox.id != id), "the removed sandbox is still listed");
 }
@@ -80,7 +80,7 @@ fn stop_and_remove_leave_nothing_on_the_node() {
     let footprint = containerd.footprint(&pod);
     // What leftovers() finds while the pod runs, so that finding none afterwards means something.
     let running = containerd.leftovers(&footprint);
-    for part in ["reservation", "node rule: -A POSTROUTING", "node rule: -A CNI-", "veth", "namespace mount", "holds net:["] {
+    for part in ["reservation", "node rule: -A POSTROUTING", "node rule: -A CNI-", "veth", "namespace mount", "probe"] {
         assert!(running.iter().any(|found| found.contains(part)), "{part:?} not found while the pod runs: {running:#?}");
     }
 
