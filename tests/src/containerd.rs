@@ -373,7 +373,7 @@ impl Drop for Containerd {
 
 /// Fails the test, saying what to install, when containerd cannot run here.
 fn require_tools() {
-    assert!(crate::can_run(), "the CRI tests need root and network namespaces");
+    crate::require_netns!();
     let path = search_path();
     for tool in ["containerd", "ctr", "containerd-shim-runc-v2", "runc", "gcc", "tar", "sha256sum"] {
         let found = path.split(':').any(|dir| Path::new(dir).join(tool).is_file());

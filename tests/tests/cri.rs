@@ -7,7 +7,7 @@
 
 use capture_tests::containerd::{Containerd, Footprint, RunningPod};
 use capture_tests::cri::{pod_sandbox_config, CriClient};
-use capture_tests::{release_bin, run_ok, Pod};
+use capture_tests::{release_bin, require_netns, run_ok, Pod};
 
 /// What the installer's default entry asks for, as istio-iptables flags: Istio CNI's defaults
 /// (every inbound port and outbound range, 15020 excluded outbound; 15020, 15021 and 15090
@@ -41,7 +41,9 @@ fn stop_and_remove_leaving_nothing(containerd: &Containerd, cri: &CriClient, foo
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_pod_is_captured_as_istio_iptables_does_and_clean_after_stop() {
+    require_netns!();
     let containerd = Containerd::shared();
     let cri = containerd.cri();
     let chain = cri.status().expect("Status").cni_conflists();
@@ -73,7 +75,9 @@ fn a_pod_is_captured_as_istio_iptables_does_and_clean_after_stop() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn stop_and_remove_leave_nothing_on_the_node() {
+    require_netns!();
     let containerd = Containerd::shared();
     let cri = containerd.cri();
     let pod = run_pod(&containerd, &cri, "api-1", "shop");
@@ -88,7 +92,9 @@ fn stop_and_remove_leave_nothing_on_the_node() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_pod_in_an_excluded_namespace_gets_nothing_programmed() {
+    require_netns!();
     let containerd = Containerd::shared();
     let cri = containerd.cri();
     let pod = run_pod(&containerd, &cri, "coredns-1", "kube-system");
