@@ -10,8 +10,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod containerd;
+pub mod cri;
 pub mod podman;
-
 mod probe;
 pub use probe::can_run;
 
@@ -60,17 +61,32 @@ pub struct Pod {
 impl Pod {
     /// A namespace with `lo` up and nothing else.
     pub fn new() -> Pod {
+        let pod = Pod::hold_with(Command::new("unshare").args(["--net", "sleep", "infinity"]));
+        pod.sh("ip link set lo up");
+        pod
+    }
+
+    /// Holds a namespace someone else made (a container runtime's sandbox) open, so that it
+    /// can be looked into after its owner has let go of it.
+    pub fn hold(netns: &Path) -> Pod {
+        Pod::hold_with(Command::new("nsenter").arg(format!("--net={}", netns.display())).args(["sleep", "infinity"]))
+    }
+
+    /// Starts `holder`, a process that ends up sleeping in another network namespace, and
+    /// names that namespace under /var/run/netns.
+    fn hold_with(holder: &mut Command) -> Pod {
         let name = unique("pod");
-        let holder = Command::new("unshare")
-            .args(["--net", "sleep", "infinity"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("unshare --net");
-        // Wait until the holder has its own namespace.
+        let mut holder = holder.stdin(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{holder:?}: {e}"));
+        // Wait until the holder has its namespace.
         let own = std::fs::read_link("/proc/self/ns/net").unwrap();
-        for _ in 0..200 {
-            if std::fs::read_link(format!("/proc/{}/ns/net", holder.id())).map(|l| l != own).unwrap_or(false) {
-                break;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{}/ns/net", holder.id())).map_or(true, |l| l == own) {
+            if let Some(status) = holder.try_wait().unwrap() {
+                panic!("the namespace holder exited ({status})");
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = holder.kill();
+                panic!("the namespace holder never left this namespace");
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
@@ -79,7 +95,6 @@ impl Pod {
         let target = format!("/var/run/netns/{}", pod.name);
         std::fs::write(&target, b"").unwrap();
         run_ok(Command::new("mount").args(["--bind", &pod.ns_path().to_string_lossy(), &target]));
-        pod.sh("ip link set lo up");
         pod
     }
 
@@ -243,6 +258,12 @@ pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(String, String)> {
     Ok((status, body.to_string()))
 }
 
+/// Whether process `pid` is still running (not exited, not a zombie).
+pub fn process_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+}
+
 /// Runs a command and panics with its output when it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -317,8 +338,7 @@ impl ProxyProcess {
 
     /// Whether the proxy is still running (not exited, not a zombie).
     pub fn alive(&self) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/stat", self.id()))
-            .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        process_running(self.id())
     }
 }
 
