@@ -25,7 +25,7 @@ const EXIT_VALIDATION: u8 = 126;
 
 fn main() -> ExitCode {
     let args = arguments(std::env::args_os());
-    if let Some(exit) = cli_docs::generate_if_requested(&args[1..], Cli::command) {
+    if let Some(exit) = cli_docs::generate_if_requested(args.get(1..).unwrap_or_default(), Cli::command) {
         return exit;
     }
     let matches = Cli::command().get_matches_from(&args);

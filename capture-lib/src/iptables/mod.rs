@@ -100,12 +100,13 @@ impl FamilyPlan {
     /// The state read back and the decision, as text.
     pub fn describe(&self) -> String {
         let state = match &self.read_with {
-            None => "no table of this family in the kernel (nothing read)".to_string(),
+            None => "no table of this family in the kernel, nothing to read".to_string(),
             Some(program) => {
-                format!("{program}:\n{}", self.state.values().map(|t| t.raw.as_str()).collect::<String>().trim_end())
+                let tables: String = self.state.values().map(|t| t.raw.as_str()).collect();
+                format!("current state ({program}):\n{}", tables.trim_end())
             }
         };
-        format!("{}: current state, from {state}\n{}: {}", self.family, self.family, self.decision)
+        format!("{family}: {state}\n{family} plan: {}", self.decision, family = self.family)
     }
 }
 
