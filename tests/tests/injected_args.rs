@@ -82,6 +82,7 @@ fn nft_load(pod: &Pod, script: &str) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn template_args_program_what_the_direct_invocation_does_and_log_it() {
     require_netns!();
     let want = reference("10.44.0.5/24", &[]);
@@ -120,6 +121,7 @@ fn template_args_program_what_the_direct_invocation_does_and_log_it() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn the_logged_restore_input_replays_to_the_same_rules() {
     require_netns!();
     let pod = Pod::with_address("fd00:44::5/64");
@@ -139,6 +141,7 @@ fn the_logged_restore_input_replays_to_the_same_rules() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn native_nftables_logs_the_script_it_sent_and_the_script_replays() {
     require_netns!();
     let want = reference("10.44.0.5/24", &["--native-nftables"]);
@@ -169,6 +172,7 @@ fn native_nftables_logs_the_script_it_sent_and_the_script_replays() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn debug_shows_the_state_read_back_and_the_plan() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -193,6 +197,7 @@ fn debug_shows_the_state_read_back_and_the_plan() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn every_global_flag_is_accepted_and_the_meaningful_ones_honoured() {
     require_netns!();
     let dir = std::env::temp_dir().join(unique("logs"));
@@ -248,6 +253,7 @@ fn every_global_flag_is_accepted_and_the_meaningful_ones_honoured() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn errors_are_logged_records_too() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -261,6 +267,7 @@ fn errors_are_logged_records_too() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn bad_global_flag_values_are_usage_errors_naming_the_flag() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
