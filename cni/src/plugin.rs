@@ -8,7 +8,8 @@ use std::time::Duration;
 use capture_lib::capture::{self, Operation, Request};
 use capture_lib::config::CaptureConfig;
 use capture_lib::namespace::{self, NamespaceError};
-use serde_json::{json, Value};
+use capture_lib::Detail;
+use serde_json::Value;
 
 use crate::netconf::{CniArgs, NetConf, PodCapture, KEY_NAMES};
 use crate::protocol::{self, Command, Invocation, PluginError};
@@ -50,8 +51,8 @@ pub fn handle(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result
             if !excluded {
                 let config = enter_pod(invocation, config, pod.dual_stack)?;
                 let operation = Operation::Apply { reconcile: true, force: false };
-                let report =
-                    capture::run(&Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT })?;
+                let detail = Detail::Outcome;
+                let report = capture::run(&Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail })?;
                 for warning in report.warnings {
                     eprintln!("istio-capture-cni: warning: {warning}");
                 }
@@ -64,8 +65,8 @@ pub fn handle(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result
             }
             // Whatever the pod's addresses now, remove IPv6 leftovers too if it has any.
             let config = CaptureConfig { ipv6: namespace::uses_ipv6(true).unwrap_or(false), ..config };
-            let request =
-                Request { config, backend, operation: Operation::Cleanup, dry_run: false, lock_wait: LOCK_WAIT };
+            let operation = Operation::Cleanup;
+            let request = Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail: Detail::Outcome };
             capture::run(&request)?;
             Ok(None)
         }
@@ -81,11 +82,9 @@ pub fn handle(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result
 
 /// A chained plugin that adds no interface returns the previous plugin's result unchanged.
 fn passed_through(conf: &NetConf) -> Value {
-    let mut result = conf.prev_result.clone().unwrap_or_else(|| json!({}));
-    if let Value::Object(map) = &mut result {
-        map.entry("cniVersion").or_insert_with(|| Value::String(conf.cni_version.clone()));
-    }
-    result
+    let mut result = conf.prev_result.clone().unwrap_or_default();
+    result.entry("cniVersion").or_insert_with(|| Value::String(conf.cni_version.clone()));
+    Value::Object(result)
 }
 
 /// Moves this (single-threaded) process into the pod's namespace, and checks it may change it.

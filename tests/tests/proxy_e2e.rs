@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use capture_tests::{link, release_bin, require_netns, run_ok, Pod, ProxyProcess};
+use capture_tests::{http_get, link, metric, release_bin, require_netns, run_ok, Pod, ProxyProcess};
 
 const APP_PORT: u16 = 8080;
 const EXTERNAL_PORT: u16 = 9090;
@@ -105,41 +105,19 @@ impl Mesh {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let status = self.pod.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 15021)), "/healthz/ready").ok());
-            if status.as_ref().is_some_and(|(status, _)| status == "200") {
-                return;
-            }
-            assert!(Instant::now() < deadline, "capture-proxy never became ready:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.pod.wait_proxy_ready(|| self.log_text());
     }
 
     fn log_text(&self) -> String {
         self.proxy.log_text()
     }
 
-    /// The proxy's metrics, scraped from inside the pod.
     fn metrics(&self) -> String {
-        let (status, body) =
-            self.pod.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 15090)), "/stats/prometheus")).expect("scrape");
-        assert_eq!(status, "200");
-        body
+        self.pod.proxy_metrics()
     }
 
-    /// Waits until the metric `series` reads `want` (the proxy accounts just after closing).
     fn expect_metric(&self, series: &str, want: u64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let text = self.metrics();
-            let got = metric(&text, series);
-            if got == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{series} is {got}, want {want}\n{text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.pod.expect_proxy_metric(series, want);
     }
 
     fn wait_exit(&mut self) -> std::process::ExitStatus {
@@ -163,27 +141,6 @@ fn proxy_command(pod: &Pod, net_admin: bool, flags: &[&str]) -> Command {
     }
     cmd.arg(release_bin("capture-proxy")).args(flags).env("RUST_LOG", "capture_proxy=debug");
     cmd
-}
-
-/// The value of one sample line of a Prometheus text exposition.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .unwrap()
-}
-
-/// `GET path` over HTTP/1.0; returns the status code and body.
-fn http_get(addr: SocketAddr, path: &str) -> io::Result<(String, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).unwrap_or_default().to_string();
-    Ok((status, body.to_string()))
 }
 
 /// FNV-1a over a byte stream, with its length: what both ends compare.
@@ -373,36 +330,43 @@ fn bulk_both_ways(mesh: &Mesh, family: Family, mode: Mode) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn redirect_ipv4_carries_bulk_data_both_ways() {
     bulk_test(Mode::Redirect, Backend::Iptables, &[], Family::V4);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn redirect_ipv6_carries_bulk_data_both_ways() {
     bulk_test(Mode::Redirect, Backend::Iptables, &[], Family::V6);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn tproxy_ipv4_app_sees_the_client() {
     bulk_test(Mode::Tproxy, Backend::Iptables, &[], Family::V4);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn tproxy_ipv6_app_sees_the_client() {
     bulk_test(Mode::Tproxy, Backend::Iptables, &[], Family::V6);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn nftables_backend_redirect() {
     bulk_test(Mode::Redirect, Backend::Nftables, &[], Family::V4);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn nftables_backend_tproxy_ipv6() {
     bulk_test(Mode::Tproxy, Backend::Nftables, &[], Family::V6);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn userspace_copy_relay_keeps_data_intact() {
     bulk_test(Mode::Redirect, Backend::Iptables, &["--relay", "copy"], Family::V4);
 }
@@ -436,6 +400,7 @@ fn echo_peer(stream: &mut TcpStream) -> Result<Digest, io::ErrorKind> {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn proxy_uid_and_pod_local_traffic_are_not_captured() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -464,6 +429,7 @@ fn proxy_uid_and_pod_local_traffic_are_not_captured() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn admin_ports_are_reachable_from_outside_without_the_proxy() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -489,6 +455,7 @@ fn greet_then_read(stream: &mut TcpStream) -> Result<Digest, io::ErrorKind> {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn half_close_passes_each_fin_on_by_itself() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -521,6 +488,7 @@ fn reset_on_close(stream: &TcpStream) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn resets_propagate_both_ways() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -578,6 +546,7 @@ fn expect_reset(ns: &Pod, addr: SocketAddr) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn loops_back_into_the_proxy_are_refused() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -605,6 +574,7 @@ fn loops_back_into_the_proxy_are_refused() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn unreachable_destinations_reset_the_client_and_count() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -615,6 +585,7 @@ fn unreachable_destinations_reset_the_client_and_count() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn connections_over_the_limit_are_refused_and_idle_ones_time_out() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &["--max-connections", "1", "--idle-timeout", "1s"]);
@@ -638,6 +609,7 @@ fn connections_over_the_limit_are_refused_and_idle_ones_time_out() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     require_netns!();
     let mut mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &["--drain-timeout", "5s"]);
@@ -694,6 +666,7 @@ fn start_expecting_exit(flags: &[&str]) -> (Option<i32>, String) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn zero_overflowing_and_non_go_durations_are_refused_at_start_up() {
     require_netns!();
     for (flag, value) in [
@@ -710,6 +683,7 @@ fn zero_overflowing_and_non_go_durations_are_refused_at_start_up() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn the_longest_go_duration_is_an_idle_timeout_that_never_fires() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &["--idle-timeout", "2562047h47m16.854775807s"]);
@@ -722,6 +696,7 @@ fn the_longest_go_duration_is_an_idle_timeout_that_never_fires() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn sighup_and_sigusr_are_logged_and_ignored_with_connections_in_flight() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -757,6 +732,7 @@ fn sighup_and_sigusr_are_logged_and_ignored_with_connections_in_flight() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn refuses_to_run_where_its_own_traffic_would_loop_or_tproxy_cannot_work() {
     require_netns!();
     let pod = Pod::new();
@@ -800,6 +776,7 @@ fn thread_capabilities(pid: u32) -> Vec<[String; 4]> {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn every_thread_keeps_only_the_capabilities_its_mode_needs() {
     require_netns!();
     const NONE: &str = "0000000000000000";

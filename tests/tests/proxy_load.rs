@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capture_tests::{require_netns, run_ok, ProxiedPod};
+use capture_tests::{http_get, require_netns, run_ok, ProxiedPod};
 
 const SERVER: &str = "10.44.2.1:9090";
 
@@ -119,6 +119,7 @@ fn wait_for_fds(proxied: &ProxiedPod, want: usize) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn thousands_of_idle_connections_are_held_with_bounded_memory() {
     require_netns!();
     let target = if soak() { 10_000 } else { 3_000 };
@@ -163,6 +164,7 @@ fn churn(proxied: &ProxiedPod, total: usize, threads: usize) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn churning_short_connections_leaks_no_fds_or_memory() {
     require_netns!();
     let total = if soak() { 50_000 } else { 6_000 };
@@ -185,6 +187,7 @@ fn churning_short_connections_leaks_no_fds_or_memory() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_slow_reader_does_not_stall_other_connections() {
     require_netns!();
     let proxied = proxied_pod(&[]);
@@ -229,6 +232,7 @@ fn refused(proxied: &ProxiedPod) -> bool {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn connections_beyond_the_bound_are_refused_and_the_rest_keep_working() {
     require_netns!();
     let limit = 200;
@@ -254,6 +258,7 @@ fn connections_beyond_the_bound_are_refused_and_the_rest_keep_working() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn sigterm_drains_hundreds_of_transfers_in_flight_without_cutting_them() {
     require_netns!();
     let proxied = proxied_pod(&["--drain-timeout", "20s"]);
@@ -312,6 +317,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_full_descriptor_table_with_an_admin_connection_pending_does_not_spin() {
     require_netns!();
     // A descriptor table small enough to fill (the proxy raises its soft limit to the hard one).
@@ -345,21 +351,9 @@ fn a_full_descriptor_table_with_an_admin_connection_pending_does_not_spin() {
     drop(relayed);
     drop(probes);
     let deadline = Instant::now() + Duration::from_secs(10);
-    let ready = loop {
-        let answer = proxied.pod.enter(|| -> io::Result<String> {
-            let mut stream = TcpStream::connect_timeout(&health, Duration::from_secs(2))?;
-            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-            stream.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n")?;
-            let mut answer = String::new();
-            stream.read_to_string(&mut answer)?;
-            Ok(answer)
-        });
-        match answer {
-            Ok(answer) if answer.starts_with("HTTP/1.1 200") => break answer,
-            _ => assert!(Instant::now() < deadline, "health never answered again:\n{}", proxied.log_text()),
-        }
+    while proxied.pod.enter(|| http_get(health, "/healthz/ready")).map_or(true, |(status, _)| status != "200") {
+        assert!(Instant::now() < deadline, "health never answered again:\n{}", proxied.log_text());
         std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(ready.ends_with("ready\n"), "{ready}");
+    }
     assert!(proxied.log_text().contains("accept failed"), "{}", proxied.log_text());
 }
