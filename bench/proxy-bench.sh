@@ -58,6 +58,48 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+cat >"$work/haproxy.cfg" <<CFG
+global
+    maxconn $((idle_max + 50))
+    maxpipes 64
+defaults
+    mode tcp
+    timeout connect 10s
+    timeout client 1h
+    timeout server 1h
+    option splice-auto
+frontend virtual_inbound
+    bind 0.0.0.0:15006
+    default_backend original_destination
+backend original_destination
+    server s 0.0.0.0:0 source 127.0.0.6
+CFG
+
+# Starts the proxy of path $1 (splice, copy or haproxy) in its pod, as uid 1337. Its stdout is
+# not the caller's: a measurement's output pipe must close when the measurement ends.
+start_proxy() {
+  local as_proxy=(ip netns exec "$tag$1" setpriv --reuid=1337 --regid=1337 --clear-groups)
+  case $1 in
+    splice | copy) RUST_LOG=warn "${as_proxy[@]}" "$capture_proxy" --relay "$1" >/dev/null 2>>"$work/proxy-$1.log" & ;;
+    haproxy) "${as_proxy[@]}" haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>>"$work/haproxy.log" & ;;
+  esac
+}
+
+# Starts the proxy of path $1 afresh (its RSS then holds no memory freed by earlier tests) and
+# waits until it accepts connections.
+restart_proxy() {
+  local pid tries=0
+  pid=$(proxy_pid "$1")
+  kill -KILL "$pid"
+  start_proxy "$1"
+  until ip netns exec "$tag$1" ss -Hltn 'sport = :15006' | grep -q LISTEN; do
+    tries=$((tries + 1))
+    [ "$tries" -lt 200 ] || { echo "the $1 proxy did not restart" >&2; exit 1; }
+    sleep 0.05
+  done
+}
 
 ip netns add "$client"
 ip -n "$client" link set lo up
@@ -82,32 +124,7 @@ for path in "${paths[@]}"; do
   [ "$path" = direct ] && continue
   ip netns exec "$pod" "$istio_iptables" -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' \
     -d 15090,15021,15020 >/dev/null
-  case $path in
-    splice | copy)
-      ip netns exec "$pod" env RUST_LOG=warn setpriv --reuid=1337 --regid=1337 --clear-groups \
-        "$capture_proxy" --relay "$path" 2>"$work/proxy-$path.log" &
-      ;;
-    haproxy)
-      cat >"$work/haproxy.cfg" <<CFG
-global
-    maxconn $((idle_max + 50))
-    maxpipes 64
-defaults
-    mode tcp
-    timeout connect 10s
-    timeout client 1h
-    timeout server 1h
-    option splice-auto
-frontend virtual_inbound
-    bind 0.0.0.0:15006
-    default_backend original_destination
-backend original_destination
-    server s 0.0.0.0:0 source 127.0.0.6
-CFG
-      ip netns exec "$pod" setpriv --reuid=1337 --regid=1337 --clear-groups \
-        haproxy -f "$work/haproxy.cfg" -db 2>"$work/haproxy.log" &
-      ;;
-  esac
+  start_proxy "$path"
 done
 sleep 1
 
@@ -176,7 +193,8 @@ measure() {
     cpu_after=$(cpu_ticks "$pid")
     cpu=$(python3 -c "print('%.1f' % (($cpu_after - $cpu_before) * 1e6 / $(getconf CLK_TCK) / (${rate%% *} * $seconds)))")
     syscalls=$(syscalls_per_round_trip "$1" "$pid")
-    idle=$(idle_bytes_per_connection "$1" "$pid")
+    restart_proxy "$2"
+    idle=$(idle_bytes_per_connection "$1" "$(proxy_pid "$2")")
   else
     idle=$(echo "$idle_counts" | sed 's/[0-9]*/0/g')
   fi
@@ -269,8 +287,8 @@ PY
   echo "the server's close. Proxy CPU per connection: user + system time of the proxy process during that"
   echo "test, divided by the connections made. Syscalls: every system call the proxy process entered"
   echo "(perf, \`raw_syscalls:sys_enter\`) during $((syscall_count + syscall_count / 10)) round trips, divided by them."
-  echo "Idle RSS: the proxy's resident memory growth while ${idle_counts// / and then } connections, each after"
-  echo "one 1-byte exchange, sit idle, divided by their number; kernel socket buffers are not in RSS."
+  echo "Idle RSS: the resident memory growth of a freshly started proxy while ${idle_counts// / and then } connections,"
+  echo "each after one 1-byte exchange, sit idle, divided by their number; kernel socket buffers are not in RSS."
   echo "The larger count is what RLIMIT_NOFILE allows here (hard limit ${fd_limit}, two descriptors per"
   echo "connection, which this machine does not let us raise), not 10,000. For the same reason HAProxy runs"
   echo "with \`maxconn $((idle_max + 50))\` and \`maxpipes 64\` (its default, a quarter of maxconn, would reserve"

@@ -63,23 +63,25 @@ fn echo(mut stream: TcpStream) {
     }
 }
 
-/// Answers the first byte of each connection and then keeps it open, idle, without a thread
-/// per connection (thousands are held at once).
+/// Answers the first byte of each connection and then keeps it open, idle, until the client
+/// closes it: one task per connection on one thread, so that thousands cost little.
 fn hold_connections(listener: TcpListener) {
-    let mut held = Vec::new();
-    let mut sweep_at = 1024;
-    for mut stream in listener.incoming().flatten() {
-        let mut byte = [0u8; 1];
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        if stream.read_exact(&mut byte).is_ok() && stream.write_all(&byte).is_ok() && stream.set_nonblocking(true).is_ok() {
-            held.push(stream);
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut byte = [0u8; 1];
+                if stream.read_exact(&mut byte).await.is_ok() && stream.write_all(&byte).await.is_ok() {
+                    // Returns at the client's FIN (or reset): then this side closes too.
+                    let _ = stream.read(&mut byte).await;
+                }
+            });
         }
-        // Every 1024 accepts, let go of the connections the client has closed since.
-        if held.len() >= sweep_at {
-            held.retain(|s: &TcpStream| matches!(s.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock));
-            sweep_at = held.len() + 1024;
-        }
-    }
+    });
 }
 
 fn hold(addr: SocketAddr, counts: Vec<usize>) {
