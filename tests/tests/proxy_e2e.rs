@@ -608,11 +608,9 @@ fn connections_over_the_limit_are_refused_and_idle_ones_time_out() {
     mesh.expect_metric(r#"capture_proxy_connections_active{direction="outbound"}"#, 0);
 }
 
-#[test]
-#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
-fn sigterm_stops_accepting_and_drains_in_flight_connections() {
-    require_netns!();
-    let mut mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &["--drain-timeout", "5s"]);
+/// An application that answers "done" after the end of each request, and a connection to it
+/// through the proxy that has sent the first half of its 23-byte request.
+fn connection_in_flight(mesh: &Mesh) -> (mpsc::Receiver<Seen>, SocketAddr, TcpStream) {
     let app = server(&mesh.pod, APP_PORT, |stream| {
         let received = receive_all(stream)?;
         stream.write_all(b"done").map_err(|e| e.kind())?;
@@ -622,6 +620,24 @@ fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     let mut in_flight = connect(&mesh.client, pod_app);
     in_flight.write_all(b"first half, ").unwrap();
     mesh.expect_metric(r#"capture_proxy_connections_active{direction="inbound"}"#, 1);
+    (app, pod_app, in_flight)
+}
+
+/// Sends the second half of the request, ends it, and returns the answer.
+fn finish_request(in_flight: &mut TcpStream) -> String {
+    in_flight.write_all(b"second half").unwrap();
+    in_flight.shutdown(Shutdown::Write).unwrap();
+    let mut answer = String::new();
+    in_flight.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn sigterm_stops_accepting_and_drains_in_flight_connections() {
+    require_netns!();
+    let mut mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &["--drain-timeout", "5s"]);
+    let (app, pod_app, mut in_flight) = connection_in_flight(&mesh);
 
     run_ok(Command::new("kill").args(["-TERM", &mesh.proxy.id().to_string()]));
     // New connections are no longer accepted (the rules still send them to the closed port).
@@ -635,11 +651,7 @@ fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     assert!(mesh.proxy.try_wait().unwrap().is_none(), "exited with a connection in flight");
 
     // The connection in flight still completes, and then the proxy exits cleanly.
-    in_flight.write_all(b"second half").unwrap();
-    in_flight.shutdown(Shutdown::Write).unwrap();
-    let mut answer = String::new();
-    in_flight.read_to_string(&mut answer).unwrap();
-    assert_eq!(answer, "done");
+    assert_eq!(finish_request(&mut in_flight), "done");
     // A probe accepted just before the listeners closed reaches the application empty: skip it.
     let seen = std::iter::from_fn(|| app.recv_timeout(Duration::from_secs(5)).ok())
         .find(|seen| seen.received.as_ref().map_or(true, |digest| digest.len > 0))
@@ -700,15 +712,7 @@ fn the_longest_go_duration_is_an_idle_timeout_that_never_fires() {
 fn sighup_and_sigusr_are_logged_and_ignored_with_connections_in_flight() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
-    let app = server(&mesh.pod, APP_PORT, |stream| {
-        let received = receive_all(stream)?;
-        stream.write_all(b"done").map_err(|e| e.kind())?;
-        Ok(received)
-    });
-    let pod_app = SocketAddr::new(Family::V4.addrs().pod, APP_PORT);
-    let mut in_flight = connect(&mesh.client, pod_app);
-    in_flight.write_all(b"first half, ").unwrap();
-    mesh.expect_metric(r#"capture_proxy_connections_active{direction="inbound"}"#, 1);
+    let (app, pod_app, mut in_flight) = connection_in_flight(&mesh);
 
     for signal in ["HUP", "USR1", "USR2"] {
         run_ok(Command::new("kill").args([&format!("-{signal}"), &mesh.proxy.id().to_string()]));
@@ -717,11 +721,7 @@ fn sighup_and_sigusr_are_logged_and_ignored_with_connections_in_flight() {
     assert!(mesh.proxy.alive(), "a signal stopped the proxy:\n{}", mesh.log_text());
     mesh.wait_ready();
     // The connection in flight completes, and new ones are still relayed.
-    in_flight.write_all(b"second half").unwrap();
-    in_flight.shutdown(Shutdown::Write).unwrap();
-    let mut answer = String::new();
-    in_flight.read_to_string(&mut answer).unwrap();
-    assert_eq!(answer, "done");
+    assert_eq!(finish_request(&mut in_flight), "done");
     assert_eq!(app.recv_timeout(Duration::from_secs(5)).unwrap().received.map(|d| d.len), Ok(23));
     assert_eq!(request(&mut connect(&mesh.client, pod_app)), "done");
     let log = mesh.log_text();
