@@ -15,7 +15,7 @@ use crate::model::{self, Dialect};
 use crate::namespace::{self, NamespaceError};
 use crate::nftables::{self, NftError};
 use crate::routes::{self, RouteError, RoutePlan};
-use crate::Outcome;
+use crate::{Detail, Outcome};
 
 pub use crate::iptables::Operation;
 
@@ -35,6 +35,8 @@ pub struct Request {
     pub dry_run: bool,
     /// How long to wait for a concurrent run (ours, or another xtables user) to finish.
     pub lock_wait: Duration,
+    /// What the report should describe besides the outcome.
+    pub detail: Detail,
 }
 
 /// What happened, for the caller to print.
@@ -45,6 +47,27 @@ pub struct Report {
     pub dry_run: Option<String>,
     /// Things the user should know that did not stop the run.
     pub warnings: Vec<String>,
+    /// [`Detail::Sent`] and up: each change sent to the kernel, in order (none: nothing was).
+    pub sent: Vec<Sent>,
+    /// [`Detail::Trace`]: the state read from the namespace and the decisions made from it.
+    pub trace: Vec<String>,
+}
+
+impl Report {
+    fn new(outcome: Outcome) -> Report {
+        Report { outcome, dry_run: None, warnings: Vec::new(), sent: Vec::new(), trace: Vec::new() }
+    }
+}
+
+/// One change sent to the kernel, as text a person can read and replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// `program --noflush` fed with `input` (one per IP family, atomic per table).
+    IptablesRestore { program: String, input: String },
+    /// The nf_tables batch, as the nft script that makes the same change (`nft -f`).
+    Nftables { script: String },
+    /// The routing entries this run added, as `ip` commands.
+    Routing { commands: Vec<String> },
 }
 
 #[derive(Debug, Error)]
@@ -104,27 +127,35 @@ fn run_nftables(req: &Request, routes: &RoutePlan) -> Result<Report, CaptureErro
             Operation::Cleanup => nftables::cleanup_script(),
         };
         text.push_str(&describe_routes(req.operation, routes));
-        return Ok(Report { outcome: Outcome::Unchanged, dry_run: Some(text), warnings: Vec::new() });
+        return Ok(Report { dry_run: Some(text), ..Report::new(Outcome::Unchanged) });
     }
-    let (outcome, warnings) = match req.operation {
+    match req.operation {
         // --force-apply has nothing to force here: an exact ruleset is already what we'd send.
-        Operation::Apply { reconcile, .. } => apply_with_routes(
-            routes,
-            || nftables::apply(&ruleset, reconcile).map_err(CaptureError::from),
-            // Only a fresh install can be undone exactly (by deleting what we just created).
-            |outcome| match outcome {
-                Outcome::Applied => nftables::cleanup().map(drop).map_err(CaptureError::from),
-                _ => Ok(()),
-            },
-        )?,
-        Operation::Cleanup => (nftables::cleanup()?, remove_routes(routes)?),
-    };
-    Ok(Report { outcome, dry_run: None, warnings })
+        Operation::Apply { reconcile, .. } => {
+            let (applied, warnings, added) = apply_with_routes(
+                routes,
+                || nftables::apply(&ruleset, reconcile, req.detail).map_err(CaptureError::from),
+                // Only a fresh install can be undone exactly (by deleting what we just created).
+                |applied| match applied.outcome {
+                    Outcome::Applied => nftables::cleanup().map(drop).map_err(CaptureError::from),
+                    _ => Ok(()),
+                },
+            )?;
+            let script = applied.script;
+            let sent = sent(req.detail, || script.map(|script| Sent::Nftables { script }).into_iter().collect(), &added);
+            Ok(Report { warnings, sent, trace: applied.trace, ..Report::new(applied.outcome) })
+        }
+        Operation::Cleanup => {
+            let outcome = nftables::cleanup()?;
+            Ok(Report { warnings: remove_routes(routes)?, ..Report::new(outcome) })
+        }
+    }
 }
 
 fn run_iptables(req: &Request, opts: IptablesOptions, routes: &RoutePlan) -> Result<Report, CaptureError> {
     let ruleset = model::build(&req.config, Dialect::Iptables);
     let plan = iptables::plan(&ruleset, req.operation, opts)?;
+    let trace = if req.detail >= Detail::Trace { plan.families.iter().map(|f| f.describe()).collect() } else { Vec::new() };
     if req.dry_run {
         let mut text = String::new();
         if plan.steps.is_empty() {
@@ -134,17 +165,36 @@ fn run_iptables(req: &Request, opts: IptablesOptions, routes: &RoutePlan) -> Res
             let _ = writeln!(text, "# {}\n{}", step.command(), step.payload);
         }
         text.push_str(&describe_routes(req.operation, routes));
-        return Ok(Report { outcome: plan.outcome, dry_run: Some(text), warnings: Vec::new() });
+        return Ok(Report { dry_run: Some(text), trace, ..Report::new(plan.outcome) });
     }
-    let (outcome, warnings) = match req.operation {
+    let (outcome, warnings, added) = match req.operation {
         Operation::Apply { .. } => apply_with_routes(
             routes,
             || iptables::execute(&plan, req.lock_wait).map_err(CaptureError::from),
             |_| iptables::undo(&plan.steps, req.lock_wait).map_err(CaptureError::from),
         )?,
-        Operation::Cleanup => (iptables::execute(&plan, req.lock_wait)?, remove_routes(routes)?),
+        Operation::Cleanup => (iptables::execute(&plan, req.lock_wait)?, remove_routes(routes)?, routes::Added::default()),
     };
-    Ok(Report { outcome, dry_run: None, warnings })
+    let restores = || {
+        let restore = |step: &iptables::Step| {
+            Sent::IptablesRestore { program: step.program().into(), input: step.payload.clone() }
+        };
+        plan.steps.iter().map(restore).collect()
+    };
+    Ok(Report { warnings, sent: sent(req.detail, restores, &added), trace, ..Report::new(outcome) })
+}
+
+/// [`Detail::Sent`] and up: the rules sent, then the routing this run added.
+fn sent(detail: Detail, rules: impl FnOnce() -> Vec<Sent>, added: &routes::Added) -> Vec<Sent> {
+    if detail < Detail::Sent {
+        return Vec::new();
+    }
+    let mut sent = rules();
+    let commands = added.describe();
+    if !commands.is_empty() {
+        sent.push(Sent::Routing { commands });
+    }
+    sent
 }
 
 /// The `ip` commands the routing step would run, for --dry-run.
@@ -160,11 +210,11 @@ fn describe_routes(op: Operation, routes: &RoutePlan) -> String {
 /// init container's start-up time is the pod's). If either fails, what the other did in this
 /// run is taken back: nothing is left half-applied. A namespace without IPv6 keeps its IPv4
 /// capture and gets a warning.
-fn apply_with_routes(
+fn apply_with_routes<T>(
     routes: &RoutePlan,
-    apply_rules: impl FnOnce() -> Result<Outcome, CaptureError>,
-    undo_rules: impl FnOnce(&Outcome) -> Result<(), CaptureError>,
-) -> Result<(Outcome, Vec<String>), CaptureError> {
+    apply_rules: impl FnOnce() -> Result<T, CaptureError>,
+    undo_rules: impl FnOnce(&T) -> Result<(), CaptureError>,
+) -> Result<(T, Vec<String>, routes::Added), CaptureError> {
     let mut added = routes::Added::default();
     let (rules, routing) = std::thread::scope(|scope| {
         let routing = scope.spawn(|| routes::apply_tracked(routes, &mut added));
@@ -184,7 +234,7 @@ fn apply_with_routes(
         }
     };
     match rules {
-        Ok(outcome) => Ok((outcome, warnings)),
+        Ok(outcome) => Ok((outcome, warnings, added)),
         Err(e) => {
             // The rules undid themselves; take back the routing this run added.
             let _ = routes::undo(&added);

@@ -10,6 +10,7 @@ use capture_lib::capture::{self, Backend, CaptureError, Operation, Request};
 use capture_lib::config::{CaptureConfig, InboundPorts, InterceptionMode};
 use capture_lib::iptables::{IptablesError, IptablesOptions};
 use capture_lib::namespace::{self, NamespaceError};
+use capture_lib::Detail;
 use serde_json::Value;
 
 use crate::netconf::{CniArgs, NetConf, PodCapture};
@@ -38,7 +39,8 @@ pub fn add(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<Re
     if let Some((config, backend, dual_stack)) = validate(invocation, conf, args)? {
         let config = enter_pod(invocation, config, dual_stack)?;
         let operation = Operation::Apply { reconcile: true, force: false };
-        let report = capture::run(&Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT })?;
+        let request = Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail: Detail::Outcome };
+        let report = capture::run(&request)?;
         for warning in report.warnings {
             eprintln!("istio-capture-cni: warning: {warning}");
         }
@@ -136,6 +138,7 @@ fn cleanup_requests(ipv6: bool) -> [Request; 2] {
         operation: Operation::Cleanup,
         dry_run: false,
         lock_wait: LOCK_WAIT,
+        detail: Detail::Outcome,
     };
     [request(Backend::Nftables), request(Backend::Iptables(IptablesOptions::default()))]
 }
