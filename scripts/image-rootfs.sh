@@ -15,8 +15,8 @@
 # The iptables image (`capture-iptables`, for Istio's default iptables mode) adds Debian's
 # xtables-nft-multi and xtables-legacy-multi under the names capture-lib runs (iptables-nft-save,
 # ip6tables-legacy-restore, ...; plain iptables-save etc. are the nft variant, as on Debian), the
-# libraries they load that the minimal image lacks (libxtables, libip4tc, libip6tc), the xtables
-# extensions Istio's rulesets use (found with strace over every ruleset: REDIRECT, TPROXY, owner
+# libraries they load that the minimal image lacks (libxtables, libip4tc, libip6tc, libnftnl,
+# libmnl), the xtables extensions Istio's rulesets use (found with strace over every ruleset: REDIRECT, TPROXY, owner
 # matches, DNS conntrack zones, INVALID drop, for both families and both variants), and an empty
 # /run/xtables.lock: iptables-legacy opens its lock with O_CREAT, which fails on a read-only root
 # unless the file already exists (the lock only ever serialised iptables runs inside this
