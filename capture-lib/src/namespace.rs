@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, Flock, FlockArg};
 
 use thiserror::Error;
 
@@ -41,7 +41,8 @@ pub fn enter(path: &Path) -> Result<(), NamespaceError> {
         .map_err(|source| NamespaceError::Enter { path: shown, source })
 }
 
-/// Held while a run reads and changes the namespace; released on drop.
+/// Held while a run reads and changes the namespace (and by the processes it starts); released
+/// on drop, once those have exited too.
 #[derive(Debug)]
 pub struct NamespaceLock {
     _held: Flock<File>,
@@ -56,7 +57,13 @@ pub fn lock(wait: Duration) -> Result<NamespaceLock, NamespaceError> {
     let mut file = File::open("/proc/thread-self/ns/net").map_err(|e| NamespaceError::Lock(e.to_string()))?;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(held) => return Ok(NamespaceLock { _held: held }),
+            Ok(held) => {
+                // The processes this run starts (iptables-restore) inherit the lock, so a run
+                // killed while one of them still writes keeps the namespace locked until it
+                // has finished: the next run never reads a state that is about to change.
+                fcntl(&*held, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| NamespaceError::Lock(e.to_string()))?;
+                return Ok(NamespaceLock { _held: held });
+            }
             Err((f, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                 file = f;
                 std::thread::sleep(Duration::from_millis(10));
