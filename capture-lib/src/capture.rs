@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use std::time::Duration;
 
-use crate::config::CaptureConfig;
+use crate::config::{CaptureConfig, DnsCapture};
 use crate::iptables::{self, IptablesError, IptablesOptions};
 use crate::model::{self, Dialect};
 use crate::namespace::{self, NamespaceError};
@@ -65,15 +65,23 @@ pub enum CaptureError {
     NotInPlace { differences: Vec<String> },
 }
 
+/// Istio's words when DNS capture is asked for but there is nothing to capture.
+const NO_DNS_SERVERS: &str = "REDIRECT_DNS is set, but CAPTURE_ALL_DNS is false, and no DNS servers provided \
+     (the pod's resolv.conf names no nameserver). DNS capture disabled.";
+
 pub fn run(req: &Request) -> Result<Report, CaptureError> {
     let routes = RoutePlan::for_config(&req.config);
     // Refuse a plan that would break routing before any rule is touched.
     routes.check().map_err(CaptureError::Routes)?;
     let _lock = if req.dry_run { None } else { Some(namespace::lock(req.lock_wait)?) };
-    match req.backend {
+    let mut report = match req.backend {
         Backend::Iptables(opts) => run_iptables(req, opts, &routes),
         Backend::Nftables => run_nftables(req, &routes),
+    }?;
+    if matches!(&req.config.dns, DnsCapture::Servers { v4, v6 } if v4.is_empty() && v6.is_empty()) {
+        report.warnings.insert(0, NO_DNS_SERVERS.to_string());
     }
+    Ok(report)
 }
 
 /// Checks, changing nothing, that the namespace holds exactly what an apply of `config` would

@@ -34,7 +34,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use thiserror::Error;
 
-use crate::config::{CaptureConfig, INBOUND_PASSTHROUGH_V6};
+use crate::config::{CaptureConfig, INBOUND_PASSTHROUGH_V6, RESERVED_ROUTE_TABLES};
 
 /// How often a listing is retried when the kernel reports it changed while being read.
 const DUMP_ATTEMPTS: usize = 5;
@@ -156,7 +156,7 @@ impl RoutePlan {
     pub fn check(&self) -> Result<(), RouteError> {
         match self.tproxy {
             // Route table 0 means "main" to the kernel; the others are consulted for every packet.
-            Some(TproxyRouting { table: table @ (0 | 253..=255), .. }) => Err(RouteError::ReservedTable(table)),
+            Some(TproxyRouting { table, .. }) if RESERVED_ROUTE_TABLES.contains(&table) => Err(RouteError::ReservedTable(table)),
             // A rule with mark 0 carries no mark match at all.
             Some(TproxyRouting { mark: 0, .. }) => Err(RouteError::ZeroMark),
             _ => Ok(()),

@@ -179,7 +179,7 @@ fn refused_settings_exit_2_naming_the_setting_before_anything_is_touched() {
         }
     }
     assert!(!has_iptables_capture(&pod) && !has_nftables_capture(&pod), "nothing programmed");
-    assert!(!routing(&pod).contains("lookup"), "no policy routing either");
+    assert!(!routing(&pod).contains("fwmark"), "no policy routing either");
 }
 
 // Item 5: cleanup finds what an earlier run added by what it is, not by the flags repeated.
@@ -200,7 +200,7 @@ fn cleanup_removes_what_any_earlier_run_added_whatever_flags_it_gets() {
             let before = capture_state(&pod);
             let apply = args(&[&SEED[..6], apply, backend]);
             assert_ok(&tool(&pod, &strs(&apply), &[]));
-            assert!(routing(&pod).contains("lookup"), "{backend:?} {apply:?}: TPROXY routing in place");
+            assert!(routing(&pod).contains("fwmark"), "{backend:?} {apply:?}: TPROXY routing in place");
             let out = tool(&pod, &[cleanup, backend].concat(), &[]);
             assert_ok(&out);
             assert_eq!(capture_state(&pod), before, "{backend:?}: {apply:?} then {cleanup:?}");
@@ -318,7 +318,7 @@ fn redirect_dns_through_a_namespace_path_uses_the_pods_resolv_conf_or_is_refused
     // A process's namespace leads to its root, where the pod's own resolv.conf is.
     let container = Container::start(&pod, b"nameserver 10.96.7.7\n");
     assert_ok(&from_outside(&container.ns_path(), &[]));
-    let dns: Vec<String> = pod.rules(false).into_iter().filter(|r| r.starts_with("-A ISTIO_OUTPUT_DNS -p tcp")).collect();
+    let dns: Vec<String> = pod.rules(false).into_iter().filter(|r| r.starts_with("-A ISTIO_OUTPUT_DNS ") && r.contains(" tcp ")).collect();
     assert_eq!(dns, ["-A ISTIO_OUTPUT_DNS -d 10.96.7.7/32 -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053"]);
 }
 
