@@ -148,7 +148,7 @@ fn run_iptables(req: &Request, opts: IptablesOptions, routes: &RoutePlan) -> Res
         Operation::Apply { .. } => apply_with_routes(
             routes,
             || iptables::execute(&plan, req.lock_wait).map_err(CaptureError::from),
-            |_| iptables::undo(&plan.steps, req.lock_wait).map_err(CaptureError::from),
+            |_| iptables::undo(&plan, req.lock_wait).map_err(CaptureError::from),
         )?,
         Operation::Cleanup => (iptables::execute(&plan, req.lock_wait)?, remove_routes(routes)?),
     };

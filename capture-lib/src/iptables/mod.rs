@@ -26,8 +26,14 @@ use crate::Outcome;
 
 #[derive(Debug, Error)]
 pub enum IptablesError {
-    #[error("could not run {program}: {source} (is iptables installed?)")]
+    #[error("could not run {program}: {source}{}", exec::spawn_hint(source))]
     Spawn { program: String, source: std::io::Error },
+    #[error(
+        "{program} takes the xtables lock {} and cannot open it: {source}\n  hint: mount a writable volume at {} \
+         (in a pod: an emptyDir), point XTABLES_LOCKFILE at a writable file, or use native nftables \
+         (--native-nftables), which takes no such lock", path.display(), path.parent().unwrap_or(path).display()
+    )]
+    Lock { program: String, path: std::path::PathBuf, source: std::io::Error },
     #[error("{program} failed: {stderr}")]
     Save { program: String, stderr: String },
     #[error("{program} refused the rules: {stderr}{}{}", line.as_ref().map(|l| format!("\n  refused line: {l}")).unwrap_or_default(), hint.map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
@@ -38,6 +44,8 @@ pub enum IptablesError {
     RolledBack { source: Box<IptablesError> },
     #[error("{source}\nrolling back also failed ({rollback}); the namespace may hold part of the new rules: run with --cleanup-only, then again")]
     RollbackFailed { source: Box<IptablesError>, rollback: Box<IptablesError> },
+    #[error("{source}\nnothing was changed")]
+    NothingChanged { source: Box<IptablesError> },
 }
 
 /// How to reach iptables.
@@ -175,6 +183,9 @@ fn promote(current: Outcome, new: Outcome) -> Outcome {
 /// `lock_wait` bounds the wait for the xtables lock.
 /// The families are independent, so their restores run concurrently.
 pub fn execute(plan: &Plan, lock_wait: Duration) -> Result<Outcome, IptablesError> {
+    if let Err(e) = plan.steps.iter().try_for_each(|step| step.bins.check_lock()) {
+        return Err(IptablesError::NothingChanged { source: Box::new(e) });
+    }
     let results: Vec<Result<(), IptablesError>> = std::thread::scope(|scope| {
         let restores: Vec<_> = plan
             .steps
@@ -183,21 +194,51 @@ pub fn execute(plan: &Plan, lock_wait: Duration) -> Result<Outcome, IptablesErro
             .collect();
         restores.into_iter().map(|r| r.join().expect("restore thread panicked")).collect()
     });
-    match results.into_iter().find_map(Result::err) {
-        None => Ok(plan.outcome),
-        Some(err) => Err(match undo(&plan.steps, lock_wait) {
-            Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
-            Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
-        }),
+    let mut touched = Vec::new();
+    let mut failure = None;
+    for (step, result) in plan.steps.iter().zip(results) {
+        match result {
+            Ok(()) => touched.push(step),
+            Err(e) => {
+                if !e.changed_nothing() {
+                    touched.push(step);
+                }
+                failure.get_or_insert(e);
+            }
+        }
     }
+    let Some(err) = failure else { return Ok(plan.outcome) };
+    if touched.is_empty() {
+        return Err(IptablesError::NothingChanged { source: Box::new(err) });
+    }
+    Err(match undo_steps(&touched, lock_wait) {
+        Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
+        Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
+    })
 }
 
-/// Puts the tables the given steps touch back as they were before the plan was made.
-pub fn undo(steps: &[Step], lock_wait: Duration) -> Result<(), IptablesError> {
+/// Puts every table the plan touches back as it was before the plan was made.
+pub fn undo(plan: &Plan, lock_wait: Duration) -> Result<(), IptablesError> {
+    undo_steps(&plan.steps.iter().collect::<Vec<_>>(), lock_wait)
+}
+
+fn undo_steps(steps: &[&Step], lock_wait: Duration) -> Result<(), IptablesError> {
     for step in steps.iter().rev() {
         step.bins.restore(&step.rollback, false, lock_wait)?;
     }
     Ok(())
+}
+
+impl IptablesError {
+    /// Whether the failed command certainly changed nothing: it never ran, or it stopped at
+    /// the xtables lock, before reading its input.
+    fn changed_nothing(&self) -> bool {
+        match self {
+            IptablesError::Spawn { .. } | IptablesError::Lock { .. } => true,
+            IptablesError::Restore { stderr, .. } => exec::stopped_at_lock(stderr),
+            _ => false,
+        }
+    }
 }
 
 /// Replacing a table without --noflush with its saved dump restores it exactly; a table that
