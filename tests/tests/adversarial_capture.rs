@@ -191,7 +191,7 @@ fn cleanup_removes_what_any_earlier_run_added_whatever_flags_it_gets() {
         (&["-i", "*", "-b", "*", "-m", "TPROXY", "--dual-stack"], &["-m", "TPROXY", "--cleanup-only"]),
         (&["-i", "*", "-b", "*", "-m", "TPROXY", "-t", "7", "-r", "70", "-c", "eth9", "-k", "eth8", "--redirect-dns",
            "--capture-all-dns", "--drop-invalid", "--dual-stack", "-u", "1337,1338"], &["--cleanup-only"]),
-        (&["-i", "*", "-b", "80", "-m", "TPROXY", "-t", "0x10", "-r", "1000", "--dual-stack"],
+        (&["-i", "*", "-b", "80", "-m", "TPROXY", "-t", "16", "-r", "1000", "--dual-stack"],
          &["-m", "TPROXY", "-t", "1337", "-r", "133", "--cleanup-only"]),
     ];
     for backend in [IPTABLES, NATIVE] {

@@ -8,9 +8,10 @@
 
 mod exec;
 mod render;
+mod shapes;
 mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use thiserror::Error;
 pub use exec::Variant;
 use exec::Binaries;
 use render::{chain_name, owned_chain_names, rule_spec, table_name};
+use shapes::is_our_shape;
 use state::{jump_target, parse_save, SaveState, TableState};
 
 use crate::model::{Position, Ruleset};
@@ -254,6 +256,10 @@ fn rollback_payload(current: &SaveState, payload: &str) -> String {
         .collect()
 }
 
+fn is_our_chain(name: &str) -> bool {
+    owned_chain_names().any(|ours| ours == name)
+}
+
 /// A rule in a kernel hook chain (PREROUTING/OUTPUT), which other tools share with us.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct HookRule {
@@ -315,9 +321,12 @@ impl Desired {
 
     /// Is this rule of a shared chain ours? It jumps to one of our chains, or it is exactly
     /// one of the rules we would put there.
-    fn is_ours(&self, table: &str, chain: &str, spec: &str) -> bool {
-        jump_target(spec).is_some_and(|t| owned_chain_names().any(|o| o == t))
+    /// Or it has the shape of a rule any configuration puts there (see `shapes`), since an
+    /// earlier run may have had other settings. `state` is the table it is in.
+    fn is_ours(&self, table: &str, chain: &str, spec: &str, state: &TableState) -> bool {
+        jump_target(spec).is_some_and(is_our_chain)
             || self.tables.get(table).is_some_and(|t| t.hook_specs(chain).contains(&spec))
+            || is_our_shape(table, chain, spec, state.chains.iter().any(|c| is_our_chain(c)))
     }
 
     /// What of ours the namespace holds, per table.
@@ -326,12 +335,12 @@ impl Desired {
         for (table, state) in current {
             let mut found = TableResidue::default();
             for chain in &state.chains {
-                if owned_chain_names().any(|o| o == chain) {
+                if is_our_chain(chain) {
                     found.chains.push(chain.clone());
                     continue;
                 }
                 for spec in state.chain_rules(chain) {
-                    if self.is_ours(table, chain, spec) {
+                    if self.is_ours(table, chain, spec, state) {
                         found.hook_rules.push((chain.clone(), spec.clone()));
                     }
                 }
@@ -356,19 +365,29 @@ impl Desired {
                     out.push(describe_difference(table, chain, have.chain_rules(chain), rules));
                 }
             }
-            for (chain, rules) in &want.hooks {
-                let ours: Vec<&String> = have.chain_rules(chain).iter().filter(|s| self.is_ours(table, chain, s)).collect();
-                let wanted: Vec<&String> = rules.iter().map(|r| &r.spec).collect();
-                if ours != wanted {
-                    let have: Vec<String> = ours.into_iter().cloned().collect();
-                    let want: Vec<String> = wanted.into_iter().cloned().collect();
-                    out.push(describe_difference(table, chain, &have, &want));
-                }
+        }
+        // Our rules in the shared chains: those wanted, and those another configuration left.
+        let mut shared: BTreeSet<(&str, &str)> = BTreeSet::new();
+        for (table, want) in &self.tables {
+            shared.extend(want.hooks.iter().map(|(chain, _)| (*table, *chain)));
+        }
+        for (table, state) in current {
+            shared.extend(state.chains.iter().filter(|c| !is_our_chain(c)).map(|c| (table.as_str(), c.as_str())));
+        }
+        for (table, chain) in shared {
+            let have = current.get(table).unwrap_or(&empty);
+            let ours: Vec<String> =
+                have.chain_rules(chain).iter().filter(|s| self.is_ours(table, chain, s, have)).cloned().collect();
+            let wanted: Vec<String> = self.tables.get(table).map_or_else(Vec::new, |t| {
+                t.hook_specs(chain).into_iter().map(str::to_string).collect()
+            });
+            if ours != wanted {
+                out.push(describe_difference(table, chain, &ours, &wanted));
             }
         }
         for (table, state) in current {
             let want = self.tables.get(table.as_str());
-            for chain in state.chains.iter().filter(|c| owned_chain_names().any(|o| o == c.as_str())) {
+            for chain in state.chains.iter().filter(|c| is_our_chain(c)) {
                 if !want.is_some_and(|w| w.owned.iter().any(|(c, _)| c == chain)) {
                     out.push(format!("{table} {chain}: not part of this configuration"));
                 }
@@ -526,6 +545,41 @@ mod tests {
         assert!(p.contains("-D OUTPUT -j ISTIO_OUTPUT\n"));
         assert!(!p.contains("--dport 123"));
         assert!(p.contains("-X ISTIO_OUTPUT\n") && !p.contains("-A "));
+    }
+
+    #[test]
+    fn cleanup_with_other_settings_removes_every_rule_an_earlier_run_added() {
+        let earlier = CaptureConfig {
+            mode: InterceptionMode::Tproxy,
+            inbound_ports: InboundPorts::All { except: vec![] },
+            tproxy_mark: 7,
+            proxy_uids: vec![1337, 1338],
+            exclude_interfaces: crate::config::parse_interfaces("-c", "eth9").unwrap(),
+            kube_virt_interfaces: crate::config::parse_interfaces("-k", "eth8").unwrap(),
+            ..CaptureConfig::default()
+        };
+        let mut state = as_saved(&desired(&earlier));
+        let foreign = "-p udp -j ACCEPT".to_string();
+        state.get_mut("mangle").unwrap().rules.get_mut("OUTPUT").unwrap().push(foreign.clone());
+        let now = desired(&CaptureConfig::default());
+        let residue = now.residue(&state);
+        let removed: usize = residue.values().map(|r| r.hook_rules.len()).sum();
+        let added: usize = state.values().map(|t| t.rules.iter().filter(|(c, _)| !is_our_chain(c)).map(|(_, r)| r.len()).sum::<usize>()).sum();
+        assert_eq!(removed, added - 1, "every rule in a shared chain but the foreign one: {residue:?}");
+        let payload = now.payload(&residue, false);
+        assert!(payload.contains("-D PREROUTING -i eth9 -j RETURN\n") && payload.contains("-D PREROUTING -i eth8 -j RETURN\n"));
+        assert!(payload.contains("-D OUTPUT -o lo -p tcp -m mark --mark 0x7 -j RETURN\n"), "{payload}");
+        assert!(!payload.contains(&foreign), "{payload}");
+        assert!(now.drift(&state).iter().any(|d| d.starts_with("mangle OUTPUT")), "{:?}", now.drift(&state));
+    }
+
+    #[test]
+    fn a_lone_interface_return_without_our_chains_is_someone_elses() {
+        let mut state = SaveState::new();
+        let nat = state.entry("nat".into()).or_default();
+        nat.chains = vec!["PREROUTING".into()];
+        nat.rules.insert("PREROUTING".into(), vec!["-i eth9 -j RETURN".into()]);
+        assert!(desired(&CaptureConfig::default()).residue(&state).is_empty());
     }
 
     #[test]

@@ -115,6 +115,12 @@ pub fn cleanup_script() -> String {
         .collect()
 }
 
+/// Whether any of our tables exists.
+pub fn holds_ours() -> Result<bool, NftError> {
+    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
+    Ok(!our_tables(&netlink.dump(&DumpRequest::Tables).map_err(NftError::Read)?).is_empty())
+}
+
 /// Deletes our three tables, and nothing else, in one transaction.
 pub fn cleanup() -> Result<Outcome, NftError> {
     let mut netlink = Netlink::open().map_err(NftError::Socket)?;
