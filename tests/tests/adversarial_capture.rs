@@ -231,6 +231,34 @@ fn iptables_cleanup_leaves_no_table_or_base_chain_it_created() {
 }
 
 #[test]
+fn reconcile_and_rollback_leave_no_table_or_base_chain_they_no_longer_need() {
+    require_netns!();
+    // A table a reconcile no longer needs goes (mangle, from TPROXY to REDIRECT).
+    let pod = Pod::with_address("10.44.0.5/24");
+    assert_ok(&tool(&pod, &[SEED, &["-m", "TPROXY"]].concat(), &[]));
+    assert!(pod.nft_ruleset().contains("table ip mangle"));
+    assert_ok(&tool(&pod, &[SEED, &["--reconcile"]].concat(), &[]));
+    assert!(!pod.nft_ruleset().contains("table ip mangle"), "{}", pod.nft_ruleset());
+
+    // And so do those a rolled-back run had made: here the IPv6 restore is refused.
+    let pod = Pod::with_address("fd00:44::5/64");
+    let before = pod.nft_ruleset();
+    let refusing = TempDir::new();
+    let real = String::from_utf8(run_ok(Command::new("sh").args(["-c", "command -v ip6tables-nft-restore"])).stdout).unwrap();
+    let wrapper = format!(
+        "#!/bin/sh\ncase \"$*\" in *--noflush*) cat >/dev/null; echo 'line 2 failed' >&2; exit 1;; esac\nexec {} \"$@\"\n",
+        real.trim()
+    );
+    std::fs::write(refusing.0.join("ip6tables-nft-restore"), wrapper).unwrap();
+    run_ok(Command::new("chmod").arg("+x").arg(refusing.0.join("ip6tables-nft-restore")));
+    let path = format!("PATH={}:{}", refusing.0.display(), std::env::var("PATH").unwrap());
+    let full = [SEED, &["-m", "TPROXY", "--redirect-dns", "--capture-all-dns", "--drop-invalid"]].concat();
+    let out = pod.cmd("env").arg(path).arg(release_bin("istio-iptables")).args(&full).output().unwrap();
+    assert!(stderr(&out).contains("rolled back"), "{}", stderr(&out));
+    assert_eq!(pod.nft_ruleset(), before, "the IPv4 tables the rolled-back run made are gone");
+}
+
+#[test]
 fn cni_del_leaves_no_table_or_base_chain_the_add_created() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");

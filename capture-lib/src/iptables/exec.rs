@@ -106,6 +106,16 @@ impl Binaries {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Deletes what iptables-nft keeps of `tables` once they hold nothing: see
+    /// [`crate::nftables::prune_iptables_tables`]. Legacy tables cannot be deleted.
+    pub fn prune(&self, tables: &[String]) -> Result<(), IptablesError> {
+        if self.variant != Variant::Nft || tables.is_empty() {
+            return Ok(());
+        }
+        crate::nftables::prune_iptables_tables(self.v6, tables)
+            .map_err(|source| IptablesError::Prune { family: self.family(), source })
+    }
+
     /// Legacy iptables serialises its writers with a lock file (`XTABLES_LOCKFILE`, else
     /// /run/xtables.lock) that it opens, creating it if need be, before it reads any input.
     /// Where it cannot (a read-only root), say so before any restore runs.

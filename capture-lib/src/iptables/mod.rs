@@ -48,6 +48,8 @@ pub enum IptablesError {
     RollbackFailed { source: Box<IptablesError>, rollback: Box<IptablesError> },
     #[error("{source}\nnothing was changed")]
     NothingChanged { source: Box<IptablesError> },
+    #[error("the {family} rules are in place, but removing the tables left empty failed: {source}")]
+    Prune { family: &'static str, source: crate::nftables::NftError },
 }
 
 /// How to reach iptables.
@@ -73,6 +75,9 @@ pub struct Step {
     pub payload: String,
     /// The tables this step touches as they were before, to put back on failure.
     rollback: String,
+    /// Tables the payload may leave without a rule of ours, which iptables-nft keeps, with
+    /// hooked base chains. (A rollback replaces whole tables, so it leaves none.)
+    emptied: Vec<String>,
 }
 
 impl Step {
@@ -130,7 +135,9 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
         };
         if let Some(payload) = payload {
             let rollback = rollback_payload(&current, &payload);
-            steps.push(Step { bins, payload, rollback });
+            let wanted = |table: &String| op != Operation::Cleanup && desired.tables.contains_key(table.as_str());
+            let emptied = residue.into_keys().filter(|t| !wanted(t)).collect();
+            steps.push(Step { bins, payload, rollback, emptied });
         }
     }
     Ok(Plan { steps, outcome })
@@ -209,7 +216,11 @@ pub fn execute(plan: &Plan, lock_wait: Duration) -> Result<Outcome, IptablesErro
             }
         }
     }
-    let Some(err) = failure else { return Ok(plan.outcome) };
+    let Some(err) = failure else {
+        // Every restore is in: what they emptied goes now (a failure here undoes nothing).
+        plan.steps.iter().try_for_each(|step| step.bins.prune(&step.emptied))?;
+        return Ok(plan.outcome);
+    };
     if touched.is_empty() {
         return Err(IptablesError::NothingChanged { source: Box::new(err) });
     }
