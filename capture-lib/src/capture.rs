@@ -64,9 +64,8 @@ pub enum CaptureError {
     #[error("the capture in this network namespace is not as requested:\n  {}", differences.join("\n  "))]
     NotInPlace { differences: Vec<String> },
     #[error(
-        "this network namespace already holds a capture made with {other}; re-run with --reconcile to replace \
-         it with this one (atomically for each backend, the old one removed once the new one is in place), \
-         or remove it first with --cleanup-only"
+        "this network namespace already holds a capture made with {other}, and two captures would stack; \
+         re-run with --reconcile to replace it with this one, or remove it first with --cleanup-only"
     )]
     OtherBackend { other: &'static str },
 }
@@ -83,7 +82,7 @@ pub fn run(req: &Request) -> Result<Report, CaptureError> {
     let mut report = match (req.operation, req.backend) {
         (Operation::Cleanup, backend) => cleanup(req, backend),
         (Operation::Apply { .. }, Backend::Iptables(opts)) => apply_iptables(req, opts, &routes),
-        (Operation::Apply { .. }, Backend::Nftables) => apply_nftables(req, &routes),
+        (Operation::Apply { reconcile, .. }, Backend::Nftables) => apply_nftables(req, reconcile, &routes),
     }?;
     if matches!(&req.config.dns, DnsCapture::Servers { v4, v6 } if v4.is_empty() && v6.is_empty()) {
         report.warnings.insert(0, NO_DNS_SERVERS.to_string());
@@ -174,8 +173,7 @@ fn replaced_capture(req: &Request) -> Result<(Option<OtherCapture>, Vec<String>)
     }
 }
 
-fn apply_nftables(req: &Request, routes: &RoutePlan) -> Result<Report, CaptureError> {
-    let Operation::Apply { reconcile, .. } = req.operation else { unreachable!("apply only") };
+fn apply_nftables(req: &Request, reconcile: bool, routes: &RoutePlan) -> Result<Report, CaptureError> {
     let ruleset = model::build(&req.config, Dialect::Nftables);
     let (replaced, mut warnings) = replaced_capture(req)?;
     if req.dry_run {
