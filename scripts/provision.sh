@@ -8,6 +8,7 @@ packages=(
   libnftnl-dev libmnl-dev pkg-config gcc g++           # build: nftnl/mnl link libnftnl and libmnl; g++ for libFuzzer
   python3 python3-pip ca-certificates curl
   containernetworking-plugins                          # the CNI tests chain after the real bridge + host-local
+  containerd runc                                      # the CRI tests run pods through containerd (its own config)
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

@@ -2,9 +2,10 @@
 # The static archives istio-iptables links (scripts/build.sh): prints the directory holding
 # libmnl.a, fetching it first if needed. libnftnl.a comes with Debian's libnftnl-dev, but
 # libmnl-dev ships libmnl.a only from Debian 13 (trixie) on; on older releases this takes that
-# one file out of trixie's libmnl-dev package, checked against the SHA-256 of Debian's signed
-# package index, without installing the package (its libmnl0 dependency is not needed: the
-# archive is linked in).
+# one file out of trixie's libmnl-dev package, fetched from the machine's configured Debian
+# source and checked against the SHA-256 of Debian's signed package index, without installing
+# the package (its libmnl0 dependency is not needed: the archive is linked in). No host is named
+# here: apt says where its source's pool is.
 #
 # Usage: scripts/static-libs.sh          fetch if missing, print the directory
 #        scripts/static-libs.sh --find   print the directory, or fail if there is none
@@ -45,8 +46,21 @@ esac
 deb=libmnl-dev_1.0.5-3_$arch.deb
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-curl -sSfL -o "$work/$deb" "https://deb.debian.org/debian/pool/main/libm/libmnl/$deb"
-echo "$sha  $work/$deb" | sha256sum --check --quiet
+# The machine's own configured Debian source: the pool directory of its libmnl-dev (the same
+# directory holds every release's build), fetched with apt's own transport and configuration.
+pool_uri() {
+  apt-get download --print-uris libmnl-dev 2>/dev/null | awk 'NR == 1 { gsub("\047", "", $1); print $1 }'
+}
+uri=$(pool_uri)
+if [ -z "$uri" ]; then
+  apt-get update -qq >/dev/null
+  uri=$(pool_uri)
+fi
+if [ -z "$uri" ]; then
+  echo "static-libs: no configured apt source has libmnl-dev; istio-iptables will link dynamically" >&2
+  exit 1
+fi
+/usr/lib/apt/apt-helper -o APT::Sandbox::User=root download-file "${uri%/*}/$deb" "$work/$deb" "SHA256:$sha" >/dev/null
 dpkg-deb -x "$work/$deb" "$work/root"
 install -D -m 0644 "$work/root/usr/lib/$(gcc -print-multiarch)/libmnl.a" "$dir/libmnl.a"
 echo "$dir"

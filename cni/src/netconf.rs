@@ -67,7 +67,8 @@ pub struct NetConf {
     pub cni_version: String,
     /// Pods in these Kubernetes namespaces are left alone (e.g. kube-system).
     pub exclude_namespaces: Vec<String>,
-    pub prev_result: Option<Value>,
+    /// The previous plugin's result; an object whenever present.
+    pub prev_result: Option<Map<String, Value>>,
     capture: Map<String, Value>,
     runtime_capture: Map<String, Value>,
 }
@@ -94,30 +95,33 @@ impl NetConf {
                 .collect::<Result<_, _>>()?,
             Some(other) => return Err(PluginError::Config(format!("excludeNamespaces: {other} is not a list"))),
         };
-        let runtime_capture = match conf.get_mut("runtimeConfig") {
-            Some(Value::Object(runtime)) => object(runtime.remove("capture"), "runtimeConfig.capture")?,
-            _ => Map::new(),
-        };
+        let runtime_capture =
+            object(conf.remove("runtimeConfig"), "runtimeConfig")?.and_then(|mut r| r.remove("capture"));
         Ok(NetConf {
             cni_version,
             exclude_namespaces,
-            prev_result: conf.remove("prevResult"),
-            capture: object(conf.remove("capture"), "capture")?,
-            runtime_capture,
+            prev_result: object(conf.remove("prevResult"), "prevResult")?,
+            capture: capture_settings(conf.remove("capture"), "capture")?,
+            runtime_capture: capture_settings(runtime_capture, "runtimeConfig.capture")?,
         })
     }
 }
 
-fn object(value: Option<Value>, name: &str) -> Result<Map<String, Value>, PluginError> {
+/// The object under the key `name`, if present: any other JSON type (null too) is refused, never ignored.
+fn object(value: Option<Value>, name: &str) -> Result<Option<Map<String, Value>>, PluginError> {
     match value {
-        None => Ok(Map::new()),
-        Some(Value::Object(map)) => {
-            match map.keys().find(|k| !TEXT_KEYS.iter().any(|(t, _)| t == k) && !FLAG_KEYS.contains(&k.as_str())) {
-                Some(unknown) => Err(PluginError::Config(format!("{name}: unknown setting {unknown:?}"))),
-                None => Ok(map),
-            }
-        }
+        None => Ok(None),
+        Some(Value::Object(map)) => Ok(Some(map)),
         Some(other) => Err(PluginError::Config(format!("{name}: {other} is not an object"))),
+    }
+}
+
+/// A `capture` object: capture keys only.
+fn capture_settings(value: Option<Value>, name: &str) -> Result<Map<String, Value>, PluginError> {
+    let map = object(value, name)?.unwrap_or_default();
+    match map.keys().find(|k| !TEXT_KEYS.iter().any(|(t, _)| t == k) && !FLAG_KEYS.contains(&k.as_str())) {
+        Some(unknown) => Err(PluginError::Config(format!("{name}: unknown setting {unknown:?}"))),
+        None => Ok(map),
     }
 }
 
@@ -131,7 +135,8 @@ pub struct CniArgs {
 
 impl CniArgs {
     /// `K=V;K=V`. Unknown keys are refused unless `IgnoreUnknown` is true, as the reference
-    /// plugins do (runtimes set it when they add pod identity keys).
+    /// plugins do (runtimes set it when they add pod identity keys); like theirs, `IgnoreUnknown`
+    /// is `1`, `true`, `0` or `false` in any case, and anything else is refused.
     pub fn parse(text: &str) -> Result<CniArgs, PluginError> {
         let mut pairs = Vec::new();
         for pair in text.split(';').filter(|p| !p.is_empty()) {
@@ -140,7 +145,14 @@ impl CniArgs {
             pairs.push((key, value));
         }
         let lookup = |wanted: &str| pairs.iter().find(|(k, _)| *k == wanted).map(|(_, v)| v.to_string());
-        let ignore_unknown = lookup("IgnoreUnknown").is_some_and(|v| matches!(v.as_str(), "1" | "true" | "True"));
+        let ignore_unknown = match lookup("IgnoreUnknown") {
+            None => false,
+            Some(value) => match value.to_ascii_lowercase().as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => return Err(PluginError::Args(format!("IgnoreUnknown={value:?} is not 1, true, 0 or false"))),
+            },
+        };
         let mut overrides = Map::new();
         for (key, value) in &pairs {
             if TEXT_KEYS.iter().any(|(t, _)| t == key) || FLAG_KEYS.contains(key) {
@@ -307,5 +319,39 @@ mod tests {
             conf(r#"{"cniVersion":"0.4.0","name":"k8s","excludeNamespaces":["kube-system"],"prevResult":{"ips":[]}}"#);
         assert_eq!(conf.exclude_namespaces, vec!["kube-system"]);
         assert!(conf.prev_result.is_some());
+    }
+
+    #[test]
+    fn objects_of_another_json_type_are_refused_naming_the_key() {
+        for key in ["prevResult", "runtimeConfig", "capture"] {
+            for value in [r#""x""#, "7", "[{}]", "null", "true"] {
+                let json = format!(r#"{{"cniVersion":"1.0.0","name":"k8s","{key}":{value}}}"#);
+                let err = NetConf::parse(json.as_bytes()).unwrap_err();
+                assert!(
+                    matches!(&err, PluginError::Config(m) if *m == format!("{key}: {value} is not an object")),
+                    "{err}"
+                );
+            }
+        }
+        let nested = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"k8s","runtimeConfig":{"capture":"x"}}"#);
+        assert!(matches!(nested, Err(PluginError::Config(m)) if m == r#"runtimeConfig.capture: "x" is not an object"#));
+        let runtime_only = conf(r#"{"cniVersion":"1.0.0","name":"k8s","runtimeConfig":{"portMappings":[]}}"#);
+        assert!(runtime_only.runtime_capture.is_empty());
+    }
+
+    #[test]
+    fn ignore_unknown_is_a_boolean_as_the_reference_plugins_read_it() {
+        for yes in ["1", "true", "True", "TRUE"] {
+            assert!(CniArgs::parse(&format!("IgnoreUnknown={yes};FOO=1")).is_ok(), "{yes}");
+        }
+        for no in ["0", "false", "False"] {
+            assert!(
+                matches!(CniArgs::parse(&format!("IgnoreUnknown={no};FOO=1")), Err(PluginError::Args(m)) if m.contains("FOO"))
+            );
+        }
+        for bad in ["yes", "", "2"] {
+            let err = CniArgs::parse(&format!("IgnoreUnknown={bad}")).unwrap_err();
+            assert!(matches!(&err, PluginError::Args(m) if m.starts_with("IgnoreUnknown=")), "{bad}: {err}");
+        }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use capture_lib::capture::{self, Operation, Request};
 use capture_lib::config::CaptureConfig;
 use capture_lib::namespace::{self, NamespaceError};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::netconf::{CniArgs, NetConf, PodCapture, KEY_NAMES};
 use crate::protocol::{self, Command, Invocation, PluginError};
@@ -81,11 +81,9 @@ pub fn handle(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result
 
 /// A chained plugin that adds no interface returns the previous plugin's result unchanged.
 fn passed_through(conf: &NetConf) -> Value {
-    let mut result = conf.prev_result.clone().unwrap_or_else(|| json!({}));
-    if let Value::Object(map) = &mut result {
-        map.entry("cniVersion").or_insert_with(|| Value::String(conf.cni_version.clone()));
-    }
-    result
+    let mut result = conf.prev_result.clone().unwrap_or_default();
+    result.entry("cniVersion").or_insert_with(|| Value::String(conf.cni_version.clone()));
+    Value::Object(result)
 }
 
 /// Moves this (single-threaded) process into the pod's namespace, and checks it may change it.

@@ -96,6 +96,7 @@ fn strs(args: &[String]) -> Vec<&str> {
 
 // Item 1: ip6tables-save prints ::1.2.3.4 where Rust prints ::102:304.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn ipv4_compatible_and_mapped_ipv6_forms_read_back_as_unchanged() {
     require_netns!();
     let pod = Pod::with_address("fd00:44::5/64");
@@ -117,6 +118,7 @@ fn ipv4_compatible_and_mapped_ipv6_forms_read_back_as_unchanged() {
 
 // Item 2: iptables-restore reads `"` as a quote, `!` alone as negation.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn interface_names_iptables_restore_would_misread_are_refused() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -137,6 +139,7 @@ fn interface_names_iptables_restore_would_misread_are_refused() {
 
 // Item 3: one owner-group rule holds every group, and each backend has a ceiling.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn owner_groups_beyond_what_a_backend_can_program_are_refused_up_front() {
     require_netns!();
     let groups = |n: u32| (1..=n).map(|g| g.to_string()).collect::<Vec<_>>().join(",");
@@ -153,6 +156,7 @@ fn owner_groups_beyond_what_a_backend_can_program_are_refused_up_front() {
 
 // Item 4: every refusal of a setting happens in validation, exit 2, naming it.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn refused_settings_exit_2_naming_the_setting_before_anything_is_touched() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -184,6 +188,7 @@ fn refused_settings_exit_2_naming_the_setting_before_anything_is_touched() {
 
 // Item 5: cleanup finds what an earlier run added by what it is, not by the flags repeated.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn cleanup_removes_what_any_earlier_run_added_whatever_flags_it_gets() {
     require_netns!();
     #[rustfmt::skip]
@@ -210,6 +215,7 @@ fn cleanup_removes_what_any_earlier_run_added_whatever_flags_it_gets() {
 
 // Item 6: iptables-nft tables and base chains the tool created go with the capture.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn iptables_cleanup_leaves_no_table_or_base_chain_it_created() {
     require_netns!();
     let full = [SEED, &["-m", "TPROXY", "--redirect-dns", "--capture-all-dns", "--drop-invalid"]].concat();
@@ -231,6 +237,7 @@ fn iptables_cleanup_leaves_no_table_or_base_chain_it_created() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn reconcile_and_rollback_leave_no_table_or_base_chain_they_no_longer_need() {
     require_netns!();
     // A table a reconcile no longer needs goes (mangle, from TPROXY to REDIRECT).
@@ -259,6 +266,7 @@ fn reconcile_and_rollback_leave_no_table_or_base_chain_they_no_longer_need() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn cni_del_leaves_no_table_or_base_chain_the_add_created() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -324,6 +332,7 @@ impl Drop for Container {
 
 // Item 7: from outside the pod, the tool must not capture the caller's nameservers.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn redirect_dns_through_a_namespace_path_uses_the_pods_resolv_conf_or_is_refused() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -352,6 +361,7 @@ fn redirect_dns_through_a_namespace_path_uses_the_pods_resolv_conf_or_is_refused
 
 // Item 8: resolv.conf is bytes, as libc reads it; no nameserver at all is said, as Istio says it.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn resolv_conf_is_read_as_bytes_and_one_without_nameservers_is_reported() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -393,6 +403,7 @@ impl Drop for TempDir {
 
 // Item 9: a failure that changed nothing says so, and what to do.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_failed_run_that_changed_nothing_says_so_and_what_to_do() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -422,6 +433,7 @@ fn a_failed_run_that_changed_nothing_says_so_and_what_to_do() {
 
 // Item 10: one capture per namespace, whichever backend made it.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_capture_by_the_other_backend_is_refused_replaced_with_reconcile_and_cleaned_up() {
     require_netns!();
     let present = [has_iptables_capture, has_nftables_capture];

@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 
 const PLUGIN_DIR: &str = "/usr/lib/cni";
 const APP_PORT: u16 = 8080;
+/// A namespace path that does not exist: a run that tried to enter it would fail with code 4.
+const NEVER_ENTERED: &str = "/var/run/netns/never-entered";
 
 /// A node: a namespace holding the bridge, and host-local's address store.
 struct Node {
@@ -155,6 +157,7 @@ fn wait_ready(pod: &Pod, log: &Path) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn add_captures_pod_traffic_through_the_proxy_and_del_cleans_up() {
     require_netns!();
     let node = Node::new();
@@ -206,6 +209,7 @@ fn add_captures_pod_traffic_through_the_proxy_and_del_cleans_up() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn check_fails_before_add_passes_after_and_sees_drift() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
@@ -232,6 +236,7 @@ fn check_fails_before_add_passes_after_and_sees_drift() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn del_is_idempotent_and_tolerates_a_missing_namespace() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
@@ -265,6 +270,7 @@ fn del_is_idempotent_and_tolerates_a_missing_namespace() {
 /// Another run holding the namespace (its lock, an flock on the namespace itself) makes ADD
 /// answer "try again later" once the plugin's wait (10 s) is over.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_busy_namespace_is_try_again_later() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
@@ -276,6 +282,7 @@ fn a_busy_namespace_is_try_again_later() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn excluded_namespaces_are_left_alone() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
@@ -295,14 +302,56 @@ fn excluded_namespaces_are_left_alone() {
     assert!(!ruleset.to_lowercase().contains("istio"), "{ruleset}");
 }
 
+/// A `prevResult` that is not an object is refused (code 7) before the pod's namespace is touched,
+/// for ADD and CHECK alike: nothing is programmed and no result is made up.
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn a_prev_result_that_is_not_an_object_is_refused_before_the_pod_is_touched() {
+    require_netns!();
+    let (node, pod, _) = node_with_pod();
+    let untouched = (pod.iptables_save(false), pod.iptables_save(true), pod.nft_ruleset());
+    for (command, prev) in
+        [("ADD", json!("x")), ("ADD", json!(7)), ("ADD", json!([{}])), ("ADD", json!(null)), ("CHECK", json!("x"))]
+    {
+        let error = cni_error(&node.capture(command, &pod, json!({}), Some(&prev), ""));
+        assert_eq!(error["code"], 7, "{command} with prevResult {prev}: {error}");
+        assert!(error["msg"].as_str().unwrap().contains(&format!("prevResult: {prev} is not an object")), "{error}");
+    }
+    assert!(untouched == (pod.iptables_save(false), pod.iptables_save(true), pod.nft_ruleset()), "the pod was changed");
+}
+
+/// Other keys and `CNI_ARGS` values of the wrong type are refused, not ignored, before the namespace is
+/// entered.
+#[test]
+fn a_runtime_config_or_ignore_unknown_of_the_wrong_type_is_refused() {
+    for runtime_config in [json!("x"), json!(["capture"]), json!(null)] {
+        let conf = json!({ "cniVersion": "1.0.0", "name": "n", "runtimeConfig": runtime_config }).to_string();
+        let error = cni_error(&plugin("ADD", Some(NEVER_ENTERED), &conf));
+        assert_eq!(error["code"], 7, "{error}");
+        assert!(error["msg"].as_str().unwrap().contains(&format!("runtimeConfig: {runtime_config} is not an object")));
+    }
+    for value in ["yes", "", "2"] {
+        let conf = r#"{"cniVersion":"1.0.0","name":"n"}"#;
+        let error = cni_error(&plugin_with_args("ADD", Some(NEVER_ENTERED), &format!("IgnoreUnknown={value}"), conf));
+        assert_eq!(error["code"], 4, "IgnoreUnknown={value}: {error}");
+        assert!(error["msg"].as_str().unwrap().contains("IgnoreUnknown"), "{error}");
+    }
+}
+
 /// Runs the plugin with no namespace work: these fail (or answer) before touching one.
 fn plugin(command: &str, netns: Option<&str>, stdin: &str) -> Output {
+    plugin_with_args(command, netns, "", stdin)
+}
+
+/// [`plugin`] with `CNI_ARGS`.
+fn plugin_with_args(command: &str, netns: Option<&str>, args: &str, stdin: &str) -> Output {
     let mut cmd = Command::new(release_bin("istio-capture-cni"));
     cmd.env_clear()
         .env("CNI_COMMAND", command)
         .env("CNI_CONTAINERID", "c1")
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", PLUGIN_DIR);
+        .env("CNI_PATH", PLUGIN_DIR)
+        .env("CNI_ARGS", args);
     if let Some(netns) = netns {
         cmd.env("CNI_NETNS", netns);
     }
@@ -322,7 +371,6 @@ fn version_lists_the_supported_versions() {
 
 #[test]
 fn bad_input_gives_cni_errors_with_the_spec_codes() {
-    const NEVER_ENTERED: &str = "/var/run/netns/never-entered";
     let netns = Some(NEVER_ENTERED);
     let error = |command: &str, netns: Option<&str>, stdin: &str| cni_error(&plugin(command, netns, stdin));
 
@@ -351,12 +399,7 @@ fn bad_input_gives_cni_errors_with_the_spec_codes() {
     assert_eq!(no_netns["code"], 4, "{no_netns}");
     assert!(no_netns["msg"].as_str().unwrap().contains("CNI_NETNS"), "{no_netns}");
 
-    let bad_args = cni_error(&{
-        let mut cmd = Command::new(release_bin("istio-capture-cni"));
-        cmd.env_clear().env("CNI_COMMAND", "ADD").env("CNI_CONTAINERID", "c1").env("CNI_IFNAME", "eth0");
-        cmd.env("CNI_PATH", PLUGIN_DIR).env("CNI_NETNS", NEVER_ENTERED).env("CNI_ARGS", "SURPRISE=1");
-        piped(&mut cmd, &json!({"cniVersion": "1.0.0", "name": "n"}))
-    });
+    let bad_args = cni_error(&plugin_with_args("ADD", netns, "SURPRISE=1", r#"{"cniVersion":"1.0.0","name":"n"}"#));
     assert_eq!(bad_args["code"], 4, "{bad_args}");
 }
 

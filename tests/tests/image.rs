@@ -69,6 +69,7 @@ fn image_holds_only_the_binaries_and_their_libraries() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn native_nftables_capture_runs_from_the_image_alone() {
     require_netns!();
     let rootfs = Rootfs::build();
@@ -106,6 +107,7 @@ fn native_nftables_capture_runs_from_the_image_alone() {
 /// istio-iptables is linked statically (scripts/build.sh), like Istio's Go binary: an init
 /// container image holding that one file, without even a loader, is enough to capture.
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn istio_iptables_alone_captures() {
     require_netns!();
     let rootfs = Rootfs::only(&release_bin("istio-iptables"));
@@ -126,6 +128,7 @@ fn istio_iptables_alone_captures() {
 /// What the DaemonSet runs: the installer, from the image, ships the libraries it was loaded
 /// with (the image's own) beside the plugin on the "node" (directories inside the chroot here).
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn cni_installer_runs_from_the_image() {
     require_netns!();
     let rootfs = Rootfs::build();

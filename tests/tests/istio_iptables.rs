@@ -24,6 +24,7 @@ fn nat_rules(pod: &Pod) -> String {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn seed_command_installs_istio_rules() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -56,6 +57,7 @@ fn seed_command_installs_istio_rules() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn second_run_changes_nothing() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -68,6 +70,7 @@ fn second_run_changes_nothing() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn drift_needs_reconcile_and_foreign_rules_survive() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -100,6 +103,7 @@ fn drift_needs_reconcile_and_foreign_rules_survive() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn cleanup_removes_only_what_we_added() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -117,6 +121,7 @@ fn cleanup_removes_only_what_we_added() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn dry_run_prints_the_restore_input_and_touches_nothing() {
     require_netns!();
     let pod = Pod::with_address("fd00:44::5/64");
@@ -129,6 +134,7 @@ fn dry_run_prints_the_restore_input_and_touches_nothing() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn ipv6_pod_gets_both_families() {
     require_netns!();
     let pod = Pod::with_address("fd00:44::5/64");
@@ -140,6 +146,7 @@ fn ipv6_pod_gets_both_families() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn bad_input_is_named_and_nothing_is_programmed() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -171,6 +178,7 @@ fn bad_input_is_named_and_nothing_is_programmed() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn network_namespace_flag_enters_the_pod() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -189,6 +197,7 @@ fn network_namespace_flag_enters_the_pod() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn missing_net_admin_is_reported_before_anything_changes() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -205,6 +214,7 @@ fn missing_net_admin_is_reported_before_anything_changes() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn legacy_is_used_only_where_it_already_holds_rules() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -220,6 +230,7 @@ fn legacy_is_used_only_where_it_already_holds_rules() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_refused_ipv6_half_rolls_back_the_ipv4_half() {
     require_netns!();
     let pod = Pod::with_address("fd00:44::5/64");
@@ -251,6 +262,7 @@ fn tempdir() -> std::path::PathBuf {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn tproxy_routing_is_added_once_and_removed_on_cleanup() {
     require_netns!();
     let pod = Pod::with_address("fd00:44::5/64");
@@ -277,6 +289,7 @@ fn tproxy_routing_is_added_once_and_removed_on_cleanup() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn dry_run_lists_routes_too() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -297,6 +310,7 @@ fn tool_as_proxy(pod: &Pod, args: &[&str]) -> Output {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn validation_passes_only_where_redirection_works() {
     require_netns!();
     let cases: [(&str, &[&str]); 5] = [

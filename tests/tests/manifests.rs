@@ -67,6 +67,7 @@ fn assert_sidecar(pod: &Value) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn init_container_pod_runs_istios_standard_capture() {
     require_netns!();
     let docs = documents("pod-init-container.yaml");

@@ -3,6 +3,7 @@
 use capture_tests::{link, require_netns, Pod};
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn pod_is_isolated_and_freed() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -15,6 +16,7 @@ fn pod_is_isolated_and_freed() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn linked_pods_reach_each_other() {
     require_netns!();
     let (a, b) = (Pod::new(), Pod::new());

@@ -81,6 +81,7 @@ fn with_handles(pod: &Pod) -> String {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn apply_matches_its_own_script_and_a_second_apply_sends_nothing() {
     require_netns!();
     let rules = largest();
@@ -121,6 +122,7 @@ fn jumps_to_a_missing_chain() -> Ruleset {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_refused_batch_changes_nothing() {
     require_netns!();
     let pod = Pod::new();
@@ -139,6 +141,7 @@ fn a_refused_batch_changes_nothing() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn other_tables_survive_apply_reconcile_and_cleanup() {
     require_netns!();
     let pod = Pod::new();
@@ -160,6 +163,7 @@ fn other_tables_survive_apply_reconcile_and_cleanup() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn drift_is_refused_without_reconcile_and_repaired_with_it() {
     require_netns!();
     let fresh = Pod::new();
@@ -184,6 +188,7 @@ fn drift_is_refused_without_reconcile_and_repaired_with_it() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_table_left_by_another_configuration_is_drift_and_reconcile_deletes_it() {
     require_netns!();
     let pod = Pod::new();
@@ -196,6 +201,7 @@ fn a_table_left_by_another_configuration_is_drift_and_reconcile_deletes_it() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_batch_of_several_pages_commits_whole_and_reads_back() {
     require_netns!();
     // 3000 include ranges: a batch of several nftnl pages, and dumps of several reads.

@@ -24,9 +24,10 @@ fn holds_capture(pod: &Pod) -> bool {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn istio_iptables_needs_only_net_admin_with_iptables_nft_and_native_nftables() {
     require_netns!();
-    let backends: [(&[(&str, &str)], &[&str]); 2] = [(&[("FORCE_IPTABLES_BINARY", "nft")], &[]), (&[], &["--native-nftables"])];
+    let backends = [(&[("FORCE_IPTABLES_BINARY", "nft")][..], &[][..]), (&[][..], &["--native-nftables"][..])];
     for (env, args) in backends {
         for mode in [&["-m", "REDIRECT"], &["-m", "TPROXY"]] {
             let pod = Pod::with_address("fd00:44::5/64");
@@ -38,6 +39,7 @@ fn istio_iptables_needs_only_net_admin_with_iptables_nft_and_native_nftables() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn istio_iptables_legacy_also_needs_net_raw() {
     require_netns!();
     // iptables-legacy talks to the kernel through a raw socket, hence Istio's NET_RAW.
@@ -52,6 +54,7 @@ fn istio_iptables_legacy_also_needs_net_raw() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn native_nftables_without_net_admin_names_the_capability_and_changes_nothing() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -88,6 +91,7 @@ fn forwards_a_connection(proxied: &ProxiedPod) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn capture_proxy_redirect_runs_with_no_capabilities_at_all() {
     require_netns!();
     let proxied = ProxiedPod::new("REDIRECT", &[], &[], &["--log-level", "capture_proxy=debug"]);
@@ -95,6 +99,7 @@ fn capture_proxy_redirect_runs_with_no_capabilities_at_all() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn capture_proxy_tproxy_runs_with_only_net_admin() {
     require_netns!();
     let proxied = ProxiedPod::new("TPROXY", &[], &["net_admin"], &["--log-level", "capture_proxy=debug"]);

@@ -373,36 +373,43 @@ fn bulk_both_ways(mesh: &Mesh, family: Family, mode: Mode) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn redirect_ipv4_carries_bulk_data_both_ways() {
     bulk_test(Mode::Redirect, Backend::Iptables, &[], Family::V4);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn redirect_ipv6_carries_bulk_data_both_ways() {
     bulk_test(Mode::Redirect, Backend::Iptables, &[], Family::V6);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn tproxy_ipv4_app_sees_the_client() {
     bulk_test(Mode::Tproxy, Backend::Iptables, &[], Family::V4);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn tproxy_ipv6_app_sees_the_client() {
     bulk_test(Mode::Tproxy, Backend::Iptables, &[], Family::V6);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn nftables_backend_redirect() {
     bulk_test(Mode::Redirect, Backend::Nftables, &[], Family::V4);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn nftables_backend_tproxy_ipv6() {
     bulk_test(Mode::Tproxy, Backend::Nftables, &[], Family::V6);
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn userspace_copy_relay_keeps_data_intact() {
     bulk_test(Mode::Redirect, Backend::Iptables, &["--relay", "copy"], Family::V4);
 }
@@ -436,6 +443,7 @@ fn echo_peer(stream: &mut TcpStream) -> Result<Digest, io::ErrorKind> {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn proxy_uid_and_pod_local_traffic_are_not_captured() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -464,6 +472,7 @@ fn proxy_uid_and_pod_local_traffic_are_not_captured() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn admin_ports_are_reachable_from_outside_without_the_proxy() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -489,6 +498,7 @@ fn greet_then_read(stream: &mut TcpStream) -> Result<Digest, io::ErrorKind> {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn half_close_passes_each_fin_on_by_itself() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -521,6 +531,7 @@ fn reset_on_close(stream: &TcpStream) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn resets_propagate_both_ways() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -578,6 +589,7 @@ fn expect_reset(ns: &Pod, addr: SocketAddr) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn loops_back_into_the_proxy_are_refused() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -605,6 +617,7 @@ fn loops_back_into_the_proxy_are_refused() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn unreachable_destinations_reset_the_client_and_count() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &[]);
@@ -615,6 +628,7 @@ fn unreachable_destinations_reset_the_client_and_count() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn connections_over_the_limit_are_refused_and_idle_ones_time_out() {
     require_netns!();
     let mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &["--max-connections", "1", "--idle-timeout", "1s"]);
@@ -638,6 +652,7 @@ fn connections_over_the_limit_are_refused_and_idle_ones_time_out() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn sigterm_stops_accepting_and_drains_in_flight_connections() {
     require_netns!();
     let mut mesh = Mesh::new(Mode::Redirect, Backend::Iptables, &["--drain-timeout", "5s"]);
@@ -674,6 +689,7 @@ fn sigterm_stops_accepting_and_drains_in_flight_connections() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn refuses_to_run_where_its_own_traffic_would_loop_or_tproxy_cannot_work() {
     require_netns!();
     let pod = Pod::new();
@@ -717,6 +733,7 @@ fn thread_capabilities(pid: u32) -> Vec<[String; 4]> {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn every_thread_keeps_only_the_capabilities_its_mode_needs() {
     require_netns!();
     const NONE: &str = "0000000000000000";

@@ -114,6 +114,7 @@ fn wait_for_fds(proxied: &ProxiedPod, want: usize) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn thousands_of_idle_connections_are_held_with_bounded_memory() {
     require_netns!();
     let target = if soak() { 10_000 } else { 3_000 };
@@ -158,6 +159,7 @@ fn churn(proxied: &ProxiedPod, total: usize, threads: usize) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn churning_short_connections_leaks_no_fds_or_memory() {
     require_netns!();
     let total = if soak() { 50_000 } else { 6_000 };
@@ -180,6 +182,7 @@ fn churning_short_connections_leaks_no_fds_or_memory() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_slow_reader_does_not_stall_other_connections() {
     require_netns!();
     let proxied = proxied_pod(&[]);
@@ -224,6 +227,7 @@ fn refused(proxied: &ProxiedPod) -> bool {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn connections_beyond_the_bound_are_refused_and_the_rest_keep_working() {
     require_netns!();
     let limit = 200;
@@ -249,6 +253,7 @@ fn connections_beyond_the_bound_are_refused_and_the_rest_keep_working() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn sigterm_drains_hundreds_of_transfers_in_flight_without_cutting_them() {
     require_netns!();
     let proxied = proxied_pod(&["--drain-timeout", "20s"]);

@@ -24,6 +24,7 @@ fn snapshot(pod: &Pod) -> (Vec<String>, Vec<String>, String, String) {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn two_runs_at_once_leave_one_correct_ruleset() {
     require_netns!();
     for backend in [&[][..], &["--native-nftables"][..]] {
@@ -44,6 +45,7 @@ fn two_runs_at_once_leave_one_correct_ruleset() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_concurrent_run_is_waited_for_then_reported() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -63,6 +65,7 @@ fn a_concurrent_run_is_waited_for_then_reported() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_held_xtables_lock_is_waited_for_up_to_the_limit() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
@@ -85,6 +88,7 @@ fn a_held_xtables_lock_is_waited_for_up_to_the_limit() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_run_killed_at_any_point_is_repaired_by_the_next() {
     require_netns!();
     for args in [&["-m", "TPROXY"][..], &["-m", "TPROXY", "--native-nftables"][..]] {
@@ -105,6 +109,7 @@ fn a_run_killed_at_any_point_is_repaired_by_the_next() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn ipv6_disabled_on_lo_keeps_capture_and_warns() {
     require_netns!();
     let pod = Pod::with_address("fd00:44::5/64");

@@ -61,6 +61,7 @@ fn count(text: &str, needle: &str) -> usize {
 const OUR_RULE: &str = "fwmark 0x539 lookup 133";
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn dual_stack_tproxy_adds_each_entry_once_and_remove_restores_the_namespace() {
     require_netns!();
     let pod = Pod::new();
@@ -86,6 +87,7 @@ fn dual_stack_tproxy_adds_each_entry_once_and_remove_restores_the_namespace() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn redirect_with_ipv6_adds_only_a_reachable_passthrough_address() {
     require_netns!();
     let pod = Pod::new();
@@ -102,6 +104,7 @@ fn redirect_with_ipv6_adds_only_a_reachable_passthrough_address() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn ipv6_disabled_namespace_is_reported_after_ipv4_routing_is_in_place() {
     require_netns!();
     for knob in ["lo", "all"] {
@@ -125,6 +128,7 @@ fn ipv6_disabled_namespace_is_reported_after_ipv4_routing_is_in_place() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn duplicates_left_by_another_tool_are_not_added_to_and_all_removed() {
     require_netns!();
     let pod = Pod::new();
@@ -143,6 +147,7 @@ fn duplicates_left_by_another_tool_are_not_added_to_and_all_removed() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn entries_that_are_not_ours_are_left_alone() {
     require_netns!();
     let pod = Pod::new();
@@ -164,6 +169,7 @@ fn entries_that_are_not_ours_are_left_alone() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn tables_above_255_and_other_marks_work() {
     require_netns!();
     let pod = Pod::new();
@@ -180,6 +186,7 @@ fn tables_above_255_and_other_marks_work() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn what_earlier_runs_with_any_mark_and_table_added_is_found_and_removed() {
     require_netns!();
     let pod = Pod::new();
@@ -214,6 +221,7 @@ fn what_earlier_runs_with_any_mark_and_table_added_is_found_and_removed() {
 }
 
 #[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_conflicting_route_is_reported_with_the_command_that_failed() {
     require_netns!();
     let pod = Pod::new();
