@@ -150,6 +150,7 @@ impl OtherCapture {
 fn other_capture(config: &CaptureConfig, chosen: Backend) -> Result<(Option<OtherCapture>, Vec<String>), CaptureError> {
     match chosen {
         Backend::Iptables(_) => Ok((nftables::holds_ours()?.then_some(OtherCapture::Nftables), Vec::new())),
+        Backend::Nftables if !iptables::holds_any_table() => Ok((None, Vec::new())),
         Backend::Nftables => {
             let ruleset = model::build(config, Dialect::Iptables);
             match iptables::plan(&ruleset, Operation::Cleanup, IptablesOptions::default()) {

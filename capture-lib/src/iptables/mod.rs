@@ -162,6 +162,15 @@ pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<Strin
     Ok(out)
 }
 
+/// Whether any iptables table, of either variant and family, exists in the namespace (true when
+/// that cannot be told): where none does, there is no capture of this backend to look for, and
+/// no process to start. Reads two files and asks nf_tables twice.
+pub fn holds_any_table() -> bool {
+    [false, true].into_iter().any(|v6| {
+        exec::legacy_holds_tables(v6) != Some(false) || crate::nftables::has_iptables_tables(v6).unwrap_or(true)
+    })
+}
+
 /// Each family's current state, read concurrently (two processes at most, none for a family
 /// that holds no table at all).
 fn read_states(families: &[bool], opts: IptablesOptions) -> Vec<(bool, Binaries, Result<SaveState, IptablesError>)> {
