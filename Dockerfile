@@ -1,29 +1,41 @@
 # syntax=docker/dockerfile:1
-# The capture image: istio-iptables (init container), capture-proxy (sidecar) and
-# istio-capture-cni (CNI plugin + its node installer) on an empty base.
+# Two images, on an empty base:
 #
-#   docker build -t capture .
+#   docker build -t capture-iptables:0.1.0 .                  # the last stage: for Istio's default (iptables) mode
+#   docker build --target capture -t capture:0.1.0 .          # the minimal one: native nftables only
 #
-# The final stage holds only what scripts/image-rootfs.sh assembles: the three binaries and the
-# shared libraries `ldd` lists for them (istio-iptables is static and needs none; the others
-# load libnftnl.so.11, libmnl.so.0, libc, libm, libgcc_s and the loader), plus /etc/passwd and
-# /etc/group naming istio-proxy (1337). There is no shell and no iptables or nft userspace, so
-# capture must use the native nftables backend: `istio-iptables --native-nftables ...` and the
-# CNI plugin's "nativeNftables": true.
-# tests/tests/image.rs builds the same directory with the same script and runs the binaries
-# chrooted into it, without Docker.
+# (podman build the same.) Both hold istio-iptables (the init container), capture-proxy (the
+# sidecar) and istio-capture-cni (CNI plugin and its node installer) in /usr/local/bin, exactly
+# the shared libraries they load, and /etc/passwd and /etc/group naming istio-proxy (1337); the
+# iptables image adds iptables and ip6tables (nft and legacy variants) with exactly the libraries
+# and xtables extensions they load. Neither has a shell or a package manager. What goes in is
+# scripts/image-rootfs.sh's, and why.
+#
+# The entrypoint is istio-iptables, so the container Istio's injector writes (no command, args
+# `istio-iptables -p 15001 ...`, as for its own image whose entrypoint is pilot-agent) runs
+# unchanged. Other programs: `command: [/usr/local/bin/capture-proxy]` and so on.
+#
+# scripts/image-build.sh builds the same two images without a registry: it assembles the image
+# directories from target/release with the same script and builds the stages below from them.
 
-FROM rust:1-bookworm AS build
+FROM docker.io/library/rust:1-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libnftnl-dev libmnl-dev pkg-config \
+ && apt-get install -y --no-install-recommends libnftnl-dev libmnl-dev pkg-config iptables \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 RUN scripts/static-libs.sh \
  && scripts/build.sh istio-iptables capture-proxy istio-capture-cni \
- && scripts/image-rootfs.sh /rootfs target/release
+ && scripts/image-rootfs.sh /image/minimal target/release \
+ && scripts/image-rootfs.sh --iptables /image/iptables target/release
 
-FROM scratch
-COPY --from=build /rootfs/ /
-# The manifests under deploy/ name the binary to run; alone, the image explains itself.
-CMD ["/istio-iptables", "--help"]
+# From here to the end, scripts/image-build.sh builds the stages offline, with `COPY --from=build
+# /image/` read as its own directories.
+FROM scratch AS capture
+COPY --from=build /image/minimal/ /
+ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+ENTRYPOINT ["/usr/local/bin/istio-iptables"]
+CMD ["--help"]
+
+FROM capture AS capture-iptables
+COPY --from=build /image/iptables/ /

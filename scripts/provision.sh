@@ -9,6 +9,9 @@ packages=(
   python3 python3-pip ca-certificates curl
   containernetworking-plugins                          # the CNI tests chain after the real bridge + host-local
   containerd runc                                      # the CRI tests run pods through containerd (its own config)
+  # tests/injector.rs runs the images under podman: as root, with runc, vfs storage and
+  # --network ns:, so none of slirp4netns, uidmap or fuse-overlayfs (rootless podman's) is needed
+  podman
 )
 export DEBIAN_FRONTEND=noninteractive
 missing=()

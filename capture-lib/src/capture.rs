@@ -15,7 +15,7 @@ use crate::model::{self, Dialect};
 use crate::namespace::{self, NamespaceError};
 use crate::nftables::{self, NftError};
 use crate::routes::{self, RouteError, RoutePlan};
-use crate::Outcome;
+use crate::{Detail, Outcome};
 
 pub use crate::iptables::Operation;
 
@@ -35,6 +35,8 @@ pub struct Request {
     pub dry_run: bool,
     /// How long to wait for a concurrent run (ours, or another xtables user) to finish.
     pub lock_wait: Duration,
+    /// What the report should describe besides the outcome.
+    pub detail: Detail,
 }
 
 /// What happened, for the caller to print.
@@ -45,6 +47,27 @@ pub struct Report {
     pub dry_run: Option<String>,
     /// Things the user should know that did not stop the run.
     pub warnings: Vec<String>,
+    /// [`Detail::Sent`] and up: each change sent to the kernel, in order (none: nothing was).
+    pub sent: Vec<Sent>,
+    /// [`Detail::Trace`]: the state read from the namespace and the decisions made from it.
+    pub trace: Vec<String>,
+}
+
+impl Report {
+    fn new(outcome: Outcome) -> Report {
+        Report { outcome, dry_run: None, warnings: Vec::new(), sent: Vec::new(), trace: Vec::new() }
+    }
+}
+
+/// One change sent to the kernel, as text a person can read and replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// `program --noflush` fed with `input` (one per IP family, atomic per table).
+    IptablesRestore { program: String, input: String },
+    /// The nf_tables batch, as the nft script that makes the same change (`nft -f`).
+    Nftables { script: String },
+    /// The routing entries this run added, as `ip` commands.
+    Routing { commands: Vec<String> },
 }
 
 #[derive(Debug, Error)]
@@ -137,10 +160,17 @@ impl OtherCapture {
         }
     }
 
-    fn remove(&self, lock_wait: Duration) -> Result<(), CaptureError> {
+    /// Removes it; returns what was sent.
+    fn remove(&self, lock_wait: Duration) -> Result<Vec<Sent>, CaptureError> {
         match self {
-            OtherCapture::Nftables => nftables::cleanup().map(drop).map_err(CaptureError::from),
-            OtherCapture::Iptables(plan) => iptables::execute(plan, lock_wait).map(drop).map_err(CaptureError::from),
+            OtherCapture::Nftables => {
+                nftables::cleanup()?;
+                Ok(vec![Sent::Nftables { script: nftables::cleanup_script() }])
+            }
+            OtherCapture::Iptables(plan) => {
+                iptables::execute(plan, lock_wait)?;
+                Ok(restores(plan))
+            }
         }
     }
 }
@@ -181,56 +211,57 @@ fn apply_nftables(req: &Request, reconcile: bool, routes: &RoutePlan) -> Result<
         let mut text = nftables::script(&ruleset);
         text.push_str(&describe_routes(routes));
         text.extend(replaced.map(|other| other.describe_removal()));
-        return Ok(Report { outcome: Outcome::Unchanged, dry_run: Some(text), warnings });
+        return Ok(Report { dry_run: Some(text), warnings, ..Report::new(Outcome::Unchanged) });
     }
     // --force-apply has nothing to force here: an exact ruleset is already what we'd send.
-    let (outcome, routing_warnings) = apply_with_routes(
+    let (applied, routing_warnings, added) = apply_with_routes(
         routes,
-        || nftables::apply(&ruleset, reconcile).map_err(CaptureError::from),
+        || nftables::apply(&ruleset, reconcile, req.detail).map_err(CaptureError::from),
         // Only a fresh install can be undone exactly (by deleting what we just created).
-        |outcome| match outcome {
+        |applied| match applied.outcome {
             Outcome::Applied => nftables::cleanup().map(drop).map_err(CaptureError::from),
             _ => Ok(()),
         },
     )?;
     warnings.extend(routing_warnings);
-    finish_replacing(outcome, replaced, warnings, req.lock_wait)
+    let script = applied.script;
+    let sent = sent(req.detail, || script.map(|script| Sent::Nftables { script }).into_iter().collect(), &added);
+    let report = Report { warnings, sent, trace: applied.trace, ..Report::new(applied.outcome) };
+    finish_replacing(report, replaced, req)
 }
 
 fn apply_iptables(req: &Request, opts: IptablesOptions, routes: &RoutePlan) -> Result<Report, CaptureError> {
     let ruleset = model::build(&req.config, Dialect::Iptables);
     let plan = iptables::plan(&ruleset, req.operation, opts)?;
-    let (replaced, warnings) = replaced_capture(req)?;
+    let trace = trace(req.detail, &plan);
+    let (replaced, mut warnings) = replaced_capture(req)?;
     if req.dry_run {
         let mut text = describe_steps(&plan);
         text.push_str(&describe_routes(routes));
         text.extend(replaced.map(|other| other.describe_removal()));
-        return Ok(Report { outcome: plan.outcome, dry_run: Some(text), warnings });
+        return Ok(Report { dry_run: Some(text), warnings, trace, ..Report::new(plan.outcome) });
     }
-    let (outcome, routing_warnings) = apply_with_routes(
+    let (outcome, routing_warnings, added) = apply_with_routes(
         routes,
         || iptables::execute(&plan, req.lock_wait).map_err(CaptureError::from),
         |_| iptables::undo(&plan, req.lock_wait).map_err(CaptureError::from),
     )?;
-    finish_replacing(outcome, replaced, [warnings, routing_warnings].concat(), req.lock_wait)
+    warnings.extend(routing_warnings);
+    let report = Report { warnings, sent: sent(req.detail, || restores(&plan), &added), trace, ..Report::new(outcome) };
+    finish_replacing(report, replaced, req)
 }
 
 /// Our capture is in place: the other backend's goes only now, so that no packet passes
 /// uncaptured in between.
-fn finish_replacing(
-    outcome: Outcome,
-    replaced: Option<OtherCapture>,
-    warnings: Vec<String>,
-    lock_wait: Duration,
-) -> Result<Report, CaptureError> {
-    let outcome = match replaced {
-        Some(other) => {
-            other.remove(lock_wait)?;
-            Outcome::Reconciled
+fn finish_replacing(mut report: Report, replaced: Option<OtherCapture>, req: &Request) -> Result<Report, CaptureError> {
+    if let Some(other) = replaced {
+        let sent = other.remove(req.lock_wait)?;
+        if req.detail >= Detail::Sent {
+            report.sent.extend(sent);
         }
-        None => outcome,
-    };
-    Ok(Report { outcome, dry_run: None, warnings })
+        report.outcome = Outcome::Reconciled;
+    }
+    Ok(report)
 }
 
 /// Removes every capture from the namespace, whichever backend made it and whatever settings
@@ -251,15 +282,17 @@ fn cleanup(req: &Request, backend: Backend) -> Result<Report, CaptureError> {
         }
         Err(e) => return Err(e.into()),
     };
+    let trace = plan.as_ref().map(|plan| trace(req.detail, plan)).unwrap_or_default();
     let nftables_present = nftables::holds_ours()?;
     let routing = routes::ours().map_err(CaptureError::Routes)?;
+    let removals: Vec<String> = routing.iter().map(|found| found.removal()).collect();
     if req.dry_run {
         let mut text = plan.as_ref().map(describe_steps).unwrap_or_default();
         if nftables_present {
             text.push_str(&nftables::cleanup_script());
         }
-        text.extend(routing.iter().map(|found| format!("# then: {}\n", found.removal())));
-        return Ok(Report { outcome: Outcome::Unchanged, dry_run: Some(text), warnings });
+        text.extend(removals.iter().map(|command| format!("# then: {command}\n")));
+        return Ok(Report { dry_run: Some(text), warnings, trace, ..Report::new(Outcome::Unchanged) });
     }
     let results = [
         plan.as_ref().map_or(Ok(Outcome::NothingToRemove), |plan| iptables::execute(plan, req.lock_wait).map_err(CaptureError::from)),
@@ -272,7 +305,45 @@ fn cleanup(req: &Request, backend: Backend) -> Result<Report, CaptureError> {
             outcome = Outcome::Removed;
         }
     }
-    Ok(Report { outcome, dry_run: None, warnings })
+    let mut sent = Vec::new();
+    if req.detail >= Detail::Sent {
+        sent.extend(plan.as_ref().map(restores).unwrap_or_default());
+        if nftables_present {
+            sent.push(Sent::Nftables { script: nftables::cleanup_script() });
+        }
+        if !removals.is_empty() {
+            sent.push(Sent::Routing { commands: removals });
+        }
+    }
+    Ok(Report { warnings, sent, trace, ..Report::new(outcome) })
+}
+
+/// [`Detail::Trace`]: what the iptables plan read and decided, per family.
+fn trace(detail: Detail, plan: &iptables::Plan) -> Vec<String> {
+    if detail >= Detail::Trace {
+        plan.families.iter().map(|f| f.describe()).collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// The restores a plan sends, as [`Sent`] records.
+fn restores(plan: &iptables::Plan) -> Vec<Sent> {
+    let restore = |step: &iptables::Step| Sent::IptablesRestore { program: step.program().into(), input: step.payload.clone() };
+    plan.steps.iter().map(restore).collect()
+}
+
+/// [`Detail::Sent`] and up: the rules sent, then the routing this run added.
+fn sent(detail: Detail, rules: impl FnOnce() -> Vec<Sent>, added: &routes::Added) -> Vec<Sent> {
+    if detail < Detail::Sent {
+        return Vec::new();
+    }
+    let mut sent = rules();
+    let commands = added.describe();
+    if !commands.is_empty() {
+        sent.push(Sent::Routing { commands });
+    }
+    sent
 }
 
 /// The restores a plan would run, for --dry-run.
@@ -296,11 +367,11 @@ fn describe_routes(routes: &RoutePlan) -> String {
 /// init container's start-up time is the pod's). If either fails, what the other did in this
 /// run is taken back: nothing is left half-applied. A namespace without IPv6 keeps its IPv4
 /// capture and gets a warning.
-fn apply_with_routes(
+fn apply_with_routes<T>(
     routes: &RoutePlan,
-    apply_rules: impl FnOnce() -> Result<Outcome, CaptureError>,
-    undo_rules: impl FnOnce(&Outcome) -> Result<(), CaptureError>,
-) -> Result<(Outcome, Vec<String>), CaptureError> {
+    apply_rules: impl FnOnce() -> Result<T, CaptureError>,
+    undo_rules: impl FnOnce(&T) -> Result<(), CaptureError>,
+) -> Result<(T, Vec<String>, routes::Added), CaptureError> {
     let mut added = routes::Added::default();
     let (rules, routing) = std::thread::scope(|scope| {
         let routing = scope.spawn(|| routes::apply_tracked(routes, &mut added));
@@ -320,7 +391,7 @@ fn apply_with_routes(
         }
     };
     match rules {
-        Ok(outcome) => Ok((outcome, warnings)),
+        Ok(outcome) => Ok((outcome, warnings, added)),
         Err(e) => {
             // The rules undid themselves; take back the routing this run added.
             let _ = routes::undo(&added);

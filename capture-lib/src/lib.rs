@@ -33,3 +33,16 @@ pub enum Outcome {
     /// Cleanup found nothing of ours.
     NothingToRemove,
 }
+
+/// How much of a run the report describes: the caller's log level decides, so a quiet run
+/// renders no text it would not print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Detail {
+    /// The outcome and warnings.
+    #[default]
+    Outcome,
+    /// Also every change sent to the kernel, as text a person can read and replay.
+    Sent,
+    /// Also the state read from the namespace and what was decided from it.
+    Trace,
+}

@@ -171,6 +171,13 @@ pub fn apply(plan: &RoutePlan) -> Result<(), RouteError> {
 #[derive(Debug, Default)]
 pub struct Added(Vec<Entry>);
 
+impl Added {
+    /// The `ip` commands doing what was added, in order.
+    pub fn describe(&self) -> Vec<String> {
+        self.0.iter().map(|entry| entry.command(Change::Add)).collect()
+    }
+}
+
 /// [`apply`], recording in `added` what it adds, even when it fails part way.
 pub fn apply_tracked(plan: &RoutePlan, added: &mut Added) -> Result<(), RouteError> {
     plan.check()?;

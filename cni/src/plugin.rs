@@ -8,6 +8,7 @@ use std::time::Duration;
 use capture_lib::capture::{self, Operation, Request};
 use capture_lib::config::CaptureConfig;
 use capture_lib::namespace::{self, NamespaceError};
+use capture_lib::Detail;
 use serde_json::Value;
 
 use crate::netconf::{CniArgs, NetConf, PodCapture, KEY_NAMES};
@@ -50,8 +51,8 @@ pub fn handle(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result
             if !excluded {
                 let config = enter_pod(invocation, config, pod.dual_stack)?;
                 let operation = Operation::Apply { reconcile: true, force: false };
-                let report =
-                    capture::run(&Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT })?;
+                let detail = Detail::Outcome;
+                let report = capture::run(&Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail })?;
                 for warning in report.warnings {
                     eprintln!("istio-capture-cni: warning: {warning}");
                 }
@@ -64,8 +65,8 @@ pub fn handle(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result
             }
             // Whatever the pod's addresses now, remove IPv6 leftovers too if it has any.
             let config = CaptureConfig { ipv6: namespace::uses_ipv6(true).unwrap_or(false), ..config };
-            let request =
-                Request { config, backend, operation: Operation::Cleanup, dry_run: false, lock_wait: LOCK_WAIT };
+            let operation = Operation::Cleanup;
+            let request = Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail: Detail::Outcome };
             capture::run(&request)?;
             Ok(None)
         }

@@ -13,6 +13,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Parser};
 use go_syntax::{parse_bool, parse_duration};
 
+use crate::log::LogFlags;
+
 const ABOUT: &str = "Programs a pod's network namespace so that its TCP traffic goes through the \
 sidecar proxy: a drop-in replacement for Istio's istio-iptables (pilot-agent istio-iptables).";
 
@@ -24,6 +26,9 @@ Environment-only settings:
   ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR    IPv4 range treated as local [default: 127.0.0.1/32]
   ENVOY_USER                           user whose UID is the proxy UID when -u is empty [default: istio-proxy]
   ISTIO_META_DNS_CAPTURE, INVALID_DROP, ISTIO_DUAL_STACK override REDIRECT_DNS, DROP_INVALID, DUAL_STACK.
+
+The word istio-iptables as the first argument is accepted and skipped: Istio's injector writes the arguments
+for pilot-agent, whose subcommand it is (args: [istio-iptables, -p, 15001, ...]).
 
 Exit status: 0 done, 1 failure (nothing half-applied), 2 usage error, 126 validation failure.
 Example (the standard sidecar setup):
@@ -144,12 +149,8 @@ pub struct Cli {
     /// How long to wait for the xtables lock, or for another capture run on this namespace.
     #[arg(long, env = "IPTABLES_LOCK_WAIT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub iptables_lock_wait: Duration,
-    /// Log level (Istio's global flag): debug, info, warn, error or none.
-    #[arg(long = "log_output_level", default_value = "info", value_name = "LEVEL")]
-    pub log_output_level: String,
-    /// Accepted for compatibility with Istio's injected arguments.
-    #[arg(long = "log_as_json", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = parse_bool, hide = true)]
-    pub log_as_json: Option<bool>,
+    #[command(flatten)]
+    pub log: LogFlags,
 }
 
 /// A bad value in a flag or the environment.
@@ -209,7 +210,7 @@ impl Cli {
     }
 
     /// The flags and Istio's environment-only knobs, in Istio's syntax.
-    fn settings(&self) -> Settings {
+    pub fn settings(&self) -> Settings {
         let env = |var: &str| std::env::var(var).ok();
         Settings {
             proxy_port: self.envoy_port.clone(),
@@ -277,6 +278,7 @@ impl Cli {
             operation: self.operation(),
             dry_run: self.dry_run,
             lock_wait: self.iptables_lock_wait,
+            detail: self.log.detail(),
         })
     }
 
@@ -299,11 +301,6 @@ impl Cli {
 
     fn probe_port(&self) -> Result<u16, UsageError> {
         Ok(config::parse_port("--iptables-probe-port", &self.iptables_probe_port)?)
-    }
-
-    /// Whether informational lines should be printed.
-    pub fn verbose(&self) -> bool {
-        !matches!(self.log_output_level.as_str(), "warn" | "error" | "fatal" | "none")
     }
 }
 

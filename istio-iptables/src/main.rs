@@ -4,15 +4,18 @@
 #![deny(unsafe_code)]
 
 mod cli;
+mod log;
+mod report;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
-use capture_lib::capture::{self, Report};
+use capture_lib::capture;
 use capture_lib::{namespace, validation};
-use capture_lib::Outcome;
 use clap::{CommandFactory, FromArgMatches};
 
 use cli::{Cli, SetupError};
+use log::Logger;
 
 /// Exit codes Istio's tooling (and its CNI repair controller) relies on.
 const EXIT_FAILURE: u8 = 1;
@@ -20,85 +23,98 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_VALIDATION: u8 = 126;
 
 fn main() -> ExitCode {
-    let args: Vec<_> = std::env::args_os().skip(1).collect();
-    if let Some(exit) = cli_docs::generate_if_requested(&args, Cli::command) {
+    let args = arguments(std::env::args_os());
+    if let Some(exit) = cli_docs::generate_if_requested(args.get(1..).unwrap_or_default(), Cli::command) {
         return exit;
     }
-    let matches = Cli::command().get_matches();
+    let matches = Cli::command().get_matches_from(&args);
     let mut cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    let log = match Logger::open(&cli.log) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("istio-iptables: error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     if let Err(e) = cli.apply_env_overrides(&matches) {
-        return fail(EXIT_USAGE, &e);
+        return fail(&log, EXIT_USAGE, &e);
     }
     // Refuse bad values before touching anything, even before entering the namespace.
     let validated = cli.capture_config().and_then(|config| cli.validate_extras().map(|()| config));
     let (config, pod_root) = match validated.and_then(|config| Ok((config, cli.pod_root()?))) {
         Ok(valid) => valid,
-        Err(e) => return fail(EXIT_USAGE, &e),
+        Err(e) => return fail(&log, EXIT_USAGE, &e),
     };
     if let Some(path) = cli.namespace_path() {
         if let Err(e) = namespace::enter(&path) {
-            return fail(EXIT_FAILURE, &e);
+            return fail(&log, EXIT_FAILURE, &e);
         }
     }
     let request = match cli.request(config, pod_root.as_deref()) {
         Ok(r) => r,
-        Err(SetupError::Usage(e)) => return fail(EXIT_USAGE, &e),
-        Err(e) => return fail(EXIT_FAILURE, &e),
+        Err(SetupError::Usage(e)) => return fail(&log, EXIT_USAGE, &e),
+        Err(e) => return fail(&log, EXIT_FAILURE, &e),
     };
+    report::log_settings(&log, &cli, &request);
     if cli.skip_rule_apply {
-        info(&cli, "--skip-rule-apply: no rules programmed");
+        log.info("--skip-rule-apply: no rules programmed");
     } else {
         if !request.dry_run {
             if let Err(e) = namespace::require_net_admin() {
-                return fail(EXIT_FAILURE, &e);
+                return fail(&log, EXIT_FAILURE, &e);
             }
         }
         match capture::run(&request) {
-            Ok(report) => print_report(&cli, &report),
-            Err(e) => return fail(EXIT_FAILURE, &e),
+            Ok(report) => report::log_report(&log, &report),
+            Err(e) => return fail(&log, EXIT_FAILURE, &e),
         }
     }
     if cli.run_validation {
         let probe = match cli.probe(&request.config) {
             Ok(p) => p,
-            Err(e) => return fail(EXIT_FAILURE, &e),
+            Err(e) => return fail(&log, EXIT_FAILURE, &e),
         };
         if let Err(e) = validation::validate(&probe) {
-            return fail(EXIT_VALIDATION, &e);
+            return fail(&log, EXIT_VALIDATION, &e);
         }
-        info(&cli, "validation passed, iptables rules established");
+        log.info("validation passed, iptables rules established");
     }
     ExitCode::SUCCESS
 }
 
-fn print_report(cli: &Cli, report: &Report) {
-    for w in &report.warnings {
-        eprintln!("istio-iptables: warning: {w}");
+/// The command line without pilot-agent's subcommand word: Istio's injector writes an
+/// args-only container, `[istio-iptables, -p, 15001, ...]`, for an image whose entrypoint is
+/// `pilot-agent`; with this binary as the entrypoint the same arguments work unchanged.
+fn arguments(args: impl Iterator<Item = OsString>) -> Vec<OsString> {
+    let mut args: Vec<OsString> = args.collect();
+    if args.get(1).is_some_and(|first| first == "istio-iptables") {
+        args.remove(1);
     }
-    if let Some(text) = &report.dry_run {
-        print!("{text}");
-        return;
-    }
-    let what = match report.outcome {
-        Outcome::Applied => "capture rules installed",
-        Outcome::Unchanged => "capture rules already in place; nothing changed",
-        Outcome::Reconciled => "drifted capture rules replaced",
-        Outcome::Removed => "capture rules removed",
-        Outcome::NothingToRemove => "no capture rules to remove",
-    };
-    info(cli, what);
+    args
 }
 
-fn info(cli: &Cli, message: &str) {
-    if cli.verbose() {
-        eprintln!("istio-iptables: {message}");
-    }
-}
-
-fn fail(code: u8, error: &dyn std::fmt::Display) -> ExitCode {
-    eprintln!("istio-iptables: error: {error}");
+#[track_caller]
+fn fail(log: &Logger, code: u8, error: &dyn std::fmt::Display) -> ExitCode {
+    log.error(&error.to_string());
     ExitCode::from(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        arguments(list.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn the_subcommand_word_is_dropped_only_in_first_place() {
+        let os = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(args(&["/bin/istio-iptables", "istio-iptables", "-p", "15001"]), os(&["/bin/istio-iptables", "-p", "15001"]));
+        assert_eq!(args(&["istio-iptables", "-c", "istio-iptables"]), os(&["istio-iptables", "-c", "istio-iptables"]));
+        assert_eq!(args(&["istio-iptables"]), os(&["istio-iptables"]));
+    }
 }

@@ -3,12 +3,16 @@
 //! A [`Pod`] is a network namespace held open by a sleeping process, entered the way a node
 //! agent would: `nsenter -t PID -n`. Tests read like the topology they build.
 
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 pub mod containerd;
 pub mod cri;
+pub mod podman;
 mod probe;
 pub use probe::can_run;
 
@@ -180,6 +184,41 @@ impl Pod {
             })
             .collect()
     }
+    /// Waits until the capture-proxy in this namespace answers ready on :15021; `log` is shown
+    /// when it never does.
+    pub fn wait_proxy_ready(&self, log: impl Fn() -> String) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 15021)), "/healthz/ready").ok());
+            if status.as_ref().is_some_and(|(status, _)| status == "200") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "capture-proxy never became ready:\n{}", log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The metrics of the capture-proxy in this namespace, scraped from inside it.
+    pub fn proxy_metrics(&self) -> String {
+        let (status, body) =
+            self.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 15090)), "/stats/prometheus")).expect("scrape");
+        assert_eq!(status, "200");
+        body
+    }
+
+    /// Waits until the proxy's metric `series` reads `want` (the proxy accounts just after closing).
+    pub fn expect_proxy_metric(&self, series: &str, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = self.proxy_metrics();
+            let got = metric(&text, series);
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{series} is {got}, want {want}\n{text}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Default for Pod {
@@ -196,6 +235,27 @@ impl Drop for Pod {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
     }
+}
+
+/// The value of one sample line of a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// `GET path` over HTTP/1.0; returns the status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(String, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.split_whitespace().nth(1).unwrap_or_default().to_string();
+    Ok((status, body.to_string()))
 }
 
 /// Whether process `pid` is still running (not exited, not a zombie).

@@ -1,22 +1,37 @@
-//! The minimal image without Docker: the directory `scripts/image-rootfs.sh` assembles (the
-//! Dockerfile's whole final stage) is used as a chroot, and the binaries run from it program
-//! a pod namespace with nothing but what the image holds.
+//! The images' filesystems without a container runtime: the directories `scripts/image-rootfs.sh`
+//! assembles (what the Dockerfile's final stages copy) are used as a chroot, and the binaries run
+//! from them program a pod namespace with nothing but what the image holds. tests/injector.rs runs
+//! the same images under podman.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use capture_tests::{release_bin, require_netns, run_ok, unique, Pod, SEED_ARGS};
 
-/// The image's filesystem in a temporary directory, removed on drop.
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/image-rootfs.sh")
+}
+
+fn release_dir() -> PathBuf {
+    release_bin("istio-iptables").parent().unwrap().to_path_buf()
+}
+
+/// An image's filesystem in a temporary directory, removed on drop.
 struct Rootfs(PathBuf);
 
 impl Rootfs {
+    /// The minimal image's filesystem.
     fn build() -> Rootfs {
         let dir = std::env::temp_dir().join(unique("image-rootfs"));
-        let release = release_bin("istio-iptables").parent().unwrap().to_path_buf();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/image-rootfs.sh");
-        run_ok(Command::new(script).arg(&dir).arg(release));
+        run_ok(Command::new(script()).arg(&dir).arg(release_dir()));
         Rootfs(dir)
+    }
+
+    /// The iptables image's filesystem: the minimal one and what the iptables image adds.
+    fn build_iptables() -> Rootfs {
+        let rootfs = Rootfs::build();
+        run_ok(Command::new(script()).arg("--iptables").arg(&rootfs.0).arg(release_dir()));
+        rootfs
     }
 
     /// A root holding one binary (at /) and an empty /proc, nothing else.
@@ -50,11 +65,13 @@ impl Drop for Rootfs {
     }
 }
 
+const BINARIES: [&str; 3] = ["/usr/local/bin/istio-iptables", "/usr/local/bin/capture-proxy", "/usr/local/bin/istio-capture-cni"];
+
 #[test]
 fn image_holds_only_the_binaries_and_their_libraries() {
     let rootfs = Rootfs::build();
     let files = rootfs.files();
-    for wanted in ["/istio-iptables", "/capture-proxy", "/istio-capture-cni", "/etc/passwd", "/etc/group"] {
+    for wanted in BINARIES.iter().chain(&["/etc/passwd", "/etc/group"]) {
         assert!(files.iter().any(|f| f == wanted), "{wanted} missing from {files:?}");
     }
     for lib in ["libnftnl.so.11", "libmnl.so.0", "libc.so.6", "libgcc_s.so.1", "ld-linux"] {
@@ -77,7 +94,7 @@ fn native_nftables_capture_runs_from_the_image_alone() {
 
     let mut args = SEED_ARGS.to_vec();
     args.push("--native-nftables");
-    let out = rootfs.run_in(&pod, "/istio-iptables", &args);
+    let out = rootfs.run_in(&pod, "/usr/local/bin/istio-iptables", &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ruleset = pod.nft_ruleset();
     for want in ["table inet istio-proxy-nat", "redirect to :15006", "redirect to :15001", "skuid 1337"] {
@@ -85,23 +102,63 @@ fn native_nftables_capture_runs_from_the_image_alone() {
     }
 
     args.push("--cleanup-only");
-    let out = rootfs.run_in(&pod, "/istio-iptables", &args);
+    let out = rootfs.run_in(&pod, "/usr/local/bin/istio-iptables", &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!pod.nft_ruleset().contains("istio"), "{}", pod.nft_ruleset());
 
     // The iptables backend needs userspace the image does not have, and says so, and what to use.
-    let out = rootfs.run_in(&pod, "/istio-iptables", SEED_ARGS);
+    let out = rootfs.run_in(&pod, "/usr/local/bin/istio-iptables", SEED_ARGS);
     assert_eq!(out.status.code(), Some(1));
     let message = String::from_utf8_lossy(&out.stderr);
     assert!(message.contains("iptables is not installed here") && message.contains("--native-nftables"), "{message}");
     assert!(message.contains("nothing was changed"), "{message}");
 
-    let out = rootfs.run_in(&pod, "/capture-proxy", &["--version"]);
+    let out = rootfs.run_in(&pod, "/usr/local/bin/capture-proxy", &["--version"]);
     assert!(
         out.status.success(),
         "capture-proxy does not start from the image: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The iptables image adds iptables and ip6tables in both variants and nothing else: the two
+/// multi-call binaries under every name capture-lib runs, the libraries and xtables extensions
+/// they load that the minimal image lacks, and the legacy variant's lock file.
+#[test]
+fn iptables_image_adds_only_iptables_and_what_it_loads() {
+    let minimal = Rootfs::build().files();
+    let rootfs = Rootfs::build_iptables();
+    let added: Vec<String> = rootfs.files().into_iter().filter(|f| !minimal.contains(f)).collect();
+    let name = |f: &String| f.rsplit('/').next().unwrap().to_string();
+    let (extensions, others): (Vec<&String>, Vec<&String>) = added.iter().partition(|f| f.contains("/xtables/libxt_"));
+    let mut others: Vec<String> = others.into_iter().map(name).collect();
+    others.sort();
+    #[rustfmt::skip]
+    let expected = ["libip4tc.so.2", "libip6tc.so.2", "libxtables.so.12", "xtables-legacy-multi", "xtables-nft-multi",
+                    "xtables.lock"];
+    assert_eq!(others, expected, "added: {added:?}");
+    assert!(added.contains(&"/run/xtables.lock".to_string()), "the lock must exist for a read-only root: {added:?}");
+    let mut extensions: Vec<String> = extensions.into_iter().map(name).collect();
+    extensions.sort();
+    #[rustfmt::skip]
+    let used = ["libxt_CONNMARK.so", "libxt_CT.so", "libxt_MARK.so", "libxt_REDIRECT.so", "libxt_TPROXY.so",
+                "libxt_connmark.so", "libxt_conntrack.so", "libxt_mark.so", "libxt_multiport.so", "libxt_owner.so",
+                "libxt_standard.so", "libxt_tcp.so", "libxt_udp.so"];
+    assert_eq!(extensions, used);
+
+    let sbin = rootfs.0.join("usr/sbin");
+    for family in ["iptables", "ip6tables"] {
+        for (variant, multi) in [("-nft", "nft"), ("-legacy", "legacy"), ("", "nft")] {
+            for op in ["", "-save", "-restore"] {
+                let link = std::fs::read_link(sbin.join(format!("{family}{variant}{op}"))).unwrap();
+                assert_eq!(link, Path::new(&format!("xtables-{multi}-multi")), "{family}{variant}{op}");
+            }
+        }
+    }
+    let names: Vec<String> = added.iter().map(name).collect();
+    for absent in ["sh", "bash", "nft", "apt", "dpkg"] {
+        assert!(!names.iter().any(|n| n == absent), "the image must not ship {absent}");
+    }
 }
 
 /// istio-iptables is linked statically (scripts/build.sh), like Istio's Go binary: an init
@@ -140,7 +197,7 @@ fn cni_installer_runs_from_the_image() {
     std::fs::write(&list, r#"{"cniVersion":"1.0.0","name":"k8s","plugins":[{"type":"ptp"}]}"#).unwrap();
 
     let args = ["install", "--cni-bin-dir", "/host/bin", "--cni-conf-dir", "/host/net.d"];
-    let out = rootfs.run_in(&pod, "/istio-capture-cni", &args);
+    let out = rootfs.run_in(&pod, "/usr/local/bin/istio-capture-cni", &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for shipped in ["istio-capture-cni", "istio-capture-cni.libs/libnftnl.so.11", "istio-capture-cni.libs/libmnl.so.0"]
     {

@@ -11,8 +11,24 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_yaml::Value;
 
-/// The binaries the image ships (scripts/image-rootfs.sh), by the path containers run them at.
-const IMAGE_BINARIES: [&str; 3] = ["/istio-iptables", "/capture-proxy", "/istio-capture-cni"];
+/// The binaries our images ship (scripts/image-rootfs.sh), by the path containers run them at.
+const IMAGE_BINARIES: [&str; 3] =
+    ["/usr/local/bin/istio-iptables", "/usr/local/bin/capture-proxy", "/usr/local/bin/istio-capture-cni"];
+
+/// Whether `image` names one of our images (`capture` or `capture-iptables`, any registry).
+fn is_ours(image: &str) -> bool {
+    let name = image.rsplit('/').next().unwrap_or(image);
+    name.starts_with("capture:") || name.starts_with("capture-iptables:")
+}
+
+/// The Dockerfile's ENTRYPOINT: what a container of our image without a `command` runs.
+fn image_entrypoint() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Dockerfile");
+    let dockerfile = std::fs::read_to_string(path).unwrap();
+    let entrypoints: Vec<&str> = dockerfile.lines().filter_map(|l| l.strip_prefix("ENTRYPOINT ")).collect();
+    assert_eq!(entrypoints.len(), 1, "one ENTRYPOINT, shared by both images: {entrypoints:?}");
+    serde_json::from_str(entrypoints[0]).expect("ENTRYPOINT in exec form")
+}
 
 /// Every document of a manifest file.
 fn documents(file: &str) -> Vec<Value> {
@@ -48,7 +64,7 @@ fn assert_sidecar(pod: &Value) {
     assert_eq!(annotations["prometheus.io/path"], "/stats/prometheus");
 
     let proxy = container(&pod["spec"]["containers"], "capture-proxy");
-    assert_eq!(strings(&proxy["command"]), ["/capture-proxy"]);
+    assert_eq!(strings(&proxy["command"]), ["/usr/local/bin/capture-proxy"]);
     let security = &proxy["securityContext"];
     assert_eq!(security["runAsUser"].as_u64(), Some(1337));
     assert_eq!(security["runAsNonRoot"].as_bool(), Some(true));
@@ -73,7 +89,7 @@ fn init_container_pod_runs_istios_standard_capture() {
     let docs = documents("pod-init-container.yaml");
     let pod = kind(&docs, "Pod");
     let init = container(&pod["spec"]["initContainers"], "istio-init");
-    assert_eq!(strings(&init["command"]), ["/istio-iptables"]);
+    assert_eq!(strings(&init["command"]), ["/usr/local/bin/istio-iptables"]);
     assert_eq!(strings(&init["args"]), SEED_ARGS);
     let security = &init["securityContext"];
     assert_eq!(strings(&security["capabilities"]["add"]), ["NET_ADMIN", "NET_RAW"]);
@@ -115,7 +131,7 @@ fn cni_daemonset_installs_and_chains_a_valid_plugin_config() {
     let spec = &daemonset["spec"]["template"]["spec"];
     assert_eq!(spec["hostNetwork"].as_bool(), Some(true), "the installer must not need the pod network");
     let install = container(&spec["containers"], "install-cni");
-    assert_eq!(strings(&install["command"]), ["/istio-capture-cni", "install"]);
+    assert_eq!(strings(&install["command"]), ["/usr/local/bin/istio-capture-cni", "install"]);
     let args = strings(&install["args"]);
     let flag = |name: &str| {
         args.iter()
@@ -168,17 +184,54 @@ fn cni_daemonset_installs_and_chains_a_valid_plugin_config() {
     assert_eq!(error["code"], 4, "the configuration must be valid: {error}");
 }
 
+/// Istio's injector output with our image as proxy_init: the init container is Istio's, untouched
+/// (no command, the subcommand word first), and our image's entrypoint runs it as written.
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn istio_injected_pod_runs_our_image_unchanged() {
+    require_netns!();
+    let docs = documents("pod-istio-injected.yaml");
+    let spec = &kind(&docs, "Deployment")["spec"]["template"]["spec"];
+    let init = container(&spec["initContainers"], "istio-init");
+    assert!(is_ours(str_of(&init["image"], "image")) && str_of(&init["image"], "image").contains('/'), "{:?}", init["image"]);
+    assert!(str_of(&init["image"], "image").contains("capture-iptables:"), "Istio's default mode needs iptables");
+    assert!(init["command"].is_null(), "Istio's injector writes no command");
+    let args = strings(&init["args"]);
+    assert_eq!(args[0], "istio-iptables");
+    assert_eq!(args[1..args.len() - 1], *SEED_ARGS, "Istio's standard capture");
+    assert_eq!(args.last().unwrap(), "--log_output_level=default:info");
+    let security = &init["securityContext"];
+    assert_eq!(strings(&security["capabilities"]["add"]), ["NET_ADMIN", "NET_RAW"]);
+    assert_eq!(strings(&security["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(security["runAsUser"].as_u64(), Some(0));
+
+    // Native sidecar: Istio's proxy follows istio-init as a restartable init container.
+    let inits: Vec<&str> = spec["initContainers"].as_sequence().unwrap().iter().map(|c| str_of(&c["name"], "name")).collect();
+    assert_eq!(inits, ["istio-init", "istio-proxy"]);
+    assert_eq!(container(&spec["initContainers"], "istio-proxy")["restartPolicy"], "Always");
+
+    // What the container runs: the image's entrypoint with the args, as written.
+    let entrypoint = image_entrypoint();
+    assert_eq!(entrypoint, ["/usr/local/bin/istio-iptables"]);
+    let net = Pod::with_address("10.44.0.5/24");
+    let mut cmd = net.cmd(release_bin("istio-iptables"));
+    cmd.env_clear().env("PATH", std::env::var_os("PATH").unwrap_or_default()).args(&args).arg("--dry-run");
+    let script = String::from_utf8(run_ok(&mut cmd).stdout).unwrap();
+    assert!(script.contains("*nat") && script.contains("-j REDIRECT --to-ports 15006"), "iptables rules: {script}");
+}
+
 #[test]
 fn every_container_runs_a_binary_the_image_ships() {
-    for file in ["pod-init-container.yaml", "pod-cni-mode.yaml", "cni-daemonset.yaml"] {
+    for file in ["pod-init-container.yaml", "pod-cni-mode.yaml", "cni-daemonset.yaml", "pod-istio-injected.yaml"] {
         for doc in documents(file) {
             let spec = if doc["kind"] == "Pod" { &doc["spec"] } else { &doc["spec"]["template"]["spec"] };
             let lists = [&spec["initContainers"], &spec["containers"]];
             for c in lists.into_iter().filter_map(Value::as_sequence).flatten() {
-                if c["image"].as_str().is_some_and(|i| i.starts_with("capture:")) {
-                    let program = strings(&c["command"]).first().cloned().unwrap_or_default();
+                if c["image"].as_str().is_some_and(is_ours) {
+                    let command = if c["command"].is_null() { image_entrypoint() } else { strings(&c["command"]) };
+                    let program = command.first().cloned().unwrap_or_default();
                     assert!(IMAGE_BINARIES.contains(&program.as_str()), "{file}: {:?} runs {program:?}", c["name"]);
-                    release_bin(program.trim_start_matches('/'));
+                    release_bin(program.rsplit('/').next().unwrap());
                 }
             }
         }

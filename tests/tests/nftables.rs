@@ -8,12 +8,12 @@ use capture_lib::config::{
 };
 use capture_lib::model::{self, Action, Chain, Dialect, Family, Position, Rule, Ruleset, Table};
 use capture_lib::nftables::{self, NftError};
-use capture_lib::Outcome;
+use capture_lib::{Detail, Outcome};
 use capture_tests::{require_netns, run_ok, unique, Pod};
 
 /// The backend acts on the calling thread's namespace, so it runs on a thread in the pod's.
 fn apply(pod: &Pod, ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftError> {
-    pod.enter(|| nftables::apply(ruleset, reconcile))
+    pod.enter(|| nftables::apply(ruleset, reconcile, Detail::Outcome)).map(|applied| applied.outcome)
 }
 
 fn cleanup(pod: &Pod) -> Result<Outcome, NftError> {

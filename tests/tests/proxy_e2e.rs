@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use capture_tests::{link, release_bin, require_netns, run_ok, Pod, ProxyProcess};
+use capture_tests::{http_get, link, metric, release_bin, require_netns, run_ok, Pod, ProxyProcess};
 
 const APP_PORT: u16 = 8080;
 const EXTERNAL_PORT: u16 = 9090;
@@ -105,41 +105,19 @@ impl Mesh {
     }
 
     fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let status = self.pod.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 15021)), "/healthz/ready").ok());
-            if status.as_ref().is_some_and(|(status, _)| status == "200") {
-                return;
-            }
-            assert!(Instant::now() < deadline, "capture-proxy never became ready:\n{}", self.log_text());
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.pod.wait_proxy_ready(|| self.log_text());
     }
 
     fn log_text(&self) -> String {
         self.proxy.log_text()
     }
 
-    /// The proxy's metrics, scraped from inside the pod.
     fn metrics(&self) -> String {
-        let (status, body) =
-            self.pod.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 15090)), "/stats/prometheus")).expect("scrape");
-        assert_eq!(status, "200");
-        body
+        self.pod.proxy_metrics()
     }
 
-    /// Waits until the metric `series` reads `want` (the proxy accounts just after closing).
     fn expect_metric(&self, series: &str, want: u64) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let text = self.metrics();
-            let got = metric(&text, series);
-            if got == want {
-                return;
-            }
-            assert!(Instant::now() < deadline, "{series} is {got}, want {want}\n{text}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.pod.expect_proxy_metric(series, want);
     }
 
     fn wait_exit(&mut self) -> std::process::ExitStatus {
@@ -163,27 +141,6 @@ fn proxy_command(pod: &Pod, net_admin: bool, flags: &[&str]) -> Command {
     }
     cmd.arg(release_bin("capture-proxy")).args(flags).env("RUST_LOG", "capture_proxy=debug");
     cmd
-}
-
-/// The value of one sample line of a Prometheus text exposition.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .parse()
-        .unwrap()
-}
-
-/// `GET path` over HTTP/1.0; returns the status code and body.
-fn http_get(addr: SocketAddr, path: &str) -> io::Result<(String, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).unwrap_or_default().to_string();
-    Ok((status, body.to_string()))
 }
 
 /// FNV-1a over a byte stream, with its length: what both ends compare.

@@ -116,6 +116,6 @@ fn ipv6_disabled_on_lo_keeps_capture_and_warns() {
     pod.sh("sysctl -qw net.ipv6.conf.lo.disable_ipv6=1");
     let out = tool(&pod, &[]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains("warning") && stderr(&out).contains("disable_ipv6"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("\twarn\t") && stderr(&out).contains("disable_ipv6"), "{}", stderr(&out));
     assert!(!pod.rules(false).is_empty() && !pod.rules(true).is_empty());
 }

@@ -85,12 +85,44 @@ impl Step {
     pub fn command(&self) -> String {
         format!("{} --noflush ({})", self.bins.restore, self.bins.family())
     }
+
+    /// The restore program this step feeds.
+    pub fn program(&self) -> &str {
+        &self.bins.restore
+    }
 }
 
 #[derive(Debug)]
 pub struct Plan {
     pub steps: Vec<Step>,
     pub outcome: Outcome,
+    /// What was read and decided, per family, for a debug log.
+    pub families: Vec<FamilyPlan>,
+}
+
+/// One family's state as `plan` read it, and what it decided.
+#[derive(Debug)]
+pub struct FamilyPlan {
+    family: &'static str,
+    /// The save program that read the state; `None` when the kernel holds no table of the
+    /// family, so there was nothing to read.
+    read_with: Option<String>,
+    state: SaveState,
+    decision: String,
+}
+
+impl FamilyPlan {
+    /// The state read back and the decision, as text.
+    pub fn describe(&self) -> String {
+        let state = match &self.read_with {
+            None => "no table of this family in the kernel, nothing to read".to_string(),
+            Some(program) => {
+                let tables: String = self.state.values().map(|t| t.raw.as_str()).collect();
+                format!("current state ({program}):\n{}", tables.trim_end())
+            }
+        };
+        format!("{family}: {state}\n{family} plan: {}", self.decision, family = self.family)
+    }
 }
 
 /// Reads the namespace and decides what to send. Touches nothing.
@@ -102,45 +134,53 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
     };
     // IPv6 not programmed: its state is not needed to apply, but cleanup still looks.
     let families: Vec<bool> = [false, true].into_iter().filter(|&v6| !v6 || ruleset.ipv6 || op == Operation::Cleanup).collect();
-    for (v6, bins, current) in read_states(&families, opts) {
+    let mut planned = Vec::new();
+    for (v6, bins, read) in read_states(&families, opts) {
         let needed = !v6 || ruleset.ipv6;
-        let current = match current {
-            Ok(state) => state,
+        let (current, read_with) = match read {
+            Ok(read) => read,
             Err(_) if !needed => continue,
             Err(e) => return Err(e),
         };
         let desired = if needed { Desired::new(ruleset, v6) } else { Desired::default() };
         let residue = desired.residue(&current);
-        let payload = match op {
-            Operation::Cleanup if residue.is_empty() => None,
+        let (payload, decision) = match op {
+            Operation::Cleanup if residue.is_empty() => (None, "nothing of ours: nothing to remove".to_string()),
             Operation::Cleanup => {
                 outcome = Outcome::Removed;
-                Some(desired.payload(&residue, false))
+                (Some(desired.payload(&residue, false)), "remove our chains and rules".to_string())
             }
             Operation::Apply { .. } if residue.is_empty() => {
                 outcome = promote(outcome, Outcome::Applied);
-                Some(desired.payload(&residue, true))
+                (Some(desired.payload(&residue, true)), "nothing of ours yet: install".to_string())
             }
             Operation::Apply { reconcile, force } => {
                 let drift = desired.drift(&current);
                 if drift.is_empty() && !force {
-                    None
+                    (None, "our rules are exactly as planned: nothing to send".to_string())
                 } else if drift.is_empty() || reconcile {
                     outcome = promote(outcome, Outcome::Reconciled);
-                    Some(desired.payload(&residue, true))
+                    let why = if drift.is_empty() {
+                        "our rules are as planned; rewriting them (--force-apply)".to_string()
+                    } else {
+                        format!("our rules differ from the plan; replacing them (--reconcile):\n  {}", drift.join("\n  "))
+                    };
+                    (Some(desired.payload(&residue, true)), why)
                 } else {
                     return Err(IptablesError::Drift { family: bins.family(), details: drift });
                 }
             }
         };
+        let family = bins.family();
         if let Some(payload) = payload {
             let rollback = rollback_payload(&current, &payload);
             let wanted = |table: &String| op != Operation::Cleanup && desired.tables.contains_key(table.as_str());
             let emptied = residue.into_keys().filter(|t| !wanted(t)).collect();
             steps.push(Step { bins, payload, rollback, emptied });
         }
+        planned.push(FamilyPlan { family, read_with, state: current, decision });
     }
-    Ok(Plan { steps, outcome })
+    Ok(Plan { steps, outcome, families: planned })
 }
 
 /// The restore input that installs `ruleset` for one family in a namespace holding nothing of
@@ -171,16 +211,23 @@ pub fn holds_any_table() -> bool {
     })
 }
 
+/// The state of one family, and the save program that read it (`None`: the family holds no table).
+type ReadState = Result<(SaveState, Option<String>), IptablesError>;
+
 /// Each family's current state, read concurrently (two processes at most, none for a family
 /// that holds no table at all).
-fn read_states(families: &[bool], opts: IptablesOptions) -> Vec<(bool, Binaries, Result<SaveState, IptablesError>)> {
+fn read_states(families: &[bool], opts: IptablesOptions) -> Vec<(bool, Binaries, ReadState)> {
     std::thread::scope(|scope| {
         let readers: Vec<_> = families
             .iter()
             .map(|&v6| {
                 scope.spawn(move || {
                     let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(v6)), v6);
-                    let state = if bins.holds_nothing() { Ok(SaveState::new()) } else { bins.save().map(|t| parse_save(&t)) };
+                    let state = if bins.holds_nothing() {
+                        Ok((SaveState::new(), None))
+                    } else {
+                        bins.save().map(|t| (parse_save(&t), Some(bins.save.clone())))
+                    };
                     (v6, bins, state)
                 })
             })

@@ -29,7 +29,7 @@ use schema::table_named;
 use state::Snapshot;
 
 use crate::model::{Ruleset, Table};
-use crate::Outcome;
+use crate::{Detail, Outcome};
 
 #[derive(Debug, Error)]
 pub enum NftError {
@@ -59,35 +59,77 @@ pub fn script(ruleset: &Ruleset) -> String {
     render::script(&render::plan(ruleset))
 }
 
+/// What [`apply`] did, and, with enough [`Detail`], what it sent and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub outcome: Outcome,
+    /// [`Detail::Sent`] and up: the nft script equivalent to the batch sent; `None` when nothing was.
+    pub script: Option<String>,
+    /// [`Detail::Trace`]: our tables as read back, and the decision made from them.
+    pub trace: Vec<String>,
+}
+
 /// Programs `ruleset` in the current network namespace (see the module docs).
-pub fn apply(ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftError> {
+pub fn apply(ruleset: &Ruleset, reconcile: bool, detail: Detail) -> Result<Applied, NftError> {
     let plan = render::plan(ruleset);
     let mut netlink = Netlink::open().map_err(NftError::Socket)?;
     let have = read_ours(&mut netlink).map_err(NftError::Read)?;
     let mut tx = TransactionBuilder::new();
-    let outcome = if have.is_empty() {
-        if plan.is_empty() {
-            return Ok(Outcome::Unchanged);
-        }
+    let sent = |render: &dyn Fn() -> String| (detail >= Detail::Sent).then(render);
+    let (outcome, script, decision) = if have.is_empty() && plan.is_empty() {
+        (Outcome::Unchanged, None, "nothing to program and none of our tables exists: nothing to send".to_string())
+    } else if have.is_empty() {
         plan.iter().for_each(|table| tx.create(table));
-        Outcome::Applied
+        (Outcome::Applied, sent(&|| render::script(&plan)), "none of our tables exists: create them".to_string())
     } else {
         let want = state::planned(&plan);
         if have == want {
-            return Ok(Outcome::Unchanged);
-        }
-        if !reconcile {
+            (Outcome::Unchanged, None, "our tables are exactly as planned: nothing to send".to_string())
+        } else if !reconcile {
             return Err(NftError::Drift { details: state::differences(&plan, &want, &have) });
+        } else {
+            let stale: Vec<Table> = have.keys().filter(|t| !want.contains_key(t)).copied().collect();
+            for table in &plan {
+                tx.delete(table.table);
+                tx.create(table);
+            }
+            stale.iter().for_each(|&table| tx.delete(table));
+            let decision = if detail >= Detail::Trace {
+                let details = state::differences(&plan, &want, &have).join("\n  ");
+                format!("our tables differ from the plan; replacing them in one transaction (--reconcile):\n  {details}")
+            } else {
+                String::new()
+            };
+            (Outcome::Reconciled, sent(&|| replacement_script(&plan, &stale)), decision)
         }
-        for table in &plan {
-            tx.delete(table.table);
-            tx.create(table);
-        }
-        have.keys().filter(|t| !want.contains_key(t)).for_each(|&stale| tx.delete(stale));
-        Outcome::Reconciled
     };
-    commit(&mut netlink, &tx.finish())?;
-    Ok(outcome)
+    let trace = if detail >= Detail::Trace {
+        vec![format!("nftables: our tables as read back:\n{}", state::describe(&have)), format!("nftables: {decision}")]
+    } else {
+        Vec::new()
+    };
+    if outcome != Outcome::Unchanged {
+        commit(&mut netlink, &tx.finish())?;
+    }
+    Ok(Applied { outcome, script, trace })
+}
+
+/// The nft script of a reconcile, in the batch's order: each planned table deleted and
+/// created again, then the stale ones deleted.
+fn replacement_script(plan: &[render::TablePlan], stale: &[Table]) -> String {
+    let mut out = String::new();
+    for table in plan {
+        out += &delete_table_script(table.table);
+        out += &render::script(std::slice::from_ref(table));
+    }
+    stale.iter().for_each(|&table| out += &delete_table_script(table));
+    out
+}
+
+/// What [`TransactionBuilder::delete`] sends: adding first makes the pair succeed whether or not
+/// the table exists.
+fn delete_table_script(table: Table) -> String {
+    format!("add table inet {0}\ndelete table inet {0}\n", schema::table_name(table))
 }
 
 /// How our tables differ from `ruleset`, in words; empty when exactly in place. Changes nothing.
@@ -143,10 +185,7 @@ pub fn prune_iptables_tables(v6: bool, tables: &[String]) -> Result<(), NftError
 
 /// An nft script equivalent to `cleanup` (loadable even where the tables are absent).
 pub fn cleanup_script() -> String {
-    schema::TABLE_ORDER
-        .into_iter()
-        .map(|t| format!("add table inet {0}\ndelete table inet {0}\n", schema::table_name(t)))
-        .collect()
+    schema::TABLE_ORDER.into_iter().map(delete_table_script).collect()
 }
 
 /// Whether any of our tables exists.

@@ -9,7 +9,7 @@
 //! the port first (`udp dport 53 ip daddr S`). A term list is the single source for both the script text
 //! ([`std::fmt::Display`]) and the netlink expressions (`expr.rs`).
 
-use std::fmt;
+use std::fmt::{self, Write};
 
 use super::schema::{base_chain, chain_name, chain_rank, table_name, BaseChain, TABLE_ORDER};
 use crate::config::Cidr;
@@ -278,39 +278,59 @@ impl fmt::Display for Term {
 }
 
 impl fmt::Display for NftRule {
+    /// Written term by term into the one output (the script of every run is rendered for the log).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let words: Vec<String> = self.terms.iter().map(Term::to_string).collect();
-        f.write_str(&words.join(" "))
+        for (i, term) in self.terms.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            fmt::Display::fmt(term, f)?;
+        }
+        Ok(())
     }
 }
 
 /// `add chain inet T C [{ type .. hook .. priority N ; }]`
 pub(super) fn add_chain_line(table: Table, chain: &ChainPlan) -> String {
-    let mut line = format!("add chain inet {} {}", table_name(table), chain_name(chain.chain));
-    if let Some(base) = chain.base {
-        line += &format!(" {{ type {} hook {} priority {} ; }}", base.kind.name(), base.hook.name(), base.priority);
-    }
+    let mut line = String::new();
+    let _ = write_chain_line(&mut line, table, chain);
     line
+}
+
+fn write_chain_line(out: &mut impl fmt::Write, table: Table, chain: &ChainPlan) -> fmt::Result {
+    write!(out, "add chain inet {} {}", table_name(table), chain_name(chain.chain))?;
+    match chain.base {
+        Some(base) => {
+            write!(out, " {{ type {} hook {} priority {} ; }}", base.kind.name(), base.hook.name(), base.priority)
+        }
+        None => Ok(()),
+    }
 }
 
 /// `add rule inet T C ...`
 pub(super) fn add_rule_line(table: Table, chain: Chain, rule: &NftRule) -> String {
-    format!("add rule inet {} {} {rule}", table_name(table), chain_name(chain))
+    let mut line = String::new();
+    let _ = write_rule_line(&mut line, table, chain, rule);
+    line
+}
+
+fn write_rule_line(out: &mut impl fmt::Write, table: Table, chain: Chain, rule: &NftRule) -> fmt::Result {
+    write!(out, "add rule inet {} {} {rule}", table_name(table), chain_name(chain))
 }
 
 /// The script of a fresh install: the same tables, chains and rules, in the same order, as
 /// the netlink batch `apply` sends to a namespace holding nothing of ours.
 pub(super) fn script(plan: &[TablePlan]) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(8192);
     for table in plan {
-        out += &format!("add table inet {}\n", table_name(table.table));
+        let _ = writeln!(out, "add table inet {}", table_name(table.table));
         for chain in &table.chains {
-            out += &add_chain_line(table.table, chain);
+            let _ = write_chain_line(&mut out, table.table, chain);
             out.push('\n');
         }
         for chain in &table.chains {
             for rule in &chain.rules {
-                out += &add_rule_line(table.table, chain.chain, rule);
+                let _ = write_rule_line(&mut out, table.table, chain.chain, rule);
                 out.push('\n');
             }
         }

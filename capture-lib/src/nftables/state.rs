@@ -5,6 +5,7 @@
 //! values dropped and anonymous sets replaced by their contents.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write;
 
 use super::batch::{Transaction, TransactionBuilder};
 use super::netlink::{self, batch_messages};
@@ -123,6 +124,24 @@ pub(super) fn snapshot(objects: &[Object]) -> Snapshot {
         }
     }
     tables
+}
+
+/// Our tables as read back, in libnftnl's words (rules as expressions), for a debug log.
+pub(super) fn describe(snapshot: &Snapshot) -> String {
+    if snapshot.is_empty() {
+        return "none of our tables exists".to_string();
+    }
+    let mut out = String::new();
+    for (&table, state) in snapshot {
+        let _ = writeln!(out, "table inet {} flags {:#x}", table_name(table), state.flags);
+        for chain in &state.chains {
+            let _ = writeln!(out, "  chain {} {{ {} }}", chain.name, chain.hook.as_deref().unwrap_or("regular"));
+            for rule in &chain.rules {
+                let _ = writeln!(out, "    {rule}");
+            }
+        }
+    }
+    out
 }
 
 fn hex(bytes: &[u8]) -> String {
