@@ -117,14 +117,12 @@ fn native_nftables_capture_runs_from_the_image_alone() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!pod.nft_ruleset().contains("istio"), "{}", pod.nft_ruleset());
 
-    // The iptables backend needs userspace the image does not have, and says so.
+    // The iptables backend needs userspace the image does not have, and says so, and what to use.
     let out = rootfs.run_in(&pod, "/usr/local/bin/istio-iptables", SEED_ARGS);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("is iptables installed?"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let message = String::from_utf8_lossy(&out.stderr);
+    assert!(message.contains("iptables is not installed here") && message.contains("--native-nftables"), "{message}");
+    assert!(message.contains("nothing was changed"), "{message}");
 
     let out = rootfs.run_in(&pod, "/usr/local/bin/capture-proxy", &["--version"]);
     assert!(
