@@ -6,9 +6,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use capture_lib::capture::{self, Backend, CaptureError, Operation, Request};
-use capture_lib::config::{CaptureConfig, InboundPorts, InterceptionMode};
-use capture_lib::iptables::{IptablesError, IptablesOptions};
+use capture_lib::capture::{self, Backend, Operation, Report, Request};
+use capture_lib::config::CaptureConfig;
 use capture_lib::namespace::{self, NamespaceError};
 use capture_lib::Detail;
 use serde_json::Value;
@@ -40,10 +39,7 @@ pub fn add(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<Re
         let config = enter_pod(invocation, config, dual_stack)?;
         let operation = Operation::Apply { reconcile: true, force: false };
         let request = Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail: Detail::Outcome };
-        let report = capture::run(&request)?;
-        for warning in report.warnings {
-            eprintln!("istio-capture-cni: warning: {warning}");
-        }
+        warn(capture::run(&request)?);
     }
     Ok(Some(passed_through(conf)))
 }
@@ -106,41 +102,30 @@ pub fn delete(invocation: &Invocation) -> Result<Reply, PluginError> {
     if !enter_if_present(netns)? {
         return Ok(None);
     }
-    // Whatever the pod's addresses now, remove IPv6 leftovers too if it has any.
-    let ipv6 = namespace::uses_ipv6(true).unwrap_or(false);
-    let mut failures = Vec::new();
-    for request in cleanup_requests(ipv6) {
-        match capture::run(&request) {
-            Ok(_) => {}
-            // A node without iptables (native nftables only) holds no iptables capture.
-            Err(CaptureError::Iptables(IptablesError::Spawn { .. })) if matches!(request.backend, Backend::Iptables(_)) => {}
-            Err(e) => failures.push(e),
-        }
-    }
-    match failures.into_iter().next() {
-        Some(first) => Err(first.into()),
-        None => Ok(None),
-    }
+    warn(capture::run(&cleanup_request())?);
+    Ok(None)
 }
 
-/// The cleanups DEL runs, whichever backend and settings the capture had: both backends, and
-/// the routing and `::6` of any TPROXY capture.
-fn cleanup_requests(ipv6: bool) -> [Request; 2] {
-    let config = CaptureConfig {
-        mode: InterceptionMode::Tproxy,
-        inbound_ports: InboundPorts::All { except: Vec::new() },
-        ipv6,
-        ..CaptureConfig::default()
-    };
-    let request = |backend| Request {
-        config: config.clone(),
-        backend,
+/// What DEL runs: capture-lib's cleanup finds every capture of ours by what it is (both
+/// backends' rules and chains, the TPROXY routing of any mark and table, `::6`), whatever
+/// settings made it, so the request's settings are mere defaults. Native nftables as the
+/// backend: where iptables cannot run (a node without it), nothing of it is looked for.
+fn cleanup_request() -> Request {
+    Request {
+        config: CaptureConfig::default(),
+        backend: Backend::Nftables,
         operation: Operation::Cleanup,
         dry_run: false,
         lock_wait: LOCK_WAIT,
         detail: Detail::Outcome,
-    };
-    [request(Backend::Nftables), request(Backend::Iptables(IptablesOptions::default()))]
+    }
+}
+
+/// What the user should know of a run that did not stop it, for the runtime's log.
+fn warn(report: Report) {
+    for warning in report.warnings {
+        eprintln!("istio-capture-cni: warning: {warning}");
+    }
 }
 
 /// A chained plugin that adds no interface returns the previous plugin's result unchanged.

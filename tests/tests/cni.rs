@@ -298,9 +298,11 @@ const BROKEN_CONFS: [(&str, u32, &str); 6] = [
 fn del_with_a_broken_configuration_removes_the_capture_and_succeeds() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
+    // TPROXY routing of other marks and tables than Istio's too: DEL cannot know them.
     let good = [
         json!({ "nativeNftables": true, "redirectDNS": true }),
         json!({ "interceptionMode": "TPROXY", "forceIptablesBinary": host_iptables_variant() }),
+        json!({ "interceptionMode": "TPROXY", "tproxyMark": "1338", "tproxyRouteTable": "134", "nativeNftables": true }),
     ];
     for (i, (broken, code, key)) in BROKEN_CONFS.into_iter().enumerate() {
         let netns = format!("/var/run/netns/{}", pod.name);
@@ -315,7 +317,8 @@ fn del_with_a_broken_configuration_removes_the_capture_and_succeeds() {
         let ruleset = pod.nft_ruleset();
         assert!(!ruleset.to_lowercase().contains("istio"), "DEL with {broken} left nftables rules:\n{ruleset}");
         assert!(pod.rules(false).iter().all(|r| !r.contains("ISTIO")), "DEL with {broken} left {:?}", pod.rules(false));
-        assert!(!pod.sh("ip rule show").contains("lookup 133"), "DEL with {broken} left the TPROXY routing");
+        let routing = pod.sh("ip rule show; ip route show table all");
+        assert!(!routing.contains("lookup 13") && !routing.contains("table 13"), "DEL with {broken} left:\n{routing}");
     }
 }
 

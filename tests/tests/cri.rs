@@ -145,27 +145,29 @@ fn a_broken_node_config_fails_pods_and_20_attempts_leave_nothing_behind() {
 
 /// A pod captured under a good configuration stops and is removed cleanly after the node's
 /// configuration broke: DEL, given the broken configuration, still removes the capture (here
-/// the iptables backend's TPROXY rules and routing) and succeeds, so the chain's teardown runs.
+/// the iptables backend's TPROXY rules, and routing by a mark and table of the configuration's
+/// own, which DEL cannot read) and succeeds, so the chain's teardown runs.
 #[test]
 #[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn a_captured_pod_stops_and_is_removed_cleanly_after_the_node_config_broke() {
     require_netns!();
-    let entry = json!({ "type": "istio-capture-cni", "capture": { "interceptionMode": "TPROXY", "inboundPorts": "*" } });
+    let capture = json!({ "interceptionMode": "TPROXY", "tproxyMark": "1338", "tproxyRouteTable": "134" });
+    let entry = json!({ "type": "istio-capture-cni", "capture": capture });
     let containerd = Containerd::start(Some(&entry));
     let cri = containerd.cri();
     let pod = run_pod(&containerd, &cri, "web-1", "shop");
     let footprint = containerd.footprint(&pod);
     let sandbox = Pod::hold(&pod.netns);
     assert!(sandbox.rules(false).iter().any(|rule| rule.contains("-j TPROXY")), "{:?}", sandbox.rules(false));
-    assert!(sandbox.sh("ip rule show").contains("lookup 133"));
+    assert!(sandbox.sh("ip rule show").contains("fwmark 0x53a lookup 134"), "{}", sandbox.sh("ip rule show"));
 
     let [bad_value, .., not_an_object] = broken_entries();
     containerd.write_plugin_entry(&bad_value.0);
     cri.stop_pod_sandbox(&pod.id).expect("StopPodSandbox with a broken node configuration");
     assert!(sandbox.rules(false).is_empty() && sandbox.rules(true).is_empty(), "{:?}", sandbox.rules(false));
-    let ruleset = sandbox.nft_ruleset();
-    assert!(!ruleset.to_lowercase().contains("istio"), "DEL left rules in the pod's namespace:\n{ruleset}");
-    assert!(!sandbox.sh("ip rule show").contains("lookup 133"), "DEL left the TPROXY routing");
+    assert_eq!(sandbox.nft_ruleset(), "", "DEL left rules or tables in the pod's namespace");
+    let routing = sandbox.sh("ip rule show; ip route show table all");
+    assert!(!routing.contains("lookup 134") && !routing.contains("table 134"), "DEL left the TPROXY routing:\n{routing}");
     drop(sandbox);
     containerd.write_plugin_entry(&not_an_object.0);
     cri.remove_pod_sandbox(&pod.id).expect("RemovePodSandbox with a broken node configuration");
