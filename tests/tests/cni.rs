@@ -598,6 +598,7 @@ fn installer_refuses_an_entry_the_plugin_would_refuse_and_installs_nothing() {
         (json!({ "type": "istio-capture-cni", "proxyPort": "15001" }), "unknown key \"proxyPort\""),
         (json!({ "type": "istio-capture-cni", "capture": { "inboundPort": "80" } }), "unknown setting \"inboundPort\""),
         (json!({ "type": "istio-capture-cni", "excludeNamespaces": "kube-system" }), "excludeNamespaces"),
+        (json!({ "type": "istio-capture-cni", "capture": { "interceptionMode": "TPROXY", "tproxyMark": "0" } }), "tproxyMark"),
     ];
     let file = dirs.root.join("plugin.json");
     for (entry, named) in entries {
