@@ -272,9 +272,10 @@ fn cni_del_leaves_no_table_or_base_chain_the_add_created() {
     let pod = Pod::with_address("10.44.0.5/24");
     let before = pod.nft_ruleset();
     let conf = r#"{"cniVersion":"1.0.0","name":"capnet","type":"istio-capture-cni","capture":{"interceptionMode":"TPROXY","redirectDNS":true,"dropInvalid":true},"prevResult":{"cniVersion":"1.0.0"}}"#;
+    // Run from this test's namespace, as a runtime runs plugins from the node's: the plugin refuses
+    // its own namespace.
     for command in ["ADD", "DEL"] {
-        let mut child = pod
-            .cmd(release_bin("istio-capture-cni"))
+        let mut child = Command::new(release_bin("istio-capture-cni"))
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", format!("container-{}", pod.name))
             .env("CNI_NETNS", pod.ns_path())
