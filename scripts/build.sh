@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Builds the release binaries, istio-iptables as a static executable: glibc, libnftnl and
-# libmnl inside, no shared library, no loader. Like Istio's own (Go) binary, it then runs in
-# any init-container image, and it starts about 0.4 ms sooner (BENCHMARKS.md). Where no static
-# libmnl is at hand (scripts/static-libs.sh), it is linked dynamically like the others.
+# Builds the release binaries, istio-iptables and istio-capture-cni as static executables:
+# glibc, libnftnl and libmnl inside, no shared library, no loader. Like Istio's own (Go)
+# binaries, istio-iptables then runs in any init-container image (and starts about 0.4 ms
+# sooner, BENCHMARKS.md), and the plugin on any x86-64 or arm64 node, whatever its glibc or
+# libraries. The plugin must be static (its installer refuses a dynamic build), so without a
+# static libmnl (scripts/static-libs.sh) this fails when building it; istio-iptables is then
+# linked dynamically like the others.
 #
-# Only istio-iptables' own crate is built differently: `cargo rustc` passes crt-static to it
-# alone and reuses the dependencies the workspace build made (crt-static for the whole
-# workspace would need an explicit --target, which moves every binary out of target/release).
-# A plain `cargo build` of istio-iptables links it dynamically again; this script puts the
-# static one back.
+# Only those two crates are built differently: `cargo rustc` passes crt-static to each alone
+# and reuses the dependencies the workspace build made (crt-static for the whole workspace
+# would need an explicit --target, which moves every binary out of target/release). A plain
+# `cargo build` of either links it dynamically again; this script puts the static one back.
 #
 # Usage: scripts/build.sh [-q] [PACKAGE...]   (default: the whole workspace)
 set -euo pipefail
@@ -22,31 +24,38 @@ if [ "${1:-}" = "-q" ]; then
 fi
 static_libs=$(scripts/static-libs.sh --find) || static_libs=""
 
-# What `cargo build` makes: everything asked for, but istio-iptables where it is linked below.
-link_static=false
+# The packages whose binary (of the same name) is linked statically below.
+static_packages=(istio-iptables istio-capture-cni)
+build=()
+static=()
 if [ $# -eq 0 ]; then
-  selection=(--workspace)
-  if [ -n "$static_libs" ]; then
-    selection+=(--exclude istio-iptables)
-    link_static=true
-  fi
+  build=(--workspace)
+  for package in "${static_packages[@]}"; do
+    build+=(--exclude "$package")
+    static+=("$package")
+  done
 else
-  selection=()
   for package in "$@"; do
-    if [ "$package" = istio-iptables ] && [ -n "$static_libs" ]; then
-      link_static=true
+    if [[ " ${static_packages[*]} " == *" $package "* ]]; then
+      static+=("$package")
     else
-      selection+=(-p "$package")
+      build+=(-p "$package")
     fi
   done
 fi
-
-if [ ${#selection[@]} -gt 0 ]; then
-  cargo build "${cargo[@]}" "${selection[@]}"
-fi
-if $link_static; then
-  cargo rustc "${cargo[@]}" -p istio-iptables --bin istio-iptables -- \
-    -C target-feature=+crt-static -L "native=$static_libs"
-elif [ -z "$static_libs" ]; then
+if [ -z "$static_libs" ] && [ ${#static[@]} -gt 0 ]; then
+  if [[ " ${static[*]} " == *" istio-capture-cni "* ]]; then
+    echo "build: istio-capture-cni must be linked statically, and there is no static libmnl: run scripts/static-libs.sh" >&2
+    exit 1
+  fi
   echo "build: istio-iptables is linked dynamically (no static libmnl)" >&2
+  build+=(-p istio-iptables)
+  static=()
 fi
+
+if [ ${#build[@]} -gt 0 ]; then
+  cargo build "${cargo[@]}" "${build[@]}"
+fi
+for package in "${static[@]}"; do
+  cargo rustc "${cargo[@]}" -p "$package" --bin "$package" -- -C target-feature=+crt-static -L "native=$static_libs"
+done

@@ -7,16 +7,16 @@
 #   scripts/image-rootfs.sh --iptables DIR [RELEASE_DIR]  what the iptables image adds on top of it
 #
 # The minimal image: the three release binaries in /usr/local/bin, exactly the shared libraries
-# `ldd` says they load (libnftnl, libmnl, libc, libgcc_s, ... and the loader, for capture-proxy
-# and the CNI plugin; istio-iptables, built by scripts/build.sh, is static and loads none), and a
-# passwd/group naming the proxy's user. No shell, no iptables, no nft: `istio-iptables
+# `ldd` says they load (libc, libm, libgcc_s and the loader, for capture-proxy; istio-iptables and
+# the CNI plugin, built by scripts/build.sh, are static and load none), and a passwd/group naming
+# the proxy's user. No shell, no iptables, no nft: `istio-iptables
 # --native-nftables` and the CNI plugin need none.
 #
 # The iptables image (`capture-iptables`, for Istio's default iptables mode) adds Debian's
 # xtables-nft-multi and xtables-legacy-multi under the names capture-lib runs (iptables-nft-save,
 # ip6tables-legacy-restore, ...; plain iptables-save etc. are the nft variant, as on Debian), the
-# libraries they load that the minimal image lacks (libxtables, libip4tc, libip6tc), the xtables
-# extensions Istio's rulesets use (found with strace over every ruleset: REDIRECT, TPROXY, owner
+# libraries they load that the minimal image lacks (libxtables, libip4tc, libip6tc, libnftnl,
+# libmnl), the xtables extensions Istio's rulesets use (found with strace over every ruleset: REDIRECT, TPROXY, owner
 # matches, DNS conntrack zones, INVALID drop, for both families and both variants), and an empty
 # /run/xtables.lock: iptables-legacy opens its lock with O_CREAT, which fails on a read-only root
 # unless the file already exists (the lock only ever serialised iptables runs inside this

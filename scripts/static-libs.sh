@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The static archives istio-iptables links (scripts/build.sh): prints the directory holding
-# libmnl.a, fetching it first if needed. libnftnl.a comes with Debian's libnftnl-dev, but
+# The static archives istio-iptables and istio-capture-cni link (scripts/build.sh): prints the
+# directory holding libmnl.a, fetching it first if needed. libnftnl.a comes with libnftnl-dev, but
 # libmnl-dev ships libmnl.a only from Debian 13 (trixie) on; on older releases this takes that
 # one file out of trixie's libmnl-dev package, fetched from the machine's configured Debian
 # source and checked against the SHA-256 of Debian's signed package index, without installing

@@ -20,8 +20,18 @@ pub const OUTBOUND_MARK: u32 = 1338;
 pub const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 /// IPv6 twin of [`INBOUND_PASSTHROUGH_V4`].
 pub const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
-/// Most owner groups a filter may name (Istio's limit: one rule holds them all).
+/// Most owner groups a filter may name (Istio's limit).
 pub const MAX_OWNER_GROUPS: usize = 64;
+/// Most groups an "only these groups" filter may name with the iptables backend: its one rule
+/// (`-m owner ! --gid-owner G`, four words a group) must fit iptables-restore's parser, which
+/// refuses a line of more than about 200 words ("Parser cannot handle more arguments").
+pub const MAX_OWNER_GROUPS_IPTABLES: usize = 49;
+/// The same with native nftables: nf_tables takes at most 128 expressions a rule, and the rule
+/// holds two a group (`meta skgid != G`) besides its counter and verdict.
+pub const MAX_OWNER_GROUPS_NFTABLES: usize = 63;
+/// Route tables the kernel consults for every packet (0 and 254 main, 253 default, 255 local):
+/// a TPROXY `local default` route there would swallow all traffic.
+pub const RESERVED_ROUTE_TABLES: [u32; 4] = [0, 253, 254, 255];
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -39,8 +49,16 @@ pub enum ConfigError {
     UnknownUser { setting: &'static str, value: String },
     #[error("{setting}: no group named {value:?} in /etc/group (give a numeric GID or a group listed there)")]
     UnknownGroup { setting: &'static str, value: String },
-    #[error("{setting}: {count} owner groups given, at most {MAX_OWNER_GROUPS} are supported")]
-    TooManyOwnerGroups { setting: &'static str, count: usize },
+    #[error("{setting}: {count} owner groups given, at most {most} are supported {why}")]
+    TooManyOwnerGroups { setting: &'static str, count: usize, most: usize, why: &'static str },
+    #[error("{setting}: {value} is not a valid ID ({value} is -1 to the kernel, which means no ID; iptables refuses it)")]
+    NoSuchId { setting: &'static str, value: u32 },
+    #[error("{setting}: '*' means every destination and cannot be combined with other entries in {value:?}")]
+    WildcardInList { setting: &'static str, value: String },
+    #[error("{setting}: mark 0 cannot be the TPROXY mark: every unmarked packet carries it, so all of them would be routed to the proxy and the proxy's own traffic never captured")]
+    TproxyMark { setting: &'static str },
+    #[error("{setting}: route table {table} cannot be the TPROXY table: the kernel consults it for every packet (0 and 254 are main, 253 default, 255 local), so its local default route would swallow all traffic")]
+    TproxyRouteTable { setting: &'static str, table: u32 },
     #[error("{setting}: {value:?} is not an IPv4 loopback CIDR with a prefix from /8 to /32 (e.g. 127.0.0.1/32)")]
     Loopback { setting: &'static str, value: String },
     #[error("unknown inbound interception mode {0:?} (expected REDIRECT or TPROXY)")]
@@ -213,6 +231,12 @@ impl Interface {
             Some("reserved name")
         } else if value.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b.is_ascii_control()) {
             Some("contains '/', ':', white space or a control character")
+        } else if value.contains('"') {
+            // The kernel allows it, but iptables-restore would read it as the start of a quoted
+            // word and the rule would mean something else.
+            Some("contains '\"', which iptables-restore reads as a quote")
+        } else if value == "!" {
+            Some("'!' alone is iptables' negation")
         } else {
             None
         };
@@ -343,9 +367,14 @@ pub fn parse_cidrs(setting: &'static str, value: &str) -> Result<Vec<Cidr>, Conf
         .collect()
 }
 
+/// `*` (alone, as Istio takes it), CIDRs, or empty.
 pub fn parse_outbound_ranges(setting: &'static str, value: &str) -> Result<OutboundRanges, ConfigError> {
-    if split_list(value).any(|c| c == "*") {
+    let entries: Vec<&str> = split_list(value).collect();
+    if entries == ["*"] {
         return Ok(OutboundRanges::All);
+    }
+    if entries.contains(&"*") {
+        return Err(ConfigError::WildcardInList { setting, value: value.to_string() });
     }
     let cidrs = parse_cidrs(setting, value)?;
     Ok(if cidrs.is_empty() { OutboundRanges::None } else { OutboundRanges::Only(cidrs) })
@@ -369,6 +398,7 @@ pub fn parse_uids(setting: &'static str, value: &str) -> Result<Vec<u32>, Config
                 .ok()
                 .or_else(|| accounts::uid(u))
                 .ok_or_else(|| ConfigError::UnknownUser { setting, value: u.to_string() })
+                .and_then(|id| real_id(setting, id))
         })
         .collect()
 }
@@ -384,10 +414,37 @@ fn resolve_group(setting: &'static str, value: &str) -> Result<u32, ConfigError>
         .ok()
         .or_else(|| accounts::gid(value))
         .ok_or_else(|| ConfigError::UnknownGroup { setting, value: value.to_string() })
+        .and_then(|id| real_id(setting, id))
+}
+
+/// `(uid_t)-1` and `(gid_t)-1` name no one: the kernel uses them for "unchanged".
+fn real_id(setting: &'static str, id: u32) -> Result<u32, ConfigError> {
+    if id == u32::MAX {
+        Err(ConfigError::NoSuchId { setting, value: id })
+    } else {
+        Ok(id)
+    }
+}
+
+/// The TPROXY mark (`-t`): any number, but 0 in TPROXY mode.
+pub fn parse_tproxy_mark(setting: &'static str, value: &str, tproxy: bool) -> Result<u32, ConfigError> {
+    match parse_number(setting, value)? {
+        0 if tproxy => Err(ConfigError::TproxyMark { setting }),
+        mark => Ok(mark),
+    }
+}
+
+/// The TPROXY route table (`-r`): any number, but a reserved one in TPROXY mode.
+pub fn parse_tproxy_route_table(setting: &'static str, value: &str, tproxy: bool) -> Result<u32, ConfigError> {
+    match parse_number(setting, value)? {
+        table if tproxy && RESERVED_ROUTE_TABLES.contains(&table) => Err(ConfigError::TproxyRouteTable { setting, table }),
+        table => Ok(table),
+    }
 }
 
 /// `ISTIO_OUTBOUND_OWNER_GROUPS` (unset means `*`) and `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`.
-pub fn parse_owner_groups(include: Option<&str>, exclude: &str) -> Result<OwnerGroups, ConfigError> {
+/// An include list becomes one rule, so the backend bounds it too (`native_nftables`).
+pub fn parse_owner_groups(include: Option<&str>, exclude: &str, native_nftables: bool) -> Result<OwnerGroups, ConfigError> {
     const INCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
     const EXCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
     let (setting, list, only) = match include.map(str::trim) {
@@ -395,8 +452,13 @@ pub fn parse_owner_groups(include: Option<&str>, exclude: &str) -> Result<OwnerG
         Some(list) => (INCLUDE, list, true),
     };
     let gids = parse_gids(setting, list)?;
-    if gids.len() > MAX_OWNER_GROUPS {
-        return Err(ConfigError::TooManyOwnerGroups { setting, count: gids.len() });
+    let (most, why) = match (only, native_nftables) {
+        (true, false) => (MAX_OWNER_GROUPS_IPTABLES, "(they share one rule, and iptables-restore parses no longer rule)"),
+        (true, true) => (MAX_OWNER_GROUPS_NFTABLES, "(they share one rule, and nf_tables takes no more expressions in one)"),
+        (false, _) => (MAX_OWNER_GROUPS, "(Istio's limit)"),
+    };
+    if gids.len() > most {
+        return Err(ConfigError::TooManyOwnerGroups { setting, count: gids.len(), most, why });
     }
     Ok(if only { OwnerGroups::Only(gids) } else { OwnerGroups::AllExcept(gids) })
 }
@@ -411,17 +473,18 @@ pub fn parse_loopback_cidr(value: &str) -> Result<Cidr, ConfigError> {
     Ok(cidr)
 }
 
-/// Nameservers from resolv.conf text, split by family; unparsable entries are skipped.
-pub fn parse_resolv_conf(text: &str) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
+/// Nameservers from a resolv.conf, split by family; unparsable entries are skipped. Read as
+/// bytes, as libc reads it: a comment need not be UTF-8.
+pub fn parse_resolv_conf(bytes: &[u8]) -> (Vec<Ipv4Addr>, Vec<Ipv6Addr>) {
     let mut v4 = Vec::new();
     let mut v6 = Vec::new();
-    for line in text.lines() {
-        let mut words = line.split_whitespace();
-        if words.next() != Some("nameserver") {
+    for line in bytes.split(|&b| b == b'\n') {
+        let mut words = line.split(u8::is_ascii_whitespace).filter(|w| !w.is_empty());
+        if words.next() != Some(b"nameserver") {
             continue;
         }
         // Zone indices (fe80::1%eth0) cannot be matched by a rule; skip them like other junk.
-        match words.next().map(str::parse::<IpAddr>) {
+        match words.next().and_then(|w| std::str::from_utf8(w).ok()).map(str::parse::<IpAddr>) {
             Some(Ok(IpAddr::V4(a))) => v4.push(a),
             Some(Ok(IpAddr::V6(a))) => v6.push(a),
             _ => {}
@@ -482,12 +545,33 @@ mod tests {
     }
 
     #[test]
+    fn a_wildcard_stands_alone_as_in_istio() {
+        assert_eq!(parse_outbound_ranges("-i", "*,").unwrap(), OutboundRanges::All);
+        for value in ["*,junk", "10.0.0.0/8,*", "*,*"] {
+            let err = parse_outbound_ranges("-i", value).unwrap_err();
+            assert_eq!(err, ConfigError::WildcardInList { setting: "-i", value: value.into() }, "{value}");
+        }
+    }
+
+    #[test]
     fn interface_names_follow_kernel_limits() {
         assert!(Interface::parse("-c", "eth0").is_ok());
         assert!(Interface::parse("-c", "veth+").is_ok());
         assert!(Interface::parse("-c", "a-very-long-name0").is_err());
         assert!(Interface::parse("-c", "a/b").is_err());
         assert!(Interface::parse("-c", "").is_err());
+    }
+
+    #[test]
+    fn interface_names_iptables_restore_would_misread_are_refused() {
+        // Legal to the kernel, but `-i a"b -j RETURN` reaches the kernel as `-i "ab -j RETURN"`.
+        for name in ["a\"b", "\"", "!"] {
+            let err = Interface::parse("-c", name).unwrap_err();
+            assert!(matches!(err, ConfigError::Interface { setting: "-c", .. }), "{name}: {err}");
+        }
+        for name in ["eth!", "!eth0", "a'b", "a\\b", "veth+"] {
+            assert!(Interface::parse("-c", name).is_ok(), "{name}");
+        }
     }
 
     #[test]
@@ -501,15 +585,49 @@ mod tests {
 
     #[test]
     fn owner_groups() {
-        assert_eq!(parse_owner_groups(None, "").unwrap(), OwnerGroups::AllExcept(vec![]));
-        assert_eq!(parse_owner_groups(Some("*"), "5").unwrap(), OwnerGroups::AllExcept(vec![5]));
-        assert_eq!(parse_owner_groups(Some(""), "5").unwrap(), OwnerGroups::Only(vec![]));
-        assert_eq!(parse_owner_groups(Some("1,2"), "5").unwrap(), OwnerGroups::Only(vec![1, 2]));
-        let many = (0..65).map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-        assert!(matches!(
-            parse_owner_groups(Some(&many), ""),
-            Err(ConfigError::TooManyOwnerGroups { count: 65, .. })
-        ));
+        assert_eq!(parse_owner_groups(None, "", false).unwrap(), OwnerGroups::AllExcept(vec![]));
+        assert_eq!(parse_owner_groups(Some("*"), "5", false).unwrap(), OwnerGroups::AllExcept(vec![5]));
+        assert_eq!(parse_owner_groups(Some(""), "5", false).unwrap(), OwnerGroups::Only(vec![]));
+        assert_eq!(parse_owner_groups(Some("1,2"), "5", false).unwrap(), OwnerGroups::Only(vec![1, 2]));
+    }
+
+    #[test]
+    fn owner_group_lists_are_bounded_by_what_their_rule_can_hold() {
+        let groups = |n: usize| (1..=n).map(|g| g.to_string()).collect::<Vec<_>>().join(",");
+        let count = |result: Result<OwnerGroups, ConfigError>| match result {
+            Err(ConfigError::TooManyOwnerGroups { count, most, .. }) => Err((count, most)),
+            Ok(OwnerGroups::Only(g) | OwnerGroups::AllExcept(g)) => Ok(g.len()),
+            Err(other) => panic!("{other}"),
+        };
+        assert_eq!(count(parse_owner_groups(Some(&groups(49)), "", false)), Ok(49));
+        assert_eq!(count(parse_owner_groups(Some(&groups(50)), "", false)), Err((50, 49)));
+        assert_eq!(count(parse_owner_groups(Some(&groups(63)), "", true)), Ok(63));
+        assert_eq!(count(parse_owner_groups(Some(&groups(64)), "", true)), Err((64, 63)));
+        // Excluded groups get a rule each: only Istio's own limit applies.
+        assert_eq!(count(parse_owner_groups(None, &groups(64), false)), Ok(64));
+        assert_eq!(count(parse_owner_groups(Some("*"), &groups(65), true)), Err((65, 64)));
+        let message = parse_owner_groups(Some(&groups(50)), "", false).unwrap_err().to_string();
+        assert!(message.starts_with("ISTIO_OUTBOUND_OWNER_GROUPS: 50 owner groups given, at most 49"), "{message}");
+    }
+
+    #[test]
+    fn ids_of_minus_one_name_no_one() {
+        assert_eq!(parse_uids("-u", "4294967294").unwrap(), vec![4294967294]);
+        assert_eq!(parse_uids("-u", "1,4294967295"), Err(ConfigError::NoSuchId { setting: "-u", value: u32::MAX }));
+        assert_eq!(parse_gids("-g", "4294967295"), Err(ConfigError::NoSuchId { setting: "-g", value: u32::MAX }));
+    }
+
+    #[test]
+    fn tproxy_mark_and_table_that_would_capture_everything_are_refused_in_tproxy_mode() {
+        assert_eq!(parse_tproxy_mark("-t", "0", true), Err(ConfigError::TproxyMark { setting: "-t" }));
+        assert_eq!(parse_tproxy_mark("-t", "0", false), Ok(0));
+        assert_eq!(parse_tproxy_mark("-t", "7", true), Ok(7));
+        for table in RESERVED_ROUTE_TABLES {
+            let refused = ConfigError::TproxyRouteTable { setting: "-r", table };
+            assert_eq!(parse_tproxy_route_table("-r", &table.to_string(), true), Err(refused));
+            assert_eq!(parse_tproxy_route_table("-r", &table.to_string(), false), Ok(table));
+        }
+        assert_eq!(parse_tproxy_route_table("-r", "252", true), Ok(252));
     }
 
     #[test]
@@ -531,8 +649,10 @@ mod tests {
 
     #[test]
     fn resolv_conf() {
-        let (v4, v6) = parse_resolv_conf("# x\nnameserver 10.96.0.10\nnameserver fd00::a\nnameserver junk\nsearch a b\n");
+        let text = b"# r\xe9sum\xe9\nnameserver 10.96.0.10\r\nnameserver\tfd00::a\nnameserver junk\nnameserver \xff\nsearch a b\n";
+        let (v4, v6) = parse_resolv_conf(text);
         assert_eq!(v4, vec![Ipv4Addr::new(10, 96, 0, 10)]);
         assert_eq!(v6, vec!["fd00::a".parse::<Ipv6Addr>().unwrap()]);
+        assert_eq!(parse_resolv_conf(b"search cluster.local\n"), (vec![], vec![]));
     }
 }

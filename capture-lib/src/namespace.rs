@@ -2,11 +2,11 @@
 //! reading what Istio derives from it (IP families in use, DNS servers).
 
 use std::fs::File;
-use std::net::IpAddr;
-use std::path::Path;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag, Flock, FlockArg};
 
 use thiserror::Error;
 
@@ -41,7 +41,8 @@ pub fn enter(path: &Path) -> Result<(), NamespaceError> {
         .map_err(|source| NamespaceError::Enter { path: shown, source })
 }
 
-/// Held while a run reads and changes the namespace; released on drop.
+/// Held while a run reads and changes the namespace (and by the processes it starts); released
+/// on drop, once those have exited too.
 #[derive(Debug)]
 pub struct NamespaceLock {
     _held: Flock<File>,
@@ -56,7 +57,13 @@ pub fn lock(wait: Duration) -> Result<NamespaceLock, NamespaceError> {
     let mut file = File::open("/proc/thread-self/ns/net").map_err(|e| NamespaceError::Lock(e.to_string()))?;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(held) => return Ok(NamespaceLock { _held: held }),
+            Ok(held) => {
+                // The processes this run starts (iptables-restore) inherit the lock, so a run
+                // killed while one of them still writes keeps the namespace locked until it
+                // has finished: the next run never reads a state that is about to change.
+                fcntl(&*held, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| NamespaceError::Lock(e.to_string()))?;
+                return Ok(NamespaceLock { _held: held });
+            }
             Err((f, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                 file = f;
                 std::thread::sleep(Duration::from_millis(10));
@@ -97,11 +104,47 @@ fn is_link_local(addr: &IpAddr) -> bool {
     }
 }
 
-/// The nameservers of the namespace's resolv.conf, split by family.
-pub fn dns_servers(path: &Path) -> Result<(Vec<std::net::Ipv4Addr>, Vec<std::net::Ipv6Addr>), NamespaceError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| NamespaceError::ResolvConf { path: path.display().to_string(), source })?;
-    Ok(crate::config::parse_resolv_conf(&text))
+/// The root under which the pod's files are seen from here: ours when the tool runs in the pod
+/// (no namespace path given), else the root of the process a `/proc/PID/ns/net` (or
+/// `/proc/PID/task/TID/ns/net`) path names. `None` for a path that names no process, such as a
+/// bind mount under /var/run/netns: the pod's files cannot be found from there.
+pub fn pod_root(namespace: Option<&Path>) -> Option<PathBuf> {
+    let Some(namespace) = namespace else { return Some(PathBuf::from("/")) };
+    let process = |name: &str| name.bytes().all(|b| b.is_ascii_digit()) || name == "self" || name == "thread-self";
+    let parts: Vec<&str> = namespace.to_str()?.split('/').collect();
+    match parts.as_slice() {
+        ["", "proc", pid, "ns", "net"] | ["", "proc", pid, "task", _, "ns", "net"] if !pid.is_empty() && process(pid) => {
+            Some(PathBuf::from(format!("/proc/{pid}/root")))
+        }
+        _ => None,
+    }
+}
+
+/// The nameservers of the pod's resolv.conf (`etc/resolv.conf` under `root`, which symbolic
+/// links inside cannot leave), split by family.
+pub fn dns_servers(root: &Path) -> Result<(Vec<Ipv4Addr>, Vec<Ipv6Addr>), NamespaceError> {
+    let path = root.join("etc/resolv.conf");
+    let error = |source: std::io::Error| NamespaceError::ResolvConf { path: path.display().to_string(), source };
+    let bytes = read_in_root(root, Path::new("etc/resolv.conf")).map_err(error)?;
+    Ok(crate::config::parse_resolv_conf(&bytes))
+}
+
+/// Reads `path` as if `root` were `/`: a container's absolute symbolic link (say to
+/// /run/systemd/resolve/stub-resolv.conf) must not lead to the host's file.
+fn read_in_root(root: &Path, path: &Path) -> std::io::Result<Vec<u8>> {
+    use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+    use std::io::Read;
+    let dir = File::open(root)?;
+    let how = OpenHow::new().flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC).resolve(ResolveFlag::RESOLVE_IN_ROOT);
+    let mut file = match openat2(&dir, path, how) {
+        Ok(fd) => File::from(fd),
+        // Kernels before 5.6 lack openat2.
+        Err(nix::errno::Errno::ENOSYS) => File::open(root.join(path))?,
+        Err(e) => return Err(e.into()),
+    };
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -119,5 +162,30 @@ mod tests {
         assert!(ipv6_from_addresses(&ips(&["10.0.0.5", "fd00::5"]), true).unwrap());
         assert!(!ipv6_from_addresses(&ips(&["10.0.0.5", "fe80::5"]), true).unwrap());
         assert!(matches!(ipv6_from_addresses(&ips(&["127.0.0.1", "fe80::1", "169.254.1.1"]), false), Err(NamespaceError::NoAddress)));
+    }
+
+    #[test]
+    fn the_pods_files_are_found_only_through_a_process() {
+        let root = |path: Option<&str>| pod_root(path.map(Path::new)).map(|p| p.display().to_string());
+        assert_eq!(root(None).as_deref(), Some("/"));
+        assert_eq!(root(Some("/proc/42/ns/net")).as_deref(), Some("/proc/42/root"));
+        assert_eq!(root(Some("/proc/42/task/43/ns/net")).as_deref(), Some("/proc/42/root"));
+        assert_eq!(root(Some("/proc/self/ns/net")).as_deref(), Some("/proc/self/root"));
+        for elsewhere in ["/var/run/netns/pod", "/proc/42/ns/mnt", "/proc//ns/net", "/proc/4x2/ns/net", "proc/42/ns/net"] {
+            assert_eq!(root(Some(elsewhere)), None, "{elsewhere}");
+        }
+    }
+
+    #[test]
+    fn resolv_conf_symbolic_links_stay_inside_the_root() {
+        let root = std::env::temp_dir().join(format!("capture-root-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(root.join("run")).unwrap();
+        std::fs::write(root.join("run/resolv.conf"), b"nameserver 10.96.0.10\n").unwrap();
+        let _ = std::fs::remove_file(root.join("etc/resolv.conf"));
+        std::os::unix::fs::symlink("/run/resolv.conf", root.join("etc/resolv.conf")).unwrap();
+        let servers = dns_servers(&root);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(servers.unwrap().0, vec![Ipv4Addr::new(10, 96, 0, 10)]);
     }
 }

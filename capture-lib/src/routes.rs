@@ -34,7 +34,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use thiserror::Error;
 
-use crate::config::{CaptureConfig, INBOUND_PASSTHROUGH_V6};
+use crate::config::{CaptureConfig, INBOUND_PASSTHROUGH_V6, RESERVED_ROUTE_TABLES};
 
 /// How often a listing is retried when the kernel reports it changed while being read.
 const DUMP_ATTEMPTS: usize = 5;
@@ -129,11 +129,6 @@ impl RoutePlan {
         self.entries().iter().map(|entry| entry.command(Change::Add)).collect()
     }
 
-    /// The `ip` commands `remove` is equivalent to, in its order.
-    pub fn describe_removal(&self) -> Vec<String> {
-        self.entries().iter().rev().map(|entry| entry.command(Change::Remove)).collect()
-    }
-
     /// Every IPv4 entry comes before every IPv6 one, so a namespace without IPv6 still gets
     /// working IPv4 routing before `apply` reports [`RouteError::Ipv6Disabled`].
     fn entries(&self) -> Vec<Entry> {
@@ -156,7 +151,7 @@ impl RoutePlan {
     pub fn check(&self) -> Result<(), RouteError> {
         match self.tproxy {
             // Route table 0 means "main" to the kernel; the others are consulted for every packet.
-            Some(TproxyRouting { table: table @ (0 | 253..=255), .. }) => Err(RouteError::ReservedTable(table)),
+            Some(TproxyRouting { table, .. }) if RESERVED_ROUTE_TABLES.contains(&table) => Err(RouteError::ReservedTable(table)),
             // A rule with mark 0 carries no mark match at all.
             Some(TproxyRouting { mark: 0, .. }) => Err(RouteError::ZeroMark),
             _ => Ok(()),
@@ -240,16 +235,78 @@ pub fn undo(added: &Added) -> Result<(), RouteError> {
     added.0.iter().rev().try_for_each(|entry| entry.reconcile(&mut netlink, lo, Change::Remove).map(drop))
 }
 
-/// Removes from the calling thread's network namespace every entry equal to one `apply` adds;
-/// absent entries are fine, other entries are left alone.
-pub fn remove(plan: &RoutePlan) -> Result<(), RouteError> {
-    plan.check()?;
+/// What captures added to the calling thread's namespace, found by what it is, whatever
+/// settings added it: every rule that sends packets by their fwmark alone to a TPROXY table
+/// (one holding a `local default dev lo` route), the `local default dev lo` routes in every
+/// table but the kernel's own, and `::6/128` on `lo`. In the order `remove_ours` takes them
+/// away: rules first, so that no packet is sent to a table already emptied.
+pub fn ours() -> Result<Vec<Found>, RouteError> {
     let mut netlink = Netlink::open()?;
     let lo = netlink.loopback_index()?;
-    for entry in plan.entries().into_iter().rev() {
+    found_entries(&mut netlink, lo)
+}
+
+/// Removes everything [`ours`] finds (and nothing else); finding nothing is fine.
+pub fn remove_ours() -> Result<(), RouteError> {
+    let mut netlink = Netlink::open()?;
+    let lo = netlink.loopback_index()?;
+    for Found(entry) in found_entries(&mut netlink, lo)? {
         entry.reconcile(&mut netlink, lo, Change::Remove)?;
     }
     Ok(())
+}
+
+/// One entry [`ours`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found(Entry);
+
+impl Found {
+    /// The `ip` command that removes it.
+    pub fn removal(&self) -> String {
+        self.0.command(Change::Remove)
+    }
+}
+
+fn found_entries(netlink: &mut Netlink, lo: u32) -> Result<Vec<Found>, RouteError> {
+    let (mut rules, mut routes) = (Vec::new(), Vec::new());
+    for family in [Family::V4, Family::V6] {
+        let mut tables: Vec<u32> = Vec::new();
+        for route in listing::<RouteMessage>(netlink, family, "route show table all")? {
+            let table = route_table(&route);
+            if !RESERVED_ROUTE_TABLES.contains(&table) && local_default_route(family, table, lo).same_as(&route) {
+                tables.push(table);
+                routes.push(Entry::LocalDefaultRoute { family, table });
+            }
+        }
+        for rule in listing::<RuleMessage>(netlink, family, "rule show")? {
+            let table = rule_table(&rule);
+            let mark = rule.attributes.iter().find_map(|a| match a {
+                RuleAttribute::FwMark(mark) => Some(*mark),
+                _ => None,
+            });
+            if let Some(mark) = mark.filter(|&mark| tables.contains(&table) && mark_rule(family, mark, table).same_as(&rule)) {
+                rules.push(Entry::MarkRule { family, mark, table });
+            }
+        }
+    }
+    let address = listing::<AddressMessage>(netlink, Family::V6, "addr show dev lo")?;
+    let passthrough = address.iter().any(|found| passthrough_address(lo).same_as(found)).then_some(Entry::PassthroughAddress);
+    let mut found: Vec<Found> = Vec::new();
+    for entry in rules.into_iter().chain(routes).chain(passthrough) {
+        if !found.contains(&Found(entry)) {
+            found.push(Found(entry));
+        }
+    }
+    Ok(found)
+}
+
+/// Every entry of one kind and family; none where the kernel has no IPv6 at all.
+fn listing<E: KernelEntry>(netlink: &mut Netlink, family: Family, what: &str) -> Result<Vec<E>, RouteError> {
+    match netlink.dump(E::dump_request(family.into())) {
+        Ok(listing) => Ok(listing.into_iter().filter_map(E::from_dump).collect()),
+        Err(NetlinkError::System(e)) if family == Family::V6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(Vec::new()),
+        Err(source) => Err(RouteError::Netlink { command: format!("{} {what}", family.ip_command()), source }),
+    }
 }
 
 /// The entries the plan needs that the calling thread's namespace lacks, as the `ip` commands

@@ -135,6 +135,8 @@ impl Settings {
             gids if gids.is_empty() => proxy_uids.clone(),
             gids => gids,
         };
+        let mode = self.interception_mode.parse::<InterceptionMode>()?;
+        let tproxy = mode == InterceptionMode::Tproxy;
         let host_ipv4_loopback = match self.ipv4_loopback_cidr.as_str() {
             "" => CaptureConfig::default().host_ipv4_loopback,
             cidr => config::parse_loopback_cidr(cidr)?,
@@ -145,7 +147,7 @@ impl Settings {
             inbound_tunnel_port: config::parse_port(names.inbound_tunnel_port, &self.inbound_tunnel_port)?,
             proxy_uids,
             proxy_gids,
-            mode: self.interception_mode.parse::<InterceptionMode>()?,
+            mode,
             inbound_ports: config::parse_inbound_ports(
                 names.inbound_ports,
                 &self.inbound_ports,
@@ -158,9 +160,13 @@ impl Settings {
             outbound_ports_exclude: config::parse_ports(names.exclude_outbound_ports, &self.exclude_outbound_ports)?,
             exclude_interfaces: config::parse_interfaces(names.exclude_interfaces, &self.exclude_interfaces)?,
             kube_virt_interfaces: config::parse_interfaces(names.kube_virt_interfaces, &self.kube_virt_interfaces)?,
-            tproxy_mark: config::parse_number(names.tproxy_mark, &self.tproxy_mark)?,
-            tproxy_route_table: config::parse_number(names.tproxy_route_table, &self.tproxy_route_table)?,
-            owner_groups: config::parse_owner_groups(self.owner_groups.as_deref(), &self.owner_groups_exclude)?,
+            tproxy_mark: config::parse_tproxy_mark(names.tproxy_mark, &self.tproxy_mark, tproxy)?,
+            tproxy_route_table: config::parse_tproxy_route_table(names.tproxy_route_table, &self.tproxy_route_table, tproxy)?,
+            owner_groups: config::parse_owner_groups(
+                self.owner_groups.as_deref(),
+                &self.owner_groups_exclude,
+                self.native_nftables,
+            )?,
             dns: if self.redirect_dns && self.capture_all_dns { DnsCapture::All } else { DnsCapture::Off },
             drop_invalid: self.drop_invalid,
             ipv6: false,
@@ -235,6 +241,30 @@ mod tests {
             err.to_string(),
             "--force-iptables-binary: \"x\" is not an iptables variant (expected legacy or nft)"
         );
+    }
+
+    #[test]
+    fn tproxy_refusals_name_the_front_ends_setting() {
+        let tproxy = |mark: &str, table: &str| Settings {
+            interception_mode: "TPROXY".into(),
+            tproxy_mark: mark.into(),
+            tproxy_route_table: table.into(),
+            ..Settings::default()
+        };
+        let err = tproxy("0", "133").capture_config(&NAMES).unwrap_err().to_string();
+        assert!(err.starts_with("--istio-inbound-tproxy-mark: mark 0"), "{err}");
+        let err = tproxy("1337", "254").capture_config(&NAMES).unwrap_err().to_string();
+        assert!(err.starts_with("--istio-inbound-tproxy-route-table: route table 254"), "{err}");
+        let redirect = Settings { interception_mode: "REDIRECT".into(), ..tproxy("0", "254") };
+        assert!(redirect.capture_config(&NAMES).is_ok(), "unused outside TPROXY mode");
+    }
+
+    #[test]
+    fn owner_group_limit_follows_the_backend() {
+        let groups = (1..=50).map(|g| g.to_string()).collect::<Vec<_>>().join(",");
+        let settings = Settings { owner_groups: Some(groups), ..Settings::default() };
+        assert!(settings.capture_config(&NAMES).is_err());
+        assert!(Settings { native_nftables: true, ..settings }.capture_config(&NAMES).is_ok());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! `istio-capture-cni`: a chained CNI plugin (spec 1.0) that programs Istio's sidecar capture
 //! in each pod's network namespace when the pod is created, with capture-lib, so pods need no
-//! privileged init container. `istio-capture-cni install` puts it on a node (see install.rs).
+//! privileged init container. `istio-capture-cni install` puts it on a node and `uninstall`
+//! takes it off (see install.rs).
 //!
-//! The runtime runs it with `CNI_*` variables and the network configuration on stdin; the
-//! result, or an error object with a CNI error code, goes to stdout.
+//! The runtime runs it with `CNI_COMMAND` and the other `CNI_*` variables set, no arguments,
+//! and the network configuration on stdin; the result, or an error object with a CNI error
+//! code, goes to stdout. Run without `CNI_COMMAND` and with arguments, it is a command line
+//! tool (`--help`, `--version`, `install`, `uninstall`).
 
 #![deny(unsafe_code)]
 
@@ -19,7 +22,7 @@ use netconf::{CniArgs, NetConf};
 use protocol::{Command, Invocation, PluginError, LATEST_VERSION};
 
 fn main() -> ExitCode {
-    if std::env::args_os().nth(1).is_some_and(|arg| arg == "install") {
+    if std::env::var_os("CNI_COMMAND").is_none() && std::env::args_os().len() > 1 {
         return install::main();
     }
     // Read first, whatever the command: a runtime writing the configuration must not meet a
@@ -30,9 +33,19 @@ fn main() -> ExitCode {
         Ok(invocation) => invocation,
         Err(e) => return fail(&e, LATEST_VERSION, "the CNI_* environment variables"),
     };
-    if invocation.command == Command::Version {
-        return reply(&protocol::version_info());
-    }
+    let add = match invocation.command {
+        Command::Version => return reply(&protocol::version_info()),
+        // DEL reads no configuration (see plugin::delete); its errors are in the declared version.
+        Command::Del => {
+            let cni_version = netconf::declared_version(&stdin).unwrap_or_else(|| LATEST_VERSION.to_string());
+            return match plugin::delete(&invocation) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => fail(&e, &cni_version, &plugin::describe(&invocation, None)),
+            };
+        }
+        Command::Add => true,
+        Command::Check => false,
+    };
     if let Err(e) = read {
         return fail(&PluginError::Stdin(e), LATEST_VERSION, &plugin::describe(&invocation, None));
     }
@@ -44,7 +57,8 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => return fail(&e, &conf.cni_version, &plugin::describe(&invocation, None)),
     };
-    match plugin::handle(&invocation, &conf, &args) {
+    let handled = if add { plugin::add(&invocation, &conf, &args) } else { plugin::check(&invocation, &conf, &args) };
+    match handled {
         Ok(Some(result)) => reply(&result),
         Ok(None) => ExitCode::SUCCESS,
         Err(e) => fail(&e, &conf.cni_version, &plugin::describe(&invocation, Some(&args))),

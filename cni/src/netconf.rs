@@ -6,6 +6,8 @@
 //! overriding the one before: the `capture` object, `runtimeConfig.capture` (runtime
 //! capability arguments), then `CNI_ARGS` pairs of the same keys.
 
+use capture_lib::capture::Backend;
+use capture_lib::config::CaptureConfig;
 use capture_lib::settings::{SettingNames, Settings};
 use serde_json::{Map, Value};
 
@@ -61,6 +63,23 @@ const TEXT_KEYS: [(&str, TextField); 17] = [
 ];
 const FLAG_KEYS: [&str; 5] = ["redirectDNS", "captureAllDNS", "dropInvalid", "dualStack", "nativeNftables"];
 
+/// The keys our entry may hold: the CNI spec's (runtimes add some of them) and our own. Any
+/// other is a mistake (a capture key outside `capture`, a typo) that would otherwise be ignored.
+const ENTRY_KEYS: [&str; 12] = [
+    "cniVersion",
+    "name",
+    "type",
+    "args",
+    "capabilities",
+    "runtimeConfig",
+    "prevResult",
+    "ipMasq",
+    "ipam",
+    "dns",
+    "excludeNamespaces",
+    "capture",
+];
+
 /// What the runtime sent on stdin, as far as this plugin reads it.
 #[derive(Debug, Clone)]
 pub struct NetConf {
@@ -84,6 +103,10 @@ impl NetConf {
         };
         let cni_version = text(&conf, "cniVersion")?;
         text(&conf, "name")?;
+        if let Some(unknown) = conf.keys().find(|key| !ENTRY_KEYS.contains(&key.as_str())) {
+            let hint = if is_capture_key(unknown) { " (capture settings go in the \"capture\" object)" } else { "" };
+            return Err(PluginError::Config(format!("unknown key {unknown:?}{hint}")));
+        }
         let exclude_namespaces = match conf.remove("excludeNamespaces") {
             None => Vec::new(),
             Some(Value::Array(items)) => items
@@ -116,10 +139,21 @@ fn object(value: Option<Value>, name: &str) -> Result<Option<Map<String, Value>>
     }
 }
 
+/// The `cniVersion` a configuration declares, read without validating anything else (for the
+/// replies of DEL, which reads no configuration).
+pub fn declared_version(bytes: &[u8]) -> Option<String> {
+    let conf: Value = serde_json::from_slice(bytes).ok()?;
+    conf.get("cniVersion")?.as_str().map(str::to_string)
+}
+
+fn is_capture_key(key: &str) -> bool {
+    TEXT_KEYS.iter().any(|(name, _)| *name == key) || FLAG_KEYS.contains(&key)
+}
+
 /// A `capture` object: capture keys only.
 fn capture_settings(value: Option<Value>, name: &str) -> Result<Map<String, Value>, PluginError> {
     let map = object(value, name)?.unwrap_or_default();
-    match map.keys().find(|k| !TEXT_KEYS.iter().any(|(t, _)| t == k) && !FLAG_KEYS.contains(&k.as_str())) {
+    match map.keys().find(|key| !is_capture_key(key)) {
         Some(unknown) => Err(PluginError::Config(format!("{name}: unknown setting {unknown:?}"))),
         None => Ok(map),
     }
@@ -155,7 +189,7 @@ impl CniArgs {
         };
         let mut overrides = Map::new();
         for (key, value) in &pairs {
-            if TEXT_KEYS.iter().any(|(t, _)| t == key) || FLAG_KEYS.contains(key) {
+            if is_capture_key(key) {
                 overrides.insert(key.to_string(), Value::String(value.to_string()));
             } else if !RUNTIME_ARGS.contains(key) && !ignore_unknown {
                 return Err(PluginError::Args(format!(
@@ -212,6 +246,12 @@ impl PodCapture {
         settings.native_nftables = flag("nativeNftables")?.unwrap_or(false);
         settings.exclude_inbound_ports = with_required_ports(&settings.exclude_inbound_ports);
         Ok(PodCapture { settings, dual_stack: flag("dualStack")?.unwrap_or(false) })
+    }
+
+    /// The validated capture and backend: every refusal a setting can cause, before any
+    /// namespace is touched (ADD and CHECK, and the installer before it chains an entry).
+    pub fn config(&self) -> Result<(CaptureConfig, Backend), PluginError> {
+        Ok((self.settings.capture_config(&KEY_NAMES)?, self.settings.backend(&KEY_NAMES)?))
     }
 }
 
@@ -300,6 +340,23 @@ mod tests {
         assert!(err.starts_with("excludeOutboundPorts: \"99999\""), "{err}");
         let no_servers = capture(&format!(r#"{base}{{"redirectDNS":true,"captureAllDNS":false}}}}"#), "");
         assert!(no_servers.unwrap_err().to_string().contains("resolv.conf"));
+    }
+
+    #[test]
+    fn unknown_entry_keys_are_refused_and_capture_keys_pointed_to_their_place() {
+        let parse = |extra: &str| NetConf::parse(format!(r#"{{"cniVersion":"1.0.0","name":"k8s",{extra}}}"#).as_bytes());
+        let misplaced = parse(r#""proxyPort":"15001""#).unwrap_err().to_string();
+        assert!(misplaced.contains(r#"unknown key "proxyPort" (capture settings go in the "capture" object)"#), "{misplaced}");
+        let typo = parse(r#""excludeNamespace":["kube-system"]"#).unwrap_err().to_string();
+        assert_eq!(typo, r#"invalid network configuration: unknown key "excludeNamespace""#);
+        let spec_keys = r#""type":"istio-capture-cni","args":{},"capabilities":{},"ipMasq":false,"ipam":{},"dns":{}"#;
+        assert!(parse(spec_keys).is_ok());
+    }
+
+    #[test]
+    fn the_declared_version_is_read_from_any_json_object() {
+        assert_eq!(declared_version(br#"{"cniVersion":"0.4.0","capture":"broken"}"#).as_deref(), Some("0.4.0"));
+        assert_eq!(declared_version(b"{not json"), None);
     }
 
     #[test]

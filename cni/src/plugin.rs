@@ -2,17 +2,18 @@
 //! capture-lib, in this process (no init container, no iptables process with nftables).
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use capture_lib::capture::{self, Operation, Request};
+use capture_lib::capture::{self, Backend, Operation, Report, Request};
 use capture_lib::config::CaptureConfig;
 use capture_lib::namespace::{self, NamespaceError};
 use capture_lib::Detail;
 use serde_json::Value;
 
-use crate::netconf::{CniArgs, NetConf, PodCapture, KEY_NAMES};
-use crate::protocol::{self, Command, Invocation, PluginError};
+use crate::netconf::{CniArgs, NetConf, PodCapture};
+use crate::protocol::{self, Invocation, PluginError};
 
 /// How long to wait for another run on the same namespace before answering "try again later".
 const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -32,51 +33,98 @@ pub fn describe(invocation: &Invocation, args: Option<&CniArgs>) -> String {
     out
 }
 
-/// Handles one invocation whose configuration has been read and parsed.
-pub fn handle(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<Reply, PluginError> {
+/// ADD: programs the capture, and passes the previous plugin's result on.
+pub fn add(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<Reply, PluginError> {
+    if let Some((config, backend, dual_stack)) = validate(invocation, conf, args)? {
+        let config = enter_pod(invocation, config, dual_stack)?;
+        let operation = Operation::Apply { reconcile: true, force: false };
+        let request = Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail: Detail::Outcome };
+        warn(capture::run(&request)?);
+    }
+    Ok(Some(passed_through(conf)))
+}
+
+/// CHECK: passes only when the namespace holds exactly the requested capture.
+pub fn check(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<Reply, PluginError> {
+    if !protocol::allows_check(&conf.cni_version) {
+        return Err(PluginError::CheckNotAllowed(conf.cni_version.clone()));
+    }
+    if let Some((config, backend, dual_stack)) = validate(invocation, conf, args)? {
+        let config = enter_pod(invocation, config, dual_stack)?;
+        capture::verify(&config, backend, LOCK_WAIT)?;
+    }
+    Ok(None)
+}
+
+/// Everything ADD and CHECK refuse, before any namespace is touched; `None` for a pod in an
+/// excluded namespace.
+fn validate(
+    invocation: &Invocation,
+    conf: &NetConf,
+    args: &CniArgs,
+) -> Result<Option<(CaptureConfig, Backend, bool)>, PluginError> {
     if !protocol::SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
         return Err(PluginError::Version(conf.cni_version.clone()));
     }
-    if invocation.command == Command::Check && !protocol::allows_check(&conf.cni_version) {
-        return Err(PluginError::CheckNotAllowed(conf.cni_version.clone()));
-    }
-    // Validate everything before touching the namespace, whatever the command.
     let pod = PodCapture::new(conf, args)?;
-    let config = pod.settings.capture_config(&KEY_NAMES)?;
-    let backend = pod.settings.backend(&KEY_NAMES)?;
-    let excluded = conf.exclude_namespaces.contains(&args.pod_namespace);
-    match invocation.command {
-        Command::Version => Ok(Some(protocol::version_info())),
-        Command::Add => {
-            if !excluded {
-                let config = enter_pod(invocation, config, pod.dual_stack)?;
-                let operation = Operation::Apply { reconcile: true, force: false };
-                let detail = Detail::Outcome;
-                let report = capture::run(&Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail })?;
-                for warning in report.warnings {
-                    eprintln!("istio-capture-cni: warning: {warning}");
-                }
-            }
-            Ok(Some(passed_through(conf)))
+    let (config, backend) = pod.config()?;
+    if conf.exclude_namespaces.contains(&args.pod_namespace) {
+        return Ok(None);
+    }
+    refuse_node_namespace(invocation.netns.as_deref().unwrap_or(Path::new("")))?;
+    Ok(Some((config, backend, pod.dual_stack)))
+}
+
+/// DEL: removes whatever capture of ours the pod's namespace holds, and succeeds when the
+/// namespace is gone. It reads no configuration at all: a runtime's DEL of a failed ADD, or of
+/// a pod whose node configuration broke since, carries the same broken configuration, and a
+/// failing DEL stops the runtime's teardown of the whole chain (IPs, host chains and veths of
+/// the plugins before us would leak). So nothing is taken from the settings, and every pod is
+/// cleaned, whatever `excludeNamespaces` says now (nothing of ours is in an excluded pod).
+pub fn delete(invocation: &Invocation) -> Result<Reply, PluginError> {
+    let Some(netns) = invocation.netns.as_deref() else {
+        return Ok(None);
+    };
+    // ADD never programs the node's namespace, so nothing there is ours: what is (an istio-iptables
+    // run on the node, another mesh's node rules) must survive a runtime's confused DEL. Refusing
+    // would stop the chain's teardown, so DEL leaves it alone and succeeds.
+    match is_node_namespace(netns) {
+        Ok(false) => {}
+        Ok(true) => {
+            eprintln!("istio-capture-cni: DEL: {} is the node's own network namespace: left alone", netns.display());
+            return Ok(None);
         }
-        Command::Del => {
-            if excluded || !enter_if_present(invocation)? {
-                return Ok(None);
-            }
-            // Whatever the pod's addresses now, remove IPv6 leftovers too if it has any.
-            let config = CaptureConfig { ipv6: namespace::uses_ipv6(true).unwrap_or(false), ..config };
-            let operation = Operation::Cleanup;
-            let request = Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail: Detail::Outcome };
-            capture::run(&request)?;
-            Ok(None)
+        Err(e) => {
+            eprintln!("istio-capture-cni: DEL: {e}: {} left alone", netns.display());
+            return Ok(None);
         }
-        Command::Check => {
-            if !excluded {
-                let config = enter_pod(invocation, config, pod.dual_stack)?;
-                capture::verify(&config, backend, LOCK_WAIT)?;
-            }
-            Ok(None)
-        }
+    }
+    if !enter_if_present(netns)? {
+        return Ok(None);
+    }
+    warn(capture::run(&cleanup_request())?);
+    Ok(None)
+}
+
+/// What DEL runs: capture-lib's cleanup finds every capture of ours by what it is (both
+/// backends' rules and chains, the TPROXY routing of any mark and table, `::6`), whatever
+/// settings made it, so the request's settings are mere defaults. Native nftables as the
+/// backend: where iptables cannot run (a node without it), nothing of it is looked for.
+fn cleanup_request() -> Request {
+    Request {
+        config: CaptureConfig::default(),
+        backend: Backend::Nftables,
+        operation: Operation::Cleanup,
+        dry_run: false,
+        lock_wait: LOCK_WAIT,
+        detail: Detail::Outcome,
+    }
+}
+
+/// What the user should know of a run that did not stop it, for the runtime's log.
+fn warn(report: Report) {
+    for warning in report.warnings {
+        eprintln!("istio-capture-cni: warning: {warning}");
     }
 }
 
@@ -87,9 +135,24 @@ fn passed_through(conf: &NetConf) -> Value {
     Value::Object(result)
 }
 
+/// Whether `netns` is the network namespace this process runs in: the node's, since runtimes
+/// run plugins from it. Namespaces are the same when their nsfs device and inode are. A path
+/// that cannot be read is not (entering it will say why).
+fn is_node_namespace(netns: &Path) -> Result<bool, PluginError> {
+    let own = std::fs::metadata("/proc/self/ns/net").map_err(PluginError::OwnNamespaceUnknown)?;
+    Ok(std::fs::metadata(netns).is_ok_and(|given| (given.dev(), given.ino()) == (own.dev(), own.ino())))
+}
+
+/// ADD and CHECK refuse the node's own namespace (code 7).
+fn refuse_node_namespace(netns: &Path) -> Result<(), PluginError> {
+    match is_node_namespace(netns)? {
+        true => Err(PluginError::NodeNamespace(netns.to_path_buf())),
+        false => Ok(()),
+    }
+}
+
 /// Moves this (single-threaded) process into the pod's namespace, and checks it may change it.
-fn enter(invocation: &Invocation) -> Result<(), PluginError> {
-    let netns = invocation.netns.as_deref().unwrap_or(Path::new(""));
+fn enter(netns: &Path) -> Result<(), PluginError> {
     namespace::enter(netns).map_err(PluginError::Namespace)?;
     namespace::require_net_admin().map_err(PluginError::Namespace)
 }
@@ -97,21 +160,16 @@ fn enter(invocation: &Invocation) -> Result<(), PluginError> {
 /// Enters the pod's namespace and completes `config` with what Istio reads there: whether the
 /// pod's addresses call for IPv6 rules.
 fn enter_pod(invocation: &Invocation, config: CaptureConfig, dual_stack: bool) -> Result<CaptureConfig, PluginError> {
-    enter(invocation)?;
+    enter(invocation.netns.as_deref().unwrap_or(Path::new("")))?;
     let ipv6 = namespace::uses_ipv6(dual_stack).map_err(PluginError::Namespace)?;
     Ok(CaptureConfig { ipv6, ..config })
 }
 
 /// For DEL: false when the namespace is already gone (nothing can be left in it).
-fn enter_if_present(invocation: &Invocation) -> Result<bool, PluginError> {
-    if invocation.netns.is_none() {
-        return Ok(false);
-    }
-    match enter(invocation) {
+fn enter_if_present(netns: &Path) -> Result<bool, PluginError> {
+    match enter(netns) {
         Ok(()) => Ok(true),
-        Err(PluginError::Namespace(NamespaceError::Open { source, .. }))
-            if source.kind() == io::ErrorKind::NotFound =>
-        {
+        Err(PluginError::Namespace(NamespaceError::Open { source, .. })) if source.kind() == io::ErrorKind::NotFound => {
             Ok(false)
         }
         // The path exists but is no namespace any more (an unmounted bind mount).

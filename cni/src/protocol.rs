@@ -120,6 +120,13 @@ pub enum PluginError {
     Setting(#[from] ConfigError),
     #[error("CNI_NETNS: {0}")]
     Namespace(NamespaceError),
+    #[error(
+        "CNI_NETNS {0} is this plugin's own network namespace, the node's: the capture is for pods, and in the \
+         node's namespace it would redirect the node's own traffic; refused"
+    )]
+    NodeNamespace(PathBuf),
+    #[error("cannot tell whether CNI_NETNS is the node's own network namespace: /proc/self/ns/net: {0}")]
+    OwnNamespaceUnknown(io::Error),
     #[error(transparent)]
     Capture(#[from] CaptureError),
 }
@@ -133,10 +140,9 @@ impl PluginError {
             PluginError::Stdin(_) => ErrorCode::Io,
             PluginError::Decode(_) => ErrorCode::Decode,
             PluginError::Version(_) | PluginError::CheckNotAllowed(_) => ErrorCode::IncompatibleVersion,
-            PluginError::Config(_) | PluginError::Setting(_) => ErrorCode::InvalidConfig,
-            PluginError::Namespace(NamespaceError::Open { .. } | NamespaceError::Enter { .. }) => {
-                ErrorCode::InvalidEnvironment
-            }
+            PluginError::Config(_) | PluginError::Setting(_) | PluginError::NodeNamespace(_) => ErrorCode::InvalidConfig,
+            PluginError::Namespace(NamespaceError::Open { .. } | NamespaceError::Enter { .. })
+            | PluginError::OwnNamespaceUnknown(_) => ErrorCode::InvalidEnvironment,
             PluginError::Namespace(NamespaceError::Busy(_))
             | PluginError::Capture(CaptureError::Namespace(NamespaceError::Busy(_))) => ErrorCode::TryAgainLater,
             PluginError::Namespace(_) | PluginError::Capture(_) => ErrorCode::Failed,

@@ -70,8 +70,8 @@ fuzz_target!(|data: &[u8]| {
     let _ = config::parse_number("n", value);
     let _ = config::parse_uids("u", value);
     let _ = config::parse_gids("g", value);
-    let _ = config::parse_owner_groups(Some(value), "");
-    let _ = config::parse_owner_groups(None, value);
+    let _ = config::parse_owner_groups(Some(value), "", false);
+    let _ = config::parse_owner_groups(None, value, true);
     let _ = config::parse_loopback_cidr(value);
-    let _ = config::parse_resolv_conf(value);
+    let _ = config::parse_resolv_conf(value.as_bytes());
 });

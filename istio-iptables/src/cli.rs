@@ -1,7 +1,7 @@
 //! Istio's istio-iptables command line: same long names, short letters, environment
 //! variables and defaults, turned into a typed capture request.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capture_lib::capture::{Backend, Operation, Request};
@@ -11,6 +11,7 @@ use capture_lib::settings::{SettingNames, Settings, DEFAULT_PROXY_UID};
 use capture_lib::validation::Probe;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Parser};
+use go_syntax::{parse_bool, parse_duration};
 
 use crate::log::LogFlags;
 
@@ -32,42 +33,6 @@ for pilot-agent, whose subcommand it is (args: [istio-iptables, -p, 15001, ...])
 Exit status: 0 done, 1 failure (nothing half-applied), 2 usage error, 126 validation failure.
 Example (the standard sidecar setup):
   istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x \"\" -b '*' -d 15090,15021,15020";
-
-/// Go's strconv.ParseBool, which Istio's flags and environment accept.
-fn go_bool(s: &str) -> Result<bool, String> {
-    match s {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
-        other => Err(format!("{other:?} is not a boolean (use true or false)")),
-    }
-}
-
-/// Go durations as Istio takes them: 5s, 500ms, 1m, 1m30s.
-fn go_duration(s: &str) -> Result<Duration, String> {
-    let err = || format!("{s:?} is not a duration (e.g. 5s, 500ms, 1m)");
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err(err());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit() && c != '.').ok_or_else(err)?;
-        let value: f64 = rest[..digits].parse().map_err(|_| err())?;
-        let unit_len = rest[digits..].find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len() - digits);
-        let scale = match &rest[digits..digits + unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(err()),
-        };
-        total += Duration::from_secs_f64(value * scale);
-        rest = &rest[digits + unit_len..];
-    }
-    Ok(total)
-}
 
 #[derive(Debug, Parser)]
 #[command(name = "istio-iptables", version, about = ABOUT, after_help = AFTER_HELP, args_override_self = true)]
@@ -123,66 +88,66 @@ pub struct Cli {
     pub istio_inbound_tproxy_route_table: String,
     /// Print what would be changed and change nothing.
     #[arg(short = 'n', long = "dry-run", env = "DRY_RUN", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub dry_run: bool,
     /// Original destination port the validation probe dials.
     #[arg(long, env = "IPTABLES_PROBE_PORT", default_value = "15002", value_name = "PORT")]
     pub iptables_probe_port: String,
     /// How long validation may take.
-    #[arg(long, env = "PROBE_TIMEOUT", default_value = "5s", value_parser = go_duration, value_name = "DURATION")]
+    #[arg(long, env = "PROBE_TIMEOUT", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub probe_timeout: Duration,
     /// Program nothing (validation only).
     #[arg(long = "skip-rule-apply", env = "SKIP_RULE_APPLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub skip_rule_apply: bool,
     /// After programming, prove that redirection works (exit 126 if not).
     #[arg(long = "run-validation", env = "RUN_VALIDATION", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub run_validation: bool,
     /// Capture DNS to the agent on port 15053 (overridden by ISTIO_META_DNS_CAPTURE).
     #[arg(long = "redirect-dns", env = "REDIRECT_DNS", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub redirect_dns: bool,
     /// Capture all port-53 traffic, not only traffic to the resolv.conf servers.
     #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub capture_all_dns: bool,
     /// Drop conntrack-INVALID packets (overridden by INVALID_DROP).
     #[arg(long = "drop-invalid", env = "DROP_INVALID", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub drop_invalid: bool,
     /// Program IPv6 whenever the pod has an IPv6 address (overridden by ISTIO_DUAL_STACK).
     #[arg(long = "dual-stack", env = "DUAL_STACK", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub dual_stack: bool,
     /// Network namespace to program (e.g. /proc/PID/ns/net or /var/run/netns/NAME): the tool enters it first.
     #[arg(long, env = "NETWORK_NAMESPACE", default_value = "", value_name = "PATH")]
     pub network_namespace: String,
     /// Running on behalf of a CNI plugin (accepted for compatibility).
     #[arg(long = "cni-mode", env = "CNI_MODE", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub cni_mode: bool,
     /// Replace drifted rules atomically instead of failing.
     #[arg(long = "reconcile", env = "RECONCILE", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub reconcile: bool,
     /// Remove everything this tool added, then stop.
     #[arg(long = "cleanup-only", env = "CLEANUP_ONLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub cleanup_only: bool,
     /// Rewrite the rules even when they look up to date.
     #[arg(long = "force-apply", env = "FORCE_APPLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub force_apply: bool,
     /// Use native nftables (netlink, one transaction) instead of iptables.
     #[arg(long = "native-nftables", env = "NATIVE_NFTABLES", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = go_bool)]
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub native_nftables: bool,
     /// iptables variant to use: legacy or nft [default: legacy only if it already holds rules, else nft].
     #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "", hide_default_value = true, value_name = "VARIANT")]
     pub force_iptables_binary: String,
     /// How long to wait for the xtables lock, or for another capture run on this namespace.
-    #[arg(long, env = "IPTABLES_LOCK_WAIT", default_value = "30s", value_parser = go_duration, value_name = "DURATION")]
+    #[arg(long, env = "IPTABLES_LOCK_WAIT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub iptables_lock_wait: Duration,
     #[command(flatten)]
     pub log: LogFlags,
@@ -195,6 +160,12 @@ pub enum UsageError {
     Config(#[from] ConfigError),
     #[error("{var}: {value:?} is not a boolean")]
     EnvBool { var: &'static str, value: String },
+    #[error(
+        "--redirect-dns captures DNS to the pod's own nameservers, read from its resolv.conf, and \
+         --network-namespace {0:?} leads to no process whose files hold it (a /proc/PID/ns/net path does): \
+         add --capture-all-dns to capture all DNS traffic, or give the namespace of a pod process as /proc/PID/ns/net"
+    )]
+    NoPodResolvConf(String),
 }
 
 /// A failure reading the environment Istio derives settings from.
@@ -220,7 +191,7 @@ impl Cli {
                 continue;
             }
             if let Ok(value) = std::env::var(var) {
-                *field = go_bool(&value).map_err(|_| UsageError::EnvBool { var, value })?;
+                *field = parse_bool(&value).map_err(|_| UsageError::EnvBool { var, value })?;
             }
         }
         Ok(())
@@ -278,13 +249,27 @@ impl Cli {
         Ok(self.settings().capture_config(&SettingNames::ISTIO_FLAGS)?)
     }
 
+    /// Where the pod's files are seen from here, when the pod's resolv.conf is needed (DNS
+    /// capture limited to its nameservers): from inside the pod, or through the process that
+    /// `--network-namespace /proc/PID/ns/net` names. Never the caller's own resolv.conf for
+    /// another namespace.
+    pub fn pod_root(&self) -> Result<Option<PathBuf>, UsageError> {
+        if !self.settings().needs_dns_servers() {
+            return Ok(None);
+        }
+        match namespace::pod_root(self.namespace_path().as_deref()) {
+            Some(root) => Ok(Some(root)),
+            None => Err(UsageError::NoPodResolvConf(self.network_namespace.clone())),
+        }
+    }
+
     /// The full request: the settings validated by [`Cli::capture_config`] plus what the
-    /// namespace itself tells (IP families, DNS servers), read as Istio reads them. Call after
-    /// entering the namespace.
-    pub fn request(&self, mut config: CaptureConfig, resolv_conf: &std::path::Path) -> Result<Request, SetupError> {
+    /// namespace itself tells (IP families, DNS servers under `pod_root`), read as Istio reads
+    /// them. Call after entering the namespace.
+    pub fn request(&self, mut config: CaptureConfig, pod_root: Option<&Path>) -> Result<Request, SetupError> {
         config.ipv6 = namespace::uses_ipv6(self.dual_stack)?;
-        if self.settings().needs_dns_servers() {
-            let (v4, v6) = namespace::dns_servers(resolv_conf)?;
+        if let Some(root) = pod_root {
+            let (v4, v6) = namespace::dns_servers(root)?;
             config.dns = DnsCapture::Servers { v4, v6 };
         }
         Ok(Request {
@@ -359,12 +344,26 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(go_duration("5s").unwrap(), Duration::from_secs(5));
-        assert_eq!(go_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(go_duration("250ms").unwrap(), Duration::from_millis(250));
-        assert!(go_duration("5").is_err());
-        assert!(go_duration("five").is_err());
+    fn durations_take_go_forms_and_overflow_is_a_usage_error() {
+        assert_eq!(parse(&["--probe-timeout", "1m30s"]).probe_timeout, Duration::from_secs(90));
+        assert_eq!(parse(&["--iptables-lock-wait", "250ms"]).iptables_lock_wait, Duration::from_millis(250));
+        for (flag, value) in [("--iptables-lock-wait", "4000000000000000h"), ("--probe-timeout", "99999999999999999999s")] {
+            let err = Cli::command().try_get_matches_from(["x", flag, value]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{err}");
+            assert!(err.to_string().contains("too long a duration"), "{err}");
+        }
+    }
+
+    #[test]
+    fn dns_servers_of_a_namespace_path_come_from_its_process_only() {
+        let root = |args: &[&str]| parse(args).pod_root().map(|r| r.map(|p| p.display().to_string()));
+        assert_eq!(root(&[]).unwrap(), None, "no DNS capture, no resolv.conf");
+        assert_eq!(root(&["--redirect-dns"]).unwrap().as_deref(), Some("/"));
+        let via_process = root(&["--redirect-dns", "--network-namespace", "/proc/7/ns/net"]).unwrap();
+        assert_eq!(via_process.as_deref(), Some("/proc/7/root"));
+        assert_eq!(root(&["--redirect-dns", "--capture-all-dns", "--network-namespace", "/run/netns/p"]).unwrap(), None);
+        let err = root(&["--redirect-dns", "--network-namespace", "/run/netns/p"]).unwrap_err().to_string();
+        assert!(err.contains("\"/run/netns/p\"") && err.contains("--capture-all-dns"), "{err}");
     }
 
     #[test]

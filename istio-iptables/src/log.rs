@@ -90,10 +90,6 @@ fn log_path(text: &str) -> Result<String, String> {
     Ok(text.to_string())
 }
 
-fn go_bool(text: &str) -> Result<bool, String> {
-    go_syntax::parse_bool(text).map_err(|e| e.to_string())
-}
-
 /// pilot-agent's global flags (pkg/log/options.go, pkg/log/klog.go), which Istio's injector
 /// may put after the `istio-iptables` subcommand. Each value is checked as pilot-agent checks it.
 #[derive(Debug, Args)]
@@ -108,7 +104,7 @@ pub struct LogFlags {
     pub log_output_level: Level,
     /// One JSON object per line with Istio's field names (level, time, caller, msg).
     #[arg(long = "log_as_json", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_value = "false",
-          default_missing_value = "true", value_parser = go_bool)]
+          default_missing_value = "true", value_parser = go_syntax::parse_bool)]
     pub log_as_json: bool,
     /// Where the log goes: stdout, stderr or a file (appended to, created if missing); repeat the
     /// flag for several. Istio's default is stdout; ours is stderr, so that stdout carries only

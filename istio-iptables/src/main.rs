@@ -8,7 +8,6 @@ mod log;
 mod report;
 
 use std::ffi::OsString;
-use std::path::Path;
 use std::process::ExitCode;
 
 use capture_lib::capture;
@@ -44,8 +43,9 @@ fn main() -> ExitCode {
         return fail(&log, EXIT_USAGE, &e);
     }
     // Refuse bad values before touching anything, even before entering the namespace.
-    let config = match cli.capture_config().and_then(|config| cli.validate_extras().map(|()| config)) {
-        Ok(config) => config,
+    let validated = cli.capture_config().and_then(|config| cli.validate_extras().map(|()| config));
+    let (config, pod_root) = match validated.and_then(|config| Ok((config, cli.pod_root()?))) {
+        Ok(valid) => valid,
         Err(e) => return fail(&log, EXIT_USAGE, &e),
     };
     if let Some(path) = cli.namespace_path() {
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
             return fail(&log, EXIT_FAILURE, &e);
         }
     }
-    let request = match cli.request(config, Path::new("/etc/resolv.conf")) {
+    let request = match cli.request(config, pod_root.as_deref()) {
         Ok(r) => r,
         Err(SetupError::Usage(e)) => return fail(&log, EXIT_USAGE, &e),
         Err(e) => return fail(&log, EXIT_FAILURE, &e),

@@ -143,9 +143,27 @@ impl Containerd {
             install.arg("--plugin-config").arg(file);
         }
         run_ok(&mut install);
+        self.wait_for_conflist();
+    }
+
+    /// Puts `entry` in the node's conflist in place of ours without the installer (which refuses
+    /// an entry the plugin would refuse), as a hand edit or another tool would, and waits until
+    /// containerd has loaded it.
+    pub fn write_plugin_entry(&self, entry: &Value) {
+        let path = self.conflist_path();
+        let mut list: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let plugins = list["plugins"].as_array_mut().expect("a plugins list");
+        plugins.retain(|plugin| plugin["type"] != "istio-capture-cni");
+        plugins.push(entry.clone());
+        write_by_rename(&path, list.to_string().as_bytes());
+        self.wait_for_conflist();
+    }
+
+    /// Waits until containerd reports the node's conflist as it is on disk.
+    fn wait_for_conflist(&self) {
         let written: Value = serde_json::from_slice(&std::fs::read(self.conflist_path()).unwrap()).unwrap();
         let cri = self.cri();
-        self.wait_for("containerd to load the chained conflist", || {
+        self.wait_for("containerd to load the node's conflist", || {
             let status = cri.status().ok()?;
             (status.condition("NetworkReady") && status.cni_conflists() == [written.clone()]).then_some(())
         });
@@ -338,14 +356,70 @@ impl Containerd {
 
     /// [`Containerd::leftovers`] once the kernel has had time to destroy the namespace.
     pub fn settled_leftovers(&self, footprint: &Footprint) -> Vec<String> {
-        let deadline = Instant::now() + NAMESPACE_TEARDOWN;
-        loop {
-            let left = self.leftovers(footprint);
-            if left.is_empty() || Instant::now() > deadline {
-                return left;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        settled(|| self.leftovers(footprint))
+    }
+
+    /// What any pod, running or not, left on the node: for a node that should have none, such
+    /// as after sandboxes that failed to start (no footprint can be read of those). Every
+    /// host-local reservation, every rule of the bridge plugin's per-pod `CNI-…` NAT chains,
+    /// every link but `lo` and the bridge (a pod's veth), every namespace mount under
+    /// containerd's directory, every sandbox the CRI lists, and every process but containerd
+    /// that names containerd's directory (shims, and through them the pods' processes, which
+    /// would hold their namespaces).
+    pub fn node_leftovers(&self) -> Vec<String> {
+        let mut left: Vec<String> =
+            self.ip_reservations().iter().map(|ip| format!("host-local's reservation of {ip}")).collect();
+        let nat = self.node.iptables_save(false);
+        left.extend(nat.lines().filter(|line| line.contains("CNI-")).map(|line| format!("node rule: {line}")));
+        let links = self.node.sh("ip -o link show");
+        left.extend(
+            links
+                .lines()
+                .filter_map(|line| line.split(": ").nth(1))
+                .map(|name| name.split('@').next().unwrap_or_default())
+                .filter(|name| !["lo", BRIDGE].contains(name))
+                .map(|name| format!("the node's link {name}")),
+        );
+        if let Ok(mounts) = std::fs::read_dir(self.netns_dir()) {
+            left.extend(mounts.filter_map(|mount| Some(format!("the namespace mount {}", mount.ok()?.path().display()))));
         }
+        let sandboxes = self.cri().list_pod_sandbox(None).expect("ListPodSandbox");
+        left.extend(sandboxes.iter().map(|sandbox| format!("the sandbox {}", sandbox.id)));
+        left.extend(self.processes_naming_its_directory().into_iter().map(|process| format!("the process {process}")));
+        left
+    }
+
+    /// [`Containerd::node_leftovers`] once the kernel has had time to destroy the namespaces.
+    pub fn settled_node_leftovers(&self) -> Vec<String> {
+        settled(|| self.node_leftovers())
+    }
+
+    /// `PID: command line` of every process but the daemon whose command line names this
+    /// node's directory (containerd's shims are given its socket's path).
+    fn processes_naming_its_directory(&self) -> Vec<String> {
+        let dir = self.dir.display().to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+        entries
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|&pid| pid != self.daemon.id())
+            .filter_map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                cmdline.contains(&dir).then(|| format!("{pid}: {}", cmdline.trim_end()))
+            })
+            .collect()
+    }
+}
+
+/// What `left` finds once it finds nothing, or at [`NAMESPACE_TEARDOWN`].
+fn settled(left: impl Fn() -> Vec<String>) -> Vec<String> {
+    let deadline = Instant::now() + NAMESPACE_TEARDOWN;
+    loop {
+        let found = left();
+        if found.is_empty() || Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

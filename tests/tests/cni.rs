@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use capture_tests::{release_bin, require_netns, run_ok, unique, Pod};
+use capture_tests::{release_bin, require_netns, run_ok, unique, Pod, SEED_ARGS};
 use serde_json::{json, Value};
 
 const PLUGIN_DIR: &str = "/usr/lib/cni";
@@ -43,16 +43,23 @@ impl Node {
 
     /// Runs a plugin from the node's namespace as a runtime would.
     fn exec(&self, plugin: &Path, command: &str, pod: &Pod, conf: &Value, args: &str) -> Output {
+        let mut cmd = self.runtime_cmd(plugin, command, &format!("/var/run/netns/{}", pod.name), args);
+        cmd.env("CNI_CONTAINERID", format!("container-{}", pod.name));
+        piped(&mut cmd, conf)
+    }
+
+    /// The command a runtime runs, in the node's namespace, for a container whose namespace is `netns`.
+    fn runtime_cmd(&self, plugin: &Path, command: &str, netns: &str, args: &str) -> Command {
         let mut cmd = self.ns.cmd(plugin);
         cmd.env_clear()
             .env("PATH", host_path())
             .env("CNI_COMMAND", command)
-            .env("CNI_CONTAINERID", format!("container-{}", pod.name))
-            .env("CNI_NETNS", format!("/var/run/netns/{}", pod.name))
+            .env("CNI_CONTAINERID", "container-1")
+            .env("CNI_NETNS", netns)
             .env("CNI_IFNAME", "eth0")
             .env("CNI_PATH", PLUGIN_DIR)
             .env("CNI_ARGS", args);
-        piped(&mut cmd, conf)
+        cmd
     }
 
     /// ADD of the bridge plugin alone; returns its result.
@@ -104,8 +111,12 @@ fn host_path() -> String {
 }
 
 fn piped(cmd: &mut Command, stdin: &Value) -> Output {
+    piped_text(cmd, &stdin.to_string())
+}
+
+fn piped_text(cmd: &mut Command, stdin: &str) -> Output {
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
-    child.stdin.take().unwrap().write_all(stdin.to_string().as_bytes()).unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -267,6 +278,79 @@ fn del_is_idempotent_and_tolerates_a_missing_namespace() {
     assert_ok(&piped(&mut cmd, &json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni" })));
 }
 
+/// Configurations the plugin refuses, as the runtime hands them over: a bad value, an unknown
+/// capture key, a capture key outside `capture` (each code 7 naming the key), a `capture` and a
+/// `runtimeConfig` that are no objects (code 7), and undecodable JSON (code 6).
+const BROKEN_CONFS: [(&str, u32, &str); 6] = [
+    (r#"{"cniVersion":"1.0.0","name":"capnet","type":"istio-capture-cni","capture":{"proxyPort":"70000"}}"#, 7, "proxyPort"),
+    (r#"{"cniVersion":"1.0.0","name":"capnet","type":"istio-capture-cni","capture":{"inboundPort":"80"}}"#, 7, "inboundPort"),
+    (r#"{"cniVersion":"1.0.0","name":"capnet","type":"istio-capture-cni","proxyUID":"1337"}"#, 7, "proxyUID"),
+    (r#"{"cniVersion":"1.0.0","name":"capnet","type":"istio-capture-cni","capture":["nativeNftables"]}"#, 7, "capture"),
+    (r#"{"cniVersion":"0.4.0","name":"capnet","type":"istio-capture-cni","runtimeConfig":"x"}"#, 7, "runtimeConfig"),
+    (r#"{"cniVersion":"1.0.0","name":"capnet","type":"istio-capture-cni","capture":{"#, 6, "decode"),
+];
+
+/// DEL reads no configuration: with any of the broken ones above (which ADD refuses) it still
+/// removes the capture an earlier, good configuration programmed, whichever backend and mode,
+/// and succeeds, so that the runtime goes on to tear down the rest of the chain.
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn del_with_a_broken_configuration_removes_the_capture_and_succeeds() {
+    require_netns!();
+    let (node, pod, prev) = node_with_pod();
+    // TPROXY routing of other marks and tables than Istio's too: DEL cannot know them.
+    let good = [
+        json!({ "nativeNftables": true, "redirectDNS": true }),
+        json!({ "interceptionMode": "TPROXY", "forceIptablesBinary": host_iptables_variant() }),
+        json!({ "interceptionMode": "TPROXY", "tproxyMark": "1338", "tproxyRouteTable": "134", "nativeNftables": true }),
+    ];
+    for (i, (broken, code, key)) in BROKEN_CONFS.into_iter().enumerate() {
+        let netns = format!("/var/run/netns/{}", pod.name);
+        let refused = cni_error(&piped_text(&mut node.runtime_cmd(&release_bin("istio-capture-cni"), "ADD", &netns, ""), broken));
+        assert_eq!(refused["code"], code, "ADD {broken}: {refused}");
+        assert!(refused["msg"].as_str().unwrap().contains(key), "ADD {broken}: {refused}");
+
+        let capture = good[i % good.len()].clone();
+        assert_ok(&node.capture("ADD", &pod, capture.clone(), Some(&prev), ""));
+        assert!(!pod.nft_ruleset().is_empty() || !pod.rules(false).is_empty(), "{capture} programmed nothing");
+        assert_ok(&piped_text(&mut node.runtime_cmd(&release_bin("istio-capture-cni"), "DEL", &netns, ""), broken));
+        let ruleset = pod.nft_ruleset();
+        assert!(!ruleset.to_lowercase().contains("istio"), "DEL with {broken} left nftables rules:\n{ruleset}");
+        assert!(pod.rules(false).iter().all(|r| !r.contains("ISTIO")), "DEL with {broken} left {:?}", pod.rules(false));
+        let routing = pod.sh("ip rule show; ip route show table all");
+        assert!(!routing.contains("lookup 13") && !routing.contains("table 13"), "DEL with {broken} left:\n{routing}");
+    }
+}
+
+/// `CNI_NETNS` naming the plugin's own namespace (the node's), by any path: ADD and CHECK refuse
+/// it with code 7 before touching anything; DEL leaves it alone and succeeds (refusing would stop
+/// the runtime's teardown of the chain, and nothing there is ours: ADD never programs it). The
+/// node's own capture-like rules (istio-iptables run on the node) are untouched throughout.
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn the_node_namespace_is_refused_by_add_and_check_and_left_alone_by_del() {
+    require_netns!();
+    let node = Node { ns: Pod::with_address("10.76.0.1/24"), ipam_dir: std::env::temp_dir().join(unique("cni-ipam")) };
+    run_ok(node.ns.cmd(release_bin("istio-iptables")).args(SEED_ARGS).arg("--native-nftables"));
+    let state = || (node.ns.nft_ruleset(), node.ns.iptables_save(false), node.ns.sh("ip rule show; ip route show table all"));
+    let before = state();
+    assert!(before.0.contains("istio-proxy-nat"), "{}", before.0);
+    let conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "capture": { "nativeNftables": true } });
+    let plugin = release_bin("istio-capture-cni");
+    let paths = [format!("/var/run/netns/{}", node.ns.name), format!("/proc/{}/ns/net", node.ns.pid()), "/proc/self/ns/net".into()];
+    for netns in &paths {
+        for command in ["ADD", "CHECK"] {
+            let refused = cni_error(&piped(&mut node.runtime_cmd(&plugin, command, netns, ""), &conf));
+            assert_eq!(refused["code"], 7, "{command} {netns}: {refused}");
+            assert!(refused["msg"].as_str().unwrap().contains("own network namespace, the node's"), "{refused}");
+        }
+        let del = piped(&mut node.runtime_cmd(&plugin, "DEL", netns, ""), &conf);
+        assert_ok(&del);
+        assert!(text(&del.stderr).contains("the node's own network namespace: left alone"), "{}", text(&del.stderr));
+    }
+    assert!(state() == before, "the node's namespace was changed");
+}
+
 /// Another run holding the namespace (its lock, an flock on the namespace itself) makes ADD
 /// answer "try again later" once the plugin's wait (10 s) is over.
 #[test]
@@ -403,45 +487,210 @@ fn bad_input_gives_cni_errors_with_the_spec_codes() {
     assert_eq!(bad_args["code"], 4, "{bad_args}");
 }
 
+/// Run by people (no `CNI_COMMAND`), the plugin answers `--help` and `--version`; with
+/// `CNI_COMMAND` set it is the plugin, whatever its arguments.
 #[test]
-fn installer_ships_the_plugin_with_its_libraries_and_chains_it() {
-    let root = std::env::temp_dir().join(unique("cni-install"));
-    let (bin, conf) = (root.join("bin"), root.join("net.d"));
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::create_dir_all(&conf).unwrap();
-    let list = conf.join("10-capnet.conflist");
-    std::fs::write(&list, r#"{"cniVersion":"1.0.0","name":"capnet","plugins":[{"type":"bridge","bridge":"cni0"}]}"#)
-        .unwrap();
-    let install = || {
-        run_ok(
-            Command::new(release_bin("istio-capture-cni"))
-                .arg("install")
-                .arg("--cni-bin-dir")
-                .arg(&bin)
-                .arg("--cni-conf-dir")
-                .arg(&conf),
-        )
-    };
-    let first = install();
+fn help_and_version_are_answered_and_a_cni_command_still_wins() {
+    let plugin = release_bin("istio-capture-cni");
+    let help = text(&run_ok(Command::new(&plugin).env_remove("CNI_COMMAND").arg("--help")).stdout);
+    for word in ["CNI_COMMAND", "install", "uninstall"] {
+        assert!(help.contains(word), "--help does not mention {word}:\n{help}");
+    }
+    let version = text(&run_ok(Command::new(&plugin).env_remove("CNI_COMMAND").arg("--version")).stdout);
+    assert!(version.starts_with(&format!("istio-capture-cni {}", env!("CARGO_PKG_VERSION"))), "{version}");
+    assert!(version.contains("1.0.0"), "--version names the CNI versions: {version}");
+    let install_help = text(&run_ok(Command::new(&plugin).args(["install", "--help"])).stdout);
+    assert!(install_help.contains("--uninstall-on-exit"), "{install_help}");
+
+    let as_plugin = Command::new(&plugin).env_clear().env("CNI_COMMAND", "VERSION").arg("--help").output().unwrap();
+    assert_ok(&as_plugin);
+    let info: Value = serde_json::from_slice(&as_plugin.stdout).expect("the CNI VERSION reply");
+    assert_eq!(info["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0"]));
+}
+
+/// A node's primary CNI configuration, with keys in an order of its own and nested values.
+const PRIMARY_CONFLIST: &str = r#"{"name":"capnet","cniVersion":"1.0.0","plugins":[{"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":true,"ipam":{"type":"host-local","ranges":[[{"subnet":"10.85.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}]}},{"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+
+/// A node's CNI directories as the installer's container sees them, holding the primary CNI's
+/// conflist and binary; removed on drop.
+struct CniDirs {
+    root: PathBuf,
+    bin: PathBuf,
+    conf: PathBuf,
+    list: PathBuf,
+}
+
+impl CniDirs {
+    fn new() -> CniDirs {
+        let root = std::env::temp_dir().join(unique("cni-install"));
+        let (bin, conf) = (root.join("bin"), root.join("net.d"));
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(bin.join("bridge"), "the primary CNI's plugin").unwrap();
+        let list = conf.join("10-capnet.conflist");
+        std::fs::write(&list, PRIMARY_CONFLIST).unwrap();
+        CniDirs { root, bin, conf, list }
+    }
+
+    /// `istio-capture-cni SUBCOMMAND --cni-bin-dir ... --cni-conf-dir ...`
+    fn installer(&self, subcommand: &str) -> Command {
+        let mut cmd = Command::new(release_bin("istio-capture-cni"));
+        cmd.arg(subcommand).arg("--cni-bin-dir").arg(&self.bin).arg("--cni-conf-dir").arg(&self.conf);
+        cmd
+    }
+
+    fn list(&self) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(&self.list).unwrap()).unwrap()
+    }
+
+    /// The files of the bin directory, by name.
+    fn binaries(&self) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&self.bin).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    }
+
+    /// Whether the conflist is the primary CNI's again: the same JSON, keys in the same order.
+    fn list_is_the_primary_one(&self) -> bool {
+        // Compared as text: `Value`'s equality ignores the order of keys.
+        let primary: Value = serde_json::from_str(PRIMARY_CONFLIST).unwrap();
+        serde_json::to_string(&self.list()).unwrap() == serde_json::to_string(&primary).unwrap()
+    }
+}
+
+impl Drop for CniDirs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[test]
+fn installer_ships_the_static_plugin_alone_and_chains_it() {
+    let dirs = CniDirs::new();
+    let first = run_ok(&mut dirs.installer("install"));
     assert!(text(&first.stderr).contains("chained istio-capture-cni"), "{}", text(&first.stderr));
-    let second = install();
+    let second = run_ok(&mut dirs.installer("install"));
     assert!(text(&second.stderr).is_empty(), "a second install changes nothing: {}", text(&second.stderr));
 
-    let chained: Value = serde_json::from_str(&std::fs::read_to_string(&list).unwrap()).unwrap();
-    let plugins = chained["plugins"].as_array().unwrap();
-    assert_eq!(plugins.len(), 2);
-    assert_eq!(plugins[0]["type"], "bridge");
-    assert_eq!(plugins[1]["type"], "istio-capture-cni");
-    assert_eq!(plugins[1]["capture"]["nativeNftables"], true);
+    let plugins = dirs.list()["plugins"].as_array().unwrap().clone();
+    let types: Vec<&Value> = plugins.iter().map(|p| &p["type"]).collect();
+    assert_eq!(types, ["bridge", "portmap", "istio-capture-cni"]);
+    assert_eq!(plugins[2]["capture"]["nativeNftables"], true);
 
-    // The installed plugin loads the shipped libraries, whatever the node has.
-    let installed = bin.join("istio-capture-cni");
+    // One static file: it runs on any node, whatever libraries the node has.
+    assert_eq!(dirs.binaries(), ["bridge", "istio-capture-cni"]);
+    let installed = dirs.bin.join("istio-capture-cni");
     let ldd = text(&run_ok(Command::new("ldd").arg(&installed)).stdout);
-    for lib in ["libnftnl.so.11", "libmnl.so.0"] {
-        let line = ldd.lines().find(|l| l.contains(lib)).unwrap_or_else(|| panic!("{lib} not linked:\n{ldd}"));
-        assert!(line.contains("istio-capture-cni.libs"), "{lib} not taken from the shipped copy: {line}");
-    }
+    assert!(ldd.contains("statically linked"), "the installed plugin is not static:\n{ldd}");
     let version = run_ok(Command::new(&installed).env_clear().env("CNI_COMMAND", "VERSION"));
     assert!(text(&version.stdout).contains("supportedVersions"));
-    std::fs::remove_dir_all(&root).unwrap();
+}
+
+/// The installer validates its entry with the plugin's own parser, as the runtime will hand it
+/// over: what the plugin would refuse at every ADD is refused, naming the key, and nothing is
+/// installed or chained.
+#[test]
+fn installer_refuses_an_entry_the_plugin_would_refuse_and_installs_nothing() {
+    let dirs = CniDirs::new();
+    let entries = [
+        (json!({ "type": "istio-capture-cni", "capture": { "proxyPort": "70000" } }), "proxyPort: \"70000\""),
+        (json!({ "type": "istio-capture-cni", "proxyPort": "15001" }), "unknown key \"proxyPort\""),
+        (json!({ "type": "istio-capture-cni", "capture": { "inboundPort": "80" } }), "unknown setting \"inboundPort\""),
+        (json!({ "type": "istio-capture-cni", "excludeNamespaces": "kube-system" }), "excludeNamespaces"),
+        (json!({ "type": "istio-capture-cni", "capture": { "interceptionMode": "TPROXY", "tproxyMark": "0" } }), "tproxyMark"),
+    ];
+    let file = dirs.root.join("plugin.json");
+    for (entry, named) in entries {
+        std::fs::write(&file, entry.to_string()).unwrap();
+        let out = dirs.installer("install").arg("--plugin-config").arg(&file).output().unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{entry}: {stderr}");
+        assert!(stderr.contains(named) && stderr.contains("not installed"), "{entry}: {stderr}");
+        assert_eq!(std::fs::read_to_string(&dirs.list).unwrap(), PRIMARY_CONFLIST, "{entry} was chained");
+        assert_eq!(dirs.binaries(), ["bridge"], "{entry}: the plugin was installed");
+    }
+}
+
+/// `uninstall` takes our entry out of every conflist (the rest keeps its meaning and key order)
+/// and removes our binary, nothing else; a second run has nothing to do.
+#[test]
+fn uninstall_takes_out_our_entry_and_binary_and_leaves_the_rest() {
+    let dirs = CniDirs::new();
+    run_ok(&mut dirs.installer("install"));
+    // A list our entry was chained into before another came first.
+    let older = dirs.conf.join("20-older.conflist");
+    let older_list = json!({ "cniVersion": "0.4.0", "name": "older",
+                             "plugins": [{ "type": "ptp" }, { "type": "istio-capture-cni", "capture": {} }] });
+    std::fs::write(&older, older_list.to_string()).unwrap();
+
+    let out = run_ok(&mut dirs.installer("uninstall"));
+    let said = text(&out.stderr);
+    assert!(said.contains("removed istio-capture-cni from") && said.contains("20-older.conflist"), "{said}");
+    assert!(dirs.list_is_the_primary_one(), "{}", dirs.list());
+    let older_now: Value = serde_json::from_str(&std::fs::read_to_string(&older).unwrap()).unwrap();
+    assert_eq!(older_now, json!({ "cniVersion": "0.4.0", "name": "older", "plugins": [{ "type": "ptp" }] }));
+    assert_eq!(dirs.binaries(), ["bridge"]);
+
+    let again = run_ok(&mut dirs.installer("uninstall"));
+    assert!(again.stderr.is_empty(), "a second uninstall changes nothing: {}", text(&again.stderr));
+}
+
+/// The installer as a DaemonSet runs it: PID 1 of its own PID namespace (which gets no signal it
+/// has no handler for), with `--watch`. SIGTERM ends it promptly; it says what it leaves in
+/// place, or, with `--uninstall-on-exit`, uninstalls first.
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn the_installer_as_pid_1_exits_on_sigterm_leaving_or_uninstalling() {
+    require_netns!();
+    for uninstall_on_exit in [false, true] {
+        let dirs = CniDirs::new();
+        let mut installer = dirs.installer("install");
+        installer.args(["--watch", "1"]);
+        if uninstall_on_exit {
+            installer.arg("--uninstall-on-exit");
+        }
+        let mut unshare = Command::new("unshare");
+        unshare.args(["--pid", "--fork"]).arg(installer.get_program()).args(installer.get_args());
+        let mut child = unshare.stdin(Stdio::null()).stderr(Stdio::piped()).spawn().expect("unshare");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dirs.list()["plugins"].as_array().unwrap().iter().any(|p| p["type"] == "istio-capture-cni") {
+            assert!(Instant::now() < deadline, "the installer never chained its entry");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap();
+        let pid: i32 = children.split_whitespace().next().expect("unshare's child").parse().unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap().to_string();
+        assert!(nspid.ends_with("\t1"), "the installer is not PID 1 of its namespace: {nspid}");
+
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let exit = loop {
+            if let Some(exit) = child.try_wait().unwrap() {
+                break exit;
+            }
+            if Instant::now() > deadline {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = child.wait();
+                panic!("the installer ignored SIGTERM as PID 1");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut said = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut said).unwrap();
+        assert!(exit.success(), "{exit}: {said}");
+        assert!(said.contains("SIGTERM"), "{said}");
+        if uninstall_on_exit {
+            assert!(said.contains("removed istio-capture-cni from"), "{said}");
+            assert!(dirs.list_is_the_primary_one(), "{}", dirs.list());
+            assert_eq!(dirs.binaries(), ["bridge"]);
+        } else {
+            let left = said.lines().find(|l| l.contains("left in place")).unwrap_or_else(|| panic!("{said}"));
+            assert!(left.contains(&dirs.bin.join("istio-capture-cni").display().to_string()), "{left}");
+            assert!(left.contains(&dirs.list.display().to_string()), "{left}");
+            assert_eq!(dirs.binaries(), ["bridge", "istio-capture-cni"]);
+            assert!(!dirs.list_is_the_primary_one(), "the entry must stay");
+        }
+    }
 }

@@ -8,6 +8,7 @@
 use capture_tests::containerd::{Containerd, Footprint, RunningPod};
 use capture_tests::cri::{pod_sandbox_config, CriClient};
 use capture_tests::{release_bin, require_netns, run_ok, Pod};
+use serde_json::json;
 
 /// What the installer's default entry asks for, as istio-iptables flags: Istio CNI's defaults
 /// (every inbound port and outbound range, 15020 excluded outbound; 15020, 15021 and 15090
@@ -105,4 +106,71 @@ fn a_pod_in_an_excluded_namespace_gets_nothing_programmed() {
     assert!(sandbox.rules(false).is_empty() && sandbox.rules(true).is_empty(), "{:?}", sandbox.rules(false));
     drop(sandbox);
     stop_and_remove_leaving_nothing(&containerd, &cri, &footprint);
+}
+
+/// Node configurations the plugin refuses, each with the key its error must name: a bad value,
+/// an unknown capture key, a capture key outside `capture`, a `capture` that is no object.
+fn broken_entries() -> [(serde_json::Value, &'static str); 4] {
+    [
+        (json!({ "type": "istio-capture-cni", "capture": { "proxyPort": "70000" } }), "proxyPort"),
+        (json!({ "type": "istio-capture-cni", "capture": { "inboundPort": "80" } }), "inboundPort"),
+        (json!({ "type": "istio-capture-cni", "excludeInboundPorts": "8081" }), "excludeInboundPorts"),
+        (json!({ "type": "istio-capture-cni", "capture": "REDIRECT" }), "capture"),
+    ]
+}
+
+/// A broken node configuration fails every pod at RunPodSandbox, naming the key, and the
+/// runtime's teardown of each failed attempt (DEL of the whole chain, with the same broken
+/// configuration) leaves nothing: before DEL stopped reading the configuration, our failing DEL
+/// stopped the teardown, and each attempt leaked its IP and its `CNI-…` chain.
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn a_broken_node_config_fails_pods_and_20_attempts_leave_nothing_behind() {
+    require_netns!();
+    let containerd = Containerd::start(None);
+    let cri = containerd.cri();
+    let mut attempts = 0;
+    for (entry, key) in broken_entries() {
+        containerd.write_plugin_entry(&entry);
+        for _ in 0..5 {
+            attempts += 1;
+            let name = format!("broken-{attempts}");
+            let error = containerd.run_pod(&cri, &pod_sandbox_config(&name, "shop")).expect_err("a pod started").to_string();
+            assert!(error.contains("istio-capture-cni") && error.contains(key), "{entry}: the error does not name {key}: {error}");
+        }
+    }
+    assert_eq!(attempts, 20);
+    assert_eq!(containerd.settled_node_leftovers(), Vec::<String>::new());
+}
+
+/// A pod captured under a good configuration stops and is removed cleanly after the node's
+/// configuration broke: DEL, given the broken configuration, still removes the capture (here
+/// the iptables backend's TPROXY rules, and routing by a mark and table of the configuration's
+/// own, which DEL cannot read) and succeeds, so the chain's teardown runs.
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn a_captured_pod_stops_and_is_removed_cleanly_after_the_node_config_broke() {
+    require_netns!();
+    let capture = json!({ "interceptionMode": "TPROXY", "tproxyMark": "1338", "tproxyRouteTable": "134" });
+    let entry = json!({ "type": "istio-capture-cni", "capture": capture });
+    let containerd = Containerd::start(Some(&entry));
+    let cri = containerd.cri();
+    let pod = run_pod(&containerd, &cri, "web-1", "shop");
+    let footprint = containerd.footprint(&pod);
+    let sandbox = Pod::hold(&pod.netns);
+    assert!(sandbox.rules(false).iter().any(|rule| rule.contains("-j TPROXY")), "{:?}", sandbox.rules(false));
+    assert!(sandbox.sh("ip rule show").contains("fwmark 0x53a lookup 134"), "{}", sandbox.sh("ip rule show"));
+
+    let [bad_value, .., not_an_object] = broken_entries();
+    containerd.write_plugin_entry(&bad_value.0);
+    cri.stop_pod_sandbox(&pod.id).expect("StopPodSandbox with a broken node configuration");
+    assert!(sandbox.rules(false).is_empty() && sandbox.rules(true).is_empty(), "{:?}", sandbox.rules(false));
+    assert_eq!(sandbox.nft_ruleset(), "", "DEL left rules or tables in the pod's namespace");
+    let routing = sandbox.sh("ip rule show; ip route show table all");
+    assert!(!routing.contains("lookup 134") && !routing.contains("table 134"), "DEL left the TPROXY routing:\n{routing}");
+    drop(sandbox);
+    containerd.write_plugin_entry(&not_an_object.0);
+    cri.remove_pod_sandbox(&pod.id).expect("RemovePodSandbox with a broken node configuration");
+    assert_eq!(containerd.settled_leftovers(&footprint), Vec::<String>::new());
+    assert_eq!(containerd.settled_node_leftovers(), Vec::<String>::new());
 }

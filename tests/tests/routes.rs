@@ -80,9 +80,9 @@ fn dual_stack_tproxy_adds_each_entry_once_and_remove_restores_the_namespace() {
     in_pod(&pod, || routes::apply(&plan)).expect("second apply");
     assert_eq!(routing_state(&pod, 133), applied, "a second apply changes nothing");
 
-    in_pod(&pod, || routes::remove(&plan)).expect("remove");
+    in_pod(&pod, routes::remove_ours).expect("remove");
     assert_eq!(routing_state(&pod, 133), before, "remove restores the namespace");
-    in_pod(&pod, || routes::remove(&plan)).expect("second remove");
+    in_pod(&pod, routes::remove_ours).expect("second remove");
     assert_eq!(routing_state(&pod, 133), before);
 }
 
@@ -99,7 +99,7 @@ fn redirect_with_ipv6_adds_only_a_reachable_passthrough_address() {
     assert_eq!(pod.sh("ip rule show; ip -6 rule show"), rules_before, "REDIRECT needs no policy routing");
     pod.sh("ping -6 -c1 -W2 ::6 >/dev/null");
 
-    in_pod(&pod, || routes::remove(&plan)).expect("remove");
+    in_pod(&pod, routes::remove_ours).expect("remove");
     assert_eq!(count(&ip(&pod, "-6 addr show dev lo"), "::6/128"), 0);
 }
 
@@ -121,7 +121,7 @@ fn ipv6_disabled_namespace_is_reported_after_ipv4_routing_is_in_place() {
         assert_eq!(count(&ip(&pod, "route show table 133"), "local default dev lo"), 1, "IPv4 route ({knob})");
         assert_eq!(count(&ip(&pod, "-6 rule show"), OUR_RULE), 0, "no IPv6 rule ({knob})");
 
-        in_pod(&pod, || routes::remove(&plan)).expect("remove with IPv6 disabled");
+        in_pod(&pod, routes::remove_ours).expect("remove with IPv6 disabled");
         assert_eq!(count(&ip(&pod, "rule show"), OUR_RULE), 0);
         assert_eq!(ip(&pod, "route show table 133"), "");
     }
@@ -141,7 +141,7 @@ fn duplicates_left_by_another_tool_are_not_added_to_and_all_removed() {
     assert_eq!(count(&ip(&pod, "rule show"), OUR_RULE), 2, "no third copy");
     assert_eq!(ip(&pod, "route show table 133").lines().count(), 1);
 
-    in_pod(&pod, || routes::remove(&plan)).expect("remove");
+    in_pod(&pod, routes::remove_ours).expect("remove");
     assert_eq!(count(&ip(&pod, "rule show"), OUR_RULE), 0, "every copy removed");
     assert_eq!(ip(&pod, "route show table 133"), "");
 }
@@ -151,10 +151,12 @@ fn duplicates_left_by_another_tool_are_not_added_to_and_all_removed() {
 fn entries_that_are_not_ours_are_left_alone() {
     require_netns!();
     let pod = Pod::new();
-    pod.sh("ip rule add fwmark 1337 iif eth0 lookup 133 && ip rule add fwmark 1338 lookup 133 && \
+    // A rule that also matches an input interface, rules to tables without a TPROXY route, other
+    // routes in our table and another address on lo are someone else's.
+    pod.sh("ip rule add fwmark 1337 iif eth0 lookup 133 && ip rule add fwmark 1338 lookup 134 && \
          ip -6 rule add fwmark 1337 lookup 134 && ip route add local 10.0.0.0/8 dev lo table 133 && \
          ip -6 route add local fd00::/8 dev lo table 133 && ip -6 addr add ::7/128 dev lo");
-    let before = routing_state(&pod, 133);
+    let before = routing_state(&pod, 133) + &routing_state(&pod, 134);
     let plan = RoutePlan::for_config(&tproxy_config(true));
 
     in_pod(&pod, || routes::apply(&plan)).expect("apply");
@@ -162,8 +164,8 @@ fn entries_that_are_not_ours_are_left_alone() {
     assert_eq!(count(&ip(&pod, "-6 rule show"), OUR_RULE), 1);
     assert_eq!(count(&ip(&pod, "route show table 133"), "local default dev lo"), 1);
 
-    in_pod(&pod, || routes::remove(&plan)).expect("remove");
-    assert_eq!(routing_state(&pod, 133), before, "only our entries went");
+    in_pod(&pod, routes::remove_ours).expect("remove");
+    assert_eq!(routing_state(&pod, 133) + &routing_state(&pod, 134), before, "only our entries went");
 }
 
 #[test]
@@ -178,9 +180,44 @@ fn tables_above_255_and_other_marks_work() {
         assert_eq!(count(&pod.sh("ip rule show; ip -6 rule show"), "fwmark 0x2a lookup 1000"), 2);
         assert_eq!(count(&pod.sh("ip route show table 1000; ip -6 route show table 1000"), "local default dev lo"), 2);
     }
-    in_pod(&pod, || routes::remove(&plan)).expect("remove");
+    in_pod(&pod, routes::remove_ours).expect("remove");
     assert_eq!(count(&pod.sh("ip rule show; ip -6 rule show"), "lookup 1000"), 0);
     assert_eq!(pod.sh("ip route show table 1000; ip -6 route show table 1000"), "");
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn what_earlier_runs_with_any_mark_and_table_added_is_found_and_removed() {
+    require_netns!();
+    let pod = Pod::new();
+    let before = routing_state(&pod, 70) + &routing_state(&pod, 133);
+    for (mark, table) in [(7, 70), (1337, 133)] {
+        let plan = RoutePlan { passthrough_v6: true, tproxy: Some(TproxyRouting { mark, table, ipv6: true }) };
+        in_pod(&pod, || routes::apply(&plan)).expect("apply");
+    }
+    // What a run killed between its two removals leaves: a route no rule leads to.
+    pod.sh("ip -6 rule del fwmark 7 lookup 70");
+    let found: Vec<String> = in_pod(&pod, routes::ours).expect("look").iter().map(|f| f.removal()).collect();
+    let kind = |line: &String| ["rule", "route", "addr"].iter().position(|k| line.contains(k)).unwrap();
+    assert!(found.windows(2).all(|pair| kind(&pair[0]) <= kind(&pair[1])), "rules, then routes, then ::6: {found:?}");
+    let mut sorted = found.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            "ip -6 addr del ::6/128 dev lo",
+            "ip -6 route del local default dev lo table 133",
+            "ip -6 route del local default dev lo table 70",
+            "ip -6 rule del fwmark 1337 lookup 133",
+            "ip route del local default dev lo table 133",
+            "ip route del local default dev lo table 70",
+            "ip rule del fwmark 1337 lookup 133",
+            "ip rule del fwmark 7 lookup 70",
+        ]
+    );
+    in_pod(&pod, routes::remove_ours).expect("remove");
+    assert_eq!(routing_state(&pod, 70) + &routing_state(&pod, 133), before);
+    assert!(in_pod(&pod, routes::ours).expect("look again").is_empty());
 }
 
 #[test]

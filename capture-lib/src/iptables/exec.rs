@@ -1,11 +1,14 @@
 //! Running `iptables-save` and `iptables-restore`: the only processes this backend starts.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::IptablesError;
+
+/// Where iptables-legacy takes its lock unless `XTABLES_LOCKFILE` says otherwise.
+const XTABLES_LOCK: &str = "/run/xtables.lock";
 
 /// Which kernel interface the iptables binaries drive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,7 +40,7 @@ impl Variant {
 /// Whether iptables-legacy holds any table of the family in the current namespace (`None`:
 /// cannot tell). Legacy tables are listed in /proc/net/ip{,6}_tables_names; reading that file
 /// is equivalent to `iptables-legacy-save` and starts no process.
-fn legacy_holds_tables(v6: bool) -> Option<bool> {
+pub(super) fn legacy_holds_tables(v6: bool) -> Option<bool> {
     let names = if v6 { "/proc/net/ip6_tables_names" } else { "/proc/net/ip_tables_names" };
     std::fs::read_to_string(names).ok().map(|tables| !tables.trim().is_empty())
 }
@@ -103,6 +106,36 @@ impl Binaries {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Deletes what iptables-nft keeps of `tables` once they hold nothing: see
+    /// [`crate::nftables::prune_iptables_tables`]. Legacy tables cannot be deleted.
+    pub fn prune(&self, tables: &[String]) -> Result<(), IptablesError> {
+        if self.variant != Variant::Nft || tables.is_empty() {
+            return Ok(());
+        }
+        crate::nftables::prune_iptables_tables(self.v6, tables)
+            .map_err(|source| IptablesError::Prune { family: self.family(), source })
+    }
+
+    /// Legacy iptables serialises its writers with a lock file (`XTABLES_LOCKFILE`, else
+    /// /run/xtables.lock) that it opens, creating it if need be, before it reads any input.
+    /// Where it cannot (a read-only root), say so before any restore runs.
+    pub fn check_lock(&self) -> Result<(), IptablesError> {
+        let path = std::env::var_os("XTABLES_LOCKFILE").map_or_else(|| PathBuf::from(XTABLES_LOCK), PathBuf::from);
+        self.check_lock_at(path)
+    }
+
+    fn check_lock_at(&self, path: PathBuf) -> Result<(), IptablesError> {
+        use nix::fcntl::{open, OFlag};
+        use nix::sys::stat::Mode;
+        if self.variant != Variant::Legacy {
+            return Ok(());
+        }
+        match open(&path, OFlag::O_RDONLY | OFlag::O_CREAT | OFlag::O_CLOEXEC, Mode::S_IRUSR | Mode::S_IWUSR) {
+            Ok(_) => Ok(()),
+            Err(errno) => Err(IptablesError::Lock { program: self.restore.clone(), path, source: errno.into() }),
+        }
+    }
+
     /// Feeds `payload` to one `iptables-restore` (atomic per table). `noflush` keeps what the
     /// tables hold besides what the payload names; without it, named tables are replaced.
     pub fn restore(&self, payload: &str, noflush: bool, lock_wait: Duration) -> Result<(), IptablesError> {
@@ -153,6 +186,21 @@ fn restore_error(program: &str, payload: &str, stderr: &str) -> IptablesError {
     IptablesError::Restore { program: program.to_string(), stderr, line, hint }
 }
 
+/// What to do when an iptables program cannot be started.
+pub fn spawn_hint(error: &std::io::Error) -> &'static str {
+    if error.kind() == std::io::ErrorKind::NotFound {
+        " (iptables is not installed here: install it, or use native nftables (--native-nftables; the CNI \
+         plugin's nativeNftables), which needs no iptables program)"
+    } else {
+        " (is iptables installed?)"
+    }
+}
+
+/// Whether a failed restore stopped at the xtables lock, before it read its input.
+pub fn stopped_at_lock(stderr: &str) -> bool {
+    stderr.contains("can't open lock file") || stderr.contains("Another app is currently holding the xtables lock")
+}
+
 fn failing_line(stderr: &str) -> Option<usize> {
     for marker in ["line ", "line: "] {
         if let Some(pos) = stderr.find(marker) {
@@ -181,6 +229,25 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(failing_line("Error occurred at line: 18"), Some(18));
+    }
+
+    #[test]
+    fn failures_before_the_input_is_read_are_told_apart() {
+        assert!(stopped_at_lock("Fatal: can't open lock file /run/xtables.lock: Read-only file system"));
+        assert!(stopped_at_lock("Another app is currently holding the xtables lock. Stopped waiting after 1s."));
+        assert!(!stopped_at_lock("iptables-restore: line 3 failed"));
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(spawn_hint(&missing).contains("--native-nftables"));
+    }
+
+    #[test]
+    fn a_lock_file_that_cannot_be_created_is_reported_before_any_restore() {
+        let bins = Binaries { save: "s".into(), restore: "r".into(), v6: false, variant: Variant::Legacy };
+        let unopenable = PathBuf::from("/proc/no-such-dir/xtables.lock");
+        let message = bins.check_lock_at(unopenable.clone()).unwrap_err().to_string();
+        assert!(message.contains("/proc/no-such-dir/xtables.lock") && message.contains("XTABLES_LOCKFILE"), "{message}");
+        let nft = Binaries { variant: Variant::Nft, ..bins };
+        assert!(nft.check_lock_at(unopenable).is_ok(), "iptables-nft takes no lock");
     }
 
     #[test]

@@ -8,9 +8,10 @@
 
 mod exec;
 mod render;
+mod shapes;
 mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use thiserror::Error;
 pub use exec::Variant;
 use exec::Binaries;
 use render::{chain_name, owned_chain_names, rule_spec, table_name};
+use shapes::is_our_shape;
 use state::{jump_target, parse_save, SaveState, TableState};
 
 use crate::model::{Position, Ruleset};
@@ -26,8 +28,14 @@ use crate::Outcome;
 
 #[derive(Debug, Error)]
 pub enum IptablesError {
-    #[error("could not run {program}: {source} (is iptables installed?)")]
+    #[error("could not run {program}: {source}{}", exec::spawn_hint(source))]
     Spawn { program: String, source: std::io::Error },
+    #[error(
+        "{program} takes the xtables lock {} and cannot open it: {source}\n  hint: mount a writable volume at {} \
+         (in a pod: an emptyDir), point XTABLES_LOCKFILE at a writable file, or use native nftables \
+         (--native-nftables), which takes no such lock", path.display(), path.parent().unwrap_or(path).display()
+    )]
+    Lock { program: String, path: std::path::PathBuf, source: std::io::Error },
     #[error("{program} failed: {stderr}")]
     Save { program: String, stderr: String },
     #[error("{program} refused the rules: {stderr}{}{}", line.as_ref().map(|l| format!("\n  refused line: {l}")).unwrap_or_default(), hint.map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
@@ -38,6 +46,10 @@ pub enum IptablesError {
     RolledBack { source: Box<IptablesError> },
     #[error("{source}\nrolling back also failed ({rollback}); the namespace may hold part of the new rules: run with --cleanup-only, then again")]
     RollbackFailed { source: Box<IptablesError>, rollback: Box<IptablesError> },
+    #[error("{source}\nnothing was changed")]
+    NothingChanged { source: Box<IptablesError> },
+    #[error("the {family} rules are in place, but removing the tables left empty failed: {source}")]
+    Prune { family: &'static str, source: crate::nftables::NftError },
 }
 
 /// How to reach iptables.
@@ -63,6 +75,9 @@ pub struct Step {
     pub payload: String,
     /// The tables this step touches as they were before, to put back on failure.
     rollback: String,
+    /// Tables the payload may leave without a rule of ours, which iptables-nft keeps, with
+    /// hooked base chains. (A rollback replaces whole tables, so it leaves none.)
+    emptied: Vec<String>,
 }
 
 impl Step {
@@ -159,7 +174,9 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
         let family = bins.family();
         if let Some(payload) = payload {
             let rollback = rollback_payload(&current, &payload);
-            steps.push(Step { bins, payload, rollback });
+            let wanted = |table: &String| op != Operation::Cleanup && desired.tables.contains_key(table.as_str());
+            let emptied = residue.into_keys().filter(|t| !wanted(t)).collect();
+            steps.push(Step { bins, payload, rollback, emptied });
         }
         planned.push(FamilyPlan { family, read_with, state: current, decision });
     }
@@ -183,6 +200,15 @@ pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<Strin
         out.extend(Desired::new(ruleset, v6).drift(&current).into_iter().map(|d| format!("{family}: {d}")));
     }
     Ok(out)
+}
+
+/// Whether any iptables table, of either variant and family, exists in the namespace (true when
+/// that cannot be told): where none does, there is no capture of this backend to look for, and
+/// no process to start. Reads two files and asks nf_tables twice.
+pub fn holds_any_table() -> bool {
+    [false, true].into_iter().any(|v6| {
+        exec::legacy_holds_tables(v6) != Some(false) || crate::nftables::has_iptables_tables(v6).unwrap_or(true)
+    })
 }
 
 /// The state of one family, and the save program that read it (`None`: the family holds no table).
@@ -222,6 +248,9 @@ fn promote(current: Outcome, new: Outcome) -> Outcome {
 /// `lock_wait` bounds the wait for the xtables lock.
 /// The families are independent, so their restores run concurrently.
 pub fn execute(plan: &Plan, lock_wait: Duration) -> Result<Outcome, IptablesError> {
+    if let Err(e) = plan.steps.iter().try_for_each(|step| step.bins.check_lock()) {
+        return Err(IptablesError::NothingChanged { source: Box::new(e) });
+    }
     let results: Vec<Result<(), IptablesError>> = std::thread::scope(|scope| {
         let restores: Vec<_> = plan
             .steps
@@ -230,21 +259,55 @@ pub fn execute(plan: &Plan, lock_wait: Duration) -> Result<Outcome, IptablesErro
             .collect();
         restores.into_iter().map(|r| r.join().expect("restore thread panicked")).collect()
     });
-    match results.into_iter().find_map(Result::err) {
-        None => Ok(plan.outcome),
-        Some(err) => Err(match undo(&plan.steps, lock_wait) {
-            Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
-            Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
-        }),
+    let mut touched = Vec::new();
+    let mut failure = None;
+    for (step, result) in plan.steps.iter().zip(results) {
+        match result {
+            Ok(()) => touched.push(step),
+            Err(e) => {
+                if !e.changed_nothing() {
+                    touched.push(step);
+                }
+                failure.get_or_insert(e);
+            }
+        }
     }
+    let Some(err) = failure else {
+        // Every restore is in: what they emptied goes now (a failure here undoes nothing).
+        plan.steps.iter().try_for_each(|step| step.bins.prune(&step.emptied))?;
+        return Ok(plan.outcome);
+    };
+    if touched.is_empty() {
+        return Err(IptablesError::NothingChanged { source: Box::new(err) });
+    }
+    Err(match undo_steps(&touched, lock_wait) {
+        Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
+        Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
+    })
 }
 
-/// Puts the tables the given steps touch back as they were before the plan was made.
-pub fn undo(steps: &[Step], lock_wait: Duration) -> Result<(), IptablesError> {
+/// Puts every table the plan touches back as it was before the plan was made.
+pub fn undo(plan: &Plan, lock_wait: Duration) -> Result<(), IptablesError> {
+    undo_steps(&plan.steps.iter().collect::<Vec<_>>(), lock_wait)
+}
+
+fn undo_steps(steps: &[&Step], lock_wait: Duration) -> Result<(), IptablesError> {
     for step in steps.iter().rev() {
         step.bins.restore(&step.rollback, false, lock_wait)?;
     }
     Ok(())
+}
+
+impl IptablesError {
+    /// Whether the failed command certainly changed nothing: it never ran, or it stopped at
+    /// the xtables lock, before reading its input.
+    fn changed_nothing(&self) -> bool {
+        match self {
+            IptablesError::Spawn { .. } | IptablesError::Lock { .. } => true,
+            IptablesError::Restore { stderr, .. } => exec::stopped_at_lock(stderr),
+            _ => false,
+        }
+    }
 }
 
 /// Replacing a table without --noflush with its saved dump restores it exactly; a table that
@@ -258,6 +321,10 @@ fn rollback_payload(current: &SaveState, payload: &str) -> String {
             None => format!("*{table}\nCOMMIT\n"),
         })
         .collect()
+}
+
+fn is_our_chain(name: &str) -> bool {
+    owned_chain_names().any(|ours| ours == name)
 }
 
 /// A rule in a kernel hook chain (PREROUTING/OUTPUT), which other tools share with us.
@@ -321,9 +388,12 @@ impl Desired {
 
     /// Is this rule of a shared chain ours? It jumps to one of our chains, or it is exactly
     /// one of the rules we would put there.
-    fn is_ours(&self, table: &str, chain: &str, spec: &str) -> bool {
-        jump_target(spec).is_some_and(|t| owned_chain_names().any(|o| o == t))
+    /// Or it has the shape of a rule any configuration puts there (see `shapes`), since an
+    /// earlier run may have had other settings. `state` is the table it is in.
+    fn is_ours(&self, table: &str, chain: &str, spec: &str, state: &TableState) -> bool {
+        jump_target(spec).is_some_and(is_our_chain)
             || self.tables.get(table).is_some_and(|t| t.hook_specs(chain).contains(&spec))
+            || is_our_shape(table, chain, spec, state.chains.iter().any(|c| is_our_chain(c)))
     }
 
     /// What of ours the namespace holds, per table.
@@ -332,12 +402,12 @@ impl Desired {
         for (table, state) in current {
             let mut found = TableResidue::default();
             for chain in &state.chains {
-                if owned_chain_names().any(|o| o == chain) {
+                if is_our_chain(chain) {
                     found.chains.push(chain.clone());
                     continue;
                 }
                 for spec in state.chain_rules(chain) {
-                    if self.is_ours(table, chain, spec) {
+                    if self.is_ours(table, chain, spec, state) {
                         found.hook_rules.push((chain.clone(), spec.clone()));
                     }
                 }
@@ -362,19 +432,29 @@ impl Desired {
                     out.push(describe_difference(table, chain, have.chain_rules(chain), rules));
                 }
             }
-            for (chain, rules) in &want.hooks {
-                let ours: Vec<&String> = have.chain_rules(chain).iter().filter(|s| self.is_ours(table, chain, s)).collect();
-                let wanted: Vec<&String> = rules.iter().map(|r| &r.spec).collect();
-                if ours != wanted {
-                    let have: Vec<String> = ours.into_iter().cloned().collect();
-                    let want: Vec<String> = wanted.into_iter().cloned().collect();
-                    out.push(describe_difference(table, chain, &have, &want));
-                }
+        }
+        // Our rules in the shared chains: those wanted, and those another configuration left.
+        let mut shared: BTreeSet<(&str, &str)> = BTreeSet::new();
+        for (table, want) in &self.tables {
+            shared.extend(want.hooks.iter().map(|(chain, _)| (*table, *chain)));
+        }
+        for (table, state) in current {
+            shared.extend(state.chains.iter().filter(|c| !is_our_chain(c)).map(|c| (table.as_str(), c.as_str())));
+        }
+        for (table, chain) in shared {
+            let have = current.get(table).unwrap_or(&empty);
+            let ours: Vec<String> =
+                have.chain_rules(chain).iter().filter(|s| self.is_ours(table, chain, s, have)).cloned().collect();
+            let wanted: Vec<String> = self.tables.get(table).map_or_else(Vec::new, |t| {
+                t.hook_specs(chain).into_iter().map(str::to_string).collect()
+            });
+            if ours != wanted {
+                out.push(describe_difference(table, chain, &ours, &wanted));
             }
         }
         for (table, state) in current {
             let want = self.tables.get(table.as_str());
-            for chain in state.chains.iter().filter(|c| owned_chain_names().any(|o| o == c.as_str())) {
+            for chain in state.chains.iter().filter(|c| is_our_chain(c)) {
                 if !want.is_some_and(|w| w.owned.iter().any(|(c, _)| c == chain)) {
                     out.push(format!("{table} {chain}: not part of this configuration"));
                 }
@@ -532,6 +612,41 @@ mod tests {
         assert!(p.contains("-D OUTPUT -j ISTIO_OUTPUT\n"));
         assert!(!p.contains("--dport 123"));
         assert!(p.contains("-X ISTIO_OUTPUT\n") && !p.contains("-A "));
+    }
+
+    #[test]
+    fn cleanup_with_other_settings_removes_every_rule_an_earlier_run_added() {
+        let earlier = CaptureConfig {
+            mode: InterceptionMode::Tproxy,
+            inbound_ports: InboundPorts::All { except: vec![] },
+            tproxy_mark: 7,
+            proxy_uids: vec![1337, 1338],
+            exclude_interfaces: crate::config::parse_interfaces("-c", "eth9").unwrap(),
+            kube_virt_interfaces: crate::config::parse_interfaces("-k", "eth8").unwrap(),
+            ..CaptureConfig::default()
+        };
+        let mut state = as_saved(&desired(&earlier));
+        let foreign = "-p udp -j ACCEPT".to_string();
+        state.get_mut("mangle").unwrap().rules.get_mut("OUTPUT").unwrap().push(foreign.clone());
+        let now = desired(&CaptureConfig::default());
+        let residue = now.residue(&state);
+        let removed: usize = residue.values().map(|r| r.hook_rules.len()).sum();
+        let added: usize = state.values().map(|t| t.rules.iter().filter(|(c, _)| !is_our_chain(c)).map(|(_, r)| r.len()).sum::<usize>()).sum();
+        assert_eq!(removed, added - 1, "every rule in a shared chain but the foreign one: {residue:?}");
+        let payload = now.payload(&residue, false);
+        assert!(payload.contains("-D PREROUTING -i eth9 -j RETURN\n") && payload.contains("-D PREROUTING -i eth8 -j RETURN\n"));
+        assert!(payload.contains("-D OUTPUT -o lo -p tcp -m mark --mark 0x7 -j RETURN\n"), "{payload}");
+        assert!(!payload.contains(&foreign), "{payload}");
+        assert!(now.drift(&state).iter().any(|d| d.starts_with("mangle OUTPUT")), "{:?}", now.drift(&state));
+    }
+
+    #[test]
+    fn a_lone_interface_return_without_our_chains_is_someone_elses() {
+        let mut state = SaveState::new();
+        let nat = state.entry("nat".into()).or_default();
+        nat.chains = vec!["PREROUTING".into()];
+        nat.rules.insert("PREROUTING".into(), vec!["-i eth9 -j RETURN".into()]);
+        assert!(desired(&CaptureConfig::default()).residue(&state).is_empty());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::config::Cidr;
+
 /// One table of an `iptables-save` dump.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableState {
@@ -46,7 +48,7 @@ pub fn parse_save(text: &str) -> SaveState {
             }
         } else if let Some(rule) = line.strip_prefix("-A ") {
             let (chain, spec) = rule.split_once(' ').unwrap_or((rule, ""));
-            table.rules.entry(chain.to_string()).or_default().push(spec.to_string());
+            table.rules.entry(chain.to_string()).or_default().push(canonical_addresses(spec));
         } else if line == "COMMIT" {
             if let Some((name, table)) = current.take() {
                 state.insert(name, table);
@@ -54,6 +56,23 @@ pub fn parse_save(text: &str) -> SaveState {
         }
     }
     state
+}
+
+/// The rule specification with its addresses printed as we print them. ip6tables-save prints
+/// an address as its libc's inet_ntop does (glibc: `::1.2.3.4` for an IPv4-compatible address,
+/// musl: `::102:304`); both name the same address, so each is parsed and printed again.
+/// Anything that does not parse (a non-contiguous mask) is left as it is.
+fn canonical_addresses(spec: &str) -> String {
+    let mut after_address_option = false;
+    let words: Vec<String> = spec
+        .split(' ')
+        .map(|word| {
+            let canonical = if after_address_option { word.parse::<Cidr>().ok().map(|c| c.to_string()) } else { None };
+            after_address_option = matches!(word, "-s" | "-d");
+            canonical.unwrap_or_else(|| word.to_string())
+        })
+        .collect();
+    words.join(" ")
 }
 
 /// The jump target of a rule specification, if it jumps (`-j X` or `-g X`).
@@ -96,6 +115,26 @@ COMMIT
         assert_eq!(nat.chain_rules("ISTIO_OUTPUT"), ["-d 127.0.0.1/32 -j RETURN"]);
         assert!(nat.chain_rules("PREROUTING").is_empty());
         assert!(nat.raw.starts_with("*nat\n:PREROUTING") && nat.raw.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn addresses_compare_in_any_form_ip6tables_save_prints() {
+        let dump = "*nat\n:ISTIO_OUTPUT - [0:0]\n-A ISTIO_OUTPUT -d ::1.2.3.4/128 -j ISTIO_REDIRECT\n\
+                    -A ISTIO_OUTPUT -s ::ffff:5.6.7.0/120 ! -d ::0.1.0.0/112 -j RETURN\n\
+                    -A ISTIO_OUTPUT -d ::/0 -m comment --comment \"-d x\" -j RETURN\n\
+                    -A ISTIO_OUTPUT -d fd00::/ffff:0:ffff:: -j RETURN\nCOMMIT\n";
+        let rules = parse_save(dump)["nat"].chain_rules("ISTIO_OUTPUT").to_vec();
+        let rendered = |text: &str| text.parse::<Cidr>().unwrap().to_string();
+        assert_eq!(
+            rules,
+            [
+                format!("-d {} -j ISTIO_REDIRECT", rendered("::1.2.3.4/128")),
+                format!("-s {} ! -d {} -j RETURN", rendered("::ffff:5.6.7.0/120"), rendered("::0.1.0.0/112")),
+                "-d ::/0 -m comment --comment \"-d x\" -j RETURN".to_string(),
+                "-d fd00::/ffff:0:ffff:: -j RETURN".to_string(),
+            ]
+        );
+        assert_eq!(rendered("::1.2.3.4/128"), "::102:304/128", "the form our renderer writes");
     }
 
     #[test]

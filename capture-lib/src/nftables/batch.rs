@@ -7,7 +7,7 @@ use nftnl::set::Set;
 use nftnl::{Batch, FinalizedBatch, MsgType, NlMsg, ProtoFamily};
 
 use super::expr::{add_terms, port_set_userdata, Port, PortSet};
-use super::raw::{describe_anonymous_set, Unacknowledged, ANONYMOUS_SET};
+use super::raw::{describe_anonymous_set, NonRecursive, Unacknowledged, ANONYMOUS_SET};
 use super::render::{add_chain_line, add_rule_line, ChainPlan, NftRule, TablePlan, Term};
 use super::schema::{chain_name, table_name, ChainType, Hook};
 use crate::model::{Chain, Table};
@@ -22,6 +22,8 @@ pub(super) enum Message<'p> {
     AddRule(Table, Chain, &'p NftRule),
     /// The anonymous set (or its elements) a rule's port list needs.
     AddPortSet(Table, Chain, &'p NftRule),
+    /// An empty table or chain of iptables-nft's (`family` is `ip` or `ip6`).
+    DeleteEmpty { family: &'static str, table: &'p str, chain: Option<&'p str> },
 }
 
 impl Message<'_> {
@@ -33,6 +35,8 @@ impl Message<'_> {
             Message::AddChain(table, chain) => add_chain_line(table, chain),
             Message::AddRule(table, chain, rule) => add_rule_line(table, chain, rule),
             Message::AddPortSet(table, chain, rule) => format!("{} (its port set)", add_rule_line(table, chain, rule)),
+            Message::DeleteEmpty { family, table, chain: Some(chain) } => format!("delete chain {family} {table} {chain}"),
+            Message::DeleteEmpty { family, table, chain: None } => format!("delete table {family} {table}"),
         }
     }
 
@@ -164,6 +168,22 @@ impl<'p> TransactionBuilder<'p> {
         let nft_table = nftnl::Table::new(c_name(table_name(table)), ProtoFamily::Inet);
         self.push(&nft_table, MsgType::Add, Message::AddTable(table));
         self.push(&nft_table, MsgType::Del, Message::DeleteTable(table));
+    }
+
+    /// Deletes an iptables-nft table's empty base chains, and the table too when `whole` (it then
+    /// holds nothing else); refused by the kernel if anything is in them by then.
+    pub(super) fn delete_empty(&mut self, v6: bool, table: &'p str, chains: &[&'p str], whole: bool) {
+        let (family, proto) = if v6 { ("ip6", ProtoFamily::Ipv6) } else { ("ip", ProtoFamily::Ipv4) };
+        let nft_table = nftnl::Table::new(c_name(table), proto);
+        for &chain in chains {
+            let nft_chain = nftnl::Chain::new(c_name(chain), &nft_table);
+            self.batch.add(&NonRecursive(&nft_chain), MsgType::Del);
+            self.messages.push(Message::DeleteEmpty { family, table, chain: Some(chain) });
+        }
+        if whole {
+            self.batch.add(&NonRecursive(&nft_table), MsgType::Del);
+            self.messages.push(Message::DeleteEmpty { family, table, chain: None });
+        }
     }
 
     pub(super) fn finish(self) -> Transaction<'p> {

@@ -149,9 +149,49 @@ pub fn has_iptables_tables(v6: bool) -> Result<bool, NftError> {
     Ok(!netlink.dump(&DumpRequest::TablesOf { family }).map_err(NftError::Read)?.is_empty())
 }
 
+/// iptables-nft keeps a table and its base chains once a rule went into them, even after every
+/// rule is gone, and each hooked chain still costs every packet. Deletes, among `tables` of the
+/// IPv4 (or IPv6) family, every base chain left with no rule and an accepting policy, and each
+/// of those tables left with no chain; a table or chain holding anything else stays. Should a
+/// rule or chain appear meanwhile, the kernel refuses the batch and nothing changes.
+pub fn prune_iptables_tables(v6: bool, tables: &[String]) -> Result<(), NftError> {
+    let family = if v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 } as u8;
+    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
+    let existing = netlink.dump(&DumpRequest::TablesOf { family }).map_err(NftError::Read)?;
+    let chains = netlink.dump(&DumpRequest::ChainsOf { family }).map_err(NftError::Read)?;
+    let mut tx = TransactionBuilder::new();
+    for table in tables.iter().filter(|t| existing.iter().any(|o| matches!(o, Object::Table(e) if &e.name == *t))) {
+        let rules = netlink.dump(&DumpRequest::RulesOf { family, table }).map_err(NftError::Read)?;
+        let in_table: Vec<&raw::ChainObject> =
+            chains.iter().filter_map(|o| if let Object::Chain(c) = o { Some(c) } else { None }).filter(|c| &c.table == table).collect();
+        let empty: Vec<&str> = in_table
+            .iter()
+            .filter(|c| c.hook.as_ref().is_some_and(|h| !matches!(h.policy, Some(p) if p != libc::NF_ACCEPT as u32)))
+            .filter(|c| !rules.iter().any(|r| matches!(r, Object::Rule(r) if r.chain == c.name)))
+            .map(|c| c.name.as_str())
+            .collect();
+        tx.delete_empty(v6, table, &empty, empty.len() == in_table.len());
+    }
+    let tx = tx.finish();
+    if tx.messages.is_empty() {
+        return Ok(());
+    }
+    match commit(&mut netlink, &tx) {
+        // Something was added meanwhile (EBUSY), or is gone already: it is not ours to delete.
+        Err(NftError::Refused { error, .. }) if matches!(error.raw_os_error(), Some(libc::EBUSY | libc::ENOENT)) => Ok(()),
+        other => other,
+    }
+}
+
 /// An nft script equivalent to `cleanup` (loadable even where the tables are absent).
 pub fn cleanup_script() -> String {
     schema::TABLE_ORDER.into_iter().map(delete_table_script).collect()
+}
+
+/// Whether any of our tables exists.
+pub fn holds_ours() -> Result<bool, NftError> {
+    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
+    Ok(!our_tables(&netlink.dump(&DumpRequest::Tables).map_err(NftError::Read)?).is_empty())
 }
 
 /// Deletes our three tables, and nothing else, in one transaction.

@@ -130,7 +130,11 @@ pub(super) enum DumpRequest<'a> {
     /// The tables of another family (`NFPROTO_IPV4`/`NFPROTO_IPV6`: iptables-nft's).
     TablesOf { family: u8 },
     Chains,
+    /// The chains of another family's tables.
+    ChainsOf { family: u8 },
     Rules { table: &'a str },
+    /// The rules of another family's table.
+    RulesOf { family: u8, table: &'a str },
     Sets { table: &'a str },
     Elements { table: &'a str, set: &'a str },
 }
@@ -139,13 +143,15 @@ impl DumpRequest<'_> {
     /// `NFT_MSG_GET*` with `NLM_F_DUMP` for the inet family (or the one named).
     fn message(&self) -> Vec<u8> {
         let family = match *self {
-            DumpRequest::TablesOf { family } => family,
+            DumpRequest::TablesOf { family } | DumpRequest::ChainsOf { family } | DumpRequest::RulesOf { family, .. } => family,
             _ => libc::NFPROTO_INET as u8,
         };
         let (msg, attrs): (i32, Vec<(u16, &str)>) = match *self {
             DumpRequest::Tables | DumpRequest::TablesOf { .. } => (libc::NFT_MSG_GETTABLE, vec![]),
-            DumpRequest::Chains => (libc::NFT_MSG_GETCHAIN, vec![]),
-            DumpRequest::Rules { table } => (libc::NFT_MSG_GETRULE, vec![(NFTA_RULE_TABLE, table)]),
+            DumpRequest::Chains | DumpRequest::ChainsOf { .. } => (libc::NFT_MSG_GETCHAIN, vec![]),
+            DumpRequest::Rules { table } | DumpRequest::RulesOf { table, .. } => {
+                (libc::NFT_MSG_GETRULE, vec![(NFTA_RULE_TABLE, table)])
+            }
             DumpRequest::Sets { table } => (libc::NFT_MSG_GETSET, vec![(NFTA_SET_TABLE, table)]),
             DumpRequest::Elements { table, set } => {
                 (libc::NFT_MSG_GETSETELEM, vec![(NFTA_SET_ELEM_LIST_TABLE, table), (NFTA_SET_ELEM_LIST_SET, set)])

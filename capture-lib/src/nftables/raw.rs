@@ -136,6 +136,26 @@ unsafe impl<T: NlMsg> NlMsg for Unacknowledged<'_, T> {
     }
 }
 
+/// A deletion the kernel refuses (EBUSY) when the object is not empty, instead of deleting
+/// what it holds: whatever another tool added meanwhile stays, and the batch changes nothing.
+pub(super) struct NonRecursive<'a, T>(pub &'a T);
+
+/// `NLM_F_NONREC` from <linux/netlink.h>, which `libc` does not carry.
+const NLM_F_NONREC: u16 = 0x100;
+
+// SAFETY: writes exactly what the wrapped message writes, then changes two flags in it.
+unsafe impl<T: NlMsg> NlMsg for NonRecursive<'_, T> {
+    unsafe fn write(&self, buf: *mut std::ffi::c_void, seq: u32, msg_type: MsgType) {
+        // SAFETY: as for `Unacknowledged`: the wrapped message writes its header at `buf`, flags
+        // at byte 6, within the room the caller gives.
+        unsafe {
+            Unacknowledged(self.0).write(buf, seq, msg_type);
+            let flags = buf.cast::<u8>().add(6).cast::<u16>();
+            flags.write_unaligned(flags.read_unaligned() | NLM_F_NONREC);
+        }
+    }
+}
+
 /// Which set a lookup or element list names. Our batch names anonymous sets by id (the
 /// kernel picks the `__setN` name); the kernel's dumps name them by that name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
