@@ -8,6 +8,11 @@ shared=${SHARED_DIR:-../shared}
 # A namespace test that cannot run here fails instead of being reported as ignored (tests/build.rs).
 export CI="${CI:-true}"
 
+# Gates: the tree formatted (rustfmt.toml) and clippy clean, warnings as errors.
+cargo fmt --all --check
+(cd fuzz && cargo fmt --check)
+cargo clippy --workspace --all-targets --release --locked -- -D warnings
+
 # Integration tests drive the release binaries, so build them first (one profile for all;
 # istio-iptables linked statically, as it ships).
 scripts/build.sh

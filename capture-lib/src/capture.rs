@@ -295,7 +295,8 @@ fn cleanup(req: &Request, backend: Backend) -> Result<Report, CaptureError> {
         return Ok(Report { dry_run: Some(text), warnings, trace, ..Report::new(Outcome::Unchanged) });
     }
     let results = [
-        plan.as_ref().map_or(Ok(Outcome::NothingToRemove), |plan| iptables::execute(plan, req.lock_wait).map_err(CaptureError::from)),
+        plan.as_ref()
+            .map_or(Ok(Outcome::NothingToRemove), |plan| iptables::execute(plan, req.lock_wait).map_err(CaptureError::from)),
         nftables::cleanup().map_err(CaptureError::from),
         routes::remove_ours().map(|()| Outcome::NothingToRemove).map_err(CaptureError::Routes),
     ];

@@ -385,9 +385,7 @@ pub fn parse_interfaces(setting: &'static str, value: &str) -> Result<Vec<Interf
 }
 
 pub fn parse_number(setting: &'static str, value: &str) -> Result<u32, ConfigError> {
-    value
-        .parse::<u32>()
-        .map_err(|_| ConfigError::Number { setting, value: value.to_string() })
+    value.parse::<u32>().map_err(|_| ConfigError::Number { setting, value: value.to_string() })
 }
 
 /// A UID list: numbers, or user names from `/etc/passwd`.
@@ -500,10 +498,7 @@ mod tests {
     #[test]
     fn ports_reject_junk_and_name_it() {
         assert_eq!(parse_ports("-d", "15090,15021,").unwrap(), vec![15090, 15021]);
-        assert_eq!(
-            parse_ports("-d", "80,70000"),
-            Err(ConfigError::Port { setting: "-d", value: "70000".into() })
-        );
+        assert_eq!(parse_ports("-d", "80,70000"), Err(ConfigError::Port { setting: "-d", value: "70000".into() }));
         assert!(parse_ports("-d", "http").is_err());
         assert!(parse_ports("-d", "0").is_err());
         assert!(parse_ports("-d", "+80").is_err());
@@ -535,10 +530,7 @@ mod tests {
 
     #[test]
     fn exclude_list_refuses_wildcard() {
-        assert_eq!(
-            parse_cidrs("-x", "10.0.0.0/8,*"),
-            Err(ConfigError::WildcardExclude { setting: "-x" })
-        );
+        assert_eq!(parse_cidrs("-x", "10.0.0.0/8,*"), Err(ConfigError::WildcardExclude { setting: "-x" }));
         assert_eq!(parse_outbound_ranges("-i", "*").unwrap(), OutboundRanges::All);
         assert_eq!(parse_outbound_ranges("-i", "").unwrap(), OutboundRanges::None);
         assert!(matches!(parse_outbound_ranges("-i", "1.2.3.0/24,::/0").unwrap(), OutboundRanges::Only(v) if v.len() == 2));
@@ -649,7 +641,8 @@ mod tests {
 
     #[test]
     fn resolv_conf() {
-        let text = b"# r\xe9sum\xe9\nnameserver 10.96.0.10\r\nnameserver\tfd00::a\nnameserver junk\nnameserver \xff\nsearch a b\n";
+        let text =
+            b"# r\xe9sum\xe9\nnameserver 10.96.0.10\r\nnameserver\tfd00::a\nnameserver junk\nnameserver \xff\nsearch a b\n";
         let (v4, v6) = parse_resolv_conf(text);
         assert_eq!(v4, vec![Ipv4Addr::new(10, 96, 0, 10)]);
         assert_eq!(v6, vec!["fd00::a".parse::<Ipv6Addr>().unwrap()]);

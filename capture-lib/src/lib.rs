@@ -13,9 +13,9 @@ pub mod capture;
 pub mod config;
 pub mod iptables;
 pub mod model;
+pub mod namespace;
 pub mod nftables;
 pub mod routes;
-pub mod namespace;
 pub mod settings;
 pub mod validation;
 

@@ -9,8 +9,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::config::{
-    CaptureConfig, Cidr, DnsCapture, InboundPorts, InterceptionMode, OutboundRanges, OwnerGroups,
-    DNS_CAPTURE_PORT, INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6, OUTBOUND_MARK,
+    CaptureConfig, Cidr, DnsCapture, InboundPorts, InterceptionMode, OutboundRanges, OwnerGroups, DNS_CAPTURE_PORT,
+    INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6, OUTBOUND_MARK,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -110,14 +110,27 @@ pub enum Match {
     OutInterface(String),
     Protocol(Protocol),
     Source(Cidr),
-    Destination { cidr: Cidr, negated: bool },
+    Destination {
+        cidr: Cidr,
+        negated: bool,
+    },
     /// Layer-4 destination port (the protocol comes from [`Match::Protocol`]).
-    DestPort { port: u16, negated: bool },
+    DestPort {
+        port: u16,
+        negated: bool,
+    },
     SourcePort(u16),
     /// Destination port is none of these.
     DestPortNotIn(Vec<u16>),
-    Owner { kind: OwnerKind, id: u32, negated: bool },
-    Mark { mark: u32, negated: bool },
+    Owner {
+        kind: OwnerKind,
+        id: u32,
+        negated: bool,
+    },
+    Mark {
+        mark: u32,
+        negated: bool,
+    },
     ConnMark(u32),
     CtState(CtState),
 }
@@ -130,7 +143,10 @@ pub enum Action {
     Drop,
     Redirect(u16),
     /// TPROXY to `port` on the local host, setting `mark`; the family picks the stack.
-    Tproxy { port: u16, mark: u32 },
+    Tproxy {
+        port: u16,
+        mark: u32,
+    },
     SetMark(u32),
     /// Copy the packet mark to the connection (CONNMARK --save-mark).
     SaveMark,
@@ -153,9 +169,7 @@ impl Rule {
     /// The family this rule's addresses pin it to, if any.
     pub fn address_family(&self) -> Option<Family> {
         self.matches.iter().find_map(|m| match m {
-            Match::Source(c) | Match::Destination { cidr: c, .. } => {
-                Some(if c.is_ipv4() { Family::V4 } else { Family::V6 })
-            }
+            Match::Source(c) | Match::Destination { cidr: c, .. } => Some(if c.is_ipv4() { Family::V4 } else { Family::V6 }),
             _ => None,
         })
     }
@@ -393,10 +407,7 @@ impl Builder<'_> {
                 }
             }
             OwnerGroups::Only(groups) => {
-                let m = groups
-                    .iter()
-                    .map(|&id| Match::Owner { kind: OwnerKind::Gid, id, negated: true })
-                    .collect();
+                let m = groups.iter().map(|&id| Match::Owner { kind: OwnerKind::Gid, id, negated: true }).collect();
                 self.append(Table::Nat, Chain::IstioOutput, m, Action::Return);
             }
         }
@@ -405,9 +416,7 @@ impl Builder<'_> {
         self.dns(&dns);
 
         // 14. Local traffic stays local.
-        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |v6| {
-            (vec![dst(loopback(cfg, v6))], Action::Return)
-        });
+        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |v6| (vec![dst(loopback(cfg, v6))], Action::Return));
 
         // 15. Excluded destinations.
         for &cidr in &cfg.outbound_ranges_exclude {
@@ -491,15 +500,9 @@ impl Builder<'_> {
         let tunnel = cfg.inbound_tunnel_port;
         // (a) app -> VIP -> proxy -> proxy inbound -> app: the proxy's own calls to the pod over lo.
         self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |v6| {
-            let ports = if dns_ports {
-                Match::DestPortNotIn(vec![53, tunnel])
-            } else {
-                Match::DestPort { port: tunnel, negated: true }
-            };
-            (
-                vec![oif("lo"), not_dst(loopback(cfg, v6)), tcp(), ports, owner(kind, id)],
-                Action::Jump(Chain::InRedirect),
-            )
+            let ports =
+                if dns_ports { Match::DestPortNotIn(vec![53, tunnel]) } else { Match::DestPort { port: tunnel, negated: true } };
+            (vec![oif("lo"), not_dst(loopback(cfg, v6)), tcp(), ports, owner(kind, id)], Action::Jump(Chain::InRedirect))
         });
         // (b) app -> app over lo is not captured, unless loopback was explicitly included.
         if !loopback_included {
@@ -547,7 +550,12 @@ impl Builder<'_> {
         for (kind, ids) in [(OwnerKind::Uid, &cfg.proxy_uids), (OwnerKind::Gid, &cfg.proxy_gids)] {
             for &id in ids {
                 self.append(Table::Raw, Chain::OutputDns, vec![udp(), dport(53), owner(kind, id)], Action::CtZone(1));
-                self.append(Table::Raw, Chain::OutputDns, vec![udp(), Match::SourcePort(DNS_CAPTURE_PORT), owner(kind, id)], Action::CtZone(2));
+                self.append(
+                    Table::Raw,
+                    Chain::OutputDns,
+                    vec![udp(), Match::SourcePort(DNS_CAPTURE_PORT), owner(kind, id)],
+                    Action::CtZone(2),
+                );
             }
         }
         self.when_families(Table::Raw, Chain::Prerouting, has4, has6, vec![], Action::Jump(Chain::Inbound));
@@ -560,7 +568,13 @@ impl Builder<'_> {
         for server in servers {
             let v6 = !server.is_ipv4();
             self.for_family(Table::Raw, Chain::OutputDns, v6, vec![udp(), dport(53), dst(server)], Action::CtZone(2));
-            self.for_family(Table::Raw, Chain::Inbound, v6, vec![udp(), Match::SourcePort(53), Match::Source(server)], Action::CtZone(1));
+            self.for_family(
+                Table::Raw,
+                Chain::Inbound,
+                v6,
+                vec![udp(), Match::SourcePort(53), Match::Source(server)],
+                Action::CtZone(1),
+            );
         }
     }
 
@@ -584,7 +598,14 @@ impl Builder<'_> {
                     }
                     let family = if v6 { Family::V6 } else { Family::V4 };
                     for nic in &cfg.kube_virt_interfaces {
-                        self.push(Table::Nat, Chain::Prerouting, family, Position::Insert(0), vec![iif(nic.as_str()), dst(cidr)], Action::Jump(Chain::Redirect));
+                        self.push(
+                            Table::Nat,
+                            Chain::Prerouting,
+                            family,
+                            Position::Insert(0),
+                            vec![iif(nic.as_str()), dst(cidr)],
+                            Action::Jump(Chain::Redirect),
+                        );
                     }
                     self.for_family(Table::Nat, Chain::IstioOutput, v6, vec![dst(cidr)], Action::Jump(Chain::Redirect));
                 }

@@ -37,8 +37,7 @@ pub enum NamespaceError {
 pub fn enter(path: &Path) -> Result<(), NamespaceError> {
     let shown = path.display().to_string();
     let file = std::fs::File::open(path).map_err(|source| NamespaceError::Open { path: shown.clone(), source })?;
-    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
-        .map_err(|source| NamespaceError::Enter { path: shown, source })
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| NamespaceError::Enter { path: shown, source })
 }
 
 /// Held while a run reads and changes the namespace (and by the processes it starts); released
@@ -161,7 +160,10 @@ mod tests {
         assert!(ipv6_from_addresses(&ips(&["::1", "fe80::1", "fd00::5", "10.0.0.5"]), false).unwrap());
         assert!(ipv6_from_addresses(&ips(&["10.0.0.5", "fd00::5"]), true).unwrap());
         assert!(!ipv6_from_addresses(&ips(&["10.0.0.5", "fe80::5"]), true).unwrap());
-        assert!(matches!(ipv6_from_addresses(&ips(&["127.0.0.1", "fe80::1", "169.254.1.1"]), false), Err(NamespaceError::NoAddress)));
+        assert!(matches!(
+            ipv6_from_addresses(&ips(&["127.0.0.1", "fe80::1", "169.254.1.1"]), false),
+            Err(NamespaceError::NoAddress)
+        ));
     }
 
     #[test]

@@ -23,8 +23,8 @@ use std::io;
 use std::net::IpAddr;
 
 use netlink_packet_core::{
-    DecodeError, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR,
-    NLM_F_EXCL, NLM_F_REQUEST,
+    DecodeError, NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL,
+    NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
@@ -419,9 +419,7 @@ impl Entry {
         match self {
             Entry::PassthroughAddress => netlink.reconcile(passthrough_address(lo), change),
             Entry::MarkRule { family, mark, table } => netlink.reconcile(mark_rule(family, mark, table), change),
-            Entry::LocalDefaultRoute { family, table } => {
-                netlink.reconcile(local_default_route(family, table, lo), change)
-            }
+            Entry::LocalDefaultRoute { family, table } => netlink.reconcile(local_default_route(family, table, lo), change),
         }
         .map_err(|source| RouteError::Netlink { command: self.command(change), source })
     }
@@ -800,10 +798,7 @@ mod tests {
         let cfg = CaptureConfig { tproxy_mark: 7, tproxy_route_table: 1000, ..tproxy_config(false) };
         let plan = RoutePlan::for_config(&cfg);
         assert_eq!(plan.tproxy, Some(TproxyRouting { mark: 7, table: 1000, ipv6: false }));
-        assert_eq!(
-            plan.describe(),
-            ["ip rule add fwmark 7 lookup 1000", "ip route add local default dev lo table 1000"]
-        );
+        assert_eq!(plan.describe(), ["ip rule add fwmark 7 lookup 1000", "ip route add local default dev lo table 1000"]);
     }
 
     #[test]
@@ -829,12 +824,10 @@ mod tests {
     #[test]
     fn tables_and_marks_that_would_capture_everything_are_refused() {
         for table in [0, 253, 254, 255] {
-            let plan =
-                RoutePlan { passthrough_v6: false, tproxy: Some(TproxyRouting { mark: 1337, table, ipv6: false }) };
+            let plan = RoutePlan { passthrough_v6: false, tproxy: Some(TproxyRouting { mark: 1337, table, ipv6: false }) };
             assert!(matches!(plan.check(), Err(RouteError::ReservedTable(t)) if t == table), "table {table}");
         }
-        let zero_mark =
-            RoutePlan { passthrough_v6: false, tproxy: Some(TproxyRouting { mark: 0, table: 133, ipv6: true }) };
+        let zero_mark = RoutePlan { passthrough_v6: false, tproxy: Some(TproxyRouting { mark: 0, table: 133, ipv6: true }) };
         assert!(matches!(zero_mark.check(), Err(RouteError::ZeroMark)));
         assert!(RoutePlan::for_config(&tproxy_config(true)).check().is_ok());
     }
@@ -871,10 +864,7 @@ mod tests {
             source: NetlinkError::System(io::Error::from_raw_os_error(libc::EPERM)),
         };
         let message = error.to_string();
-        assert!(
-            message.starts_with("`ip rule add fwmark 1337 lookup 133` failed: Operation not permitted"),
-            "{message}"
-        );
+        assert!(message.starts_with("`ip rule add fwmark 1337 lookup 133` failed: Operation not permitted"), "{message}");
         assert!(message.contains("CAP_NET_ADMIN"), "{message}");
     }
 }

@@ -181,10 +181,10 @@ impl Settings {
         }
         let variant = match self.iptables_variant.as_str() {
             "" => None,
-            v => Some(Variant::parse(v).ok_or_else(|| ConfigError::IptablesVariant {
-                setting: names.iptables_variant,
-                value: v.to_string(),
-            })?),
+            v => Some(
+                Variant::parse(v)
+                    .ok_or_else(|| ConfigError::IptablesVariant { setting: names.iptables_variant, value: v.to_string() })?,
+            ),
         };
         Ok(Backend::Iptables(IptablesOptions { variant }))
     }
@@ -204,7 +204,8 @@ mod tests {
 
     #[test]
     fn proxy_uid_and_gid_lists_of_only_commas_mean_the_defaults() {
-        let cfg = Settings { proxy_uid: ",".into(), proxy_gid: ",,".into(), ..Settings::default() }.capture_config(&NAMES).unwrap();
+        let cfg =
+            Settings { proxy_uid: ",".into(), proxy_gid: ",,".into(), ..Settings::default() }.capture_config(&NAMES).unwrap();
         assert_eq!((cfg.proxy_uids, cfg.proxy_gids), (vec![DEFAULT_PROXY_UID], vec![DEFAULT_PROXY_UID]));
     }
 
@@ -237,10 +238,7 @@ mod tests {
         let err = bad(Settings { exclude_outbound_ranges: "*".into(), ..Settings::default() });
         assert!(err.starts_with("--istio-service-exclude-cidr:"), "{err}");
         let err = Settings { iptables_variant: "x".into(), ..Settings::default() }.backend(&NAMES).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "--force-iptables-binary: \"x\" is not an iptables variant (expected legacy or nft)"
-        );
+        assert_eq!(err.to_string(), "--force-iptables-binary: \"x\" is not an iptables variant (expected legacy or nft)");
     }
 
     #[test]

@@ -21,9 +21,7 @@ fn man_page(program: &str) -> String {
 #[test]
 fn istio_iptables_docs_name_its_flags_and_variables() {
     let page = man_page("istio-iptables");
-    for want in
-        [".TH istio-iptables", "--native-nftables", "--istio-inbound-ports", "REDIRECT_DNS", "ISTIO_SERVICE_CIDR"]
-    {
+    for want in [".TH istio-iptables", "--native-nftables", "--istio-inbound-ports", "REDIRECT_DNS", "ISTIO_SERVICE_CIDR"] {
         assert!(page.contains(want), "man page lacks {want}");
     }
     for shell in SHELLS {

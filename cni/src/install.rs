@@ -88,9 +88,7 @@ struct InstallArgs {
 enum InstallError {
     #[error("cannot {what} {path}: {source}")]
     Io { what: &'static str, path: PathBuf, source: io::Error },
-    #[error(
-        "no *.conflist in {0}: is the node's primary CNI installed yet? (single-plugin *.conf files are not chained)"
-    )]
+    #[error("no *.conflist in {0}: is the node's primary CNI installed yet? (single-plugin *.conf files are not chained)")]
     NoConflist(PathBuf),
     #[error("{path}: {why}")]
     BadJson { path: PathBuf, why: String },
@@ -288,8 +286,8 @@ fn read_json(path: &Path) -> Result<Value, InstallError> {
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), InstallError> {
-    let text = serde_json::to_vec_pretty(value)
-        .map_err(|e| InstallError::BadJson { path: path.to_path_buf(), why: e.to_string() })?;
+    let text =
+        serde_json::to_vec_pretty(value).map_err(|e| InstallError::BadJson { path: path.to_path_buf(), why: e.to_string() })?;
     replace_file(path, &text, 0o644)
 }
 

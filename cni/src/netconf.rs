@@ -118,8 +118,7 @@ impl NetConf {
                 .collect::<Result<_, _>>()?,
             Some(other) => return Err(PluginError::Config(format!("excludeNamespaces: {other} is not a list"))),
         };
-        let runtime_capture =
-            object(conf.remove("runtimeConfig"), "runtimeConfig")?.and_then(|mut r| r.remove("capture"));
+        let runtime_capture = object(conf.remove("runtimeConfig"), "runtimeConfig")?.and_then(|mut r| r.remove("capture"));
         Ok(NetConf {
             cni_version,
             exclude_namespaces,
@@ -174,8 +173,7 @@ impl CniArgs {
     pub fn parse(text: &str) -> Result<CniArgs, PluginError> {
         let mut pairs = Vec::new();
         for pair in text.split(';').filter(|p| !p.is_empty()) {
-            let (key, value) =
-                pair.split_once('=').ok_or_else(|| PluginError::Args(format!("{pair:?} is not KEY=VALUE")))?;
+            let (key, value) = pair.split_once('=').ok_or_else(|| PluginError::Args(format!("{pair:?} is not KEY=VALUE")))?;
             pairs.push((key, value));
         }
         let lookup = |wanted: &str| pairs.iter().find(|(k, _)| *k == wanted).map(|(_, v)| v.to_string());
@@ -192,9 +190,7 @@ impl CniArgs {
             if is_capture_key(key) {
                 overrides.insert(key.to_string(), Value::String(value.to_string()));
             } else if !RUNTIME_ARGS.contains(key) && !ignore_unknown {
-                return Err(PluginError::Args(format!(
-                    "unknown key {key:?} (set IgnoreUnknown=1 to skip unknown keys)"
-                )));
+                return Err(PluginError::Args(format!("unknown key {key:?} (set IgnoreUnknown=1 to skip unknown keys)")));
             }
         }
         Ok(CniArgs {
@@ -330,8 +326,7 @@ mod tests {
     #[test]
     fn bad_input_names_the_key() {
         let base = r#"{"cniVersion":"1.0.0","name":"k8s","capture":"#;
-        let err =
-            |capture_json: &str| NetConf::parse(format!("{base}{capture_json}}}").as_bytes()).unwrap_err().to_string();
+        let err = |capture_json: &str| NetConf::parse(format!("{base}{capture_json}}}").as_bytes()).unwrap_err().to_string();
         assert!(err(r#"{"inboundPort":"80"}"#).contains("unknown setting \"inboundPort\""));
         let bad_flag = capture(&format!(r#"{base}{{"redirectDNS":"yes"}}}}"#), "").unwrap_err();
         assert_eq!(bad_flag.to_string(), "invalid network configuration: redirectDNS: \"yes\" is not true or false");
@@ -372,8 +367,7 @@ mod tests {
         assert!(matches!(NetConf::parse(b"[1]"), Err(PluginError::Config(_))));
         assert!(matches!(NetConf::parse(b"{\"name\":\"x\"}"), Err(PluginError::Config(m)) if m.contains("cniVersion")));
         assert!(matches!(NetConf::parse(b"{not json"), Err(PluginError::Decode(_))));
-        let conf =
-            conf(r#"{"cniVersion":"0.4.0","name":"k8s","excludeNamespaces":["kube-system"],"prevResult":{"ips":[]}}"#);
+        let conf = conf(r#"{"cniVersion":"0.4.0","name":"k8s","excludeNamespaces":["kube-system"],"prevResult":{"ips":[]}}"#);
         assert_eq!(conf.exclude_namespaces, vec!["kube-system"]);
         assert!(conf.prev_result.is_some());
     }
@@ -384,10 +378,7 @@ mod tests {
             for value in [r#""x""#, "7", "[{}]", "null", "true"] {
                 let json = format!(r#"{{"cniVersion":"1.0.0","name":"k8s","{key}":{value}}}"#);
                 let err = NetConf::parse(json.as_bytes()).unwrap_err();
-                assert!(
-                    matches!(&err, PluginError::Config(m) if *m == format!("{key}: {value} is not an object")),
-                    "{err}"
-                );
+                assert!(matches!(&err, PluginError::Config(m) if *m == format!("{key}: {value} is not an object")), "{err}");
             }
         }
         let nested = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"k8s","runtimeConfig":{"capture":"x"}}"#);

@@ -169,9 +169,7 @@ fn enter_pod(invocation: &Invocation, config: CaptureConfig, dual_stack: bool) -
 fn enter_if_present(netns: &Path) -> Result<bool, PluginError> {
     match enter(netns) {
         Ok(()) => Ok(true),
-        Err(PluginError::Namespace(NamespaceError::Open { source, .. })) if source.kind() == io::ErrorKind::NotFound => {
-            Ok(false)
-        }
+        Err(PluginError::Namespace(NamespaceError::Open { source, .. })) if source.kind() == io::ErrorKind::NotFound => Ok(false),
         // The path exists but is no namespace any more (an unmounted bind mount).
         Err(PluginError::Namespace(NamespaceError::Enter { source: nix::errno::Errno::EINVAL, .. })) => Ok(false),
         Err(e) => Err(e),

@@ -167,12 +167,7 @@ mod tests {
 
     #[test]
     fn add_needs_the_namespace_and_del_does_not() {
-        let add = invocation(&[
-            ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", "c1"),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/x"),
-        ]);
+        let add = invocation(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/x")]);
         let err = add.unwrap_err();
         assert_eq!(err.to_string(), "CNI_NETNS is not set, and ADD needs it");
         assert_eq!(err.code(), ErrorCode::InvalidEnvironment);

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::{Result, Unstructured};
-use capture_lib::config::{CaptureConfig, Cidr, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups};
+use capture_lib::config::{
+    CaptureConfig, Cidr, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups,
+};
 use capture_lib::model::{self, Dialect, Ruleset};
 use capture_lib::{iptables, nftables};
 use libfuzzer_sys::fuzz_target;
@@ -123,7 +125,10 @@ fn check_restore_input(payload: &str) {
         }
     }
     for (table, target) in jumps {
-        assert!(BUILTIN.contains(&target) || declared.get(table).is_some_and(|d| d.contains(target)), "{table}: jump to undeclared {target}:\n{payload}");
+        assert!(
+            BUILTIN.contains(&target) || declared.get(table).is_some_and(|d| d.contains(target)),
+            "{table}: jump to undeclared {target}:\n{payload}"
+        );
         assert!(filled.get(table).is_some_and(|f| f.contains(target)), "{table}: jump to empty {target}:\n{payload}");
     }
 }
@@ -137,7 +142,9 @@ fn check_nft_script(script: &str) {
     for line in script.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
-            ["add", "chain", _family, table, chain, ..] => assert!(declared.insert((table, chain)), "{table} {chain} added twice:\n{script}"),
+            ["add", "chain", _family, table, chain, ..] => {
+                assert!(declared.insert((table, chain)), "{table} {chain} added twice:\n{script}")
+            }
             ["add", "rule", _family, table, chain, rest @ ..] => {
                 filled.insert((table, chain));
                 jumps.extend(rest.windows(2).filter(|w| w[0] == "jump" || w[0] == "goto").map(|w| (*table, w[1])));

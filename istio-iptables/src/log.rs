@@ -63,8 +63,8 @@ fn scoped_level(text: &str, start: Level) -> Result<Level, String> {
             [scope, name] => (scope, name),
             _ => return Err(format!("{entry:?} is not <scope>:<level>")),
         };
-        let parsed = Level::named(name)
-            .ok_or_else(|| format!("{name:?} is not a level (debug, info, warn, error, fatal or none)"))?;
+        let parsed =
+            Level::named(name).ok_or_else(|| format!("{name:?} is not a level (debug, info, warn, error, fatal or none)"))?;
         Ok(if scope == "default" || scope == "all" { parsed } else { level })
     })
 }
@@ -172,13 +172,11 @@ impl Target {
             "stdout" => Target::Stdout,
             "stderr" => Target::Stderr,
             // As zap opens its sinks.
-            _ => Target::File(
-                OpenOptions::new()
-                    .append(true)
-                    .create(true)
-                    .open(path)
-                    .map_err(|source| OpenError { flag, path: path.to_string(), source })?,
-            ),
+            _ => Target::File(OpenOptions::new().append(true).create(true).open(path).map_err(|source| OpenError {
+                flag,
+                path: path.to_string(),
+                source,
+            })?),
         })
     }
 

@@ -76,14 +76,11 @@ pub fn log_report(log: &Logger, report: &Report) {
     }
     for sent in &report.sent {
         match sent {
-            Sent::IptablesRestore { program, input } => log.info(&format!(
-                "Running iptables restore with: {program} and the following input:\n{}",
-                input.trim_end()
-            )),
-            Sent::Nftables { script } => log.info(&format!("nftables rules programmed:\n{}", script.trim_end())),
-            Sent::Routing { commands } => {
-                log.info(&format!("Added the routing the capture relies on:\n{}", commands.join("\n")))
+            Sent::IptablesRestore { program, input } => {
+                log.info(&format!("Running iptables restore with: {program} and the following input:\n{}", input.trim_end()))
             }
+            Sent::Nftables { script } => log.info(&format!("nftables rules programmed:\n{}", script.trim_end())),
+            Sent::Routing { commands } => log.info(&format!("Added the routing the capture relies on:\n{}", commands.join("\n"))),
         }
     }
     for warning in &report.warnings {

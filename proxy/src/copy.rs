@@ -185,7 +185,20 @@ struct Flow<'a> {
 
 impl<'a> Flow<'a> {
     fn new(from: &'a TcpStream, to: &'a TcpStream, reader: Side, writer: Side, total: &'a AtomicU64, splice: bool) -> Self {
-        Flow { from, to, reader, writer, total, bytes: 0, held: None, splice, bulk: false, ended: false, fin_passed: false, progressed: false }
+        Flow {
+            from,
+            to,
+            reader,
+            writer,
+            total,
+            bytes: 0,
+            held: None,
+            splice,
+            bulk: false,
+            ended: false,
+            fin_passed: false,
+            progressed: false,
+        }
     }
 
     fn ended(&self) -> bool {

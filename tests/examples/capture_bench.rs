@@ -177,8 +177,7 @@ fn bench(bin: &Path, runs: usize) {
 fn linkage(bin: &Path) -> String {
     let out = Command::new("ldd").arg(bin).output().expect("ldd");
     let text = String::from_utf8_lossy(&out.stdout);
-    let libraries: Vec<&str> =
-        text.lines().filter_map(|l| l.split_whitespace().next()).filter(|l| l.contains(".so")).collect();
+    let libraries: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).filter(|l| l.contains(".so")).collect();
     if libraries.is_empty() {
         text.trim().to_string()
     } else {
@@ -200,8 +199,7 @@ impl CpuTimes {
 
 fn cpu_times() -> CpuTimes {
     let stat = fs::read_to_string("/proc/stat").unwrap();
-    let fields: Vec<f64> =
-        stat.lines().next().unwrap().split_whitespace().skip(1).map(|f| f.parse().unwrap()).collect();
+    let fields: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|f| f.parse().unwrap()).collect();
     let total: f64 = fields.iter().take(8).sum();
     // idle and iowait are the 4th and 5th fields.
     CpuTimes { busy: total - fields[3] - fields[4], total }

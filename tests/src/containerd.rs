@@ -367,8 +367,7 @@ impl Containerd {
     /// that names containerd's directory (shims, and through them the pods' processes, which
     /// would hold their namespaces).
     pub fn node_leftovers(&self) -> Vec<String> {
-        let mut left: Vec<String> =
-            self.ip_reservations().iter().map(|ip| format!("host-local's reservation of {ip}")).collect();
+        let mut left: Vec<String> = self.ip_reservations().iter().map(|ip| format!("host-local's reservation of {ip}")).collect();
         let nat = self.node.iptables_save(false);
         left.extend(nat.lines().filter(|line| line.contains("CNI-")).map(|line| format!("node rule: {line}")));
         let links = self.node.sh("ip -o link show");

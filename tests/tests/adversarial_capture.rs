@@ -356,7 +356,8 @@ fn redirect_dns_through_a_namespace_path_uses_the_pods_resolv_conf_or_is_refused
     // A process's namespace leads to its root, where the pod's own resolv.conf is.
     let container = Container::start(&pod, b"nameserver 10.96.7.7\n");
     assert_ok(&from_outside(&container.ns_path(), &[]));
-    let dns: Vec<String> = pod.rules(false).into_iter().filter(|r| r.starts_with("-A ISTIO_OUTPUT_DNS ") && r.contains(" tcp ")).collect();
+    let dns: Vec<String> =
+        pod.rules(false).into_iter().filter(|r| r.starts_with("-A ISTIO_OUTPUT_DNS ") && r.contains(" tcp ")).collect();
     assert_eq!(dns, ["-A ISTIO_OUTPUT_DNS -d 10.96.7.7/32 -p tcp -m tcp --dport 53 -j REDIRECT --to-ports 15053"]);
 }
 

@@ -71,8 +71,7 @@ impl Node {
 
     /// Our plugin, configured as the second plugin of the `capnet` list.
     fn capture(&self, command: &str, pod: &Pod, capture: Value, prev_result: Option<&Value>, args: &str) -> Output {
-        let mut conf =
-            json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "capture": capture });
+        let mut conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "capture": capture });
         if let Some(prev) = prev_result {
             conf["prevResult"] = prev.clone();
         }
@@ -150,8 +149,7 @@ fn start_proxy(pod: &Pod, log: &Path) -> Child {
 fn wait_ready(pod: &Pod, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let ready = || -> std::io::Result<bool> {
-        let mut stream =
-            TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 15021)), Duration::from_secs(1))?;
+        let mut stream = TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 15021)), Duration::from_secs(1))?;
         stream.write_all(b"GET /healthz/ready HTTP/1.0\r\n\r\n")?;
         let mut reply = String::new();
         stream.read_to_string(&mut reply)?;
@@ -233,10 +231,7 @@ fn check_fails_before_add_passes_after_and_sees_drift() {
     assert_ok(&node.capture("ADD", &pod, capture.clone(), Some(&prev), ""));
     let nat = pod.rules(false);
     assert!(nat.iter().any(|r| r == "-A ISTIO_INBOUND -p tcp -m tcp --dport 8081 -j RETURN"), "{nat:?}");
-    assert!(
-        nat.iter().any(|r| r == "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN"),
-        "Istio CNI's exclusions: {nat:?}"
-    );
+    assert!(nat.iter().any(|r| r == "-A ISTIO_INBOUND -p tcp -m tcp --dport 15021 -j RETURN"), "Istio CNI's exclusions: {nat:?}");
     let out = node.capture("CHECK", &pod, capture.clone(), Some(&prev), "");
     assert_ok(&out);
     assert!(out.stdout.is_empty(), "CHECK prints nothing on success");
@@ -335,9 +330,11 @@ fn the_node_namespace_is_refused_by_add_and_check_and_left_alone_by_del() {
     let state = || (node.ns.nft_ruleset(), node.ns.iptables_save(false), node.ns.sh("ip rule show; ip route show table all"));
     let before = state();
     assert!(before.0.contains("istio-proxy-nat"), "{}", before.0);
-    let conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "capture": { "nativeNftables": true } });
+    let conf =
+        json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "capture": { "nativeNftables": true } });
     let plugin = release_bin("istio-capture-cni");
-    let paths = [format!("/var/run/netns/{}", node.ns.name), format!("/proc/{}/ns/net", node.ns.pid()), "/proc/self/ns/net".into()];
+    let paths =
+        [format!("/var/run/netns/{}", node.ns.name), format!("/proc/{}/ns/net", node.ns.pid()), "/proc/self/ns/net".into()];
     for netns in &paths {
         for command in ["ADD", "CHECK"] {
             let refused = cni_error(&piped(&mut node.runtime_cmd(&plugin, command, netns, ""), &conf));
@@ -372,13 +369,7 @@ fn excluded_namespaces_are_left_alone() {
     let (node, pod, prev) = node_with_pod();
     let conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni",
                        "excludeNamespaces": ["kube-system"], "prevResult": prev });
-    let out = node.exec(
-        &release_bin("istio-capture-cni"),
-        "ADD",
-        &pod,
-        &conf,
-        "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system",
-    );
+    let out = node.exec(&release_bin("istio-capture-cni"), "ADD", &pod, &conf, "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system");
     assert_ok(&out);
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), prev);
     assert!(pod.rules(false).is_empty(), "{:?}", pod.rules(false));

@@ -136,7 +136,10 @@ fn a_broken_node_config_fails_pods_and_20_attempts_leave_nothing_behind() {
             attempts += 1;
             let name = format!("broken-{attempts}");
             let error = containerd.run_pod(&cri, &pod_sandbox_config(&name, "shop")).expect_err("a pod started").to_string();
-            assert!(error.contains("istio-capture-cni") && error.contains(key), "{entry}: the error does not name {key}: {error}");
+            assert!(
+                error.contains("istio-capture-cni") && error.contains(key),
+                "{entry}: the error does not name {key}: {error}"
+            );
         }
     }
     assert_eq!(attempts, 20);

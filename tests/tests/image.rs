@@ -125,11 +125,7 @@ fn native_nftables_capture_runs_from_the_image_alone() {
     assert!(message.contains("nothing was changed"), "{message}");
 
     let out = rootfs.run_in(&pod, "/usr/local/bin/capture-proxy", &["--version"]);
-    assert!(
-        out.status.success(),
-        "capture-proxy does not start from the image: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "capture-proxy does not start from the image: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The iptables image adds iptables and ip6tables in both variants and nothing else: the two

@@ -136,8 +136,11 @@ fn the_logged_restore_input_replays_to_the_same_rules() {
         assert_eq!(replay.iptables_save(v6), pod.iptables_save(v6), "{program}");
     }
     let routing = logged_text(&records, "Added the routing the capture relies on:");
-    assert_eq!(routing, ["ip rule add fwmark 1337 lookup 133\nip route add local default dev lo table 133\n\
-        ip -6 addr add ::6/128 dev lo\nip -6 rule add fwmark 1337 lookup 133\nip -6 route add local default dev lo table 133"]);
+    assert_eq!(
+        routing,
+        ["ip rule add fwmark 1337 lookup 133\nip route add local default dev lo table 133\n\
+        ip -6 addr add ::6/128 dev lo\nip -6 rule add fwmark 1337 lookup 133\nip -6 route add local default dev lo table 133"]
+    );
 }
 
 #[test]
@@ -212,8 +215,11 @@ fn every_global_flag_is_accepted_and_the_meaningful_ones_honoured() {
         (vec!["--log_target", "stderr"], [false, true, false, false], "\tinfo\tcapture rules installed\n"),
         (vec![&file_arg], [false, false, true, false], "\tinfo\tcapture rules installed\n"),
         (vec!["--log_target=stderr", &file_arg], [false, true, true, false], "\tinfo\tIstio config:\n"),
-        (vec![&rotate_arg, "--log_rotate_max_age=7", "--log_rotate_max_size", "100", "--log_rotate_max_backups=3"],
-            [false, true, false, true], "\tinfo\tcapture rules installed\n"),
+        (
+            vec![&rotate_arg, "--log_rotate_max_age=7", "--log_rotate_max_size", "100", "--log_rotate_max_backups=3"],
+            [false, true, false, true],
+            "\tinfo\tcapture rules installed\n",
+        ),
         (vec!["--log_caller=default"], [false, true, false, false], "\tistio-iptables/src/report.rs:"),
         (vec!["--log_caller=ads,all"], [false, true, false, false], "\tistio-iptables/src/report.rs:"),
         (vec!["--log_caller=ads"], [false, true, false, false], "\tinfo\tcapture rules installed\n"),

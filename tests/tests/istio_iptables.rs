@@ -239,7 +239,9 @@ fn a_refused_ipv6_half_rolls_back_the_ipv4_half() {
     // Fault injection: an ip6tables-nft-restore that refuses any --noflush input, as a kernel
     // without ip6table_nat would; the IPv4 half is real and must be undone.
     let dir = tempdir();
-    let real = String::from_utf8(run_ok(std::process::Command::new("sh").args(["-c", "command -v ip6tables-nft-restore"])).stdout).unwrap();
+    let real =
+        String::from_utf8(run_ok(std::process::Command::new("sh").args(["-c", "command -v ip6tables-nft-restore"])).stdout)
+            .unwrap();
     std::fs::write(
         dir.join("ip6tables-nft-restore"),
         format!("#!/bin/sh\ncase \"$*\" in *--noflush*) cat >/dev/null; echo 'ip6tables-restore: line 2 failed: unable to initialize table' >&2; exit 1;; esac\nexec {} \"$@\"\n", real.trim()),

@@ -46,10 +46,7 @@ fn container<'a>(list: &'a Value, name: &str) -> &'a Value {
 }
 
 fn strings(value: &Value) -> Vec<String> {
-    value
-        .as_sequence()
-        .map(|s| s.iter().map(|v| v.as_str().expect("a string").to_string()).collect())
-        .unwrap_or_default()
+    value.as_sequence().map(|s| s.iter().map(|v| v.as_str().expect("a string").to_string()).collect()).unwrap_or_default()
 }
 
 fn str_of<'a>(value: &'a Value, what: &str) -> &'a str {
@@ -72,8 +69,7 @@ fn assert_sidecar(pod: &Value) {
     assert!(security["capabilities"]["add"].is_null(), "REDIRECT mode needs no capability");
     let probe = &proxy["readinessProbe"]["httpGet"];
     assert_eq!((probe["path"].as_str(), probe["port"].as_u64()), (Some("/healthz/ready"), Some(15021)));
-    let ports: Vec<u64> =
-        proxy["ports"].as_sequence().unwrap().iter().filter_map(|p| p["containerPort"].as_u64()).collect();
+    let ports: Vec<u64> = proxy["ports"].as_sequence().unwrap().iter().filter_map(|p| p["containerPort"].as_u64()).collect();
     assert!(ports.contains(&15090) && ports.contains(&15021), "{ports:?}");
 
     let help = String::from_utf8(run_ok(Command::new(release_bin("capture-proxy")).arg("--help")).stdout).unwrap();
@@ -134,10 +130,7 @@ fn cni_daemonset_installs_and_chains_a_valid_plugin_config() {
     assert_eq!(strings(&install["command"]), ["/usr/local/bin/istio-capture-cni", "install"]);
     let args = strings(&install["args"]);
     let flag = |name: &str| {
-        args.iter()
-            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
-            .unwrap_or_else(|| panic!("no --{name}"))
-            .to_string()
+        args.iter().find_map(|a| a.strip_prefix(&format!("--{name}="))).unwrap_or_else(|| panic!("no --{name}")).to_string()
     };
     assert!(flag("watch").parse::<u64>().unwrap() > 0);
 
@@ -158,8 +151,7 @@ fn cni_daemonset_installs_and_chains_a_valid_plugin_config() {
     let config_map = kind(&docs, "ConfigMap");
     assert_eq!(config_map["metadata"]["name"], config_map_name.as_str());
     let file = Path::new(&flag("plugin-config")).file_name().unwrap().to_str().unwrap().to_string();
-    let entry: serde_json::Value =
-        serde_json::from_str(str_of(&config_map["data"][file.as_str()], "plugin.json")).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(str_of(&config_map["data"][file.as_str()], "plugin.json")).unwrap();
     assert_eq!(entry["type"], "istio-capture-cni");
     assert_eq!(entry["capture"]["nativeNftables"], true, "the image has no iptables userspace");
 

@@ -23,8 +23,7 @@ fn functions(source: &str) -> Vec<Function> {
     let mut found = Vec::new();
     for (start, line) in lines.iter().enumerate() {
         let code = line.trim_start();
-        let Some(rest) = ["fn ", "pub fn ", "pub(crate) fn ", "async fn "].iter().find_map(|p| code.strip_prefix(p))
-        else {
+        let Some(rest) = ["fn ", "pub fn ", "pub(crate) fn ", "async fn "].iter().find_map(|p| code.strip_prefix(p)) else {
             continue;
         };
         let name: String = rest.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
@@ -74,9 +73,7 @@ fn problems(file: &str, source: &str) -> Vec<String> {
     for f in functions.iter().filter(|f| f.attributes.iter().any(|a| a == "#[test]")) {
         match (needing.contains(f.name.as_str()), f.attributes.iter().any(|a| a == IGNORE)) {
             (true, false) => found.push(format!("{file}: {} reaches require_netns! but lacks {IGNORE}", f.name)),
-            (false, true) => {
-                found.push(format!("{file}: {} is marked {IGNORE} but never reaches require_netns!", f.name))
-            }
+            (false, true) => found.push(format!("{file}: {} is marked {IGNORE} but never reaches require_netns!", f.name)),
             _ => {}
         }
     }
@@ -142,8 +139,7 @@ fn stdout(output: &Output) -> String {
 fn without_root_this_test_fails_instead_of_passing() {
     require_netns!();
     let this = std::env::current_exe().unwrap();
-    let output =
-        as_nobody(&this).args(["--exact", "without_root_this_test_fails_instead_of_passing"]).output().unwrap();
+    let output = as_nobody(&this).args(["--exact", "without_root_this_test_fails_instead_of_passing"]).output().unwrap();
     let (out, err) = (stdout(&output), String::from_utf8_lossy(&output.stderr));
     assert_eq!(output.status.code(), Some(101), "{out}{err}");
     assert!(out.contains("needs root and network namespaces") && out.contains("1 failed"), "{out}{err}");
@@ -151,14 +147,11 @@ fn without_root_this_test_fails_instead_of_passing() {
 
 /// This package's build script binary (the newest, if older builds left others beside it).
 fn build_script() -> PathBuf {
-    let build_dir =
-        Path::new(env!("OUT_DIR")).parent().and_then(Path::parent).expect("OUT_DIR is target/*/build/NAME/out");
+    let build_dir = Path::new(env!("OUT_DIR")).parent().and_then(Path::parent).expect("OUT_DIR is target/*/build/NAME/out");
     std::fs::read_dir(build_dir)
         .unwrap()
         .map(|e| e.unwrap().path().join("build-script-build"))
-        .filter(|p| {
-            p.parent().unwrap().file_name().unwrap().to_string_lossy().starts_with("capture-tests-") && p.exists()
-        })
+        .filter(|p| p.parent().unwrap().file_name().unwrap().to_string_lossy().starts_with("capture-tests-") && p.exists())
         .max_by_key(|p| p.metadata().unwrap().modified().unwrap())
         .unwrap_or_else(|| panic!("no capture-tests build script in {}", build_dir.display()))
 }

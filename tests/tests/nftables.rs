@@ -3,9 +3,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use capture_lib::config::{
-    parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges,
-};
+use capture_lib::config::{parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
 use capture_lib::model::{self, Action, Chain, Dialect, Family, Position, Rule, Ruleset, Table};
 use capture_lib::nftables::{self, NftError};
 use capture_lib::{Detail, Outcome};
@@ -175,10 +173,7 @@ fn drift_is_refused_without_reconcile_and_repaired_with_it() {
     let edited = with_handles(&pod);
     let err = apply(&pod, &base(), false).unwrap_err();
     let NftError::Drift { details } = &err else { panic!("expected drift, got {err}") };
-    assert!(
-        details.contains(&"chain inet istio-proxy-nat istio-output holds 9 rules, expected 8".to_string()),
-        "{details:?}"
-    );
+    assert!(details.contains(&"chain inet istio-proxy-nat istio-output holds 9 rules, expected 8".to_string()), "{details:?}");
     assert!(err.to_string().contains("--reconcile"), "{err}");
     assert_eq!(with_handles(&pod), edited, "a refused apply changed the ruleset");
 

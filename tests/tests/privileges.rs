@@ -131,7 +131,9 @@ fn unsafe_code_lives_only_in_the_nftables_syscall_module() {
         let text = std::fs::read_to_string(path).unwrap();
         let name = path.strip_prefix(root).unwrap().display().to_string();
         // The lint attributes name `unsafe_code`; any other `unsafe` is unsafe code.
-        if text.lines().any(|l| l.contains("unsafe") && !l.trim_start().starts_with("#![deny(unsafe_code)]") && !l.contains("allow(unsafe_code)")) {
+        if text.lines().any(|l| {
+            l.contains("unsafe") && !l.trim_start().starts_with("#![deny(unsafe_code)]") && !l.contains("allow(unsafe_code)")
+        }) {
             with_unsafe.push(name.clone());
         }
         if text.contains("allow(unsafe_code)") {

@@ -137,7 +137,11 @@ fn thousands_of_idle_connections_are_held_with_bounded_memory() {
     }
     let fds_held = open_fds(pid) - fds_before;
     let per_connection = (rss_bytes(pid).saturating_sub(rss_before)) / n as u64;
-    eprintln!("{n} idle connections (RLIMIT_NOFILE {limit}): proxy RSS {} KiB -> {} KiB, {per_connection} bytes per connection", rss_before >> 10, rss_bytes(pid) >> 10);
+    eprintln!(
+        "{n} idle connections (RLIMIT_NOFILE {limit}): proxy RSS {} KiB -> {} KiB, {per_connection} bytes per connection",
+        rss_before >> 10,
+        rss_bytes(pid) >> 10
+    );
     assert_eq!(fds_held, 2 * n, "two sockets per relayed connection");
     // Kernel socket buffers are not in RSS: this is the proxy's own state per connection (about
     // 2 KiB: its task and two socket registrations). 4 KiB would mean a buffer kept while idle.
@@ -180,7 +184,10 @@ fn churning_short_connections_leaks_no_fds_or_memory() {
     let elapsed = started.elapsed();
     wait_for_fds(&proxied, fds);
     let growth = rss_bytes(pid).saturating_sub(rss_before);
-    eprintln!("{total} connections in {elapsed:?} ({:.0}/s); proxy RSS grew {growth} bytes", total as f64 / elapsed.as_secs_f64());
+    eprintln!(
+        "{total} connections in {elapsed:?} ({:.0}/s); proxy RSS grew {growth} bytes",
+        total as f64 / elapsed.as_secs_f64()
+    );
     // Tolerance: 1 MiB of allocator slack. A leak of even 256 bytes per connection would
     // exceed it at 6,000 connections (1.5 MB).
     assert!(growth < 1 << 20, "RSS grew {growth} bytes over {total} connections");
@@ -227,7 +234,8 @@ fn a_slow_reader_does_not_stall_other_connections() {
 /// Connects and expects a reset: refused by the proxy, possibly before connect returns.
 fn refused(proxied: &ProxiedPod) -> bool {
     let addr: SocketAddr = SERVER.parse().unwrap();
-    let outcome = proxied.pod.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5))).and_then(|mut s| round_trip(&mut s));
+    let outcome =
+        proxied.pod.enter(|| TcpStream::connect_timeout(&addr, Duration::from_secs(5))).and_then(|mut s| round_trip(&mut s));
     matches!(outcome, Err(e) if e.kind() == io::ErrorKind::ConnectionReset || e.kind() == io::ErrorKind::UnexpectedEof)
 }
 

@@ -152,9 +152,7 @@ impl Binaries {
             .spawn()
             .map_err(|e| IptablesError::Spawn { program: self.restore.clone(), source: e })?;
         let written = child.stdin.take().map(|mut stdin| stdin.write_all(payload.as_bytes()));
-        let out = child
-            .wait_with_output()
-            .map_err(|e| IptablesError::Spawn { program: self.restore.clone(), source: e })?;
+        let out = child.wait_with_output().map_err(|e| IptablesError::Spawn { program: self.restore.clone(), source: e })?;
         if out.status.success() {
             if let Some(Err(e)) = written {
                 return Err(IptablesError::Spawn { program: self.restore.clone(), source: e });
@@ -176,7 +174,10 @@ fn restore_error(program: &str, payload: &str, stderr: &str) -> IptablesError {
     let stderr = stderr.trim().to_string();
     // "line 7 failed" / "Error occurred at line: 7"
     let line = failing_line(&stderr).and_then(|n| payload.lines().nth(n.saturating_sub(1))).map(str::to_string);
-    let hint = if stderr.contains("unable to initialize table") || stderr.contains("does not exist") || stderr.contains("No chain/target/match") {
+    let hint = if stderr.contains("unable to initialize table")
+        || stderr.contains("does not exist")
+        || stderr.contains("No chain/target/match")
+    {
         Some("the kernel lacks a netfilter module; load it on the node (e.g. `modprobe iptable_nat iptable_mangle iptable_raw xt_owner xt_REDIRECT xt_TPROXY xt_conntrack xt_mark xt_connmark xt_CT xt_multiport`) or try --native-nftables")
     } else if stderr.contains("xtables lock") || stderr.contains("Resource temporarily unavailable") {
         Some("another process holds the xtables lock; it was not released in time")
@@ -220,7 +221,11 @@ mod tests {
     #[test]
     fn error_quotes_the_refused_line() {
         let payload = "*nat\n:ISTIO_OUTPUT - [0:0]\n-A ISTIO_OUTPUT -j NOPE\nCOMMIT\n";
-        let e = restore_error("iptables-nft-restore", payload, "iptables-nft-restore: line 3 failed: No chain/target/match by that name.");
+        let e = restore_error(
+            "iptables-nft-restore",
+            payload,
+            "iptables-nft-restore: line 3 failed: No chain/target/match by that name.",
+        );
         match e {
             IptablesError::Restore { line, hint, .. } => {
                 assert_eq!(line.as_deref(), Some("-A ISTIO_OUTPUT -j NOPE"));

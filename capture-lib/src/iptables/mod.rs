@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-pub use exec::Variant;
 use exec::Binaries;
+pub use exec::Variant;
 use render::{chain_name, owned_chain_names, rule_spec, table_name};
 use shapes::is_our_shape;
 use state::{jump_target, parse_save, SaveState, TableState};
@@ -206,9 +206,9 @@ pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<Strin
 /// that cannot be told): where none does, there is no capture of this backend to look for, and
 /// no process to start. Reads two files and asks nf_tables twice.
 pub fn holds_any_table() -> bool {
-    [false, true].into_iter().any(|v6| {
-        exec::legacy_holds_tables(v6) != Some(false) || crate::nftables::has_iptables_tables(v6).unwrap_or(true)
-    })
+    [false, true]
+        .into_iter()
+        .any(|v6| exec::legacy_holds_tables(v6) != Some(false) || crate::nftables::has_iptables_tables(v6).unwrap_or(true))
 }
 
 /// The state of one family, and the save program that read it (`None`: the family holds no table).
@@ -252,11 +252,8 @@ pub fn execute(plan: &Plan, lock_wait: Duration) -> Result<Outcome, IptablesErro
         return Err(IptablesError::NothingChanged { source: Box::new(e) });
     }
     let results: Vec<Result<(), IptablesError>> = std::thread::scope(|scope| {
-        let restores: Vec<_> = plan
-            .steps
-            .iter()
-            .map(|step| scope.spawn(move || step.bins.restore(&step.payload, true, lock_wait)))
-            .collect();
+        let restores: Vec<_> =
+            plan.steps.iter().map(|step| scope.spawn(move || step.bins.restore(&step.payload, true, lock_wait))).collect();
         restores.into_iter().map(|r| r.join().expect("restore thread panicked")).collect()
     });
     let mut touched = Vec::new();
@@ -346,11 +343,7 @@ struct DesiredTable {
 
 impl DesiredTable {
     fn hook_specs(&self, chain: &str) -> Vec<&str> {
-        self.hooks
-            .iter()
-            .filter(|(c, _)| *c == chain)
-            .flat_map(|(_, rules)| rules.iter().map(|r| r.spec.as_str()))
-            .collect()
+        self.hooks.iter().filter(|(c, _)| *c == chain).flat_map(|(_, rules)| rules.iter().map(|r| r.spec.as_str())).collect()
     }
 }
 
@@ -373,11 +366,8 @@ impl Desired {
             let table = tables.entry(table_name(chain.table)).or_default();
             let name = chain_name(chain.chain);
             if chain.chain.is_hook() {
-                let rules = chain
-                    .rules
-                    .iter()
-                    .map(|r| HookRule { spec: rule_spec(r), top: r.position != Position::Append })
-                    .collect();
+                let rules =
+                    chain.rules.iter().map(|r| HookRule { spec: rule_spec(r), top: r.position != Position::Append }).collect();
                 table.hooks.push((name, rules));
             } else {
                 table.owned.push((name, chain.rules.iter().map(|r| rule_spec(r)).collect()));
@@ -445,9 +435,8 @@ impl Desired {
             let have = current.get(table).unwrap_or(&empty);
             let ours: Vec<String> =
                 have.chain_rules(chain).iter().filter(|s| self.is_ours(table, chain, s, have)).cloned().collect();
-            let wanted: Vec<String> = self.tables.get(table).map_or_else(Vec::new, |t| {
-                t.hook_specs(chain).into_iter().map(str::to_string).collect()
-            });
+            let wanted: Vec<String> =
+                self.tables.get(table).map_or_else(Vec::new, |t| t.hook_specs(chain).into_iter().map(str::to_string).collect());
             if ours != wanted {
                 out.push(describe_difference(table, chain, &ours, &wanted));
             }
@@ -482,11 +471,8 @@ impl Desired {
                 let _ = writeln!(out, "-D {chain} {spec}");
             }
             // Declaring a chain creates it, or flushes it when it exists.
-            let stale: Vec<&String> = found
-                .iter()
-                .flat_map(|r| &r.chains)
-                .filter(|c| !want.owned.iter().any(|(o, _)| o == c))
-                .collect();
+            let stale: Vec<&String> =
+                found.iter().flat_map(|r| &r.chains).filter(|c| !want.owned.iter().any(|(o, _)| o == c)).collect();
             for chain in want.owned.iter().map(|(c, _)| *c).chain(stale.iter().map(|c| c.as_str())) {
                 let _ = writeln!(out, ":{chain} - [0:0]");
             }
@@ -631,7 +617,8 @@ mod tests {
         let now = desired(&CaptureConfig::default());
         let residue = now.residue(&state);
         let removed: usize = residue.values().map(|r| r.hook_rules.len()).sum();
-        let added: usize = state.values().map(|t| t.rules.iter().filter(|(c, _)| !is_our_chain(c)).map(|(_, r)| r.len()).sum::<usize>()).sum();
+        let added: usize =
+            state.values().map(|t| t.rules.iter().filter(|(c, _)| !is_our_chain(c)).map(|(_, r)| r.len()).sum::<usize>()).sum();
         assert_eq!(removed, added - 1, "every rule in a shared chain but the foreign one: {residue:?}");
         let payload = now.payload(&residue, false);
         assert!(payload.contains("-D PREROUTING -i eth9 -j RETURN\n") && payload.contains("-D PREROUTING -i eth8 -j RETURN\n"));

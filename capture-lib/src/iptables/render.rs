@@ -173,11 +173,17 @@ mod tests {
             ..CaptureConfig::default()
         };
         let v6 = lines(&cfg, true);
-        assert!(v6.contains(&"-A ISTIO_TPROXY ! -d ::1/128 -p tcp -j TPROXY --on-port 15006 --on-ip :: --tproxy-mark 0x539/0xffffffff".to_string()));
+        assert!(v6.contains(
+            &"-A ISTIO_TPROXY ! -d ::1/128 -p tcp -j TPROXY --on-port 15006 --on-ip :: --tproxy-mark 0x539/0xffffffff"
+                .to_string()
+        ));
         assert!(v6.contains(&"-A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark 0x53a -j RETURN".to_string()));
         assert!(v6.contains(&"-A ISTIO_OUTPUT -m mark --mark 0x539 -j RETURN".to_string()));
         let v4 = lines(&cfg, false);
         assert!(v4.contains(&"-A ISTIO_DIVERT -j MARK --set-xmark 0x539/0xffffffff".to_string()));
-        assert!(v4.contains(&"-A PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff".to_string()));
+        assert!(v4.contains(
+            &"-A PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff"
+                .to_string()
+        ));
     }
 }

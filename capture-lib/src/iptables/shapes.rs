@@ -9,7 +9,7 @@
 use std::sync::OnceLock;
 
 use super::render::{chain_name, rule_spec, table_name};
-use crate::config::{CaptureConfig, Cidr, DnsCapture, InboundPorts, Interface, InterceptionMode, OutboundRanges};
+use crate::config::{CaptureConfig, Cidr, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
 use crate::model::{self, Action, Dialect, Match};
 
 const ANY_INTERFACE: &str = "any-interface";
@@ -150,9 +150,11 @@ mod tests {
 
     #[test]
     fn interface_returns_are_ours_only_beside_our_chains() {
-        for (table, chain, spec) in
-            [("nat", "PREROUTING", "-i eth9 -j RETURN"), ("nat", "OUTPUT", "-o eth9 -j RETURN"), ("mangle", "PREROUTING", "-i veth+ -j RETURN")]
-        {
+        for (table, chain, spec) in [
+            ("nat", "PREROUTING", "-i eth9 -j RETURN"),
+            ("nat", "OUTPUT", "-o eth9 -j RETURN"),
+            ("mangle", "PREROUTING", "-i veth+ -j RETURN"),
+        ] {
             assert!(is_our_shape(table, chain, spec, true), "{table} {chain} {spec}");
             assert!(!is_our_shape(table, chain, spec, false), "{table} {chain} {spec}");
         }

@@ -23,7 +23,11 @@ pub(super) enum Message<'p> {
     /// The anonymous set (or its elements) a rule's port list needs.
     AddPortSet(Table, Chain, &'p NftRule),
     /// An empty table or chain of iptables-nft's (`family` is `ip` or `ip6`).
-    DeleteEmpty { family: &'static str, table: &'p str, chain: Option<&'p str> },
+    DeleteEmpty {
+        family: &'static str,
+        table: &'p str,
+        chain: Option<&'p str>,
+    },
 }
 
 impl Message<'_> {
@@ -127,14 +131,7 @@ impl<'p> TransactionBuilder<'p> {
         chain
     }
 
-    fn add_rule(
-        &mut self,
-        table: &nftnl::Table,
-        chain: &nftnl::Chain,
-        owner: Table,
-        in_chain: Chain,
-        rule: &'p NftRule,
-    ) {
+    fn add_rule(&mut self, table: &nftnl::Table, chain: &nftnl::Chain, owner: Table, in_chain: Chain, rule: &'p NftRule) {
         let mut sets = Vec::new();
         for term in &rule.terms {
             if let Term::PortNotIn { proto, ports } = term {

@@ -8,8 +8,8 @@
 use std::ffi::CString;
 
 use nftnl::expr::{
-    Bitwise, Cmp, CmpOp, Conntrack, Counter, Immediate, Meta, NetworkHeaderField, Payload, Register,
-    TransportHeaderField, Verdict,
+    Bitwise, Cmp, CmpOp, Conntrack, Counter, Immediate, Meta, NetworkHeaderField, Payload, Register, TransportHeaderField,
+    Verdict,
 };
 use nftnl::Rule;
 
@@ -89,9 +89,7 @@ pub(super) fn add_terms(rule: &mut Rule, terms: &[Term], sets: &[PortSet]) {
             Term::CtState(state) => {
                 let mask = match state {
                     CtState::Invalid => nftnl::expr::ct::States::INVALID,
-                    CtState::RelatedEstablished => {
-                        nftnl::expr::ct::States::RELATED | nftnl::expr::ct::States::ESTABLISHED
-                    }
+                    CtState::RelatedEstablished => nftnl::expr::ct::States::RELATED | nftnl::expr::ct::States::ESTABLISHED,
                 };
                 rule.add_expr(&Conntrack::State);
                 rule.add_expr(&Bitwise::new(mask.bits(), 0u32));
@@ -252,8 +250,8 @@ mod tests {
     fn tcp_port_set_userdata_matches_what_nft_sends() {
         // Captured from `nft --debug=mnl` for `tcp dport != { 53, 15008 }`.
         let nft = [
-            0x00, 0x04, 0x02, 0x00, 0x00, 0x00, 0x03, 0x14, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x00, 0x04,
-            0x08, 0x00, 0x00, 0x00, 0x01, 0x04, 0x02, 0x00, 0x00, 0x00,
+            0x00, 0x04, 0x02, 0x00, 0x00, 0x00, 0x03, 0x14, 0x00, 0x04, 0x07, 0x00, 0x00, 0x00, 0x01, 0x0c, 0x00, 0x04, 0x08,
+            0x00, 0x00, 0x00, 0x01, 0x04, 0x02, 0x00, 0x00, 0x00,
         ];
         assert_eq!(port_set_userdata(Some(Protocol::Tcp)), nft);
     }

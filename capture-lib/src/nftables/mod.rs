@@ -33,9 +33,7 @@ use crate::{Detail, Outcome};
 
 #[derive(Debug, Error)]
 pub enum NftError {
-    #[error(
-        "cannot open a netlink socket to nf_tables: {0} (the tool needs CAP_NET_ADMIN in the pod's network namespace)"
-    )]
+    #[error("cannot open a netlink socket to nf_tables: {0} (the tool needs CAP_NET_ADMIN in the pod's network namespace)")]
     Socket(#[source] io::Error),
     #[error("cannot read the current nftables ruleset: {0}")]
     Read(#[source] io::Error),
@@ -162,8 +160,11 @@ pub fn prune_iptables_tables(v6: bool, tables: &[String]) -> Result<(), NftError
     let mut tx = TransactionBuilder::new();
     for table in tables.iter().filter(|t| existing.iter().any(|o| matches!(o, Object::Table(e) if &e.name == *t))) {
         let rules = netlink.dump(&DumpRequest::RulesOf { family, table }).map_err(NftError::Read)?;
-        let in_table: Vec<&raw::ChainObject> =
-            chains.iter().filter_map(|o| if let Object::Chain(c) = o { Some(c) } else { None }).filter(|c| &c.table == table).collect();
+        let in_table: Vec<&raw::ChainObject> = chains
+            .iter()
+            .filter_map(|o| if let Object::Chain(c) = o { Some(c) } else { None })
+            .filter(|c| &c.table == table)
+            .collect();
         let empty: Vec<&str> = in_table
             .iter()
             .filter(|c| c.hook.as_ref().is_some_and(|h| !matches!(h.policy, Some(p) if p != libc::NF_ACCEPT as u32)))
@@ -248,11 +249,9 @@ fn commit(netlink: &mut Netlink, tx: &Transaction) -> Result<(), NftError> {
 }
 
 fn refused(refusal: &Refusal, message: Option<&Message>, others: usize) -> NftError {
-    let what =
-        message.map_or("the transaction as a whole, when the kernel committed it".to_string(), Message::describe);
+    let what = message.map_or("the transaction as a whole, when the kernel committed it".to_string(), Message::describe);
     let modules = message.map(|m| m.modules().join(" ")).unwrap_or_default();
-    let modprobe =
-        if modules.is_empty() { "modprobe nf_tables".to_string() } else { format!("modprobe nf_tables {modules}") };
+    let modprobe = if modules.is_empty() { "modprobe nf_tables".to_string() } else { format!("modprobe nf_tables {modules}") };
     let hint = match refusal.errno {
         libc::ENOENT => format!(
             "a kernel module is missing (on the node: `{modprobe}`), or the rule names a chain that does not exist (a chain exists only if it has rules)"

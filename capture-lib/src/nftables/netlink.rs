@@ -128,15 +128,29 @@ fn nul_terminated(s: &str) -> Vec<u8> {
 pub(super) enum DumpRequest<'a> {
     Tables,
     /// The tables of another family (`NFPROTO_IPV4`/`NFPROTO_IPV6`: iptables-nft's).
-    TablesOf { family: u8 },
+    TablesOf {
+        family: u8,
+    },
     Chains,
     /// The chains of another family's tables.
-    ChainsOf { family: u8 },
-    Rules { table: &'a str },
+    ChainsOf {
+        family: u8,
+    },
+    Rules {
+        table: &'a str,
+    },
     /// The rules of another family's table.
-    RulesOf { family: u8, table: &'a str },
-    Sets { table: &'a str },
-    Elements { table: &'a str, set: &'a str },
+    RulesOf {
+        family: u8,
+        table: &'a str,
+    },
+    Sets {
+        table: &'a str,
+    },
+    Elements {
+        table: &'a str,
+        set: &'a str,
+    },
 }
 
 impl DumpRequest<'_> {

@@ -62,10 +62,7 @@ impl Expression for Tproxy {
         let family = if self.v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 };
         expr_with(
             c"tproxy",
-            &[
-                (sys::NFTNL_EXPR_TPROXY_FAMILY, family as u32),
-                (sys::NFTNL_EXPR_TPROXY_REG_PORT, Register::Reg1.to_raw()),
-            ],
+            &[(sys::NFTNL_EXPR_TPROXY_FAMILY, family as u32), (sys::NFTNL_EXPR_TPROXY_REG_PORT, Register::Reg1.to_raw())],
         )
     }
 }
@@ -326,8 +323,7 @@ unsafe fn parse_chain(nlh: *const libc::nlmsghdr) -> Option<ChainObject> {
             kind: string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TYPE as u16)),
             hook: sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_HOOKNUM as u16),
             priority: sys::nftnl_chain_get_s32(c, sys::NFTNL_CHAIN_PRIO as u16),
-            policy: is_set(sys::NFTNL_CHAIN_POLICY)
-                .then(|| sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_POLICY as u16)),
+            policy: is_set(sys::NFTNL_CHAIN_POLICY).then(|| sys::nftnl_chain_get_u32(c, sys::NFTNL_CHAIN_POLICY as u16)),
         });
         Some(ChainObject {
             table: string(sys::nftnl_chain_get_str(c, sys::NFTNL_CHAIN_TABLE as u16)),

@@ -385,18 +385,14 @@ add chain inet istio-proxy-nat istio-output
         };
         let text = script_of(&cfg);
         // nat: the server first, then the port (with the port set in the proxy's lo rule).
-        assert!(text.contains(
-            "istio-output-dns ip daddr 10.96.0.10/32 meta l4proto tcp tcp dport 53 counter redirect to :15053\n"
-        ));
+        assert!(
+            text.contains("istio-output-dns ip daddr 10.96.0.10/32 meta l4proto tcp tcp dport 53 counter redirect to :15053\n")
+        );
         assert!(text.contains("tcp dport != { 53, 15008 } meta skuid 1337 counter jump istio-in-redirect\n"));
         // raw: the port first, then the server.
-        assert!(text
-            .contains("istio-output-dns meta l4proto udp udp dport 53 ip daddr 10.96.0.10/32 counter ct zone set 2\n"));
-        assert!(
-            text.contains("istio-inbound meta l4proto udp udp sport 53 ip saddr 10.96.0.10/32 counter ct zone set 1\n")
-        );
-        assert!(text
-            .contains("add chain inet istio-proxy-raw prerouting { type filter hook prerouting priority -300 ; }\n"));
+        assert!(text.contains("istio-output-dns meta l4proto udp udp dport 53 ip daddr 10.96.0.10/32 counter ct zone set 2\n"));
+        assert!(text.contains("istio-inbound meta l4proto udp udp sport 53 ip saddr 10.96.0.10/32 counter ct zone set 1\n"));
+        assert!(text.contains("add chain inet istio-proxy-raw prerouting { type filter hook prerouting priority -300 ; }\n"));
     }
 
     #[test]

@@ -64,13 +64,7 @@ fn describe_sets(objects: &[Object]) -> HashMap<(&str, &SetRef), String> {
             Object::Set(set) => {
                 let mut contents = keys.remove(&(set.table.as_str(), &set.set)).unwrap_or_default();
                 contents.sort();
-                let text = format!(
-                    "type {} len {} flags {:#x} {{{}}}",
-                    set.key_type,
-                    set.key_len,
-                    set.flags,
-                    contents.join(",")
-                );
+                let text = format!("type {} len {} flags {:#x} {{{}}}", set.key_type, set.key_len, set.flags, contents.join(","));
                 Some(((set.table.as_str(), &set.set), text))
             }
             _ => None,
@@ -81,8 +75,7 @@ fn describe_sets(objects: &[Object]) -> HashMap<(&str, &SetRef), String> {
 /// Builds the snapshot of our tables from parsed objects; anything of other tables is ignored.
 pub(super) fn snapshot(objects: &[Object]) -> Snapshot {
     let sets = describe_sets(objects);
-    let describe_set =
-        |table: &str, set: &SetRef| sets.get(&(table, set)).cloned().unwrap_or_else(|| "missing set".into());
+    let describe_set = |table: &str, set: &SetRef| sets.get(&(table, set)).cloned().unwrap_or_else(|| "missing set".into());
 
     let mut tables = Snapshot::new();
     for object in objects {
@@ -170,15 +163,10 @@ pub(super) fn differences(plan: &[TablePlan], want: &Snapshot, have: &Snapshot) 
         match (want.get(&table), have.get(&table)) {
             (None, None) => {}
             (Some(_), None) => out.push(format!("table inet {name} is missing")),
-            (None, Some(_)) => {
-                out.push(format!("table inet {name} is not part of this configuration (left by another one?)"))
-            }
+            (None, Some(_)) => out.push(format!("table inet {name} is not part of this configuration (left by another one?)")),
             (Some(w), Some(h)) => {
                 if w.flags != h.flags {
-                    out.push(format!(
-                        "table inet {name} has flags {:#x} (e.g. dormant), expected {:#x}",
-                        h.flags, w.flags
-                    ));
+                    out.push(format!("table inet {name} has flags {:#x} (e.g. dormant), expected {:#x}", h.flags, w.flags));
                 }
                 let table_plan = plan.iter().find(|p| p.table == table);
                 out.extend(chain_differences(table, table_plan, &w.chains, &h.chains));
@@ -212,11 +200,7 @@ fn chain_differences(table: Table, plan: Option<&TablePlan>, want: &[ChainState]
                 .and_then(|p| p.chains.iter().find(|c| chain_name(c.chain) == w.name))
                 .and_then(|c| c.rules.get(i).map(|r| format!("`{}`", add_rule_line(table, c.chain, r))));
             let found = h.rules.get(i).map_or("nothing".to_string(), |r| format!("`{r}`"));
-            out.push(format!(
-                "{chain}: rule {} is {found}, expected {}",
-                i + 1,
-                expected.as_deref().unwrap_or("nothing")
-            ));
+            out.push(format!("{chain}: rule {} is {found}, expected {}", i + 1, expected.as_deref().unwrap_or("nothing")));
         }
     }
     if out.is_empty() && want.iter().map(|c| &c.name).ne(have.iter().map(|c| &c.name)) {
