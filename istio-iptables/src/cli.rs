@@ -327,24 +327,8 @@ mod tests {
 
     #[test]
     fn seed_command_parses() {
-        let cli = parse(&[
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-        ]);
+        #[rustfmt::skip]
+        let cli = parse(&["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020"]);
         let cfg = cli.capture_config().unwrap();
         assert_eq!(cfg.proxy_uids, vec![1337]);
         assert_eq!(cfg.proxy_gids, vec![1337], "GIDs default to the UIDs");

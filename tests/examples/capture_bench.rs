@@ -101,25 +101,10 @@ fn sh(script: &str) {
 
 /// What Istio's injector passes for a TPROXY pod (`-p -z -u -m -i -x -b -d`), plus DNS
 /// capture and dual stack: the largest ruleset the tool makes.
+#[rustfmt::skip]
 const CAPTURE: [&str; 18] = [
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "TPROXY",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-    "--redirect-dns",
-    "--dual-stack",
+    "-p", "15001", "-z", "15006", "-u", "1337", "-m", "TPROXY", "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020",
+    "--redirect-dns", "--dual-stack",
 ];
 
 struct Contender {
