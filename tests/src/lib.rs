@@ -265,6 +265,19 @@ pub fn process_running(pid: u32) -> bool {
 }
 
 /// Runs a command and panics with its output when it fails.
+/// The release `istio-iptables` run in `pod` with `args` and `env`, as a node agent would
+/// (`ISTIO_OUTBOUND_OWNER_GROUPS` from the test's own environment never leaks in).
+pub fn istio_iptables(pod: &Pod, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = pod.cmd(release_bin("istio-iptables"));
+    cmd.args(args).env_remove("ISTIO_OUTBOUND_OWNER_GROUPS").envs(env.iter().copied());
+    cmd.output().expect("run istio-iptables")
+}
+
+/// A finished process's standard error, as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(

@@ -8,21 +8,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use capture_tests::{release_bin, require_netns, run_ok, unique, Pod, SEED_ARGS as SEED};
+use capture_tests::{istio_iptables as tool, release_bin, require_netns, run_ok, stderr, unique, Pod, SEED_ARGS as SEED};
 
 const NATIVE: &[&str] = &["--native-nftables"];
 const IPTABLES: &[&str] = &[];
-
-fn tool(pod: &Pod, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = pod.cmd(release_bin("istio-iptables"));
-    cmd.args(args).env_remove("ISTIO_OUTBOUND_OWNER_GROUPS");
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run istio-iptables")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn assert_ok(out: &Output) {
     assert!(out.status.success(), "istio-iptables failed ({}): {}", out.status, stderr(out));

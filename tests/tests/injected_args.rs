@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::process::{Output, Stdio};
 
-use capture_tests::{release_bin, require_netns, run_ok, unique, Pod, SEED_ARGS};
+use capture_tests::{istio_iptables, require_netns, run_ok, stderr, unique, Pod, SEED_ARGS};
 use serde_json::Value;
 
 /// The args-only istio-init container of Istio's injection template, for a default pod.
@@ -14,16 +14,12 @@ const TEMPLATE: &[&str] = &["istio-iptables", "-p", "15001", "-z", "15006", "-u"
     "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"];
 
 fn tool(pod: &Pod, args: &[&str]) -> Output {
-    pod.cmd(release_bin("istio-iptables")).args(args).env_remove("ISTIO_OUTBOUND_OWNER_GROUPS").output().unwrap()
+    istio_iptables(pod, args, &[])
 }
 
 /// The template's arguments followed by `extra` (a later value of a flag wins).
 fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     TEMPLATE.iter().copied().chain(extra.iter().copied()).collect()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn stdout(out: &Output) -> String {

@@ -2,20 +2,7 @@
 
 use std::process::Output;
 
-use capture_tests::{release_bin, require_netns, run_ok, Pod, SEED_ARGS as SEED};
-
-fn tool(pod: &Pod, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = pod.cmd(release_bin("istio-iptables"));
-    cmd.args(args).env_remove("ISTIO_OUTBOUND_OWNER_GROUPS");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run istio-iptables")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use capture_tests::{istio_iptables as tool, release_bin, require_netns, run_ok, stderr, Pod, SEED_ARGS as SEED};
 
 /// `nsenter -t PID -n iptables -t nat -S`, as a node agent would look (with the nft variant
 /// named, since the tool picks it in a fresh namespace even where plain iptables is legacy).

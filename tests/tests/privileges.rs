@@ -6,17 +6,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Output;
 use std::time::Duration;
 
-use capture_tests::{only_capabilities, release_bin, require_netns, Pod, ProxiedPod, SEED_ARGS};
+use capture_tests::{only_capabilities, release_bin, require_netns, stderr, Pod, ProxiedPod, SEED_ARGS};
 
 /// istio-iptables in `pod` as root whose only capabilities are `caps`.
 fn capture_with(pod: &Pod, caps: &[&str], env: &[(&str, &str)], extra: &[&str]) -> Output {
     let mut cmd = pod.cmd("setpriv");
     cmd.arg("--reuid=0").args(only_capabilities(caps)).arg(release_bin("istio-iptables")).args(SEED_ARGS).args(extra);
     cmd.envs(env.iter().copied()).output().unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn holds_capture(pod: &Pod) -> bool {
