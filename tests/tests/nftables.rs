@@ -3,19 +3,28 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use capture_lib::capture::{CaptureError, Operation, RuleBackend};
 use capture_lib::config::{parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
 use capture_lib::model::{self, Action, Chain, Dialect, Family, Position, Rule, Ruleset, Table};
-use capture_lib::nftables::{self, NftError};
-use capture_lib::{Detail, Outcome};
+use capture_lib::nftables::{self, NftError, Nftables};
+use capture_lib::Outcome;
 use capture_tests::{require_netns, run_ok, unique, Pod};
 
-/// The backend acts on the calling thread's namespace, so it runs on a thread in the pod's.
+/// Plans `operation` and applies the plan, as a run does. The backend acts on the calling
+/// thread's namespace, so it runs on a thread in the pod's.
+fn run(pod: &Pod, ruleset: &Ruleset, operation: Operation) -> Result<Outcome, NftError> {
+    pod.enter(|| Nftables.plan(ruleset, operation).and_then(|plan| plan.apply())).map_err(|e| match e {
+        CaptureError::Nftables(e) => e,
+        other => panic!("not an nftables error: {other}"),
+    })
+}
+
 fn apply(pod: &Pod, ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftError> {
-    pod.enter(|| nftables::apply(ruleset, reconcile, Detail::Outcome)).map(|applied| applied.outcome)
+    run(pod, ruleset, Operation::Apply { reconcile, force: false })
 }
 
 fn cleanup(pod: &Pod) -> Result<Outcome, NftError> {
-    pod.enter(nftables::cleanup)
+    run(pod, &Ruleset { rules: Vec::new(), ipv6: false }, Operation::Cleanup)
 }
 
 fn ruleset(cfg: &CaptureConfig) -> Ruleset {
@@ -180,6 +189,25 @@ fn drift_is_refused_without_reconcile_and_repaired_with_it() {
     assert_eq!(apply(&pod, &base(), true).unwrap(), Outcome::Reconciled);
     assert_eq!(pod.nft_ruleset(), fresh.nft_ruleset());
     assert_eq!(apply(&pod, &base(), false).unwrap(), Outcome::Unchanged);
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn force_sends_exact_tables_again_and_still_refuses_drift() {
+    require_netns!();
+    let pod = Pod::new();
+    let forced = Operation::Apply { reconcile: false, force: true };
+    assert_eq!(run(&pod, &largest(), forced).unwrap(), Outcome::Applied, "nothing to force in an empty namespace");
+    let (ruleset, handles) = (pod.nft_ruleset(), with_handles(&pod));
+    assert_eq!(run(&pod, &largest(), forced).unwrap(), Outcome::Reconciled);
+    assert_eq!(pod.nft_ruleset(), ruleset);
+    assert_ne!(with_handles(&pod), handles, "the tables were not sent again");
+
+    pod.sh("nft add rule inet istio-proxy-nat istio-output tcp dport 123 accept");
+    let edited = with_handles(&pod);
+    let err = run(&pod, &largest(), forced).unwrap_err();
+    assert!(matches!(err, NftError::Drift { .. }), "force alone does not replace drifted tables: {err}");
+    assert_eq!(with_handles(&pod), edited);
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::IptablesError;
+use super::{IptablesError, NfTables};
 
 /// Where iptables-legacy takes its lock unless `XTABLES_LOCKFILE` says otherwise.
 const XTABLES_LOCK: &str = "/run/xtables.lock";
@@ -40,7 +40,7 @@ impl Variant {
 /// Whether iptables-legacy holds any table of the family in the current namespace (`None`:
 /// cannot tell). Legacy tables are listed in /proc/net/ip{,6}_tables_names; reading that file
 /// is equivalent to `iptables-legacy-save` and starts no process.
-pub(super) fn legacy_holds_tables(v6: bool) -> Option<bool> {
+fn legacy_holds_tables(v6: bool) -> Option<bool> {
     let names = if v6 { "/proc/net/ip6_tables_names" } else { "/proc/net/ip_tables_names" };
     std::fs::read_to_string(names).ok().map(|tables| !tables.trim().is_empty())
 }
@@ -84,10 +84,10 @@ impl Binaries {
     /// True when the kernel certainly holds no table of this variant and family, so there is
     /// no state to read and no process to start (iptables-nft's tables are nf_tables tables of
     /// the family).
-    pub fn holds_nothing(&self) -> bool {
+    pub fn holds_nothing(&self, nf_tables: &dyn NfTables) -> bool {
         match self.variant {
             Variant::Legacy => legacy_holds_tables(self.v6) == Some(false),
-            Variant::Nft => crate::nftables::has_iptables_tables(self.v6).is_ok_and(|any| !any),
+            Variant::Nft => nf_tables.holds_tables(self.v6) == Some(false),
         }
     }
 
@@ -107,13 +107,12 @@ impl Binaries {
     }
 
     /// Deletes what iptables-nft keeps of `tables` once they hold nothing: see
-    /// [`crate::nftables::prune_iptables_tables`]. Legacy tables cannot be deleted.
-    pub fn prune(&self, tables: &[String]) -> Result<(), IptablesError> {
+    /// [`NfTables::prune`]. Legacy tables cannot be deleted.
+    pub fn prune(&self, nf_tables: &dyn NfTables, tables: &[String]) -> Result<(), IptablesError> {
         if self.variant != Variant::Nft || tables.is_empty() {
             return Ok(());
         }
-        crate::nftables::prune_iptables_tables(self.v6, tables)
-            .map_err(|source| IptablesError::Prune { family: self.family(), source })
+        nf_tables.prune(self.v6, tables).map_err(|source| IptablesError::Prune { family: self.family(), source })
     }
 
     /// Legacy iptables serialises its writers with a lock file (`XTABLES_LOCKFILE`, else
