@@ -58,6 +58,12 @@ pub trait RuleBackend {
     /// Changes nothing.
     fn differences(&self, ruleset: &Ruleset) -> Result<Vec<String>, CaptureError>;
 
+    /// True only when the namespace certainly holds none of this backend's rules, as a glance
+    /// tells without reading them (no process, no parsing): a run then looks no further.
+    fn holds_nothing(&self) -> bool {
+        false
+    }
+
     /// Why, when `error` says the backend cannot run here at all (its programs are not
     /// installed): the namespace then holds none of its capture.
     fn unavailable(&self, error: &CaptureError) -> Option<String> {
@@ -259,6 +265,9 @@ fn found_capture<'b>(
     backend: &'b dyn RuleBackend,
     warnings: &mut Vec<String>,
 ) -> Option<Box<dyn RulePlan + 'b>> {
+    if backend.holds_nothing() {
+        return None;
+    }
     match backend.plan(&ruleset(config, backend), Operation::Cleanup) {
         Ok(plan) => (plan.outcome() == Outcome::Removed).then_some(plan),
         Err(e) => {

@@ -40,7 +40,7 @@ impl Variant {
 /// Whether iptables-legacy holds any table of the family in the current namespace (`None`:
 /// cannot tell). Legacy tables are listed in /proc/net/ip{,6}_tables_names; reading that file
 /// is equivalent to `iptables-legacy-save` and starts no process.
-fn legacy_holds_tables(v6: bool) -> Option<bool> {
+pub(super) fn legacy_holds_tables(v6: bool) -> Option<bool> {
     let names = if v6 { "/proc/net/ip6_tables_names" } else { "/proc/net/ip_tables_names" };
     std::fs::read_to_string(names).ok().map(|tables| !tables.trim().is_empty())
 }

@@ -161,6 +161,13 @@ impl RuleBackend for Iptables {
         Ok(out)
     }
 
+    /// No table of either variant or family: reads two files and asks nf_tables twice.
+    fn holds_nothing(&self) -> bool {
+        [false, true]
+            .into_iter()
+            .all(|v6| exec::legacy_holds_tables(v6) == Some(false) && self.nf_tables.holds_tables(v6) == Some(false))
+    }
+
     fn unavailable(&self, error: &CaptureError) -> Option<String> {
         match error {
             CaptureError::Iptables(IptablesError::Spawn { program, source }) => {
