@@ -11,12 +11,14 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::config::{CaptureConfig, DnsCapture};
-use crate::iptables::{self, Iptables, IptablesError, IptablesOptions};
+use crate::config::{ConfigError, DnsCapture};
+use crate::iptables::{self, Iptables, IptablesError, IptablesOptions, Variant};
 use crate::model::{self, Dialect, Ruleset};
 use crate::namespace::{self, NamespaceError};
 use crate::nftables::{self, NftError, Nftables};
 use crate::routes::{self, RouteError, RoutePlan};
+use crate::settings::CaptureConfig;
+use crate::settings::{Setting, Settings};
 use crate::{Detail, Outcome};
 
 /// Which netfilter interface programs the rules.
@@ -92,6 +94,23 @@ pub trait RulePlan {
 
     /// The state read and the decision made from it, for a debug log.
     fn trace(&self) -> Vec<String>;
+}
+
+impl Backend {
+    /// The backend the settings choose (native nftables, or an iptables variant).
+    pub fn from_settings(settings: &Settings) -> Result<Backend, ConfigError> {
+        if settings.flag(Setting::NativeNftables)? {
+            return Ok(Backend::Nftables);
+        }
+        let variant = match settings.text(Setting::IptablesVariant) {
+            "" => None,
+            v => Some(Variant::parse(v).ok_or_else(|| ConfigError::IptablesVariant {
+                setting: settings.name(Setting::IptablesVariant),
+                value: v.to_string(),
+            })?),
+        };
+        Ok(Backend::Iptables(IptablesOptions { variant }))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -399,5 +418,21 @@ fn apply_with_routes(routes: &RoutePlan, plan: &dyn RulePlan) -> Result<(Outcome
             let _ = routes::undo(&added);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Front;
+
+    #[test]
+    fn the_backend_follows_the_settings_and_a_bad_variant_is_named() {
+        let mut settings = Settings::new(Front::CniKey);
+        settings.set_named(Front::CniKey, "forceIptablesBinary", "x").unwrap();
+        let err = Backend::from_settings(&settings).unwrap_err().to_string();
+        assert_eq!(err, "forceIptablesBinary: \"x\" is not an iptables variant (expected legacy or nft)");
+        settings.set_named(Front::CniKey, "nativeNftables", "true").unwrap();
+        assert!(matches!(Backend::from_settings(&settings), Ok(Backend::Nftables)));
     }
 }

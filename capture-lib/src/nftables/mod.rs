@@ -367,8 +367,9 @@ fn refused(refusal: &Refusal, message: Option<&Message>, others: usize) -> NftEr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CaptureConfig, InboundPorts, InterceptionMode};
+    use crate::config::{InboundPorts, InterceptionMode};
     use crate::model::build;
+    use crate::settings::CaptureConfig;
 
     fn tables(config: &CaptureConfig) -> Vec<render::TablePlan> {
         render::plan(&build(config, Dialect::Nftables))
