@@ -105,7 +105,7 @@ impl Step {
 
 /// What [`Iptables::plan`] decided: a restore per family that changes anything.
 #[derive(Debug)]
-pub struct Plan {
+struct Plan {
     backend: Iptables,
     steps: Vec<Step>,
     outcome: Outcome,

@@ -64,7 +64,7 @@ pub fn script(ruleset: &Ruleset) -> String {
 pub struct Nftables;
 
 /// What [`Nftables`] decided, and from what.
-pub struct Plan {
+struct Plan {
     /// The tables the ruleset needs (none for a cleanup).
     tables: Vec<render::TablePlan>,
     /// Our tables as read back; `None` where nothing was read (a cleanup reads only their names,
