@@ -14,6 +14,7 @@ pub mod config;
 pub mod iptables;
 pub mod model;
 pub mod namespace;
+pub mod netlink;
 pub mod nftables;
 pub mod routes;
 pub mod settings;

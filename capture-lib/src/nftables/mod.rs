@@ -12,7 +12,7 @@
 
 mod batch;
 mod expr;
-mod netlink;
+mod messages;
 mod raw;
 mod render;
 mod schema;
@@ -23,22 +23,23 @@ use std::io;
 use thiserror::Error;
 
 use batch::{Message, Transaction, TransactionBuilder};
-use netlink::{DumpRequest, Netlink, Refusal};
+use messages::{DumpRequest, Netlink};
 use raw::{Object, SetRef};
 use schema::table_named;
 use state::Snapshot;
 
 use crate::model::{Ruleset, Table};
+use crate::netlink::{NetlinkError, Refusal};
 use crate::{Detail, Outcome};
 
 #[derive(Debug, Error)]
 pub enum NftError {
     #[error("cannot open a netlink socket to nf_tables: {0} (the tool needs CAP_NET_ADMIN in the pod's network namespace)")]
-    Socket(#[source] io::Error),
+    Socket(#[source] NetlinkError),
     #[error("cannot read the current nftables ruleset: {0}")]
-    Read(#[source] io::Error),
+    Read(#[source] NetlinkError),
     #[error("cannot send the nftables transaction: {0}")]
-    Send(#[source] io::Error),
+    Send(#[source] NetlinkError),
     #[error(
         "the kernel refused the nftables transaction, so nothing was changed:\n  {what}\n  error: {error}{}\n  hint: {hint}",
         if *others > 0 { format!(" (and {others} more refusals)") } else { String::new() }
@@ -219,7 +220,7 @@ fn our_tables(objects: &[Object]) -> Vec<Table> {
 }
 
 /// Everything in our tables: chains, rules, and the sets the rules use.
-fn read_ours(netlink: &mut Netlink) -> io::Result<Snapshot> {
+fn read_ours(netlink: &mut Netlink) -> Result<Snapshot, NetlinkError> {
     let mut objects = netlink.dump(&DumpRequest::Tables)?;
     let ours = our_tables(&objects);
     if ours.is_empty() {
@@ -243,8 +244,8 @@ fn read_ours(netlink: &mut Netlink) -> io::Result<Snapshot> {
 fn commit(netlink: &mut Netlink, tx: &Transaction) -> Result<(), NftError> {
     let refusals = netlink.send(tx).map_err(NftError::Send)?;
     let Some(first) = refusals.first() else { return Ok(()) };
-    let seqs = netlink::message_seqs(tx);
-    let message = seqs.iter().position(|&seq| seq == first.seq).map(|i| &tx.messages[i]);
+    // Position 0 is the batch's begin marker; the one after our messages its end marker.
+    let message = first.position.checked_sub(1).and_then(|i| tx.messages.get(i));
     Err(refused(first, message, refusals.len() - 1))
 }
 
