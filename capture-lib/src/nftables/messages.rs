@@ -3,6 +3,7 @@
 
 use super::batch::Transaction;
 use super::raw::{self, ElementsObject, Object, ObjectKind, SetRef};
+use crate::family::IpFamily;
 use crate::netlink::{self, Header, NetlinkError, Protocol, Refusal, Socket};
 
 const NFNL_SUBSYS_NFTABLES: u16 = libc::NFNL_SUBSYS_NFTABLES as u16;
@@ -100,21 +101,21 @@ fn nul_terminated(s: &str) -> Vec<u8> {
 /// What a dump asks for: the object kind, and the table (and set) it is limited to.
 pub(super) enum DumpRequest<'a> {
     Tables,
-    /// The tables of another family (`NFPROTO_IPV4`/`NFPROTO_IPV6`: iptables-nft's).
+    /// The tables of an IP family (iptables-nft's).
     TablesOf {
-        family: u8,
+        family: IpFamily,
     },
     Chains,
     /// The chains of another family's tables.
     ChainsOf {
-        family: u8,
+        family: IpFamily,
     },
     Rules {
         table: &'a str,
     },
     /// The rules of another family's table.
     RulesOf {
-        family: u8,
+        family: IpFamily,
         table: &'a str,
     },
     Sets {
@@ -130,9 +131,11 @@ impl DumpRequest<'_> {
     /// `NFT_MSG_GET*` with `NLM_F_DUMP` for the inet family (or the one named).
     fn message(&self) -> Vec<u8> {
         let family = match *self {
-            DumpRequest::TablesOf { family } | DumpRequest::ChainsOf { family } | DumpRequest::RulesOf { family, .. } => family,
-            _ => libc::NFPROTO_INET as u8,
-        };
+            DumpRequest::TablesOf { family } | DumpRequest::ChainsOf { family } | DumpRequest::RulesOf { family, .. } => {
+                nfproto(family)
+            }
+            _ => libc::NFPROTO_INET,
+        } as u8;
         let (msg, attrs): (i32, Vec<(u16, &str)>) = match *self {
             DumpRequest::Tables | DumpRequest::TablesOf { .. } => (libc::NFT_MSG_GETTABLE, vec![]),
             DumpRequest::Chains | DumpRequest::ChainsOf { .. } => (libc::NFT_MSG_GETCHAIN, vec![]),
@@ -149,6 +152,14 @@ impl DumpRequest<'_> {
             push_attr(&mut body, kind, &nul_terminated(value));
         }
         netlink::message((NFNL_SUBSYS_NFTABLES << 8) | msg as u16, &body)
+    }
+}
+
+/// The nf_tables family of iptables-nft's tables, and of `tproxy ip|ip6`.
+pub(super) fn nfproto(family: IpFamily) -> i32 {
+    match family {
+        IpFamily::V4 => libc::NFPROTO_IPV4,
+        IpFamily::V6 => libc::NFPROTO_IPV6,
     }
 }
 

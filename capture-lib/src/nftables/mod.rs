@@ -28,6 +28,7 @@ use raw::{Object, SetRef};
 use schema::table_named;
 use state::Snapshot;
 
+use crate::family::IpFamily;
 use crate::model::{Ruleset, Table};
 use crate::netlink::{NetlinkError, Refusal};
 use crate::{Detail, Outcome};
@@ -142,8 +143,7 @@ pub fn differences(ruleset: &Ruleset) -> Result<Vec<String>, NftError> {
 
 /// Whether nf_tables holds any table of the IPv4 (or IPv6) family: where none exists,
 /// iptables-nft has nothing either, and its state need not be read with a process.
-pub fn has_iptables_tables(v6: bool) -> Result<bool, NftError> {
-    let family = if v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 } as u8;
+pub fn has_iptables_tables(family: IpFamily) -> Result<bool, NftError> {
     let mut netlink = Netlink::open().map_err(NftError::Socket)?;
     Ok(!netlink.dump(&DumpRequest::TablesOf { family }).map_err(NftError::Read)?.is_empty())
 }
@@ -153,8 +153,7 @@ pub fn has_iptables_tables(v6: bool) -> Result<bool, NftError> {
 /// IPv4 (or IPv6) family, every base chain left with no rule and an accepting policy, and each
 /// of those tables left with no chain; a table or chain holding anything else stays. Should a
 /// rule or chain appear meanwhile, the kernel refuses the batch and nothing changes.
-pub fn prune_iptables_tables(v6: bool, tables: &[String]) -> Result<(), NftError> {
-    let family = if v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 } as u8;
+pub fn prune_iptables_tables(family: IpFamily, tables: &[String]) -> Result<(), NftError> {
     let mut netlink = Netlink::open().map_err(NftError::Socket)?;
     let existing = netlink.dump(&DumpRequest::TablesOf { family }).map_err(NftError::Read)?;
     let chains = netlink.dump(&DumpRequest::ChainsOf { family }).map_err(NftError::Read)?;
@@ -172,7 +171,7 @@ pub fn prune_iptables_tables(v6: bool, tables: &[String]) -> Result<(), NftError
             .filter(|c| !rules.iter().any(|r| matches!(r, Object::Rule(r) if r.chain == c.name)))
             .map(|c| c.name.as_str())
             .collect();
-        tx.delete_empty(v6, table, &empty, empty.len() == in_table.len());
+        tx.delete_empty(family, table, &empty, empty.len() == in_table.len());
     }
     let tx = tx.finish();
     if tx.messages.is_empty() {

@@ -15,6 +15,8 @@ use nftnl::expr::{Expression, Register};
 use nftnl::nftnl_sys::{self as sys, libc};
 use nftnl::set::Set;
 use nftnl::{MsgType, NlMsg, Rule};
+
+use crate::family::IpFamily;
 // libnftnl calls libmnl, which `nftnl-sys` names but never uses: naming it here keeps libmnl in
 // the link, after libnftnl, as a static link needs it.
 use mnl_sys as _;
@@ -55,12 +57,12 @@ impl Expression for Redirect {
 
 /// `tproxy ip|ip6 to :P`, with the port already in register 1.
 pub(super) struct Tproxy {
-    pub v6: bool,
+    pub family: IpFamily,
 }
 
 impl Expression for Tproxy {
     fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let family = if self.v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 };
+        let family = super::messages::nfproto(self.family);
         expr_with(
             c"tproxy",
             &[(sys::NFTNL_EXPR_TPROXY_FAMILY, family as u32), (sys::NFTNL_EXPR_TPROXY_REG_PORT, Register::Reg1.to_raw())],

@@ -10,9 +10,10 @@ use netlink_packet_route::route::{RouteAttribute, RouteHeader, RouteMessage, Rou
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
-use super::plan::{Change, Entry, Family, LOOPBACK};
+use super::plan::{ip_command, Change, Entry, LOOPBACK};
 use super::{Found, RouteError};
 use crate::config::{INBOUND_PASSTHROUGH_V6, RESERVED_ROUTE_TABLES};
+use crate::family::IpFamily;
 use crate::netlink::route::Rtnetlink;
 use crate::netlink::NetlinkError;
 
@@ -67,7 +68,7 @@ pub(super) fn loopback_index(rtnetlink: &mut Rtnetlink) -> Result<u32, RouteErro
 /// What captures added, found by what it is (see [`super::ours`]), rules first.
 pub(super) fn found_entries(rtnetlink: &mut Rtnetlink, lo: u32) -> Result<Vec<Found>, RouteError> {
     let (mut rules, mut routes) = (Vec::new(), Vec::new());
-    for family in [Family::V4, Family::V6] {
+    for family in IpFamily::ALL {
         let mut tables: Vec<u32> = Vec::new();
         for route in listing::<RouteMessage>(rtnetlink, family, "route show table all")? {
             let table = route_table(&route);
@@ -87,7 +88,7 @@ pub(super) fn found_entries(rtnetlink: &mut Rtnetlink, lo: u32) -> Result<Vec<Fo
             }
         }
     }
-    let address = listing::<AddressMessage>(rtnetlink, Family::V6, "addr show dev lo")?;
+    let address = listing::<AddressMessage>(rtnetlink, IpFamily::V6, "addr show dev lo")?;
     let passthrough = address.iter().any(|found| passthrough_address(lo).same_as(found)).then_some(Entry::PassthroughAddress);
     let mut found: Vec<Found> = Vec::new();
     for entry in rules.into_iter().chain(routes).chain(passthrough) {
@@ -99,19 +100,19 @@ pub(super) fn found_entries(rtnetlink: &mut Rtnetlink, lo: u32) -> Result<Vec<Fo
 }
 
 /// Every entry of one kind and family; none where the kernel has no IPv6 at all.
-fn listing<E: KernelEntry>(rtnetlink: &mut Rtnetlink, family: Family, what: &str) -> Result<Vec<E>, RouteError> {
+fn listing<E: KernelEntry>(rtnetlink: &mut Rtnetlink, family: IpFamily, what: &str) -> Result<Vec<E>, RouteError> {
     match rtnetlink.dump(E::dump_request(family.into())) {
         Ok(listing) => Ok(listing.into_iter().filter_map(E::from_dump).collect()),
-        Err(NetlinkError::System(e)) if family == Family::V6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(Vec::new()),
-        Err(source) => Err(RouteError::Netlink { command: format!("{} {what}", family.ip_command()), source }),
+        Err(NetlinkError::System(e)) if family == IpFamily::V6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => Ok(Vec::new()),
+        Err(source) => Err(RouteError::Netlink { command: format!("{} {what}", ip_command(family)), source }),
     }
 }
 
-impl From<Family> for AddressFamily {
-    fn from(family: Family) -> Self {
+impl From<IpFamily> for AddressFamily {
+    fn from(family: IpFamily) -> Self {
         match family {
-            Family::V4 => AddressFamily::Inet,
-            Family::V6 => AddressFamily::Inet6,
+            IpFamily::V4 => AddressFamily::Inet,
+            IpFamily::V6 => AddressFamily::Inet6,
         }
     }
 }
@@ -127,7 +128,7 @@ fn passthrough_address(lo: u32) -> AddressMessage {
     message
 }
 
-fn mark_rule(family: Family, mark: u32, table: u32) -> RuleMessage {
+fn mark_rule(family: IpFamily, mark: u32, table: u32) -> RuleMessage {
     let mut message = RuleMessage::default();
     message.header.family = family.into();
     message.header.action = RuleAction::ToTable;
@@ -136,7 +137,7 @@ fn mark_rule(family: Family, mark: u32, table: u32) -> RuleMessage {
     message
 }
 
-fn local_default_route(family: Family, table: u32, lo: u32) -> RouteMessage {
+fn local_default_route(family: IpFamily, table: u32, lo: u32) -> RouteMessage {
     let mut message = RouteMessage::default();
     message.header.address_family = family.into();
     message.header.table = header_table(table);
@@ -349,7 +350,7 @@ mod tests {
 
     #[test]
     fn our_rule_is_told_apart_from_kernel_details_and_from_narrower_rules() {
-        let ours = mark_rule(Family::V4, 1337, 133);
+        let ours = mark_rule(IpFamily::V4, 1337, 133);
         let mut as_listed = ours.clone();
         as_listed.header.table = 133;
         as_listed.attributes = vec![

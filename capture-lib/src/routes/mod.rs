@@ -25,9 +25,10 @@ use thiserror::Error;
 
 pub use plan::{RoutePlan, TproxyRouting};
 
+use crate::family::IpFamily;
 use crate::netlink::route::Rtnetlink;
 use crate::netlink::NetlinkError;
-use plan::{Change, Entry, Family, LOOPBACK};
+use plan::{Change, Entry, LOOPBACK};
 
 #[derive(Debug, Error)]
 pub enum RouteError {
@@ -90,7 +91,7 @@ impl Added {
 pub fn apply_tracked(plan: &RoutePlan, added: &mut Added) -> Result<(), RouteError> {
     plan.check()?;
     let (mut rtnetlink, lo) = open()?;
-    let (v4, v6): (Vec<Entry>, Vec<Entry>) = plan.entries().into_iter().partition(|e| e.family() == Family::V4);
+    let (v4, v6): (Vec<Entry>, Vec<Entry>) = plan.entries().into_iter().partition(|e| e.family() == IpFamily::V4);
     let mut add = |entry: Entry| -> Result<(), RouteError> {
         if !entry.reconcile(&mut rtnetlink, lo, Change::Add)? {
             added.0.push(entry);
@@ -160,7 +161,7 @@ pub fn missing(plan: &RoutePlan) -> Result<Vec<String>, RouteError> {
     let (mut rtnetlink, lo) = open()?;
     let ipv6_usable = ipv6_disabled().is_none();
     let mut out = Vec::new();
-    for entry in plan.entries().into_iter().filter(|e| ipv6_usable || e.family() == Family::V4) {
+    for entry in plan.entries().into_iter().filter(|e| ipv6_usable || e.family() == IpFamily::V4) {
         if !entry.reconcile(&mut rtnetlink, lo, Change::Check)? {
             out.push(entry.command(Change::Add));
         }

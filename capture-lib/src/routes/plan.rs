@@ -4,6 +4,7 @@ use std::fmt;
 
 use super::RouteError;
 use crate::config::{CaptureConfig, INBOUND_PASSTHROUGH_V6, RESERVED_ROUTE_TABLES};
+use crate::family::IpFamily;
 
 pub(super) const LOOPBACK: &str = "lo";
 
@@ -50,12 +51,12 @@ impl RoutePlan {
     /// working IPv4 routing before `apply` reports [`RouteError::Ipv6Disabled`].
     pub(super) fn entries(&self) -> Vec<Entry> {
         let mut entries = Vec::new();
-        for family in [Family::V4, Family::V6] {
-            if family == Family::V6 && self.passthrough_v6 {
+        for family in IpFamily::ALL {
+            if family == IpFamily::V6 && self.passthrough_v6 {
                 entries.push(Entry::PassthroughAddress);
             }
             if let Some(TproxyRouting { mark, table, ipv6 }) = self.tproxy {
-                if family == Family::V4 || ipv6 {
+                if family == IpFamily::V4 || ipv6 {
                     entries.push(Entry::MarkRule { family, mark, table });
                     entries.push(Entry::LocalDefaultRoute { family, table });
                 }
@@ -76,18 +77,11 @@ impl RoutePlan {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub(super) fn ip_command(self) -> &'static str {
-        match self {
-            Family::V4 => "ip",
-            Family::V6 => "ip -6",
-        }
+/// `ip` or `ip -6`.
+pub(super) fn ip_command(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip -6",
     }
 }
 
@@ -113,14 +107,14 @@ impl fmt::Display for Change {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Entry {
     PassthroughAddress,
-    MarkRule { family: Family, mark: u32, table: u32 },
-    LocalDefaultRoute { family: Family, table: u32 },
+    MarkRule { family: IpFamily, mark: u32, table: u32 },
+    LocalDefaultRoute { family: IpFamily, table: u32 },
 }
 
 impl Entry {
-    pub(super) fn family(self) -> Family {
+    pub(super) fn family(self) -> IpFamily {
         match self {
-            Entry::PassthroughAddress => Family::V6,
+            Entry::PassthroughAddress => IpFamily::V6,
             Entry::MarkRule { family, .. } | Entry::LocalDefaultRoute { family, .. } => family,
         }
     }
@@ -130,10 +124,10 @@ impl Entry {
         match self {
             Entry::PassthroughAddress => format!("ip -6 addr {change} {INBOUND_PASSTHROUGH_V6}/128 dev {LOOPBACK}"),
             Entry::MarkRule { family, mark, table } => {
-                format!("{} rule {change} fwmark {mark} lookup {table}", family.ip_command())
+                format!("{} rule {change} fwmark {mark} lookup {table}", ip_command(family))
             }
             Entry::LocalDefaultRoute { family, table } => {
-                format!("{} route {change} local default dev {LOOPBACK} table {table}", family.ip_command())
+                format!("{} route {change} local default dev {LOOPBACK} table {table}", ip_command(family))
             }
         }
     }
@@ -198,7 +192,7 @@ mod tests {
 
     #[test]
     fn removal_commands_name_the_deletion() {
-        let entry = Entry::MarkRule { family: Family::V6, mark: 1337, table: 133 };
+        let entry = Entry::MarkRule { family: IpFamily::V6, mark: 1337, table: 133 };
         assert_eq!(entry.command(Change::Remove), "ip -6 rule del fwmark 1337 lookup 133");
     }
 
