@@ -136,8 +136,8 @@ pub fn rule_spec(rule: &Rule) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CaptureConfig;
     use crate::model::{build, Dialect};
+    use crate::settings::CaptureConfig;
 
     fn lines(cfg: &CaptureConfig, family: IpFamily) -> Vec<String> {
         let rs = build(cfg, Dialect::Iptables);

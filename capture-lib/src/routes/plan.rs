@@ -3,8 +3,9 @@
 use std::fmt;
 
 use super::RouteError;
-use crate::config::{CaptureConfig, INBOUND_PASSTHROUGH_V6, RESERVED_ROUTE_TABLES};
+use crate::config::{INBOUND_PASSTHROUGH_V6, RESERVED_ROUTE_TABLES};
 use crate::family::IpFamily;
+use crate::settings::CaptureConfig;
 
 pub(super) const LOOPBACK: &str = "lo";
 
