@@ -11,7 +11,7 @@
 //! worse, silently adds a duplicate rule at the next free priority. Removal deletes every entry
 //! equal to ours, including duplicates left by a tool that was not idempotent, and nothing else.
 //!
-//! [`plan`] says what is needed (and the `ip` commands doing the same); [`entries`] how each
+//! `plan.rs` says what is needed (and the `ip` commands doing the same); `entries.rs` how each
 //! kind of entry is added, found and removed over rtnetlink.
 //!
 //! Everything acts on the network namespace of the calling thread.
