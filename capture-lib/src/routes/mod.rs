@@ -28,6 +28,7 @@ pub use plan::{RoutePlan, TproxyRouting};
 use crate::family::IpFamily;
 use crate::netlink::route::Rtnetlink;
 use crate::netlink::NetlinkError;
+use crate::settings::Setting;
 use plan::{Change, Entry, LOOPBACK};
 
 #[derive(Debug, Error)]
@@ -38,15 +39,17 @@ pub enum RouteError {
          capture IPv4 only"
     )]
     Ipv6Disabled { reason: String },
+    // Validation refuses both before a plan is made; these guard a config built by hand, and
+    // name the setting by every name users know it by.
     #[error(
         "TPROXY route table {0} is one the kernel uses for all traffic (0 and 254 main, \
          253 default, 255 local): a local default route there would swallow every packet; \
-         choose another table (--istio-inbound-tproxy-route-table)"
+         choose another table ({setting})", setting = Setting::TproxyRouteTable.known_as()
     )]
     ReservedTable(u32),
     #[error(
         "TPROXY mark 0 would send every packet to the TPROXY route table; choose a non-zero \
-         mark (--istio-inbound-tproxy-mark)"
+         mark ({setting})", setting = Setting::TproxyMark.known_as()
     )]
     ZeroMark,
     #[error("cannot open a netlink socket to the kernel's routing: {0}")]
