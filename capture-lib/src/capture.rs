@@ -12,6 +12,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::config::{ConfigError, DnsCapture};
+use crate::family::IpFamily;
 use crate::iptables::{self, Iptables, IptablesError, IptablesOptions, Variant};
 use crate::model::{self, Dialect, Ruleset};
 use crate::namespace::{self, NamespaceError};
@@ -263,12 +264,12 @@ impl Backends {
 /// iptables-nft keeps its tables in nf_tables: the iptables backend asks about them through
 /// the nftables backend's netlink client, so that neither backend reaches into the other.
 impl iptables::NfTables for Nftables {
-    fn holds_tables(&self, v6: bool) -> Option<bool> {
-        nftables::has_iptables_tables(v6).ok()
+    fn holds_tables(&self, family: IpFamily) -> Option<bool> {
+        nftables::has_iptables_tables(family).ok()
     }
 
-    fn prune(&self, v6: bool, tables: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-        Ok(nftables::prune_iptables_tables(v6, tables)?)
+    fn prune(&self, family: IpFamily, tables: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(nftables::prune_iptables_tables(family, tables)?)
     }
 }
 

@@ -24,6 +24,7 @@ use shapes::is_our_shape;
 use state::{jump_target, parse_save, SaveState, TableState};
 
 use crate::capture::{CaptureError, Operation, RuleBackend, RulePlan, Sent};
+use crate::family::IpFamily;
 use crate::model::{Dialect, Position, Ruleset};
 use crate::settings::Setting;
 use crate::Outcome;
@@ -44,7 +45,7 @@ pub enum IptablesError {
     #[error("{program} refused the rules: {stderr}{}{}", line.as_ref().map(|l| format!("\n  refused line: {l}")).unwrap_or_default(), hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
     Restore { program: String, stderr: String, line: Option<String>, hint: Option<String> },
     #[error("the {family} capture rules in this namespace differ from the requested ones:\n  {}\nre-run with --reconcile to replace them atomically (or --cleanup-only to remove them)", details.join("\n  "))]
-    Drift { family: &'static str, details: Vec<String> },
+    Drift { family: IpFamily, details: Vec<String> },
     #[error("{source}\nthe namespace was rolled back to its previous rules")]
     RolledBack { source: Box<IptablesError> },
     #[error("{source}\nrolling back also failed ({rollback}); the namespace may hold part of the new rules: run with --cleanup-only, then again")]
@@ -52,7 +53,7 @@ pub enum IptablesError {
     #[error("{source}\nnothing was changed")]
     NothingChanged { source: Box<IptablesError> },
     #[error("the {family} rules are in place, but removing the tables left empty failed: {source}")]
-    Prune { family: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
+    Prune { family: IpFamily, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 /// How to reach iptables.
@@ -65,14 +66,14 @@ pub struct IptablesOptions {
 /// What this backend asks of nf_tables, where iptables-nft keeps its tables. It is given one
 /// (the nftables backend's netlink client answers), so that it speaks no netlink itself.
 pub trait NfTables: Sync + std::fmt::Debug {
-    /// Whether nf_tables holds any table of the IPv4 (or IPv6) family; `None` when it cannot tell.
-    fn holds_tables(&self, v6: bool) -> Option<bool>;
+    /// Whether nf_tables holds any table of the family; `None` when it cannot tell.
+    fn holds_tables(&self, family: IpFamily) -> Option<bool>;
 
     /// iptables-nft keeps a table and its base chains once a rule went into them, even after
     /// every rule is gone, and each hooked chain still costs every packet: deletes, among
     /// `tables` of the family, the base chains left with no rule and an accepting policy, and
     /// the tables left with nothing. Anything added meanwhile stays, and so does the rest.
-    fn prune(&self, v6: bool, tables: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    fn prune(&self, family: IpFamily, tables: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
 }
 
 /// The iptables backend: how to reach iptables, how long to wait for its lock, and nf_tables.
@@ -99,7 +100,7 @@ struct Step {
 impl Step {
     /// The command line that would run, for --dry-run output.
     fn command(&self) -> String {
-        format!("{} --noflush ({})", self.bins.restore, self.bins.family())
+        format!("{} --noflush ({})", self.bins.restore, self.bins.family)
     }
 }
 
@@ -116,7 +117,7 @@ struct Plan {
 /// One family's state as `plan` read it, and what it decided.
 #[derive(Debug)]
 struct FamilyPlan {
-    family: &'static str,
+    family: IpFamily,
     /// The save program that read the state; `None` when the kernel holds no table of the
     /// family, so there was nothing to read.
     read_with: Option<String>,
@@ -154,20 +155,18 @@ impl RuleBackend for Iptables {
     /// Like `plan`, looks at IPv6 only when the ruleset programs it.
     fn differences(&self, ruleset: &Ruleset) -> Result<Vec<String>, CaptureError> {
         let mut out = Vec::new();
-        for v6 in [false, true].into_iter().filter(|&v6| !v6 || ruleset.ipv6) {
-            let bins = self.binaries(v6);
-            let current = parse_save(&bins.save()?);
-            let family = bins.family();
-            out.extend(Desired::new(ruleset, v6).drift(&current).into_iter().map(|d| format!("{family}: {d}")));
+        for family in IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || ruleset.ipv6) {
+            let current = parse_save(&self.binaries(family).save()?);
+            out.extend(Desired::new(ruleset, family).drift(&current).into_iter().map(|d| format!("{family}: {d}")));
         }
         Ok(out)
     }
 
     /// No table of either variant or family: reads two files and asks nf_tables twice.
     fn holds_nothing(&self) -> bool {
-        [false, true]
+        IpFamily::ALL
             .into_iter()
-            .all(|v6| exec::legacy_holds_tables(v6) == Some(false) && self.nf_tables.holds_tables(v6) == Some(false))
+            .all(|family| exec::legacy_holds_tables(family) == Some(false) && self.nf_tables.holds_tables(family) == Some(false))
     }
 
     fn unavailable(&self, error: &CaptureError) -> Option<String> {
@@ -182,8 +181,8 @@ impl RuleBackend for Iptables {
 
 impl Iptables {
     /// The save/restore pair for a family: the forced variant, or the one Istio would detect.
-    fn binaries(&self, v6: bool) -> Binaries {
-        Binaries::new(self.options.variant.unwrap_or_else(|| Variant::detect(v6)), v6)
+    fn binaries(&self, family: IpFamily) -> Binaries {
+        Binaries::new(self.options.variant.unwrap_or_else(|| Variant::detect(family)), family)
     }
 
     /// Reads the namespace and decides what to send, per family. Touches nothing.
@@ -194,19 +193,19 @@ impl Iptables {
             Operation::Cleanup => Outcome::NothingToRemove,
         };
         // IPv6 not programmed: its state is not needed to apply, but cleanup still looks.
-        let families: Vec<bool> =
-            [false, true].into_iter().filter(|&v6| !v6 || ruleset.ipv6 || op == Operation::Cleanup).collect();
+        let families: Vec<IpFamily> =
+            IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || ruleset.ipv6 || op == Operation::Cleanup).collect();
         let mut planned = Vec::new();
         for (bins, read) in self.read_states(&families) {
-            let needed = !bins.v6 || ruleset.ipv6;
+            let family = bins.family;
+            let needed = family == IpFamily::V4 || ruleset.ipv6;
             let (current, read_with) = match read {
                 Ok(read) => read,
                 Err(_) if !needed => continue,
                 Err(e) => return Err(e),
             };
-            let desired = if needed { Desired::new(ruleset, bins.v6) } else { Desired::default() };
+            let desired = if needed { Desired::new(ruleset, family) } else { Desired::default() };
             let residue = desired.residue(&current);
-            let family = bins.family();
             let decided = decide(&desired, &current, &residue, op, family)?;
             outcome = strongest(outcome, decided.outcome);
             if let Some(payload) = decided.payload {
@@ -222,9 +221,9 @@ impl Iptables {
 
     /// Each family's current state, read concurrently (two processes at most, none for a family
     /// that holds no table at all, and no thread unless two are read).
-    fn read_states(&self, families: &[bool]) -> Vec<(Binaries, ReadState)> {
+    fn read_states(&self, families: &[IpFamily]) -> Vec<(Binaries, ReadState)> {
         let (empty, to_read): (Vec<Binaries>, Vec<Binaries>) =
-            families.iter().map(|&v6| self.binaries(v6)).partition(|bins| bins.holds_nothing(self.nf_tables));
+            families.iter().map(|&family| self.binaries(family)).partition(|bins| bins.holds_nothing(self.nf_tables));
         let read = |bins: Binaries| {
             let state = bins.save().map(|text| (parse_save(&text), Some(bins.save.clone())));
             (bins, state)
@@ -238,15 +237,15 @@ impl Iptables {
             to_read.into_iter().map(read).collect()
         };
         states.extend(empty.into_iter().map(|bins| (bins, Ok((SaveState::new(), None)))));
-        states.sort_by_key(|(bins, _)| bins.v6);
+        states.sort_by_key(|(bins, _)| bins.family);
         states
     }
 }
 
 /// The restore input that installs `ruleset` for one family in a namespace holding nothing of
 /// ours. Reads no state: what `plan` sends to a fresh namespace, for fuzzing and review.
-pub fn install_payload(ruleset: &Ruleset, v6: bool) -> String {
-    Desired::new(ruleset, v6).payload(&BTreeMap::new(), true)
+pub fn install_payload(ruleset: &Ruleset, family: IpFamily) -> String {
+    Desired::new(ruleset, family).payload(&BTreeMap::new(), true)
 }
 
 /// The state of one family, and the save program that read it (`None`: the family holds no table).
@@ -267,7 +266,7 @@ fn decide(
     current: &SaveState,
     residue: &BTreeMap<String, TableResidue>,
     op: Operation,
-    family: &'static str,
+    family: IpFamily,
 ) -> Result<Decision, IptablesError> {
     let decision = |payload, why: &str, outcome| Decision { payload, why: why.to_string(), outcome };
     Ok(match op {
@@ -459,9 +458,9 @@ struct Desired {
 }
 
 impl Desired {
-    fn new(ruleset: &Ruleset, v6: bool) -> Desired {
+    fn new(ruleset: &Ruleset, family: IpFamily) -> Desired {
         let mut tables: BTreeMap<&'static str, DesiredTable> = BTreeMap::new();
-        for chain in ruleset.family_chains(v6) {
+        for chain in ruleset.family_chains(family) {
             let table = tables.entry(table_name(chain.table)).or_default();
             let name = chain_name(chain.chain);
             if chain.chain.is_hook() {
@@ -616,7 +615,7 @@ mod tests {
     use crate::settings::CaptureConfig;
 
     fn desired(cfg: &CaptureConfig) -> Desired {
-        Desired::new(&build(cfg, Dialect::Iptables), false)
+        Desired::new(&build(cfg, Dialect::Iptables), IpFamily::V4)
     }
 
     /// The state the kernel would hold after loading `payload` into an empty namespace.
@@ -740,14 +739,14 @@ mod tests {
     fn force_rewrites_exact_rules_and_only_reconcile_replaces_drifted_ones() {
         let d = desired(&CaptureConfig::default());
         let apply = |reconcile, force| Operation::Apply { reconcile, force };
-        let fresh = decide(&d, &SaveState::new(), &BTreeMap::new(), apply(false, true), "IPv4").unwrap();
+        let fresh = decide(&d, &SaveState::new(), &BTreeMap::new(), apply(false, true), IpFamily::V4).unwrap();
         assert_eq!(fresh.outcome, Outcome::Applied, "nothing to force in an empty namespace");
 
         let exact = as_saved(&d);
         let residue = d.residue(&exact);
-        let plain = decide(&d, &exact, &residue, apply(false, false), "IPv4").unwrap();
+        let plain = decide(&d, &exact, &residue, apply(false, false), IpFamily::V4).unwrap();
         assert_eq!((plain.payload, plain.outcome), (None, Outcome::Unchanged));
-        let forced = decide(&d, &exact, &residue, apply(false, true), "IPv4").unwrap();
+        let forced = decide(&d, &exact, &residue, apply(false, true), IpFamily::V4).unwrap();
         assert_eq!(forced.outcome, Outcome::Reconciled);
         assert_eq!(forced.payload, Some(d.payload(&residue, true)), "{}", forced.why);
         assert!(forced.why.contains("--force-apply"), "{}", forced.why);
@@ -755,9 +754,12 @@ mod tests {
         let mut drifted = exact.clone();
         drifted.get_mut("nat").unwrap().rules.get_mut("ISTIO_INBOUND").unwrap().push("-p tcp -j ACCEPT".into());
         let residue = d.residue(&drifted);
-        let refused = decide(&d, &drifted, &residue, apply(false, true), "IPv4");
-        assert!(matches!(refused, Err(IptablesError::Drift { family: "IPv4", .. })), "force alone replaces no drifted rules");
-        let replaced = decide(&d, &drifted, &residue, apply(true, false), "IPv4").unwrap();
+        let refused = decide(&d, &drifted, &residue, apply(false, true), IpFamily::V4);
+        assert!(
+            matches!(refused, Err(IptablesError::Drift { family: IpFamily::V4, .. })),
+            "force alone replaces no drifted rules"
+        );
+        let replaced = decide(&d, &drifted, &residue, apply(true, false), IpFamily::V4).unwrap();
         assert_eq!(replaced.outcome, Outcome::Reconciled);
         assert!(replaced.why.contains("--reconcile") && replaced.why.contains("-p tcp -j ACCEPT"), "{}", replaced.why);
     }
