@@ -11,6 +11,7 @@
 pub mod accounts;
 pub mod capture;
 pub mod config;
+pub mod drift;
 pub mod iptables;
 pub mod model;
 pub mod namespace;
