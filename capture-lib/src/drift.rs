@@ -71,6 +71,11 @@ impl fmt::Display for Difference {
     }
 }
 
+/// `n` of `noun`, e.g. `1 rule`, `3 rules`.
+pub fn count(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
 /// One step that turns a chain's found rules into the expected ones (0-based indices).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuleChange {
@@ -126,26 +131,24 @@ fn flush_gap(changes: &mut Vec<RuleChange>, missing: &mut Vec<usize>, unexpected
     unexpected.clear();
 }
 
-/// The differences of one chain's rules: `place` is the chain's, `show` writes a rule.
+/// The differences of one chain's rules, at `place` (the chain's); `found_at` gives the
+/// position of a found rule in its chain (1-based), `show_*` write a rule.
 pub fn chain_rule_differences<T: PartialEq>(
     place: &str,
-    want: &[T],
-    have: &[T],
+    (want, have): (&[T], &[T]),
+    found_at: impl Fn(usize) -> usize,
     show_expected: impl Fn(usize) -> String,
     show_found: impl Fn(usize) -> String,
 ) -> Vec<Difference> {
+    let at = |position: usize| format!("{place}, rule {position}");
     rule_changes(want, have)
         .into_iter()
         .map(|change| match change {
-            RuleChange::Missing { want } => {
-                Difference::new(Kind::RuleMissing, format!("{place}, rule {}", want + 1)).expected(show_expected(want))
+            RuleChange::Missing { want } => Difference::new(Kind::RuleMissing, at(want + 1)).expected(show_expected(want)),
+            RuleChange::Unexpected { have } => Difference::new(Kind::UnexpectedRule, at(found_at(have))).found(show_found(have)),
+            RuleChange::Differs { want, have } => {
+                Difference::new(Kind::RuleDiffers, at(found_at(have))).expected(show_expected(want)).found(show_found(have))
             }
-            RuleChange::Unexpected { have } => {
-                Difference::new(Kind::UnexpectedRule, format!("{place}, rule {}", have + 1)).found(show_found(have))
-            }
-            RuleChange::Differs { want, have } => Difference::new(Kind::RuleDiffers, format!("{place}, rule {}", have + 1))
-                .expected(show_expected(want))
-                .found(show_found(have)),
         })
         .collect()
 }
@@ -177,7 +180,7 @@ mod tests {
     fn shown_with_kind_place_expected_and_found() {
         let place = "table inet t, chain c";
         let shown: Vec<String> =
-            chain_rule_differences(place, &[1, 2, 3], &[1, 5, 3, 4], |i| format!("want{i}"), |i| format!("have{i}"))
+            chain_rule_differences(place, (&[1, 2, 3], &[1, 5, 3, 4]), |i| i + 1, |i| format!("want{i}"), |i| format!("have{i}"))
                 .iter()
                 .map(Difference::to_string)
                 .collect();

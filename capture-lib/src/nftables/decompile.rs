@@ -237,20 +237,13 @@ impl Decompiler {
                 };
                 self.write(term, Vec::new(), text);
             }
-            Expr::Redir { proto_min, proto_max, flags } => {
+            Expr::Redir { proto_min, proto_max, flags } | Expr::Masq { proto_min, proto_max, flags } => {
+                let verb = if matches!(fields, Expr::Redir { .. }) { "redirect" } else { "masquerade" };
                 let (ports, inputs) = self.ports(*proto_min, *proto_max);
                 let term = (flags & !NAT_RANGE_IMPLIED == 0)
                     .then_some(ports)
                     .flatten()
-                    .map(|ports| ports.map_or("redirect".to_string(), |p| format!("redirect to {p}")));
-                self.write(term, inputs, text);
-            }
-            Expr::Masq { proto_min, proto_max, flags } => {
-                let (ports, inputs) = self.ports(*proto_min, *proto_max);
-                let term = (flags & !NAT_RANGE_IMPLIED == 0)
-                    .then_some(ports)
-                    .flatten()
-                    .map(|ports| ports.map_or("masquerade".to_string(), |p| format!("masquerade to {p}")));
+                    .map(|ports| ports.map_or(verb.to_string(), |p| format!("{verb} to {p}")));
                 self.write(term, inputs, text);
             }
             Expr::Tproxy { family, addr, port } => {

@@ -14,7 +14,7 @@ use super::netlink::{self, batch_messages};
 use super::raw::{ChainHook, ExprObject, Object, SetRef};
 use super::render::TablePlan;
 use super::schema::{chain_name, table_name, table_named, TABLE_ORDER};
-use crate::drift::{chain_rule_differences, Difference, Kind};
+use crate::drift::{chain_rule_differences, count, Difference, Kind};
 use crate::model::Table;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,10 +201,10 @@ pub(super) fn differences(plan: &[TablePlan], want: &Snapshot, have: &Snapshot) 
         let place = format!("table inet {}", table_name(table));
         match (want.get(&table), have.get(&table)) {
             (None, None) => {}
-            (Some(w), None) => out.push(Difference::new(Kind::TableMissing, place).expected(chain_count(w.chains.len()))),
+            (Some(w), None) => out.push(Difference::new(Kind::TableMissing, place).expected(count(w.chains.len(), "chain"))),
             (None, Some(h)) => out.push(
                 Difference::new(Kind::UnexpectedTable, place)
-                    .found(format!("{} (left by another configuration?)", chain_count(h.chains.len()))),
+                    .found(format!("{} (left by another configuration?)", count(h.chains.len(), "chain"))),
             ),
             (Some(w), Some(h)) => {
                 if w.flags != h.flags {
@@ -219,13 +219,9 @@ pub(super) fn differences(plan: &[TablePlan], want: &Snapshot, have: &Snapshot) 
     out
 }
 
-fn chain_count(chains: usize) -> String {
-    format!("{chains} chain{}", if chains == 1 { "" } else { "s" })
-}
-
 /// A chain in words: its hook, if any, and how many rules it holds.
 fn describe_chain(chain: &ChainState) -> String {
-    let rules = format!("{} rule{}", chain.rules.len(), if chain.rules.len() == 1 { "" } else { "s" });
+    let rules = count(chain.rules.len(), "rule");
     match &chain.hook {
         Some(hook) => format!("{hook}, {rules}"),
         None => rules,
@@ -249,7 +245,7 @@ fn chain_differences(table: &str, plan: Option<&TablePlan>, want: &[ChainState],
         }
         let planned = plan.and_then(|p| p.chains.iter().find(|c| chain_name(c.chain) == w.name));
         let expected = |i: usize| planned.and_then(|c| c.rules.get(i)).map_or_else(|| w.rules[i].nft(), |r| r.to_string());
-        out.extend(chain_rule_differences(&place, &w.rules, &h.rules, expected, |i| h.rules[i].nft()));
+        out.extend(chain_rule_differences(&place, (&w.rules, &h.rules), |i| i + 1, expected, |i| h.rules[i].nft()));
     }
     if out.is_empty() && want.iter().map(|c| &c.name).ne(have.iter().map(|c| &c.name)) {
         let names = |chains: &[ChainState]| chains.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ");
