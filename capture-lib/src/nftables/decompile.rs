@@ -458,12 +458,11 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
-    use crate::config::{
-        parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups,
-    };
+    use crate::config::{parse_cidrs, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups};
     use crate::model::{build, Dialect};
     use crate::nftables::render::{plan, Term};
     use crate::nftables::state::planned;
+    use crate::settings::CaptureConfig;
 
     /// Istio's injected sidecar: `-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*'
     /// -d 15090,15021,15020`.
