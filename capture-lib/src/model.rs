@@ -12,6 +12,7 @@ use crate::config::{
     Cidr, DnsCapture, InboundPorts, InterceptionMode, OutboundRanges, OwnerGroups, DNS_CAPTURE_PORT, INBOUND_PASSTHROUGH_V4,
     INBOUND_PASSTHROUGH_V6, OUTBOUND_MARK,
 };
+use crate::family::IpFamily;
 use crate::settings::CaptureConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,25 +56,6 @@ impl Chain {
 
     pub fn is_hook(self) -> bool {
         matches!(self, Chain::Prerouting | Chain::Output)
-    }
-}
-
-/// Which IP family a rule applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// Both (only IPv4 when IPv6 is not programmed).
-    Any,
-    V4,
-    V6,
-}
-
-impl Family {
-    pub fn includes(self, v6: bool) -> bool {
-        match self {
-            Family::Any => true,
-            Family::V4 => !v6,
-            Family::V6 => v6,
-        }
     }
 }
 
@@ -160,7 +142,8 @@ pub enum Action {
 pub struct Rule {
     pub table: Table,
     pub chain: Chain,
-    pub family: Family,
+    /// The IP family the rule is for; `None`: both (only IPv4 when IPv6 is not programmed).
+    pub family: Option<IpFamily>,
     pub position: Position,
     pub matches: Vec<Match>,
     pub action: Action,
@@ -168,9 +151,9 @@ pub struct Rule {
 
 impl Rule {
     /// The family this rule's addresses pin it to, if any.
-    pub fn address_family(&self) -> Option<Family> {
+    pub fn address_family(&self) -> Option<IpFamily> {
         self.matches.iter().find_map(|m| match m {
-            Match::Source(c) | Match::Destination { cidr: c, .. } => Some(if c.is_ipv4() { Family::V4 } else { Family::V6 }),
+            Match::Source(c) | Match::Destination { cidr: c, .. } => Some(IpFamily::of(c.addr())),
             _ => None,
         })
     }
@@ -222,8 +205,8 @@ impl Ruleset {
     }
 
     /// Final chain contents of one IP family's ruleset (what ip(6)tables holds).
-    pub fn family_chains(&self, v6: bool) -> Vec<ChainRules<'_>> {
-        self.chains(|r| r.family.includes(v6))
+    pub fn family_chains(&self, family: IpFamily) -> Vec<ChainRules<'_>> {
+        self.chains(|r| r.family.is_none_or(|f| f == family))
     }
 }
 
@@ -304,7 +287,7 @@ struct Emitter<'a> {
 struct Draft {
     table: Table,
     chain: Chain,
-    family: Family,
+    family: Option<IpFamily>,
     position: Position,
     matches: Vec<Match>,
 }
@@ -323,7 +306,7 @@ fn raw(chain: Chain) -> Draft {
 
 impl Draft {
     fn new(table: Table, chain: Chain) -> Draft {
-        Draft { table, chain, family: Family::Any, position: Position::Append, matches: Vec::new() }
+        Draft { table, chain, family: None, position: Position::Append, matches: Vec::new() }
     }
 
     /// Inserted before the rule at this 0-based index (Istio's `-I chain index+1`).
@@ -331,13 +314,14 @@ impl Draft {
         Draft { position: Position::Insert(index), ..self }
     }
 
-    fn family(self, family: Family) -> Draft {
+    /// For `family` only (`None`: both).
+    fn family(self, family: Option<IpFamily>) -> Draft {
         Draft { family, ..self }
     }
 
     /// For the family of `cidr` only.
     fn family_of(self, cidr: Cidr) -> Draft {
-        self.family(if cidr.is_ipv4() { Family::V4 } else { Family::V6 })
+        self.family(Some(IpFamily::of(cidr.addr())))
     }
 
     fn with(mut self, condition: Match) -> Draft {
@@ -412,16 +396,18 @@ impl Draft {
 }
 
 /// The loopback destination that counts as "local" in each family.
-fn loopback(cfg: &CaptureConfig, v6: bool) -> Cidr {
-    if v6 {
-        Cidr::host(IpAddr::V6(Ipv6Addr::LOCALHOST))
-    } else {
-        cfg.host_ipv4_loopback
+fn loopback(cfg: &CaptureConfig, family: IpFamily) -> Cidr {
+    match family {
+        IpFamily::V4 => cfg.host_ipv4_loopback,
+        IpFamily::V6 => Cidr::host(IpAddr::V6(Ipv6Addr::LOCALHOST)),
     }
 }
 
-fn passthrough_source(v6: bool) -> Cidr {
-    Cidr::host(if v6 { IpAddr::V6(INBOUND_PASSTHROUGH_V6) } else { IpAddr::V4(INBOUND_PASSTHROUGH_V4) })
+fn passthrough_source(family: IpFamily) -> Cidr {
+    Cidr::host(match family {
+        IpFamily::V4 => IpAddr::V4(INBOUND_PASSTHROUGH_V4),
+        IpFamily::V6 => IpAddr::V6(INBOUND_PASSTHROUGH_V6),
+    })
 }
 
 /// The proxy's owners: each UID, then each GID.
@@ -445,24 +431,25 @@ impl<'a> Emitter<'a> {
 
     /// Adds `rule`; an IPv6-only rule only when IPv6 is programmed.
     fn add(&mut self, rule: Rule) {
-        if rule.family != Family::V6 || self.cfg.ipv6 {
+        if rule.family != Some(IpFamily::V6) || self.cfg.ipv6 {
             self.rules.push(rule);
         }
     }
 
-    /// A rule that exists once per family, made by `make(v6)`: IPv4 first, then IPv6.
-    fn per_family(&mut self, make: impl Fn(bool) -> Rule) {
-        self.add(Rule { family: Family::V4, ..make(false) });
-        self.add(Rule { family: Family::V6, ..make(true) });
+    /// A rule that exists once per family, made by `make(family)`: IPv4 first, then IPv6.
+    fn per_family(&mut self, make: impl Fn(IpFamily) -> Rule) {
+        for family in IpFamily::ALL {
+            self.add(Rule { family: Some(family), ..make(family) });
+        }
     }
 
     /// The family of a rule needed in IPv4 when `v4` and in IPv6 when `v6` (Istio's
-    /// nftables tool emits it once); `None` when needed in neither.
-    fn family_where(&self, v4: bool, v6: bool) -> Option<Family> {
+    /// nftables tool emits it once, `Some(None)`); `None` when needed in neither.
+    fn family_where(&self, v4: bool, v6: bool) -> Option<Option<IpFamily>> {
         match (v4, v6 && self.cfg.ipv6) {
-            (true, true) => Some(Family::Any),
-            (true, false) => Some(Family::V4),
-            (false, true) => Some(Family::V6),
+            (true, true) => Some(None),
+            (true, false) => Some(Some(IpFamily::V4)),
+            (false, true) => Some(Some(IpFamily::V6)),
             (false, false) => None,
         }
     }
@@ -534,7 +521,7 @@ impl<'a> Emitter<'a> {
         let (port, mark, cfg) = (self.cfg.inbound_capture_port, self.cfg.tproxy_mark, self.cfg);
         self.add(mangle(Chain::Divert).then(Action::SetMark(mark)));
         self.add(mangle(Chain::Divert).then(Action::Accept));
-        self.per_family(|v6| mangle(Chain::Tproxy).not_dst(loopback(cfg, v6)).tcp().then(Action::Tproxy { port, mark }));
+        self.per_family(|family| mangle(Chain::Tproxy).not_dst(loopback(cfg, family)).tcp().then(Action::Tproxy { port, mark }));
     }
 
     /// The inbound traffic `inbound` matches goes to the proxy.
@@ -569,7 +556,7 @@ impl<'a> Emitter<'a> {
 
     /// Step 9: Inbound passthrough: the proxy dials the app from 127.0.0.6 / ::6.
     fn inbound_passthrough_return(&mut self) {
-        self.per_family(|v6| nat(Chain::IstioOutput).oif("lo").src(passthrough_source(v6)).then(Action::Return));
+        self.per_family(|family| nat(Chain::IstioOutput).oif("lo").src(passthrough_source(family)).then(Action::Return));
     }
 
     /// Steps 10 and 11: The proxy's own traffic, for each proxy UID, then each GID.
@@ -590,8 +577,8 @@ impl<'a> Emitter<'a> {
     fn proxy_calls_to_the_pod(&mut self, owner: (OwnerKind, u32)) {
         let (cfg, tunnel) = (self.cfg, self.cfg.inbound_tunnel_port);
         let spares_dns = self.dns != Dns::Off && owner.0 == OwnerKind::Uid;
-        self.per_family(|v6| {
-            let rule = nat(Chain::IstioOutput).oif("lo").not_dst(loopback(cfg, v6)).tcp();
+        self.per_family(|family| {
+            let rule = nat(Chain::IstioOutput).oif("lo").not_dst(loopback(cfg, family)).tcp();
             let rule = if spares_dns { rule.with(Match::DestPortNotIn(vec![53, tunnel])) } else { rule.not_dport(tunnel) };
             rule.owner(owner).then(Action::Jump(Chain::InRedirect))
         });
@@ -633,7 +620,7 @@ impl<'a> Emitter<'a> {
     }
 
     /// The families DNS is captured in: those with servers, or both for every query.
-    fn dns_families(&self) -> Option<Family> {
+    fn dns_families(&self) -> Option<Option<IpFamily>> {
         match self.dns {
             Dns::Off => None,
             Dns::All => self.family_where(true, true),
@@ -685,7 +672,7 @@ impl<'a> Emitter<'a> {
     /// Step 14: Local traffic stays local.
     fn loopback_return(&mut self) {
         let cfg = self.cfg;
-        self.per_family(|v6| nat(Chain::IstioOutput).dst(loopback(cfg, v6)).then(Action::Return));
+        self.per_family(|family| nat(Chain::IstioOutput).dst(loopback(cfg, family)).then(Action::Return));
     }
 
     /// Step 15: Excluded destinations.
@@ -735,15 +722,15 @@ impl<'a> Emitter<'a> {
         self.add(mangle(Chain::Prerouting).tcp().mark(tmark).then(Action::SaveMark));
         self.add(mangle(Chain::Output).tcp().oif("lo").mark(tmark).then(Action::Return));
         for owner in proxy_owners(cfg) {
-            self.per_family(|v6| {
-                let rule = mangle(Chain::Output).not_dst(loopback(cfg, v6)).tcp().oif("lo").owner(owner);
+            self.per_family(|family| {
+                let rule = mangle(Chain::Output).not_dst(loopback(cfg, family)).tcp().oif("lo").owner(owner);
                 rule.then(Action::SetMark(OUTBOUND_MARK))
             });
         }
         self.add(mangle(Chain::Output).tcp().with(Match::ConnMark(tmark)).then(Action::RestoreMark));
         self.add(mangle(Chain::Inbound).inserted_at(0).tcp().mark(tmark).then(Action::Return));
-        self.per_family(|v6| {
-            mangle(Chain::Inbound).inserted_at(1).tcp().src(passthrough_source(v6)).iif("lo").then(Action::Return)
+        self.per_family(|family| {
+            mangle(Chain::Inbound).inserted_at(1).tcp().src(passthrough_source(family)).iif("lo").then(Action::Return)
         });
         self.add(mangle(Chain::Inbound).inserted_at(2).tcp().iif("lo").not_mark(OUTBOUND_MARK).then(Action::Return));
     }
@@ -761,7 +748,7 @@ mod tests {
     #[test]
     fn base_config_has_the_four_nat_chains_and_no_ipv6() {
         let rs = build(&CaptureConfig::default(), Dialect::Iptables);
-        let chains: Vec<_> = rs.family_chains(false).iter().map(|c| (c.table, c.chain)).collect();
+        let chains: Vec<_> = rs.family_chains(IpFamily::V4).iter().map(|c| (c.table, c.chain)).collect();
         assert_eq!(
             chains,
             vec![
@@ -772,7 +759,7 @@ mod tests {
                 (Table::Nat, Chain::IstioOutput),
             ]
         );
-        assert!(rs.rules.iter().all(|r| r.family != Family::V6));
+        assert!(rs.rules.iter().all(|r| r.family != Some(IpFamily::V6)));
         // passthrough, uid (a,b,c), gid (a,b,c), loopback
         assert_eq!(count(&rs, Table::Nat, Chain::IstioOutput), 8);
     }
@@ -785,7 +772,7 @@ mod tests {
             ..CaptureConfig::default()
         };
         let rs = build(&cfg, Dialect::Iptables);
-        let chains = rs.family_chains(false);
+        let chains = rs.family_chains(IpFamily::V4);
         let pre = chains.iter().find(|c| c.chain == Chain::Prerouting).unwrap();
         let summary: Vec<_> = pre.rules.iter().map(|r| (r.matches[0].clone(), r.action.clone())).collect();
         assert_eq!(
@@ -808,10 +795,10 @@ mod tests {
             ..CaptureConfig::default()
         };
         let rs = build(&cfg, Dialect::Iptables);
-        let v6 = rs.family_chains(true);
+        let v6 = rs.family_chains(IpFamily::V6);
         let inbound = v6.iter().find(|c| c.table == Table::Mangle && c.chain == Chain::Inbound).unwrap();
         assert_eq!(inbound.rules.len(), 5);
-        assert_eq!(inbound.rules[1].matches[1], Match::Source(passthrough_source(true)));
+        assert_eq!(inbound.rules[1].matches[1], Match::Source(passthrough_source(IpFamily::V6)));
         let out = v6.iter().find(|c| c.chain == Chain::IstioOutput).unwrap();
         assert_eq!(out.rules[0].matches, vec![Match::Mark { mark: 1337, negated: false }]);
         assert!(count(&rs, Table::Nat, Chain::Inbound) == 1, "inbound capture lives in mangle");
@@ -826,8 +813,8 @@ mod tests {
         };
         let rs = build(&cfg, Dialect::Iptables);
         let jump = rs.rules.iter().find(|r| r.chain == Chain::IstioOutput && r.action == Action::Jump(Chain::OutputDns)).unwrap();
-        assert_eq!(jump.family, Family::V4);
-        assert!(rs.family_chains(true).iter().all(|c| c.chain != Chain::OutputDns || c.table == Table::Raw));
+        assert_eq!(jump.family, Some(IpFamily::V4));
+        assert!(rs.family_chains(IpFamily::V6).iter().all(|c| c.chain != Chain::OutputDns || c.table == Table::Raw));
         let no_servers = CaptureConfig { dns: DnsCapture::Servers { v4: vec![], v6: vec![] }, ..cfg };
         assert!(build(&no_servers, Dialect::Iptables).rules.iter().all(|r| r.table != Table::Raw));
     }
@@ -850,7 +837,7 @@ mod tests {
             ..CaptureConfig::default()
         };
         let rs = build(&cfg, Dialect::Iptables);
-        assert!(rs.rules.iter().all(|r| r.address_family() != Some(Family::V6)));
+        assert!(rs.rules.iter().all(|r| r.address_family() != Some(IpFamily::V6)));
     }
 
     #[test]

@@ -557,7 +557,7 @@ mod tests {
             ("ct mark", &|t| matches!(t, Term::ConnMark(_))),
             ("owner !=", &|t| matches!(t, Term::Owner { negated: true, .. })),
             ("redirect", &|t| matches!(t, Term::Redirect(_))),
-            ("tproxy ip6", &|t| matches!(t, Term::Tproxy { v6: true, .. })),
+            ("tproxy ip6", &|t| matches!(t, Term::Tproxy { family: crate::family::IpFamily::V6, .. })),
             ("meta mark set", &|t| matches!(t, Term::SetMark(_))),
             ("ct mark set", &|t| matches!(t, Term::SaveMark)),
             ("meta mark set ct mark", &|t| matches!(t, Term::RestoreMark)),
