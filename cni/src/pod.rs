@@ -11,10 +11,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use capture_lib::settings::{SettingNames, Settings};
+use capture_lib::settings::{Front, Setting, Settings};
 use serde_json::Value;
 
-use crate::netconf::{CniArgs, NetConf, TextField};
+use crate::netconf::{CniArgs, NetConf};
 use crate::protocol::PluginError;
 
 /// The capability (and `runtimeConfig` key) under which runtimes pass the pod's annotations.
@@ -28,28 +28,8 @@ const PROXY_CONTAINER: &str = "istio-proxy";
 /// The injected init container that programs the capture itself (Istio without CNI).
 const INIT_CONTAINER: &str = "istio-init";
 
-pub const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
-pub const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
-pub const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
-
 /// A pod's annotations, as the runtime passed them.
 pub type Annotations = BTreeMap<String, String>;
-
-/// Where each annotation Istio's plugin reads goes in the capture settings, and the field of
-/// [`SettingNames`] that then names it in errors. Applied over the node's settings, each
-/// replacing the node's value (Istio: each replaces its default).
-type NameField = fn(&mut SettingNames) -> &mut &'static str;
-const SETTING_ANNOTATIONS: [(&str, TextField, NameField); 8] = [
-    ("traffic.sidecar.istio.io/includeOutboundIPRanges", |s| &mut s.outbound_ranges, |n| &mut n.outbound_ranges),
-    ("traffic.sidecar.istio.io/excludeOutboundIPRanges", |s| &mut s.exclude_outbound_ranges, |n| &mut n.exclude_outbound_ranges),
-    ("traffic.sidecar.istio.io/includeInboundPorts", |s| &mut s.inbound_ports, |n| &mut n.inbound_ports),
-    ("traffic.sidecar.istio.io/excludeInboundPorts", |s| &mut s.exclude_inbound_ports, |n| &mut n.exclude_inbound_ports),
-    ("traffic.sidecar.istio.io/includeOutboundPorts", |s| &mut s.outbound_ports, |n| &mut n.outbound_ports),
-    ("traffic.sidecar.istio.io/excludeOutboundPorts", |s| &mut s.exclude_outbound_ports, |n| &mut n.exclude_outbound_ports),
-    ("traffic.sidecar.istio.io/excludeInterfaces", |s| &mut s.exclude_interfaces, |n| &mut n.exclude_interfaces),
-    // `kubevirtInterfaces` (deprecated) only when `istio.io/reroute-virtual-interfaces` is absent.
-    (REROUTE_VIRTUAL_INTERFACES, |s| &mut s.kube_virt_interfaces, |n| &mut n.kube_virt_interfaces),
-];
 
 /// Whether a pod is captured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,40 +121,30 @@ fn injected_containers(status: &str) -> Result<Vec<String>, PluginError> {
     Ok(names)
 }
 
-/// Puts the pod's capture annotations over `settings` (the node's), and makes `names` name
-/// each annotation that set something, so that a refusal names it.
-pub fn apply_annotations(
-    annotations: &Annotations,
-    settings: &mut Settings,
-    names: &mut SettingNames,
-) -> Result<(), PluginError> {
-    if let Some(mode) = annotations.get(INTERCEPTION_MODE) {
-        if mode != "REDIRECT" && mode != "TPROXY" {
-            let why = "is not an interception mode (expected REDIRECT or TPROXY)".to_string();
-            return Err(PluginError::Annotation { name: INTERCEPTION_MODE, value: mode.clone(), why });
-        }
-        settings.interception_mode = mode.clone();
-    }
-    let kubevirt = (!annotations.contains_key(REROUTE_VIRTUAL_INTERFACES)).then_some((
-        KUBEVIRT_INTERFACES,
-        (|s| &mut s.kube_virt_interfaces) as TextField,
-        (|n| &mut n.kube_virt_interfaces) as NameField,
-    ));
-    for (annotation, field, name) in SETTING_ANNOTATIONS.into_iter().chain(kubevirt) {
-        if let Some(value) = annotations.get(annotation) {
-            *field(settings) = value.clone();
-            *name(names) = annotation;
+/// Puts the pod's capture annotations (capture-lib declares which annotations each setting
+/// has) over `settings`, the node's: each replaces the node's value, as in Istio it replaces the
+/// default, and keeps its name, so that a refusal names the annotation. Of a setting's
+/// annotations the first the pod has wins (`istio.io/reroute-virtual-interfaces` over the
+/// deprecated `traffic.sidecar.istio.io/kubevirtInterfaces`); the others are not read.
+pub fn apply_annotations(annotations: &Annotations, settings: &mut Settings) {
+    for setting in Setting::ALL {
+        let declared = setting.declaration().annotations;
+        if let Some((name, value)) = declared.iter().find_map(|name| annotations.get_key_value(*name)) {
+            settings.set_named(Front::Annotation, name, value.clone());
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netconf::KEY_NAMES;
     use capture_lib::config::{InboundPorts, InterceptionMode, OutboundRanges};
+    use capture_lib::settings::CaptureConfig;
     use serde_json::json;
+
+    const INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
+    const KUBEVIRT_INTERFACES: &str = "traffic.sidecar.istio.io/kubevirtInterfaces";
+    const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
 
     const PROXY_STATUS: &str = r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["istio-envoy"],"imagePullSecrets":null,"revision":"default"}"#;
 
@@ -262,12 +232,11 @@ mod tests {
         }
     }
 
-    fn annotated(pairs: &[(&str, &str)]) -> Result<capture_lib::config::CaptureConfig, PluginError> {
-        let mut settings = Settings { inbound_ports: "*".into(), outbound_ranges: "*".into(), ..Settings::default() };
-        let mut names = KEY_NAMES;
+    fn annotated(pairs: &[(&str, &str)]) -> Result<CaptureConfig, PluginError> {
+        let mut settings = Settings::new(Front::CniKey);
         let annotations = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        apply_annotations(&annotations, &mut settings, &mut names)?;
-        Ok(settings.capture_config(&names)?)
+        apply_annotations(&annotations, &mut settings);
+        Ok(settings.capture_config()?)
     }
 
     #[test]
@@ -326,10 +295,12 @@ mod tests {
 
     #[test]
     fn annotations_the_pod_does_not_have_keep_the_nodes_settings_and_names() {
-        let mut settings = Settings { exclude_outbound_ports: "15020".into(), ..Settings::default() };
-        let mut names = KEY_NAMES;
-        apply_annotations(&Annotations::new(), &mut settings, &mut names).unwrap();
-        assert_eq!(settings.exclude_outbound_ports, "15020");
-        assert_eq!(names.exclude_outbound_ports, KEY_NAMES.exclude_outbound_ports);
+        let mut settings = Settings::new(Front::CniKey);
+        settings.set_named(Front::CniKey, "excludeOutboundPorts", "6379").unwrap();
+        apply_annotations(&[("app".to_string(), "web".to_string())].into(), &mut settings);
+        assert_eq!(settings.text(Setting::ExcludeOutboundPorts), "6379");
+        assert_eq!(settings.name(Setting::ExcludeOutboundPorts), "excludeOutboundPorts");
+        apply_annotations(&[("traffic.sidecar.istio.io/excludeOutboundPorts".to_string(), "".to_string())].into(), &mut settings);
+        assert_eq!(settings.text(Setting::ExcludeOutboundPorts), "", "an empty annotation replaces the node's value");
     }
 }
