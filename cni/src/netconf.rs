@@ -245,10 +245,10 @@ impl PodCapture {
     }
 
     /// This capture with the pod's annotations over it, as Istio's plugin reads them.
-    pub fn with_annotations(mut self, annotations: &Annotations) -> PodCapture {
-        pod::apply_annotations(annotations, &mut self.settings);
+    pub fn with_annotations(mut self, annotations: &Annotations) -> Result<PodCapture, PluginError> {
+        pod::apply_annotations(annotations, &mut self.settings)?;
         exclude_required_ports(&mut self.settings);
-        self
+        Ok(self)
     }
 
     /// The validated capture and backend: every refusal a setting can cause, before any
@@ -411,12 +411,12 @@ mod tests {
             ("traffic.sidecar.istio.io/excludeOutboundPorts".to_string(), "6379".to_string()),
         ]
         .into();
-        let pod = node.clone().with_annotations(&annotations);
+        let pod = node.clone().with_annotations(&annotations).unwrap();
         assert_eq!(pod.settings.text(Setting::ExcludeInboundPorts), "8081,15020,15021,15090");
         assert_eq!(pod.settings.name(Setting::ExcludeInboundPorts), "traffic.sidecar.istio.io/excludeInboundPorts");
         let outbound = pod.settings.text(Setting::ExcludeOutboundPorts);
         assert_eq!(outbound, "6379", "as in Istio, the annotation replaces the default 15020");
-        let (config, _) = node.with_annotations(&Annotations::new()).config().unwrap();
+        let (config, _) = node.with_annotations(&Annotations::new()).unwrap().config().unwrap();
         assert_eq!(config.inbound_ports, InboundPorts::All { except: vec![9000, 15020, 15021, 15090] });
     }
 

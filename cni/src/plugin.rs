@@ -80,7 +80,7 @@ fn validate(
         return Ok(None);
     }
     let pod = match &conf.pod_annotations {
-        Some(annotations) => node.with_annotations(annotations),
+        Some(annotations) => node.with_annotations(annotations)?,
         None => node,
     };
     let (config, backend) = pod.config()?;

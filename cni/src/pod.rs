@@ -99,9 +99,9 @@ pub fn select(conf: &NetConf, args: &CniArgs) -> Result<Selection, PluginError> 
 /// The init containers and containers the status annotation names (absent or `null` lists are empty).
 fn injected_containers(status: &str) -> Result<Vec<String>, PluginError> {
     let refused = |why: String| PluginError::Annotation { name: STATUS, value: status.to_string(), why };
-    let parsed: Value = serde_json::from_str(status).map_err(|e| refused(format!("is not JSON: {e}")))?;
+    let parsed: Value = serde_json::from_str(status).map_err(|e| refused(format!("not JSON: {e}")))?;
     let Value::Object(fields) = parsed else {
-        return Err(refused("is not a JSON object".into()));
+        return Err(refused("not a JSON object".into()));
     };
     let mut names = Vec::new();
     for field in ["initContainers", "containers"] {
@@ -109,13 +109,11 @@ fn injected_containers(status: &str) -> Result<Vec<String>, PluginError> {
             None | Some(Value::Null) => {}
             Some(Value::Array(items)) => {
                 for item in items {
-                    let name = item
-                        .as_str()
-                        .ok_or_else(|| refused(format!("holds {item} in {field}, which is not a container name")))?;
+                    let name = item.as_str().ok_or_else(|| refused(format!("{field}: {item} is not a container name")))?;
                     names.push(name.to_string());
                 }
             }
-            Some(other) => return Err(refused(format!("holds {field}: {other}, which is not a list"))),
+            Some(other) => return Err(refused(format!("{field}: {other} is not a list"))),
         }
     }
     Ok(names)
@@ -123,16 +121,25 @@ fn injected_containers(status: &str) -> Result<Vec<String>, PluginError> {
 
 /// Puts the pod's capture annotations (capture-lib declares which annotations each setting
 /// has) over `settings`, the node's: each replaces the node's value, as in Istio it replaces the
-/// default, and keeps its name, so that a refusal names the annotation. Of a setting's
+/// default, and keeps its name, so that a later refusal names the annotation. Of a setting's
 /// annotations the first the pod has wins (`istio.io/reroute-virtual-interfaces` over the
-/// deprecated `traffic.sidecar.istio.io/kubevirtInterfaces`); the others are not read.
-pub fn apply_annotations(annotations: &Annotations, settings: &mut Settings) {
-    for setting in Setting::ALL {
+/// deprecated `traffic.sidecar.istio.io/kubevirtInterfaces`); the others are not read. As
+/// Istio does, each value is first validated on its own, so that its refusal shows it whole.
+pub fn apply_annotations(annotations: &Annotations, settings: &mut Settings) -> Result<(), PluginError> {
+    for &setting in Setting::ALL {
         let declared = setting.declaration().annotations;
-        if let Some((name, value)) = declared.iter().find_map(|name| annotations.get_key_value(*name)) {
-            settings.set_named(Front::Annotation, name, value.clone());
+        let Some(name) = declared.iter().copied().find(|name| annotations.contains_key(*name)) else {
+            continue;
+        };
+        let value = &annotations[name];
+        let mut alone = Settings::new(Front::Annotation);
+        alone.set(setting, value.clone(), name);
+        if let Err(refusal) = alone.capture_config() {
+            return Err(PluginError::Annotation { name, value: value.clone(), why: refusal.to_string() });
         }
+        settings.set(setting, value.clone(), name);
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -220,10 +227,10 @@ mod tests {
     #[test]
     fn a_status_that_is_not_the_injectors_json_is_refused_naming_it() {
         for (status, why) in [
-            ("injected", "is not JSON"),
-            ("[]", "is not a JSON object"),
-            (r#"{"containers":"istio-proxy"}"#, "holds containers: \"istio-proxy\", which is not a list"),
-            (r#"{"initContainers":[1]}"#, "holds 1 in initContainers, which is not a container name"),
+            ("injected", "=\"injected\": not JSON"),
+            ("[]", "=\"[]\": not a JSON object"),
+            (r#"{"containers":"istio-proxy"}"#, ": containers: \"istio-proxy\" is not a list"),
+            (r#"{"initContainers":[1]}"#, ": initContainers: 1 is not a container name"),
         ] {
             let err = select(&with_annotations(&[(STATUS, status)]), &in_namespace("shop")).unwrap_err();
             assert!(matches!(&err, PluginError::Annotation { name: STATUS, .. }), "{err:?}");
@@ -235,7 +242,7 @@ mod tests {
     fn annotated(pairs: &[(&str, &str)]) -> Result<CaptureConfig, PluginError> {
         let mut settings = Settings::new(Front::CniKey);
         let annotations = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        apply_annotations(&annotations, &mut settings);
+        apply_annotations(&annotations, &mut settings)?;
         Ok(settings.capture_config()?)
     }
 
@@ -297,10 +304,11 @@ mod tests {
     fn annotations_the_pod_does_not_have_keep_the_nodes_settings_and_names() {
         let mut settings = Settings::new(Front::CniKey);
         settings.set_named(Front::CniKey, "excludeOutboundPorts", "6379").unwrap();
-        apply_annotations(&[("app".to_string(), "web".to_string())].into(), &mut settings);
+        apply_annotations(&[("app".to_string(), "web".to_string())].into(), &mut settings).unwrap();
         assert_eq!(settings.text(Setting::ExcludeOutboundPorts), "6379");
         assert_eq!(settings.name(Setting::ExcludeOutboundPorts), "excludeOutboundPorts");
-        apply_annotations(&[("traffic.sidecar.istio.io/excludeOutboundPorts".to_string(), "".to_string())].into(), &mut settings);
+        apply_annotations(&[("traffic.sidecar.istio.io/excludeOutboundPorts".to_string(), "".to_string())].into(), &mut settings)
+            .unwrap();
         assert_eq!(settings.text(Setting::ExcludeOutboundPorts), "", "an empty annotation replaces the node's value");
     }
 }

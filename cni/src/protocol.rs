@@ -118,7 +118,7 @@ pub enum PluginError {
     Config(String),
     #[error("invalid capture setting: {0}")]
     Setting(#[from] ConfigError),
-    #[error("invalid pod annotation {name}: {value:?} {why}")]
+    #[error("invalid pod annotation {name}={value:?}: {why}")]
     Annotation { name: &'static str, value: String, why: String },
     #[error("CNI_NETNS: {0}")]
     Namespace(NamespaceError),
