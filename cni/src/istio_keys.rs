@@ -44,11 +44,11 @@ impl LogLevel {
 /// What Istio's keys ask of us.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IstioKeys {
-    /// `exclude_namespaces` and `kubernetes.exclude_namespaces` (Istio before 1.22).
+    /// `exclude_namespaces` and `kubernetes.exclude_namespaces` (earlier Istio releases).
     pub exclude_namespaces: Vec<String>,
     /// `native_nftables`: our capture setting `nativeNftables`.
     pub native_nftables: Option<bool>,
-    /// `plugin_log_level`, or `log_level` (Istio before 1.22).
+    /// `plugin_log_level`, or `log_level` (earlier Istio releases).
     pub log_level: Option<LogLevel>,
 }
 

@@ -49,8 +49,8 @@ pub struct NetConf {
     pub exclude_namespaces: Vec<String>,
     /// Capture pods the runtime passes no annotations for (a runtime without the capability).
     pub capture_all_pods: bool,
-    /// The pod's annotations, when the runtime passed them (`null`, as containerd encodes a pod
-    /// without any, is none).
+    /// The pod's annotations, when the runtime passed them (`null`, Go's encoding of an empty
+    /// map, is none).
     pub pod_annotations: Option<Annotations>,
     /// Istio's `plugin_log_level` (or `log_level`).
     pub log_level: LogLevel,
@@ -120,8 +120,8 @@ fn object(value: Option<Value>, name: &str) -> Result<Option<Map<String, Value>>
     }
 }
 
-/// The annotations the runtime passed: an object of strings, or `null` (containerd's encoding
-/// of a pod without annotations); anything else is refused.
+/// The annotations the runtime passed: an object of strings, or `null` (how a Go runtime
+/// encodes a pod's empty map); anything else is refused.
 fn pod_annotations(value: Option<Value>) -> Result<Option<Annotations>, PluginError> {
     let refused = |what: String| PluginError::Config(format!("runtimeConfig.{ANNOTATIONS_CAPABILITY}: {what}"));
     match value {
@@ -373,7 +373,7 @@ mod tests {
         };
         let passed = with(r#"{"sidecar.istio.io/status":"{}","app":"web"}"#).unwrap().pod_annotations.unwrap();
         assert_eq!(passed.get("app").map(String::as_str), Some("web"));
-        assert_eq!(with("null").unwrap().pod_annotations, Some(Annotations::new()), "containerd's pod without annotations");
+        assert_eq!(with("null").unwrap().pod_annotations, Some(Annotations::new()), "Go's empty map");
         assert_eq!(conf(r#"{"cniVersion":"1.0.0","name":"k8s"}"#).pod_annotations, None);
         for (bad, why) in [(r#"{"a":1}"#, r#"the value of "a", 1, is not a string"#), ("[]", "[] is not an object of strings")] {
             let err = with(bad).unwrap_err();
