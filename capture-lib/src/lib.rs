@@ -12,6 +12,7 @@ pub mod accounts;
 pub mod capture;
 pub mod config;
 pub mod iptables;
+pub mod log_level;
 pub mod model;
 pub mod namespace;
 pub mod nftables;

@@ -4,42 +4,10 @@
 //! accepted and ignored (and why), or refused. JSON `null` is "unset", as Go reads it into the
 //! zero value (Istio's installer writes `"exclude_namespaces": null` when none are excluded).
 
+use capture_lib::log_level::Level;
 use serde_json::{Map, Value};
 
 use crate::protocol::PluginError;
-
-/// Istio's log levels (`plugin_log_level`, `log_level`), most verbose first. The plugin logs to
-/// stderr, which runtimes put in their log: at `info`, why a pod is not captured; at `warn`,
-/// what a run did not stop for; at `error` and above, neither (the error of a failed ADD is
-/// always written beside its error object).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub enum LogLevel {
-    Debug,
-    #[default]
-    Info,
-    Warn,
-    Error,
-    Fatal,
-    None,
-}
-
-impl LogLevel {
-    const NAMES: [(&'static str, LogLevel); 6] = [
-        ("debug", LogLevel::Debug),
-        ("info", LogLevel::Info),
-        ("warn", LogLevel::Warn),
-        ("error", LogLevel::Error),
-        ("fatal", LogLevel::Fatal),
-        ("none", LogLevel::None),
-    ];
-
-    fn parse(key: &str, name: &str) -> Result<LogLevel, PluginError> {
-        Self::NAMES.iter().find(|(known, _)| *known == name).map(|(_, level)| *level).ok_or_else(|| {
-            let names: Vec<&str> = Self::NAMES.iter().map(|(known, _)| *known).collect();
-            PluginError::Config(format!("{key}: {name:?} is not a log level (expected {})", names.join(", ")))
-        })
-    }
-}
 
 /// What Istio's keys ask of us.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,8 +16,10 @@ pub struct IstioKeys {
     pub exclude_namespaces: Vec<String>,
     /// `native_nftables`: our capture setting `nativeNftables`.
     pub native_nftables: Option<bool>,
-    /// `plugin_log_level`, or `log_level` (earlier Istio releases).
-    pub log_level: Option<LogLevel>,
+    /// `plugin_log_level`, or `log_level` (earlier Istio releases). The plugin logs to stderr,
+    /// which runtimes put in their log: from `info`, why a pod is not captured; from `warn`,
+    /// what a run did not stop for (the error of a failed ADD is always written).
+    pub log_level: Option<Level>,
 }
 
 /// The JSON type a key must have (or `null`).
@@ -158,11 +128,14 @@ fn check_kind(key: &str, kind: Kind, value: Option<Value>) -> Result<Option<Valu
     Ok(value)
 }
 
-fn log_level(key: &str, value: Option<Value>) -> Result<Option<LogLevel>, PluginError> {
-    match check_kind(key, Kind::Text, value)? {
-        Some(Value::String(name)) => LogLevel::parse(key, &name).map(Some),
-        _ => Ok(None),
-    }
+fn log_level(key: &str, value: Option<Value>) -> Result<Option<Level>, PluginError> {
+    let Some(Value::String(name)) = check_kind(key, Kind::Text, value)? else {
+        return Ok(None);
+    };
+    let known: Vec<&str> = Level::ALL.iter().map(|level| level.name()).collect();
+    Level::named(&name)
+        .map(Some)
+        .ok_or_else(|| PluginError::Config(format!("{key}: {name:?} is not a log level (expected {})", known.join(", "))))
 }
 
 fn object(key: &str, value: Option<Value>) -> Result<Option<Map<String, Value>>, PluginError> {
@@ -208,7 +181,7 @@ mod tests {
             "enablement_selectors": [], "exclude_namespaces": null, "pod_namespace": "istio-system",
             "native_nftables": true, "enable_ambient_detection_retry": false, "type": "istio-cni" });
         let (keys, rest) = take(today).unwrap();
-        assert_eq!(keys, IstioKeys { exclude_namespaces: vec![], native_nftables: Some(true), log_level: Some(LogLevel::Debug) });
+        assert_eq!(keys, IstioKeys { exclude_namespaces: vec![], native_nftables: Some(true), log_level: Some(Level::Debug) });
         assert_eq!(rest, *json!({ "type": "istio-cni" }).as_object().unwrap(), "ours are left for the caller");
         // Istio 1.21 and before: the kubernetes object, log_level, the node agent's sockets.
         let older = json!({ "log_level": "warn", "log_uds_address": "/var/run/istio-cni/log.sock",
@@ -219,7 +192,7 @@ mod tests {
                             "exclude_namespaces": ["kube-system"] } });
         let (keys, rest) = take(older).unwrap();
         assert_eq!(keys.exclude_namespaces, ["istio-system", "kube-system"]);
-        assert_eq!((keys.log_level, keys.native_nftables), (Some(LogLevel::Warn), None));
+        assert_eq!((keys.log_level, keys.native_nftables), (Some(Level::Warn), None));
         assert!(rest.is_empty());
     }
 
@@ -251,10 +224,8 @@ mod tests {
     }
 
     #[test]
-    fn levels_order_from_most_verbose() {
-        assert!(LogLevel::Debug < LogLevel::Info && LogLevel::Info < LogLevel::Warn && LogLevel::Error < LogLevel::None);
-        assert_eq!(LogLevel::default(), LogLevel::Info);
+    fn the_two_level_keys_may_agree() {
         let (keys, _) = take(json!({ "plugin_log_level": "none", "log_level": "none" })).unwrap();
-        assert_eq!(keys.log_level, Some(LogLevel::None));
+        assert_eq!(keys.log_level, Some(Level::None));
     }
 }

@@ -8,11 +8,12 @@
 //! over them all (pod.rs). Istio's own keys are read beside ours (istio_keys.rs).
 
 use capture_lib::capture::Backend;
+use capture_lib::log_level::Level;
 use capture_lib::settings::CaptureConfig;
 use capture_lib::settings::{Front, Kind, Setting, Settings};
 use serde_json::{Map, Value};
 
-use crate::istio_keys::{self, IstioKeys, LogLevel};
+use crate::istio_keys::{self, IstioKeys};
 use crate::pod::{self, Annotations, ANNOTATIONS_CAPABILITY};
 use crate::protocol::PluginError;
 
@@ -53,7 +54,7 @@ pub struct NetConf {
     /// map, is none).
     pub pod_annotations: Option<Annotations>,
     /// Istio's `plugin_log_level` (or `log_level`).
-    pub log_level: LogLevel,
+    pub log_level: Level,
     /// The previous plugin's result; an object whenever present.
     pub prev_result: Option<Map<String, Value>>,
     capture: Map<String, Value>,
@@ -103,7 +104,7 @@ impl NetConf {
             exclude_namespaces,
             capture_all_pods,
             pod_annotations: pod_annotations(runtime_config.remove(ANNOTATIONS_CAPABILITY))?,
-            log_level: istio.log_level.unwrap_or_default(),
+            log_level: istio.log_level.unwrap_or(Level::Info),
             prev_result: object(conf.remove("prevResult"), "prevResult")?,
             capture,
             runtime_capture: capture_settings(runtime_config.remove("capture"), "runtimeConfig.capture")?,
@@ -389,7 +390,7 @@ mod tests {
                 "native_nftables":true,"plugin_log_level":"error","captureAllPods":true}"#,
         );
         assert_eq!(conf.exclude_namespaces, ["kube-system", "istio-system"]);
-        assert_eq!((conf.log_level, conf.capture_all_pods), (LogLevel::Error, true));
+        assert_eq!((conf.log_level, conf.capture_all_pods), (Level::Error, true));
         let pod = PodCapture::new(&conf, &CniArgs::default()).unwrap();
         assert!(pod.settings.flag(Setting::NativeNftables).unwrap(), "native_nftables is capture.nativeNftables");
         let agreeing = r#"{"cniVersion":"1.0.0","name":"k8s","native_nftables":false,"capture":{"nativeNftables":"false"}}"#;

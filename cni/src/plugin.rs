@@ -7,12 +7,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use capture_lib::capture::{self, Backend, Operation, Report, Request};
+use capture_lib::log_level::Level;
 use capture_lib::namespace::{self, NamespaceError};
 use capture_lib::settings::CaptureConfig;
 use capture_lib::Detail;
 use serde_json::Value;
 
-use crate::istio_keys::LogLevel;
 use crate::netconf::{CniArgs, NetConf, PodCapture};
 use crate::pod::{self, Selection};
 use crate::protocol::{self, Invocation, PluginError};
@@ -74,7 +74,7 @@ fn validate(
     node.config()?;
     refuse_node_namespace(invocation.netns.as_deref().unwrap_or(Path::new("")))?;
     if let Selection::Skip(why) = pod::select(conf, args)? {
-        if conf.log_level <= LogLevel::Info {
+        if conf.log_level >= Level::Info {
             eprintln!("istio-capture-cni: {}: not captured: {why}", describe(invocation, Some(args)));
         }
         return Ok(None);
@@ -114,7 +114,7 @@ pub fn delete(invocation: &Invocation) -> Result<Reply, PluginError> {
     if !enter_if_present(netns)? {
         return Ok(None);
     }
-    warn(LogLevel::default(), capture::run(&cleanup_request())?);
+    warn(Level::Info, capture::run(&cleanup_request())?);
     Ok(None)
 }
 
@@ -134,8 +134,8 @@ fn cleanup_request() -> Request {
 }
 
 /// What the user should know of a run that did not stop it, for the runtime's log.
-fn warn(level: LogLevel, report: Report) {
-    if level > LogLevel::Warn {
+fn warn(level: Level, report: Report) {
+    if level < Level::Warn {
         return;
     }
     for warning in report.warnings {
