@@ -11,10 +11,12 @@
 pub mod accounts;
 pub mod capture;
 pub mod config;
+pub mod family;
 pub mod iptables;
 pub mod log_level;
 pub mod model;
 pub mod namespace;
+pub mod netlink;
 pub mod nftables;
 pub mod routes;
 pub mod settings;
