@@ -14,6 +14,7 @@ pub mod config;
 pub mod drift;
 pub mod family;
 pub mod iptables;
+pub mod log_level;
 pub mod model;
 pub mod namespace;
 pub mod netlink;
