@@ -12,8 +12,10 @@
 pub mod accounts;
 pub mod capture;
 pub mod config;
+pub mod drift;
 pub mod family;
 pub mod iptables;
+pub mod log_level;
 pub mod model;
 pub mod namespace;
 pub mod netlink;

@@ -12,6 +12,7 @@
 //! delete, add full) so no packet sees a gap.
 
 mod batch;
+mod decompile;
 mod expr;
 mod messages;
 mod raw;
@@ -130,7 +131,7 @@ impl RuleBackend for Nftables {
         let mut netlink = Netlink::open().map_err(NftError::Socket)?;
         let have = read_ours(&mut netlink).map_err(NftError::Read)?;
         let want = state::planned(&plan);
-        Ok(if have == want { Vec::new() } else { state::differences(&plan, &want, &have) })
+        Ok(if have == want { Vec::new() } else { described_differences(&plan, &want, &have) })
     }
 }
 
@@ -146,7 +147,7 @@ fn decide(tables: &[render::TablePlan], have: &Snapshot, reconcile: bool, force:
     } else if exact || reconcile {
         Ok(Change::Replace { stale: have.keys().filter(|t| !want.contains_key(t)).copied().collect(), forced: exact })
     } else {
-        Err(NftError::Drift { details: state::differences(tables, &want, have) })
+        Err(NftError::Drift { details: described_differences(tables, &want, have) })
     }
 }
 
@@ -234,7 +235,7 @@ impl RulePlan for Plan {
                 "our tables are as planned; rewriting them in one transaction (--force-apply)".to_string()
             }
             (Change::Replace { forced: false, .. }, Some(have)) => {
-                let details = state::differences(&self.tables, &state::planned(&self.tables), have).join("\n  ");
+                let details = described_differences(&self.tables, &state::planned(&self.tables), have).join("\n  ");
                 format!("our tables differ from the plan; replacing them in one transaction (--reconcile):\n  {details}")
             }
         };
@@ -259,6 +260,10 @@ fn send(tx: &Transaction) -> Result<(), NftError> {
         return Ok(());
     }
     commit(&mut Netlink::open().map_err(NftError::Socket)?, tx)
+}
+
+fn described_differences(plan: &[render::TablePlan], want: &Snapshot, have: &Snapshot) -> Vec<String> {
+    state::differences(plan, want, have).iter().map(ToString::to_string).collect()
 }
 
 /// Whether nf_tables holds any table of the IPv4 (or IPv6) family: where none exists,
