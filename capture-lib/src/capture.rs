@@ -9,12 +9,15 @@ use thiserror::Error;
 
 use std::time::Duration;
 
-use crate::config::{CaptureConfig, DnsCapture};
-use crate::iptables::{self, IptablesError, IptablesOptions};
+use crate::config::ConfigError;
+use crate::config::DnsCapture;
+use crate::iptables::{self, IptablesError, IptablesOptions, Variant};
 use crate::model::{self, Dialect};
 use crate::namespace::{self, NamespaceError};
 use crate::nftables::{self, NftError};
 use crate::routes::{self, RouteError, RoutePlan};
+use crate::settings::CaptureConfig;
+use crate::settings::{Setting, Settings};
 use crate::{Detail, Outcome};
 
 pub use crate::iptables::Operation;
@@ -24,6 +27,23 @@ pub use crate::iptables::Operation;
 pub enum Backend {
     Iptables(IptablesOptions),
     Nftables,
+}
+
+impl Backend {
+    /// The backend the settings choose (native nftables, or an iptables variant).
+    pub fn from_settings(settings: &Settings) -> Result<Backend, ConfigError> {
+        if settings.flag(Setting::NativeNftables)? {
+            return Ok(Backend::Nftables);
+        }
+        let variant = match settings.text(Setting::IptablesVariant) {
+            "" => None,
+            v => Some(Variant::parse(v).ok_or_else(|| ConfigError::IptablesVariant {
+                setting: settings.name(Setting::IptablesVariant),
+                value: v.to_string(),
+            })?),
+        };
+        Ok(Backend::Iptables(IptablesOptions { variant }))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -398,5 +418,21 @@ fn apply_with_routes<T>(
             let _ = routes::undo(&added);
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::settings::Front;
+
+    #[test]
+    fn the_backend_follows_the_settings_and_a_bad_variant_is_named() {
+        let mut settings = Settings::new(Front::CniKey);
+        settings.set_named(Front::CniKey, "forceIptablesBinary", "x").unwrap();
+        let err = Backend::from_settings(&settings).unwrap_err().to_string();
+        assert_eq!(err, "forceIptablesBinary: \"x\" is not an iptables variant (expected legacy or nft)");
+        settings.set_named(Front::CniKey, "nativeNftables", "true").unwrap();
+        assert!(matches!(Backend::from_settings(&settings), Ok(Backend::Nftables)));
     }
 }

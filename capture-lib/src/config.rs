@@ -1,8 +1,9 @@
-//! Typed, validated capture settings.
+//! The value types of the capture settings and their parsers.
 //!
-//! Everything a user can pass (flags, environment, CNI arguments) arrives as strings and is
-//! turned into a [`CaptureConfig`] here, once. Every error names the setting and the value
-//! that was refused, so nothing downstream has to re-validate.
+//! Everything a user can pass (flags, environment, CNI keys, pod annotations) arrives as
+//! strings; `settings.rs` hands each to its parser here, once, with the name the user wrote
+//! it under. Every error names that setting and the value refused, so nothing downstream has
+//! to re-validate.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -61,8 +62,10 @@ pub enum ConfigError {
     TproxyRouteTable { setting: &'static str, table: u32 },
     #[error("{setting}: {value:?} is not an IPv4 loopback CIDR with a prefix from /8 to /32 (e.g. 127.0.0.1/32)")]
     Loopback { setting: &'static str, value: String },
-    #[error("unknown inbound interception mode {0:?} (expected REDIRECT or TPROXY)")]
-    Mode(String),
+    #[error("{setting}: {value:?} is not an inbound interception mode (expected REDIRECT or TPROXY)")]
+    Mode { setting: &'static str, value: String },
+    #[error("{setting}: {value:?} is not a boolean (expected true or false, 1 or 0, t or f)")]
+    Bool { setting: &'static str, value: String },
     #[error("{setting}: {value:?} is not an iptables variant (expected legacy or nft)")]
     IptablesVariant { setting: &'static str, value: String },
     #[error("{setting}: {value:?} must not be empty")]
@@ -79,16 +82,13 @@ pub enum InterceptionMode {
     Tproxy,
 }
 
-impl FromStr for InterceptionMode {
-    type Err = ConfigError;
-    /// Istio treats only the exact string `TPROXY` as TPROXY and everything else as REDIRECT;
-    /// we accept the two documented names (and empty, the default) and refuse typos.
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        match s {
-            "TPROXY" => Ok(Self::Tproxy),
-            "REDIRECT" | "" => Ok(Self::Redirect),
-            other => Err(ConfigError::Mode(other.to_string())),
-        }
+/// Istio treats only the exact string `TPROXY` as TPROXY and everything else as REDIRECT;
+/// we accept the two documented names (and empty, the default) and refuse typos.
+pub fn parse_mode(setting: &'static str, value: &str) -> Result<InterceptionMode, ConfigError> {
+    match value {
+        "TPROXY" => Ok(InterceptionMode::Tproxy),
+        "REDIRECT" | "" => Ok(InterceptionMode::Redirect),
+        other => Err(ConfigError::Mode { setting, value: other.to_string() }),
     }
 }
 
@@ -162,6 +162,10 @@ impl Cidr {
     pub fn new(addr: IpAddr, prefix: u8) -> Option<Self> {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         (prefix <= max).then(|| Self { addr: mask(addr, prefix), prefix })
+    }
+
+    pub const fn host_v4(addr: Ipv4Addr) -> Self {
+        Self { addr: IpAddr::V4(addr), prefix: 32 }
     }
 
     pub fn host(addr: IpAddr) -> Self {
@@ -254,74 +258,6 @@ impl Interface {
 impl fmt::Display for Interface {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-/// Everything the rule model needs, already validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CaptureConfig {
-    /// Outbound capture target (`-p`, 15001).
-    pub proxy_port: u16,
-    /// Inbound capture target (`-z`, 15006).
-    pub inbound_capture_port: u16,
-    /// HBONE tunnel port, never captured (`-e`, 15008).
-    pub inbound_tunnel_port: u16,
-    /// Owners whose traffic is the proxy's own and so never captured (`-u`, `-g`).
-    pub proxy_uids: Vec<u32>,
-    pub proxy_gids: Vec<u32>,
-    pub mode: InterceptionMode,
-    pub inbound_ports: InboundPorts,
-    pub outbound_ranges: OutboundRanges,
-    pub outbound_ranges_exclude: Vec<Cidr>,
-    /// Destination ports always captured, whatever the address (`-q`).
-    pub outbound_ports_include: Vec<u16>,
-    /// Destination ports never captured (`-o`).
-    pub outbound_ports_exclude: Vec<u16>,
-    pub exclude_interfaces: Vec<Interface>,
-    /// Interfaces whose inbound traffic is treated as outbound (`-k`).
-    pub kube_virt_interfaces: Vec<Interface>,
-    pub tproxy_mark: u32,
-    pub tproxy_route_table: u32,
-    pub owner_groups: OwnerGroups,
-    pub dns: DnsCapture,
-    pub drop_invalid: bool,
-    /// Program IPv6 too (derived from the pod's addresses).
-    pub ipv6: bool,
-    /// What counts as "local" for IPv4 (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`).
-    pub host_ipv4_loopback: Cidr,
-}
-
-impl Default for CaptureConfig {
-    fn default() -> Self {
-        Self {
-            proxy_port: 15001,
-            inbound_capture_port: 15006,
-            inbound_tunnel_port: 15008,
-            proxy_uids: vec![1337],
-            proxy_gids: vec![1337],
-            mode: InterceptionMode::Redirect,
-            inbound_ports: InboundPorts::None,
-            outbound_ranges: OutboundRanges::None,
-            outbound_ranges_exclude: Vec::new(),
-            outbound_ports_include: Vec::new(),
-            outbound_ports_exclude: Vec::new(),
-            exclude_interfaces: Vec::new(),
-            kube_virt_interfaces: Vec::new(),
-            tproxy_mark: 1337,
-            tproxy_route_table: 133,
-            owner_groups: OwnerGroups::default(),
-            dns: DnsCapture::Off,
-            drop_invalid: false,
-            ipv6: false,
-            host_ipv4_loopback: Cidr::host(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        }
-    }
-}
-
-impl CaptureConfig {
-    /// True when TPROXY inbound capture is active, which needs policy routing.
-    pub fn needs_tproxy_routes(&self) -> bool {
-        self.mode == InterceptionMode::Tproxy && self.inbound_ports != InboundPorts::None
     }
 }
 
@@ -440,14 +376,18 @@ pub fn parse_tproxy_route_table(setting: &'static str, value: &str, tproxy: bool
     }
 }
 
-/// `ISTIO_OUTBOUND_OWNER_GROUPS` (unset means `*`) and `ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE`.
-/// An include list becomes one rule, so the backend bounds it too (`native_nftables`).
-pub fn parse_owner_groups(include: Option<&str>, exclude: &str, native_nftables: bool) -> Result<OwnerGroups, ConfigError> {
-    const INCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS";
-    const EXCLUDE: &str = "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE";
-    let (setting, list, only) = match include.map(str::trim) {
-        None | Some("*") => (EXCLUDE, exclude, false),
-        Some(list) => (INCLUDE, list, true),
+/// The groups whose outbound traffic is captured (`*`: everyone's) and, with `*`, those whose
+/// is not. An include list becomes one rule, so the backend bounds it too (`native_nftables`).
+pub fn parse_owner_groups(
+    include_setting: &'static str,
+    include: &str,
+    exclude_setting: &'static str,
+    exclude: &str,
+    native_nftables: bool,
+) -> Result<OwnerGroups, ConfigError> {
+    let (setting, list, only) = match include.trim() {
+        "*" => (exclude_setting, exclude, false),
+        list => (include_setting, list, true),
     };
     let gids = parse_gids(setting, list)?;
     let (most, why) = match (only, native_nftables) {
@@ -461,9 +401,9 @@ pub fn parse_owner_groups(include: Option<&str>, exclude: &str, native_nftables:
     Ok(if only { OwnerGroups::Only(gids) } else { OwnerGroups::AllExcept(gids) })
 }
 
-/// `ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`: an IPv4 loopback prefix between /8 and /32.
-pub fn parse_loopback_cidr(value: &str) -> Result<Cidr, ConfigError> {
-    let err = || ConfigError::Loopback { setting: "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR", value: value.to_string() };
+/// What counts as local IPv4: an IPv4 loopback prefix between /8 and /32.
+pub fn parse_loopback_cidr(setting: &'static str, value: &str) -> Result<Cidr, ConfigError> {
+    let err = || ConfigError::Loopback { setting, value: value.to_string() };
     let cidr: Cidr = value.parse().map_err(|()| err())?;
     if !cidr.is_ipv4() || !cidr.is_loopback() || !(8..=32).contains(&cidr.prefix()) {
         return Err(err());
@@ -577,10 +517,10 @@ mod tests {
 
     #[test]
     fn owner_groups() {
-        assert_eq!(parse_owner_groups(None, "", false).unwrap(), OwnerGroups::AllExcept(vec![]));
-        assert_eq!(parse_owner_groups(Some("*"), "5", false).unwrap(), OwnerGroups::AllExcept(vec![5]));
-        assert_eq!(parse_owner_groups(Some(""), "5", false).unwrap(), OwnerGroups::Only(vec![]));
-        assert_eq!(parse_owner_groups(Some("1,2"), "5", false).unwrap(), OwnerGroups::Only(vec![1, 2]));
+        assert_eq!(parse_owner_groups("I", "*", "E", "", false).unwrap(), OwnerGroups::AllExcept(vec![]));
+        assert_eq!(parse_owner_groups("I", "*", "E", "5", false).unwrap(), OwnerGroups::AllExcept(vec![5]));
+        assert_eq!(parse_owner_groups("I", "", "E", "5", false).unwrap(), OwnerGroups::Only(vec![]));
+        assert_eq!(parse_owner_groups("I", "1,2", "E", "5", false).unwrap(), OwnerGroups::Only(vec![1, 2]));
     }
 
     #[test]
@@ -591,15 +531,15 @@ mod tests {
             Ok(OwnerGroups::Only(g) | OwnerGroups::AllExcept(g)) => Ok(g.len()),
             Err(other) => panic!("{other}"),
         };
-        assert_eq!(count(parse_owner_groups(Some(&groups(49)), "", false)), Ok(49));
-        assert_eq!(count(parse_owner_groups(Some(&groups(50)), "", false)), Err((50, 49)));
-        assert_eq!(count(parse_owner_groups(Some(&groups(63)), "", true)), Ok(63));
-        assert_eq!(count(parse_owner_groups(Some(&groups(64)), "", true)), Err((64, 63)));
+        assert_eq!(count(parse_owner_groups("I", &groups(49), "E", "", false)), Ok(49));
+        assert_eq!(count(parse_owner_groups("I", &groups(50), "E", "", false)), Err((50, 49)));
+        assert_eq!(count(parse_owner_groups("I", &groups(63), "E", "", true)), Ok(63));
+        assert_eq!(count(parse_owner_groups("I", &groups(64), "E", "", true)), Err((64, 63)));
         // Excluded groups get a rule each: only Istio's own limit applies.
-        assert_eq!(count(parse_owner_groups(None, &groups(64), false)), Ok(64));
-        assert_eq!(count(parse_owner_groups(Some("*"), &groups(65), true)), Err((65, 64)));
-        let message = parse_owner_groups(Some(&groups(50)), "", false).unwrap_err().to_string();
-        assert!(message.starts_with("ISTIO_OUTBOUND_OWNER_GROUPS: 50 owner groups given, at most 49"), "{message}");
+        assert_eq!(count(parse_owner_groups("I", "*", "E", &groups(64), false)), Ok(64));
+        assert_eq!(count(parse_owner_groups("I", "*", "E", &groups(65), true)), Err((65, 64)));
+        let message = parse_owner_groups("I", &groups(50), "E", "", false).unwrap_err().to_string();
+        assert!(message.starts_with("I: 50 owner groups given, at most 49"), "{message}");
     }
 
     #[test]
@@ -624,19 +564,19 @@ mod tests {
 
     #[test]
     fn loopback_cidr_bounds() {
-        assert_eq!(parse_loopback_cidr("127.0.0.1/8").unwrap().to_string(), "127.0.0.0/8");
-        assert!(parse_loopback_cidr("127.0.0.1/7").is_err());
-        assert!(parse_loopback_cidr("10.0.0.1/32").is_err());
-        assert!(parse_loopback_cidr("::1/128").is_err());
-        assert!(parse_loopback_cidr("127.0.0.1").is_err());
+        assert_eq!(parse_loopback_cidr("L", "127.0.0.1/8").unwrap().to_string(), "127.0.0.0/8");
+        assert!(parse_loopback_cidr("L", "127.0.0.1/7").is_err());
+        assert!(parse_loopback_cidr("L", "10.0.0.1/32").is_err());
+        assert!(parse_loopback_cidr("L", "::1/128").is_err());
+        assert!(parse_loopback_cidr("L", "127.0.0.1").is_err());
     }
 
     #[test]
     fn modes() {
-        assert_eq!("TPROXY".parse::<InterceptionMode>().unwrap(), InterceptionMode::Tproxy);
-        assert_eq!("REDIRECT".parse::<InterceptionMode>().unwrap(), InterceptionMode::Redirect);
-        assert_eq!("".parse::<InterceptionMode>().unwrap(), InterceptionMode::Redirect);
-        assert!("tproxy".parse::<InterceptionMode>().is_err());
+        assert_eq!(parse_mode("-m", "TPROXY"), Ok(InterceptionMode::Tproxy));
+        assert_eq!(parse_mode("-m", "REDIRECT"), Ok(InterceptionMode::Redirect));
+        assert_eq!(parse_mode("-m", ""), Ok(InterceptionMode::Redirect));
+        assert_eq!(parse_mode("-m", "tproxy"), Err(ConfigError::Mode { setting: "-m", value: "tproxy".into() }));
     }
 
     #[test]

@@ -34,7 +34,8 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use thiserror::Error;
 
-use crate::config::{CaptureConfig, INBOUND_PASSTHROUGH_V6, RESERVED_ROUTE_TABLES};
+use crate::config::{INBOUND_PASSTHROUGH_V6, RESERVED_ROUTE_TABLES};
+use crate::settings::CaptureConfig;
 
 /// How often a listing is retried when the kernel reports it changed while being read.
 const DUMP_ATTEMPTS: usize = 5;

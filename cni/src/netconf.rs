@@ -7,8 +7,8 @@
 //! capability arguments), then `CNI_ARGS` pairs of the same keys.
 
 use capture_lib::capture::Backend;
-use capture_lib::config::CaptureConfig;
-use capture_lib::settings::{SettingNames, Settings};
+use capture_lib::settings::CaptureConfig;
+use capture_lib::settings::{Front, Kind, Setting, Settings};
 use serde_json::{Map, Value};
 
 use crate::protocol::PluginError;
@@ -19,49 +19,6 @@ const ALWAYS_EXCLUDED_INBOUND_PORTS: [&str; 3] = ["15020", "15021", "15090"];
 /// The `CNI_ARGS` keys runtimes send on their own (Kubernetes pod identity).
 const RUNTIME_ARGS: [&str; 5] =
     ["IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"];
-
-/// The keys, as users write them and errors name them.
-pub const KEY_NAMES: SettingNames = SettingNames {
-    proxy_port: "proxyPort",
-    inbound_capture_port: "inboundCapturePort",
-    inbound_tunnel_port: "inboundTunnelPort",
-    proxy_uid: "proxyUID",
-    proxy_gid: "proxyGID",
-    inbound_ports: "inboundPorts",
-    exclude_inbound_ports: "excludeInboundPorts",
-    outbound_ranges: "outboundIPRanges",
-    exclude_outbound_ranges: "excludeOutboundIPRanges",
-    outbound_ports: "outboundPorts",
-    exclude_outbound_ports: "excludeOutboundPorts",
-    exclude_interfaces: "excludeInterfaces",
-    kube_virt_interfaces: "kubeVirtInterfaces",
-    tproxy_mark: "tproxyMark",
-    tproxy_route_table: "tproxyRouteTable",
-    iptables_variant: "forceIptablesBinary",
-};
-
-/// The keys whose values are Istio-syntax text, and where each goes in [`Settings`].
-type TextField = fn(&mut Settings) -> &mut String;
-const TEXT_KEYS: [(&str, TextField); 17] = [
-    (KEY_NAMES.proxy_port, |s| &mut s.proxy_port),
-    (KEY_NAMES.inbound_capture_port, |s| &mut s.inbound_capture_port),
-    (KEY_NAMES.inbound_tunnel_port, |s| &mut s.inbound_tunnel_port),
-    (KEY_NAMES.proxy_uid, |s| &mut s.proxy_uid),
-    (KEY_NAMES.proxy_gid, |s| &mut s.proxy_gid),
-    ("interceptionMode", |s| &mut s.interception_mode),
-    (KEY_NAMES.inbound_ports, |s| &mut s.inbound_ports),
-    (KEY_NAMES.exclude_inbound_ports, |s| &mut s.exclude_inbound_ports),
-    (KEY_NAMES.outbound_ranges, |s| &mut s.outbound_ranges),
-    (KEY_NAMES.exclude_outbound_ranges, |s| &mut s.exclude_outbound_ranges),
-    (KEY_NAMES.outbound_ports, |s| &mut s.outbound_ports),
-    (KEY_NAMES.exclude_outbound_ports, |s| &mut s.exclude_outbound_ports),
-    (KEY_NAMES.exclude_interfaces, |s| &mut s.exclude_interfaces),
-    (KEY_NAMES.kube_virt_interfaces, |s| &mut s.kube_virt_interfaces),
-    (KEY_NAMES.tproxy_mark, |s| &mut s.tproxy_mark),
-    (KEY_NAMES.tproxy_route_table, |s| &mut s.tproxy_route_table),
-    (KEY_NAMES.iptables_variant, |s| &mut s.iptables_variant),
-];
-const FLAG_KEYS: [&str; 5] = ["redirectDNS", "captureAllDNS", "dropInvalid", "dualStack", "nativeNftables"];
 
 /// The keys our entry may hold: the CNI spec's (runtimes add some of them) and our own. Any
 /// other is a mistake (a capture key outside `capture`, a typo) that would otherwise be ignored.
@@ -145,8 +102,9 @@ pub fn declared_version(bytes: &[u8]) -> Option<String> {
     conf.get("cniVersion")?.as_str().map(str::to_string)
 }
 
+/// A capture setting's key (declared in capture-lib's settings).
 fn is_capture_key(key: &str) -> bool {
-    TEXT_KEYS.iter().any(|(name, _)| *name == key) || FLAG_KEYS.contains(&key)
+    Setting::named(Front::CniKey, key).is_some()
 }
 
 /// A `capture` object: capture keys only.
@@ -216,38 +174,36 @@ impl PodCapture {
         merged.extend(args.overrides.clone());
 
         // Istio CNI's defaults for a pod without annotations.
-        let mut settings = Settings {
-            inbound_ports: "*".into(),
-            outbound_ranges: "*".into(),
-            exclude_outbound_ports: "15020".into(),
-            ..Settings::default()
-        };
-        for (key, field) in TEXT_KEYS {
-            if let Some(value) = merged.get(key) {
-                *field(&mut settings) = text(key, value)?;
-            }
+        let mut settings = Settings::new(Front::CniKey);
+        for (key, value) in &merged {
+            let value = match Setting::named(Front::CniKey, key).map(|s| s.declaration().kind) {
+                Some(Kind::Bool) => flag(key, value)?,
+                _ => text(key, value)?,
+            };
+            settings.set_named(Front::CniKey, key, value);
         }
-        let flag = |key: &str| merged.get(key).map(|v| flag(key, v)).transpose();
-        settings.redirect_dns = flag("redirectDNS")?.unwrap_or(false);
         // A CNI plugin cannot read the pod's resolv.conf, so DNS capture takes all port-53 traffic.
-        settings.capture_all_dns = flag("captureAllDNS")?.unwrap_or(settings.redirect_dns);
-        if settings.needs_dns_servers() {
-            return Err(PluginError::Config(
-                "captureAllDNS: false needs the pod's resolv.conf, which a CNI plugin cannot read; \
-                 leave it unset (DNS capture then takes all port-53 traffic)"
-                    .into(),
-            ));
+        if settings.given(Setting::CaptureAllDns).is_none() {
+            let redirect_dns = settings.flag(Setting::RedirectDns)?;
+            settings.set(Setting::CaptureAllDns, redirect_dns.to_string(), Setting::CaptureAllDns.name(Front::CniKey));
         }
-        settings.drop_invalid = flag("dropInvalid")?.unwrap_or(false);
-        settings.native_nftables = flag("nativeNftables")?.unwrap_or(false);
-        settings.exclude_inbound_ports = with_required_ports(&settings.exclude_inbound_ports);
-        Ok(PodCapture { settings, dual_stack: flag("dualStack")?.unwrap_or(false) })
+        if settings.needs_dns_servers()? {
+            return Err(PluginError::Config(format!(
+                "{}: false needs the pod's resolv.conf, which a CNI plugin cannot read; \
+                 leave it unset (DNS capture then takes all port-53 traffic)",
+                settings.name(Setting::CaptureAllDns)
+            )));
+        }
+        let excluded = with_required_ports(settings.text(Setting::ExcludeInboundPorts));
+        settings.set(Setting::ExcludeInboundPorts, excluded, settings.name(Setting::ExcludeInboundPorts));
+        let dual_stack = settings.flag(Setting::DualStack)?;
+        Ok(PodCapture { settings, dual_stack })
     }
 
     /// The validated capture and backend: every refusal a setting can cause, before any
     /// namespace is touched (ADD and CHECK, and the installer before it chains an entry).
     pub fn config(&self) -> Result<(CaptureConfig, Backend), PluginError> {
-        Ok((self.settings.capture_config(&KEY_NAMES)?, self.settings.backend(&KEY_NAMES)?))
+        Ok((self.settings.capture_config()?, Backend::from_settings(&self.settings)?))
     }
 }
 
@@ -265,12 +221,11 @@ fn text(key: &str, value: &Value) -> Result<String, PluginError> {
     joined.ok_or_else(|| PluginError::Config(format!("{key}: {value} is not a string, a number or a list of them")))
 }
 
-/// A boolean, or its text (from CNI_ARGS).
-fn flag(key: &str, value: &Value) -> Result<bool, PluginError> {
+/// A boolean, or its text (from CNI_ARGS; Go's forms, checked with the other settings).
+fn flag(key: &str, value: &Value) -> Result<String, PluginError> {
     match value {
-        Value::Bool(b) => Ok(*b),
-        Value::String(s) if s == "true" => Ok(true),
-        Value::String(s) if s == "false" => Ok(false),
+        Value::Bool(b) => Ok(b.to_string()),
+        Value::String(s) => Ok(s.clone()),
         other => Err(PluginError::Config(format!("{key}: {other} is not true or false"))),
     }
 }
@@ -302,12 +257,12 @@ mod tests {
     #[test]
     fn defaults_are_istio_cnis() {
         let pod = capture(r#"{"cniVersion":"1.0.0","name":"k8s"}"#, "").unwrap();
-        let cfg = pod.settings.capture_config(&KEY_NAMES).unwrap();
+        let cfg = pod.settings.capture_config().unwrap();
         assert_eq!(cfg.inbound_ports, InboundPorts::All { except: vec![15020, 15021, 15090] });
         assert_eq!(cfg.outbound_ranges, OutboundRanges::All);
         assert_eq!(cfg.outbound_ports_exclude, vec![15020]);
         assert_eq!((cfg.proxy_uids, cfg.proxy_gids), (vec![1337], vec![1337]));
-        assert!(!pod.settings.native_nftables && !pod.dual_stack);
+        assert!(!pod.settings.flag(Setting::NativeNftables).unwrap() && !pod.dual_stack);
     }
 
     #[test]
@@ -317,10 +272,10 @@ mod tests {
             "runtimeConfig":{"capture":{"proxyUID":"2000","interceptionMode":"TPROXY"}}}"#;
         let pod = capture(json, "IgnoreUnknown=1;K8S_POD_NAME=web;interceptionMode=REDIRECT;dropInvalid=true").unwrap();
         let s = &pod.settings;
-        assert_eq!(s.exclude_inbound_ports, "8081,15021,15020,15090");
-        assert_eq!((s.proxy_uid.as_str(), s.interception_mode.as_str()), ("2000", "REDIRECT"));
-        assert!(s.drop_invalid && s.native_nftables);
-        assert_eq!(s.capture_config(&KEY_NAMES).unwrap().dns, DnsCapture::All, "capture-all-DNS follows redirect-DNS");
+        assert_eq!(s.text(Setting::ExcludeInboundPorts), "8081,15021,15020,15090");
+        assert_eq!((s.text(Setting::ProxyUid), s.text(Setting::InterceptionMode)), ("2000", "REDIRECT"));
+        assert!(s.flag(Setting::DropInvalid).unwrap() && s.flag(Setting::NativeNftables).unwrap());
+        assert_eq!(s.capture_config().unwrap().dns, DnsCapture::All, "capture-all-DNS follows redirect-DNS");
     }
 
     #[test]
@@ -329,9 +284,13 @@ mod tests {
         let err = |capture_json: &str| NetConf::parse(format!("{base}{capture_json}}}").as_bytes()).unwrap_err().to_string();
         assert!(err(r#"{"inboundPort":"80"}"#).contains("unknown setting \"inboundPort\""));
         let bad_flag = capture(&format!(r#"{base}{{"redirectDNS":"yes"}}}}"#), "").unwrap_err();
-        assert_eq!(bad_flag.to_string(), "invalid network configuration: redirectDNS: \"yes\" is not true or false");
+        assert_eq!(
+            bad_flag.to_string(),
+            "invalid capture setting: redirectDNS: \"yes\" is not a boolean (expected true or false, 1 or 0, t or f)"
+        );
+        assert_eq!(bad_flag.code(), crate::protocol::ErrorCode::InvalidConfig);
         let bad_port = capture(r#"{"cniVersion":"1.0.0","name":"k8s"}"#, "excludeOutboundPorts=99999").unwrap();
-        let err = bad_port.settings.capture_config(&KEY_NAMES).unwrap_err().to_string();
+        let err = bad_port.settings.capture_config().unwrap_err().to_string();
         assert!(err.starts_with("excludeOutboundPorts: \"99999\""), "{err}");
         let no_servers = capture(&format!(r#"{base}{{"redirectDNS":true,"captureAllDNS":false}}}}"#), "");
         assert!(no_servers.unwrap_err().to_string().contains("resolv.conf"));

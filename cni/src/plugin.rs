@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use capture_lib::capture::{self, Backend, Operation, Report, Request};
-use capture_lib::config::CaptureConfig;
 use capture_lib::namespace::{self, NamespaceError};
+use capture_lib::settings::CaptureConfig;
 use capture_lib::Detail;
 use serde_json::Value;
 

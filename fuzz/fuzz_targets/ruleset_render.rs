@@ -7,10 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::{Result, Unstructured};
-use capture_lib::config::{
-    CaptureConfig, Cidr, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups,
-};
+use capture_lib::config::{Cidr, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups};
 use capture_lib::model::{self, Dialect, Ruleset};
+use capture_lib::settings::CaptureConfig;
 use capture_lib::{iptables, nftables};
 use libfuzzer_sys::fuzz_target;
 

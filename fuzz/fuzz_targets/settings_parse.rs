@@ -4,51 +4,33 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
+use capture_lib::capture::Backend;
 use capture_lib::config::{self, Interface};
-use capture_lib::settings::{SettingNames, Settings};
+use capture_lib::settings::{Front, Setting, Settings};
 use libfuzzer_sys::fuzz_target;
 
-const NAMES: SettingNames = SettingNames::ISTIO_FLAGS;
-
+/// Arbitrary values for an arbitrary subset of the settings, each under its flag's name.
 fn settings(u: &mut Unstructured) -> arbitrary::Result<Settings> {
-    Ok(Settings {
-        proxy_port: u.arbitrary()?,
-        inbound_capture_port: u.arbitrary()?,
-        inbound_tunnel_port: u.arbitrary()?,
-        proxy_uid: u.arbitrary()?,
-        proxy_gid: u.arbitrary()?,
-        interception_mode: u.arbitrary()?,
-        inbound_ports: u.arbitrary()?,
-        exclude_inbound_ports: u.arbitrary()?,
-        outbound_ranges: u.arbitrary()?,
-        exclude_outbound_ranges: u.arbitrary()?,
-        outbound_ports: u.arbitrary()?,
-        exclude_outbound_ports: u.arbitrary()?,
-        exclude_interfaces: u.arbitrary()?,
-        kube_virt_interfaces: u.arbitrary()?,
-        tproxy_mark: u.arbitrary()?,
-        tproxy_route_table: u.arbitrary()?,
-        redirect_dns: u.arbitrary()?,
-        capture_all_dns: u.arbitrary()?,
-        drop_invalid: u.arbitrary()?,
-        owner_groups: u.arbitrary()?,
-        owner_groups_exclude: u.arbitrary()?,
-        ipv4_loopback_cidr: u.arbitrary()?,
-        native_nftables: u.arbitrary()?,
-        iptables_variant: u.arbitrary()?,
-    })
+    let front = if u.arbitrary()? { Front::Flag } else { Front::CniKey };
+    let mut settings = Settings::new(front);
+    for setting in Setting::ALL {
+        if let Some(text) = <Option<String>>::arbitrary(u)? {
+            settings.set(*setting, text, setting.name(front));
+        }
+    }
+    Ok(settings)
 }
 
 fuzz_target!(|data: &[u8]| {
     let mut u = Unstructured::new(data);
     let Ok(all) = settings(&mut u) else { return };
-    match all.capture_config(&NAMES) {
+    match all.capture_config() {
         // The rules exempt the proxy by UID and GID: a config without one would capture it.
         Ok(cfg) => assert!(!cfg.proxy_uids.is_empty() && !cfg.proxy_gids.is_empty(), "{all:?}"),
         // Errors are shown to users as they are: they must render.
         Err(e) => assert!(!e.to_string().is_empty()),
     }
-    let _ = all.backend(&NAMES);
+    let _ = Backend::from_settings(&all);
 
     // The single-value parsers, each on one arbitrary string.
     let Ok(value) = <&str>::arbitrary(&mut u) else { return };
@@ -70,8 +52,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = config::parse_number("n", value);
     let _ = config::parse_uids("u", value);
     let _ = config::parse_gids("g", value);
-    let _ = config::parse_owner_groups(Some(value), "", false);
-    let _ = config::parse_owner_groups(None, value, true);
-    let _ = config::parse_loopback_cidr(value);
+    let _ = config::parse_owner_groups("i", value, "e", "", false);
+    let _ = config::parse_owner_groups("i", "*", "e", value, true);
+    let _ = config::parse_loopback_cidr("l", value);
+    let _ = config::parse_mode("m", value);
     let _ = config::parse_resolv_conf(value.as_bytes());
 });

@@ -5,12 +5,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use capture_lib::capture::{Backend, Operation, Request};
-use capture_lib::config::{self, CaptureConfig, ConfigError, DnsCapture};
+use capture_lib::config::{self, ConfigError, DnsCapture};
 use capture_lib::namespace::{self, NamespaceError};
-use capture_lib::settings::{SettingNames, Settings, DEFAULT_PROXY_UID};
+use capture_lib::settings::CaptureConfig;
+use capture_lib::settings::{Declaration, Front, Kind, Setting, Settings, DEFAULT_PROXY_UID};
 use capture_lib::validation::Probe;
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Parser};
+use clap::{Arg, ArgMatches, Command, Parser};
 use go_syntax::{parse_bool, parse_duration};
 
 use crate::log::LogFlags;
@@ -18,74 +19,40 @@ use crate::log::LogFlags;
 const ABOUT: &str = "Programs a pod's network namespace so that its TCP traffic goes through the \
 sidecar proxy: a drop-in replacement for Istio's istio-iptables (pilot-agent istio-iptables).";
 
-const AFTER_HELP: &str = "\
-Every flag can also be set through the environment variable shown; a flag on the command line wins.
-Environment-only settings:
-  ISTIO_OUTBOUND_OWNER_GROUPS          groups (names or GIDs) whose outbound traffic is captured [default: *]
-  ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE  groups whose outbound traffic is not captured (with the default '*')
-  ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR    IPv4 range treated as local [default: 127.0.0.1/32]
-  ENVOY_USER                           user whose UID is the proxy UID when -u is empty [default: istio-proxy]
-  ISTIO_META_DNS_CAPTURE, INVALID_DROP, ISTIO_DUAL_STACK override REDIRECT_DNS, DROP_INVALID, DUAL_STACK.
+/// The help's epilogue: the environment-only settings and overrides, from their declarations.
+fn after_help() -> String {
+    let mut text = String::from(
+        "Every flag can also be set through the environment variable shown; a flag on the command line wins.\n\
+         Environment-only settings:\n",
+    );
+    for d in Setting::ALL.iter().map(|s| s.declaration()).filter(|d| d.flag.is_none()) {
+        let default = if d.default.is_empty() { String::new() } else { format!(" [default: {}]", d.default) };
+        text.push_str(&format!("  {:<36} {}{default}\n", d.env.unwrap_or_default(), d.help));
+    }
+    text.push_str(&format!("  {ENVOY_USER:<36} user whose UID is the proxy UID when -u is empty [default: istio-proxy]\n"));
+    let overrides: Vec<_> =
+        Setting::ALL.iter().map(|s| s.declaration()).filter_map(|d| Some((d.env_override?, d.env?))).collect();
+    let (by, of): (Vec<_>, Vec<_>) = overrides.into_iter().unzip();
+    text.push_str(&format!("  {} override {}.\n", by.join(", "), of.join(", ")));
+    text.push_str(
+        "\nThe word istio-iptables as the first argument is accepted and skipped: Istio's injector writes the arguments\n\
+         for pilot-agent, whose subcommand it is (args: [istio-iptables, -p, 15001, ...]).\n\n\
+         Exit status: 0 done, 1 failure (nothing half-applied), 2 usage error, 126 validation failure.\n\
+         Example (the standard sidecar setup):\n  \
+         istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x \"\" -b '*' -d 15090,15021,15020",
+    );
+    text
+}
 
-The word istio-iptables as the first argument is accepted and skipped: Istio's injector writes the arguments
-for pilot-agent, whose subcommand it is (args: [istio-iptables, -p, 15001, ...]).
-
-Exit status: 0 done, 1 failure (nothing half-applied), 2 usage error, 126 validation failure.
-Example (the standard sidecar setup):
-  istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x \"\" -b '*' -d 15090,15021,15020";
+/// Istio's variable naming the proxy's user, whose UID is the default proxy UID.
+const ENVOY_USER: &str = "ENVOY_USER";
 
 #[derive(Debug, Parser)]
-#[command(name = "istio-iptables", version, about = ABOUT, after_help = AFTER_HELP, args_override_self = true)]
+#[command(name = "istio-iptables", version, about = ABOUT, after_help = after_help(), args_override_self = true)]
 pub struct Cli {
-    /// Port the proxy's outbound listener uses: outbound TCP is redirected here.
-    #[arg(short = 'p', long = "envoy-port", default_value = "15001", value_name = "PORT")]
-    pub envoy_port: String,
-    /// Port inbound TCP is redirected to (REDIRECT) or delivered to (TPROXY).
-    #[arg(short = 'z', long, env = "INBOUND_CAPTURE_PORT", default_value = "15006", value_name = "PORT")]
-    pub inbound_capture_port: String,
-    /// HBONE tunnel port: never captured inbound.
-    #[arg(short = 'e', long, env = "INBOUND_TUNNEL_PORT", default_value = "15008", value_name = "PORT")]
-    pub inbound_tunnel_port: String,
-    /// Comma list of UIDs (or user names) whose traffic is the proxy's and never captured
-    /// [default: UID of $ENVOY_USER, else 1337].
-    #[arg(short = 'u', long, env = "PROXY_UID", default_value = "", hide_default_value = true, value_name = "UIDS")]
-    pub proxy_uid: String,
-    /// Comma list of GIDs (or group names) whose traffic is never captured [default: the proxy UIDs].
-    #[arg(short = 'g', long, env = "PROXY_GID", default_value = "", hide_default_value = true, value_name = "GIDS")]
-    pub proxy_gid: String,
-    /// Inbound interception mode: REDIRECT or TPROXY.
-    #[arg(short = 'm', long, env = "ISTIO_INBOUND_INTERCEPTION_MODE", default_value = "REDIRECT", value_name = "MODE")]
-    pub istio_inbound_interception_mode: String,
-    /// Inbound ports to capture: '*' for all, a comma list, or empty for none.
-    #[arg(short = 'b', long, env = "ISTIO_INBOUND_PORTS", default_value = "", value_name = "PORTS")]
-    pub istio_inbound_ports: String,
-    /// Inbound ports never captured (only used with -b '*').
-    #[arg(short = 'd', long, env = "ISTIO_LOCAL_EXCLUDE_PORTS", default_value = "", value_name = "PORTS")]
-    pub istio_local_exclude_ports: String,
-    /// Interfaces whose traffic is never captured, either way.
-    #[arg(short = 'c', long, env = "ISTIO_EXCLUDE_INTERFACES", default_value = "", value_name = "IFACES")]
-    pub istio_exclude_interfaces: String,
-    /// Outbound destinations to capture: '*' for all, comma CIDRs (IPv4 and IPv6), or empty for none.
-    #[arg(short = 'i', long, env = "ISTIO_SERVICE_CIDR", default_value = "", value_name = "CIDRS")]
-    pub istio_service_cidr: String,
-    /// Outbound destinations never captured (comma CIDRs; '*' is refused).
-    #[arg(short = 'x', long, env = "ISTIO_SERVICE_EXCLUDE_CIDR", default_value = "", value_name = "CIDRS")]
-    pub istio_service_exclude_cidr: String,
-    /// Outbound TCP ports always captured, whatever the destination.
-    #[arg(short = 'q', long, env = "ISTIO_OUTBOUND_PORTS", default_value = "", value_name = "PORTS")]
-    pub istio_outbound_ports: String,
-    /// Outbound TCP and UDP ports never captured.
-    #[arg(short = 'o', long, env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", default_value = "", value_name = "PORTS")]
-    pub istio_local_outbound_ports_exclude: String,
-    /// Virtual interfaces (KubeVirt) whose inbound traffic is treated as outbound.
-    #[arg(short = 'k', long, env = "KUBE_VIRT_INTERFACES", default_value = "", value_name = "IFACES")]
-    pub kube_virt_interfaces: String,
-    /// Packet mark for TPROXY.
-    #[arg(short = 't', long, env = "ISTIO_INBOUND_TPROXY_MARK", default_value = "1337", value_name = "MARK")]
-    pub istio_inbound_tproxy_mark: String,
-    /// Policy-routing table for TPROXY.
-    #[arg(short = 'r', long, env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE", default_value = "133", value_name = "TABLE")]
-    pub istio_inbound_tproxy_route_table: String,
+    /// The capture settings (declared in capture-lib's settings module).
+    #[command(flatten)]
+    pub capture: CaptureArgs,
     /// Print what would be changed and change nothing.
     #[arg(short = 'n', long = "dry-run", env = "DRY_RUN", value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
@@ -104,22 +71,6 @@ pub struct Cli {
     #[arg(long = "run-validation", env = "RUN_VALIDATION", value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub run_validation: bool,
-    /// Capture DNS to the agent on port 15053 (overridden by ISTIO_META_DNS_CAPTURE).
-    #[arg(long = "redirect-dns", env = "REDIRECT_DNS", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub redirect_dns: bool,
-    /// Capture all port-53 traffic, not only traffic to the resolv.conf servers.
-    #[arg(long = "capture-all-dns", env = "CAPTURE_ALL_DNS", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub capture_all_dns: bool,
-    /// Drop conntrack-INVALID packets (overridden by INVALID_DROP).
-    #[arg(long = "drop-invalid", env = "DROP_INVALID", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub drop_invalid: bool,
-    /// Program IPv6 whenever the pod has an IPv6 address (overridden by ISTIO_DUAL_STACK).
-    #[arg(long = "dual-stack", env = "DUAL_STACK", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub dual_stack: bool,
     /// Network namespace to program (e.g. /proc/PID/ns/net or /var/run/netns/NAME): the tool enters it first.
     #[arg(long, env = "NETWORK_NAMESPACE", default_value = "", value_name = "PATH")]
     pub network_namespace: String,
@@ -139,13 +90,6 @@ pub struct Cli {
     #[arg(long = "force-apply", env = "FORCE_APPLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
     pub force_apply: bool,
-    /// Use native nftables (netlink, one transaction) instead of iptables.
-    #[arg(long = "native-nftables", env = "NATIVE_NFTABLES", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
-    pub native_nftables: bool,
-    /// iptables variant to use: legacy or nft [default: legacy only if it already holds rules, else nft].
-    #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "", hide_default_value = true, value_name = "VARIANT")]
-    pub force_iptables_binary: String,
     /// How long to wait for the xtables lock, or for another capture run on this namespace.
     #[arg(long, env = "IPTABLES_LOCK_WAIT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
     pub iptables_lock_wait: Duration,
@@ -153,13 +97,86 @@ pub struct Cli {
     pub log: LogFlags,
 }
 
+/// The capture settings as flags, environment variables and Istio's overriding variables, each
+/// value kept with the name it came under. Built from the declarations, so a setting declared
+/// there is a flag here without a line of this file changing.
+#[derive(Debug, Clone)]
+pub struct CaptureArgs {
+    pub settings: Settings,
+}
+
+impl clap::Args for CaptureArgs {
+    fn augment_args(cmd: Command) -> Command {
+        Setting::ALL.iter().filter_map(|setting| flag(setting.declaration())).fold(cmd, Command::arg)
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for CaptureArgs {
+    fn from_arg_matches(matches: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut settings = Settings::new(Front::Flag);
+        let env = |var: Option<&'static str>| var.and_then(|var| Some((std::env::var(var).ok()?, var)));
+        for &setting in Setting::ALL {
+            let d = setting.declaration();
+            let given = match d.flag.map(|flag| (flag, id(flag))) {
+                // Precedence: the command line, Istio's overriding variable, the flag's own variable.
+                Some((flag, id)) => match (matches.value_source(id), matches.get_one::<String>(id)) {
+                    (Some(ValueSource::CommandLine), Some(value)) => Some((value.clone(), flag)),
+                    (source, value) => env(d.env_override).or_else(|| match (source, value, d.env) {
+                        (Some(ValueSource::EnvVariable), Some(value), Some(var)) => Some((value.clone(), var)),
+                        _ => None,
+                    }),
+                },
+                None => env(d.env),
+            };
+            if let Some((text, origin)) = given {
+                settings.set(setting, text, origin);
+            }
+        }
+        Ok(CaptureArgs { settings })
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+/// The clap id of a long flag: its name without the dashes.
+fn id(flag: &'static str) -> &'static str {
+    flag.trim_start_matches('-')
+}
+
+/// The flag of a declared setting, if it has one.
+fn flag(d: &'static Declaration) -> Option<Arg> {
+    let long = id(d.flag?);
+    let help = match d.env_override {
+        Some(var) => format!("{} (overridden by {var})", d.help),
+        None => d.help.to_string(),
+    };
+    let mut arg = Arg::new(long).long(long).help(help).default_value(d.default).hide_default_value(d.default.is_empty());
+    arg = if let Some(short) = d.short { arg.short(short) } else { arg };
+    arg = if let Some(var) = d.env { arg.env(var) } else { arg };
+    Some(match d.kind {
+        Kind::Text(value_name) => arg.value_name(value_name),
+        // Go's boolean forms, checked here so `--redirect-dns=maybe` is a usage error as for every flag.
+        Kind::Bool => arg
+            .value_name("BOOL")
+            .num_args(0..=1)
+            .require_equals(true)
+            .default_missing_value("true")
+            .value_parser(|text: &str| parse_bool(text).map(|_| text.to_string())),
+    })
+}
+
 /// A bad value in a flag or the environment.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{var}: {value:?} is not a boolean")]
-    EnvBool { var: &'static str, value: String },
     #[error(
         "--redirect-dns captures DNS to the pod's own nameservers, read from its resolv.conf, and \
          --network-namespace {0:?} leads to no process whose files hold it (a /proc/PID/ns/net path does): \
@@ -178,25 +195,6 @@ pub enum SetupError {
 }
 
 impl Cli {
-    /// An additional variable (e.g. ISTIO_META_DNS_CAPTURE) overrides the flag's own
-    /// variable, but not the command line.
-    pub fn apply_env_overrides(&mut self, matches: &ArgMatches) -> Result<(), UsageError> {
-        let overrides: [(&str, &'static str, &mut bool); 3] = [
-            ("redirect_dns", "ISTIO_META_DNS_CAPTURE", &mut self.redirect_dns),
-            ("drop_invalid", "INVALID_DROP", &mut self.drop_invalid),
-            ("dual_stack", "ISTIO_DUAL_STACK", &mut self.dual_stack),
-        ];
-        for (id, var, field) in overrides {
-            if matches.value_source(id) == Some(ValueSource::CommandLine) {
-                continue;
-            }
-            if let Ok(value) = std::env::var(var) {
-                *field = parse_bool(&value).map_err(|_| UsageError::EnvBool { var, value })?;
-            }
-        }
-        Ok(())
-    }
-
     pub fn namespace_path(&self) -> Option<PathBuf> {
         (!self.network_namespace.is_empty()).then(|| PathBuf::from(&self.network_namespace))
     }
@@ -209,44 +207,22 @@ impl Cli {
         }
     }
 
-    /// The flags and Istio's environment-only knobs, in Istio's syntax.
+    /// The capture settings, with Istio's default proxy UID (that of $ENVOY_USER) when none is given.
     pub fn settings(&self) -> Settings {
-        let env = |var: &str| std::env::var(var).ok();
-        Settings {
-            proxy_port: self.envoy_port.clone(),
-            inbound_capture_port: self.inbound_capture_port.clone(),
-            inbound_tunnel_port: self.inbound_tunnel_port.clone(),
-            proxy_uid: if self.proxy_uid.is_empty() { envoy_user_uid() } else { self.proxy_uid.clone() },
-            proxy_gid: self.proxy_gid.clone(),
-            interception_mode: self.istio_inbound_interception_mode.clone(),
-            inbound_ports: self.istio_inbound_ports.clone(),
-            exclude_inbound_ports: self.istio_local_exclude_ports.clone(),
-            outbound_ranges: self.istio_service_cidr.clone(),
-            exclude_outbound_ranges: self.istio_service_exclude_cidr.clone(),
-            outbound_ports: self.istio_outbound_ports.clone(),
-            exclude_outbound_ports: self.istio_local_outbound_ports_exclude.clone(),
-            exclude_interfaces: self.istio_exclude_interfaces.clone(),
-            kube_virt_interfaces: self.kube_virt_interfaces.clone(),
-            tproxy_mark: self.istio_inbound_tproxy_mark.clone(),
-            tproxy_route_table: self.istio_inbound_tproxy_route_table.clone(),
-            redirect_dns: self.redirect_dns,
-            capture_all_dns: self.capture_all_dns,
-            drop_invalid: self.drop_invalid,
-            owner_groups: env("ISTIO_OUTBOUND_OWNER_GROUPS"),
-            owner_groups_exclude: env("ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE").unwrap_or_default(),
-            ipv4_loopback_cidr: env("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR").unwrap_or_default(),
-            native_nftables: self.native_nftables,
-            iptables_variant: self.force_iptables_binary.clone(),
+        let mut settings = self.capture.settings.clone();
+        if settings.text(Setting::ProxyUid).is_empty() {
+            settings.set(Setting::ProxyUid, envoy_user_uid(), ENVOY_USER);
         }
+        settings
     }
 
     fn backend(&self) -> Result<Backend, UsageError> {
-        Ok(self.settings().backend(&SettingNames::ISTIO_FLAGS)?)
+        Ok(Backend::from_settings(&self.settings())?)
     }
 
     /// Validates every setting; reads nothing from the namespace.
     pub fn capture_config(&self) -> Result<CaptureConfig, UsageError> {
-        Ok(self.settings().capture_config(&SettingNames::ISTIO_FLAGS)?)
+        Ok(self.settings().capture_config()?)
     }
 
     /// Where the pod's files are seen from here, when the pod's resolv.conf is needed (DNS
@@ -254,7 +230,7 @@ impl Cli {
     /// `--network-namespace /proc/PID/ns/net` names. Never the caller's own resolv.conf for
     /// another namespace.
     pub fn pod_root(&self) -> Result<Option<PathBuf>, UsageError> {
-        if !self.settings().needs_dns_servers() {
+        if !self.settings().needs_dns_servers()? {
             return Ok(None);
         }
         match namespace::pod_root(self.namespace_path().as_deref()) {
@@ -267,7 +243,7 @@ impl Cli {
     /// namespace itself tells (IP families, DNS servers under `pod_root`), read as Istio reads
     /// them. Call after entering the namespace.
     pub fn request(&self, mut config: CaptureConfig, pod_root: Option<&Path>) -> Result<Request, SetupError> {
-        config.ipv6 = namespace::uses_ipv6(self.dual_stack)?;
+        config.ipv6 = namespace::uses_ipv6(self.settings().flag(Setting::DualStack).map_err(UsageError::from)?)?;
         if let Some(root) = pod_root {
             let (v4, v6) = namespace::dns_servers(root)?;
             config.dns = DnsCapture::Servers { v4, v6 };
@@ -306,7 +282,7 @@ impl Cli {
 
 /// Istio's default proxy UID: that of $ENVOY_USER (istio-proxy) where the user exists.
 fn envoy_user_uid() -> String {
-    let user = std::env::var("ENVOY_USER").unwrap_or_else(|_| "istio-proxy".to_string());
+    let user = std::env::var(ENVOY_USER).unwrap_or_else(|_| "istio-proxy".to_string());
     capture_lib::accounts::uid(&user).unwrap_or(DEFAULT_PROXY_UID).to_string()
 }
 
@@ -338,10 +314,53 @@ mod tests {
 
     #[test]
     fn bools_take_go_forms() {
-        assert!(parse(&["--redirect-dns"]).redirect_dns);
-        assert!(!parse(&["--redirect-dns=false"]).redirect_dns);
+        let redirect_dns = |args: &[&str]| parse(args).settings().flag(Setting::RedirectDns).unwrap();
+        assert!(redirect_dns(&["--redirect-dns"]));
+        assert!(!redirect_dns(&["--redirect-dns=false"]));
+        assert!(redirect_dns(&["--redirect-dns=1"]));
         assert!(parse(&["--reconcile=T"]).reconcile);
-        assert!(Cli::command().try_get_matches_from(["x", "--reconcile=maybe"]).is_err());
+        for flag in ["--reconcile=maybe", "--native-nftables=maybe"] {
+            let err = Cli::command().try_get_matches_from(["x", flag]).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{err}");
+        }
+    }
+
+    #[test]
+    fn every_declared_setting_with_a_flag_is_one_with_its_short_letter_and_variable() {
+        let cmd = Cli::command();
+        for setting in Setting::ALL {
+            let d = setting.declaration();
+            let Some(flag) = d.flag else {
+                assert!(cmd.get_arguments().all(|a| a.get_env() != d.env.map(std::ffi::OsStr::new)), "{setting:?}");
+                continue;
+            };
+            let arg = cmd.get_arguments().find(|a| a.get_long() == Some(id(flag))).unwrap_or_else(|| panic!("{flag}"));
+            assert_eq!(arg.get_short(), d.short, "{flag}");
+            assert_eq!(arg.get_env(), d.env.map(std::ffi::OsStr::new), "{flag}");
+        }
+    }
+
+    #[test]
+    fn values_keep_the_name_they_were_given_under() {
+        let cli = parse(&["-d", "99999"]);
+        assert_eq!(cli.settings().name(Setting::ExcludeInboundPorts), "--istio-local-exclude-ports");
+        assert_eq!(cli.settings().name(Setting::ExcludeOutboundPorts), "--istio-local-outbound-ports-exclude");
+        assert_eq!(cli.settings().given(Setting::ProxyUid).unwrap().origin, ENVOY_USER, "the default proxy UID's source");
+    }
+
+    #[test]
+    fn the_help_lists_environment_only_settings_and_overrides() {
+        let help = after_help();
+        for var in [
+            "ISTIO_OUTBOUND_OWNER_GROUPS ",
+            "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
+            "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
+            "ENVOY_USER",
+        ] {
+            assert!(help.contains(var), "{var}: {help}");
+        }
+        assert!(help
+            .contains("ISTIO_META_DNS_CAPTURE, INVALID_DROP, ISTIO_DUAL_STACK override REDIRECT_DNS, DROP_INVALID, DUAL_STACK."));
     }
 
     #[test]

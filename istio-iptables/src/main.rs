@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         return exit;
     }
     let matches = Cli::command().get_matches_from(&args);
-    let mut cli = match Cli::from_arg_matches(&matches) {
+    let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
@@ -39,9 +39,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    if let Err(e) = cli.apply_env_overrides(&matches) {
-        return fail(&log, EXIT_USAGE, &e);
-    }
     // Refuse bad values before touching anything, even before entering the namespace.
     let validated = cli.capture_config().and_then(|config| cli.validate_extras().map(|()| config));
     let (config, pod_root) = match validated.and_then(|config| Ok((config, cli.pod_root()?))) {

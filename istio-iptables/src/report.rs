@@ -6,6 +6,7 @@ use std::fmt::Write;
 
 use capture_lib::capture::{Report, Request, Sent};
 use capture_lib::config::DnsCapture;
+use capture_lib::settings::Setting;
 use capture_lib::Outcome;
 
 use crate::cli::Cli;
@@ -22,40 +23,45 @@ pub fn log_settings(log: &Logger, cli: &Cli, request: &Request) {
         DnsCapture::Servers { v4, v6 } => (join(v4), join(v6)),
         DnsCapture::Off | DnsCapture::All => (String::new(), String::new()),
     };
-    let proxy_gid = if s.proxy_gid.is_empty() { &s.proxy_uid } else { &s.proxy_gid };
+    let text = |setting| s.text(setting);
+    let flag = |setting| s.flag(setting).unwrap_or_default();
+    let proxy_gid = match text(Setting::ProxyGid) {
+        "" => text(Setting::ProxyUid),
+        gids => gids,
+    };
     let entries: [(&str, &dyn std::fmt::Display); 31] = [
-        ("PROXY_PORT", &s.proxy_port),
-        ("PROXY_INBOUND_CAPTURE_PORT", &s.inbound_capture_port),
-        ("PROXY_TUNNEL_PORT", &s.inbound_tunnel_port),
-        ("PROXY_UID", &s.proxy_uid),
-        ("PROXY_GID", proxy_gid),
-        ("INBOUND_INTERCEPTION_MODE", &s.interception_mode),
-        ("INBOUND_TPROXY_MARK", &s.tproxy_mark),
-        ("INBOUND_TPROXY_ROUTE_TABLE", &s.tproxy_route_table),
-        ("INBOUND_PORTS_INCLUDE", &s.inbound_ports),
-        ("INBOUND_PORTS_EXCLUDE", &s.exclude_inbound_ports),
-        ("OUTBOUND_OWNER_GROUPS_INCLUDE", &s.owner_groups.as_deref().unwrap_or("*")),
-        ("OUTBOUND_OWNER_GROUPS_EXCLUDE", &s.owner_groups_exclude),
-        ("OUTBOUND_IP_RANGES_INCLUDE", &s.outbound_ranges),
-        ("OUTBOUND_IP_RANGES_EXCLUDE", &s.exclude_outbound_ranges),
-        ("OUTBOUND_PORTS_INCLUDE", &s.outbound_ports),
-        ("OUTBOUND_PORTS_EXCLUDE", &s.exclude_outbound_ports),
-        ("KUBE_VIRT_INTERFACES", &s.kube_virt_interfaces),
+        ("PROXY_PORT", &text(Setting::ProxyPort)),
+        ("PROXY_INBOUND_CAPTURE_PORT", &text(Setting::InboundCapturePort)),
+        ("PROXY_TUNNEL_PORT", &text(Setting::InboundTunnelPort)),
+        ("PROXY_UID", &text(Setting::ProxyUid)),
+        ("PROXY_GID", &proxy_gid),
+        ("INBOUND_INTERCEPTION_MODE", &text(Setting::InterceptionMode)),
+        ("INBOUND_TPROXY_MARK", &text(Setting::TproxyMark)),
+        ("INBOUND_TPROXY_ROUTE_TABLE", &text(Setting::TproxyRouteTable)),
+        ("INBOUND_PORTS_INCLUDE", &text(Setting::InboundPorts)),
+        ("INBOUND_PORTS_EXCLUDE", &text(Setting::ExcludeInboundPorts)),
+        ("OUTBOUND_OWNER_GROUPS_INCLUDE", &text(Setting::OwnerGroups)),
+        ("OUTBOUND_OWNER_GROUPS_EXCLUDE", &text(Setting::OwnerGroupsExclude)),
+        ("OUTBOUND_IP_RANGES_INCLUDE", &text(Setting::OutboundRanges)),
+        ("OUTBOUND_IP_RANGES_EXCLUDE", &text(Setting::ExcludeOutboundRanges)),
+        ("OUTBOUND_PORTS_INCLUDE", &text(Setting::OutboundPorts)),
+        ("OUTBOUND_PORTS_EXCLUDE", &text(Setting::ExcludeOutboundPorts)),
+        ("KUBE_VIRT_INTERFACES", &text(Setting::KubeVirtInterfaces)),
         ("ENABLE_INBOUND_IPV6", &request.config.ipv6),
-        ("DUAL_STACK", &cli.dual_stack),
-        ("DNS_CAPTURE", &s.redirect_dns),
-        ("DROP_INVALID", &s.drop_invalid),
-        ("CAPTURE_ALL_DNS", &s.capture_all_dns),
+        ("DUAL_STACK", &flag(Setting::DualStack)),
+        ("DNS_CAPTURE", &flag(Setting::RedirectDns)),
+        ("DROP_INVALID", &flag(Setting::DropInvalid)),
+        ("CAPTURE_ALL_DNS", &flag(Setting::CaptureAllDns)),
         // Go's %s of two string slices, as Istio prints them.
         ("DNS_SERVERS", &format_args!("[{dns_v4}],[{dns_v6}]")),
         ("NETWORK_NAMESPACE", &cli.network_namespace),
         ("CNI_MODE", &cli.cni_mode),
-        ("EXCLUDE_INTERFACES", &s.exclude_interfaces),
+        ("EXCLUDE_INTERFACES", &text(Setting::ExcludeInterfaces)),
         ("RECONCILE", &cli.reconcile),
         ("CLEANUP_ONLY", &cli.cleanup_only),
         ("FORCE_APPLY", &cli.force_apply),
-        ("NATIVE_NFTABLES", &s.native_nftables),
-        ("FORCE_IPTABLES_BINARY", &s.iptables_variant),
+        ("NATIVE_NFTABLES", &flag(Setting::NativeNftables)),
+        ("FORCE_IPTABLES_BINARY", &text(Setting::IptablesVariant)),
     ];
     let mut text = String::from("Istio config:");
     for (name, value) in entries {

@@ -236,16 +236,20 @@ mod tests {
     #[test]
     fn every_family_has_help_and_type_once() {
         let text = Metrics::default().render();
-        for name in [
-            "capture_proxy_connections_total",
-            "capture_proxy_connections_active",
-            "capture_proxy_bytes_total",
-            "capture_proxy_connect_errors_total",
-            "capture_proxy_connect_duration_seconds",
-        ] {
+        // The families are those the samples belong to (a histogram's series carry suffixes).
+        let families: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| l.split(['{', ' ']).next().unwrap())
+            .map(|series| ["_bucket", "_sum", "_count"].iter().fold(series, |s, suffix| s.strip_suffix(suffix).unwrap_or(s)))
+            .collect();
+        assert!(families.len() >= 6, "{families:?}");
+        for name in families {
             assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{name}");
             assert_eq!(text.matches(&format!("# HELP {name} ")).count(), 1, "{name}");
         }
+        let declared = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
+        assert_eq!(declared, text.lines().filter(|l| l.starts_with("# HELP ")).count());
         assert!(text.lines().all(|l| l.starts_with('#') || l.starts_with("capture_proxy_")), "{text}");
     }
 }

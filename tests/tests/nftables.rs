@@ -3,9 +3,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use capture_lib::config::{parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
+use capture_lib::config::{parse_cidrs, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
 use capture_lib::model::{self, Action, Chain, Dialect, Family, Position, Rule, Ruleset, Table};
 use capture_lib::nftables::{self, NftError};
+use capture_lib::settings::CaptureConfig;
 use capture_lib::{Detail, Outcome};
 use capture_tests::{require_netns, run_ok, unique, Pod};
 

@@ -3,8 +3,9 @@
 
 use std::fs::File;
 
-use capture_lib::config::{CaptureConfig, InboundPorts, InterceptionMode};
+use capture_lib::config::{InboundPorts, InterceptionMode};
 use capture_lib::routes::{self, RouteError, RoutePlan, TproxyRouting};
+use capture_lib::settings::CaptureConfig;
 use capture_tests::{require_netns, Pod};
 use nix::sched::{setns, CloneFlags};
 

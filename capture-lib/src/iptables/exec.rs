@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::IptablesError;
+use crate::settings::Setting;
 
 /// Where iptables-legacy takes its lock unless `XTABLES_LOCKFILE` says otherwise.
 const XTABLES_LOCK: &str = "/run/xtables.lock";
@@ -178,9 +179,14 @@ fn restore_error(program: &str, payload: &str, stderr: &str) -> IptablesError {
         || stderr.contains("does not exist")
         || stderr.contains("No chain/target/match")
     {
-        Some("the kernel lacks a netfilter module; load it on the node (e.g. `modprobe iptable_nat iptable_mangle iptable_raw xt_owner xt_REDIRECT xt_TPROXY xt_conntrack xt_mark xt_connmark xt_CT xt_multiport`) or try --native-nftables")
+        Some(format!(
+            "the kernel lacks a netfilter module; load it on the node (e.g. `modprobe iptable_nat iptable_mangle \
+             iptable_raw xt_owner xt_REDIRECT xt_TPROXY xt_conntrack xt_mark xt_connmark xt_CT xt_multiport`) or use \
+             native nftables ({})",
+            Setting::NativeNftables.known_as()
+        ))
     } else if stderr.contains("xtables lock") || stderr.contains("Resource temporarily unavailable") {
-        Some("another process holds the xtables lock; it was not released in time")
+        Some("another process holds the xtables lock; it was not released in time".to_string())
     } else {
         None
     };
@@ -188,12 +194,14 @@ fn restore_error(program: &str, payload: &str, stderr: &str) -> IptablesError {
 }
 
 /// What to do when an iptables program cannot be started.
-pub fn spawn_hint(error: &std::io::Error) -> &'static str {
+pub fn spawn_hint(error: &std::io::Error) -> String {
     if error.kind() == std::io::ErrorKind::NotFound {
-        " (iptables is not installed here: install it, or use native nftables (--native-nftables; the CNI \
-         plugin's nativeNftables), which needs no iptables program)"
+        format!(
+            " (iptables is not installed here: install it, or use native nftables ({}), which needs no iptables program)",
+            Setting::NativeNftables.known_as()
+        )
     } else {
-        " (is iptables installed?)"
+        " (is iptables installed?)".to_string()
     }
 }
 

@@ -24,6 +24,7 @@ use shapes::is_our_shape;
 use state::{jump_target, parse_save, SaveState, TableState};
 
 use crate::model::{Position, Ruleset};
+use crate::settings::Setting;
 use crate::Outcome;
 
 #[derive(Debug, Error)]
@@ -33,13 +34,14 @@ pub enum IptablesError {
     #[error(
         "{program} takes the xtables lock {} and cannot open it: {source}\n  hint: mount a writable volume at {} \
          (in a pod: an emptyDir), point XTABLES_LOCKFILE at a writable file, or use native nftables \
-         (--native-nftables), which takes no such lock", path.display(), path.parent().unwrap_or(path).display()
+         ({}), which takes no such lock", path.display(), path.parent().unwrap_or(path).display(),
+         Setting::NativeNftables.known_as()
     )]
     Lock { program: String, path: std::path::PathBuf, source: std::io::Error },
     #[error("{program} failed: {stderr}")]
     Save { program: String, stderr: String },
-    #[error("{program} refused the rules: {stderr}{}{}", line.as_ref().map(|l| format!("\n  refused line: {l}")).unwrap_or_default(), hint.map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
-    Restore { program: String, stderr: String, line: Option<String>, hint: Option<&'static str> },
+    #[error("{program} refused the rules: {stderr}{}{}", line.as_ref().map(|l| format!("\n  refused line: {l}")).unwrap_or_default(), hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
+    Restore { program: String, stderr: String, line: Option<String>, hint: Option<String> },
     #[error("the {family} capture rules in this namespace differ from the requested ones:\n  {}\nre-run with --reconcile to replace them atomically (or --cleanup-only to remove them)", details.join("\n  "))]
     Drift { family: &'static str, details: Vec<String> },
     #[error("{source}\nthe namespace was rolled back to its previous rules")]
@@ -512,8 +514,9 @@ fn describe_difference(table: &str, chain: &str, have: &[String], want: &[String
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{CaptureConfig, InboundPorts, InterceptionMode};
+    use crate::config::{InboundPorts, InterceptionMode};
     use crate::model::{build, Dialect};
+    use crate::settings::CaptureConfig;
 
     fn desired(cfg: &CaptureConfig) -> Desired {
         Desired::new(&build(cfg, Dialect::Iptables), false)

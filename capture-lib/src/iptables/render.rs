@@ -133,8 +133,8 @@ pub fn rule_spec(rule: &Rule) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::CaptureConfig;
     use crate::model::{build, Dialect};
+    use crate::settings::CaptureConfig;
 
     fn lines(cfg: &CaptureConfig, v6: bool) -> Vec<String> {
         let rs = build(cfg, Dialect::Iptables);

@@ -9,8 +9,9 @@
 use std::sync::OnceLock;
 
 use super::render::{chain_name, rule_spec, table_name};
-use crate::config::{CaptureConfig, Cidr, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
+use crate::config::{Cidr, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
 use crate::model::{self, Action, Dialect, Match};
+use crate::settings::CaptureConfig;
 
 const ANY_INTERFACE: &str = "any-interface";
 const ANY_ID: u32 = 4_000_000_001;

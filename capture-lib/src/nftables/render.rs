@@ -343,8 +343,9 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::config::{parse_cidrs, CaptureConfig, DnsCapture, InboundPorts, InterceptionMode, OutboundRanges};
+    use crate::config::{parse_cidrs, DnsCapture, InboundPorts, InterceptionMode, OutboundRanges};
     use crate::model::{build, Dialect};
+    use crate::settings::CaptureConfig;
 
     fn script_of(cfg: &CaptureConfig) -> String {
         script(&plan(&build(cfg, Dialect::Nftables)))

@@ -214,9 +214,10 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::config::{CaptureConfig, DnsCapture};
+    use crate::config::DnsCapture;
     use crate::model::{build, Dialect};
     use crate::nftables::render::plan;
+    use crate::settings::CaptureConfig;
 
     fn dns_plan() -> Vec<TablePlan> {
         let cfg = CaptureConfig {
