@@ -9,81 +9,42 @@
 
 #![no_main]
 
+use std::sync::OnceLock;
+
 use arbitrary::{Result, Unstructured};
+use capture_lib::settings::Setting;
 use istio_capture_cni::{respond, Mode};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 
-/// Keys of the plugin's entry: the CNI specification's, ours and Istio CNI's.
+/// Keys of the plugin's entry besides those every configuration gets below (`cniVersion`, `name`,
+/// `type`, `capture`, `runtimeConfig`, `prevResult`): the rest of the CNI specification's, ours,
+/// Istio CNI's, and near misses.
+#[rustfmt::skip]
 const ENTRY_KEYS: &[&str] = &[
-    "cniVersion",
-    "name",
-    "type",
-    "args",
-    "capabilities",
-    "runtimeConfig",
-    "prevResult",
-    "ipMasq",
-    "ipam",
-    "dns",
-    "excludeNamespaces",
-    "capture",
-    "captureAllPods",
-    "plugin_log_level",
-    "cni_agent_run_dir",
-    "ambient_enabled",
-    "enablement_selectors",
-    "exclude_namespaces",
-    "pod_namespace",
-    "native_nftables",
-    "enable_ambient_detection_retry",
-    "kubernetes",
-    "log_level",
-    "excludeNamespace",
+    "args", "capabilities", "ipMasq", "ipam", "dns", "excludeNamespaces", "captureAllPods", "excludeNamespace",
+    "plugin_log_level", "cni_agent_run_dir", "ambient_enabled", "enablement_selectors", "exclude_namespaces",
+    "pod_namespace", "native_nftables", "enable_ambient_detection_retry", "kubernetes", "log_level",
 ];
-/// The capture settings, as `capture`, `runtimeConfig.capture` and `CNI_ARGS` name them.
-const CAPTURE_KEYS: &[&str] = &[
-    "proxyPort",
-    "inboundCapturePort",
-    "inboundTunnelPort",
-    "proxyUID",
-    "proxyGID",
-    "interceptionMode",
-    "inboundPorts",
-    "excludeInboundPorts",
-    "outboundIPRanges",
-    "excludeOutboundIPRanges",
-    "outboundPorts",
-    "excludeOutboundPorts",
-    "excludeInterfaces",
-    "kubeVirtInterfaces",
-    "tproxyMark",
-    "tproxyRouteTable",
-    "forceIptablesBinary",
-    "redirectDNS",
-    "captureAllDNS",
-    "dropInvalid",
-    "dualStack",
-    "nativeNftables",
-    "inboundPort",
-];
-/// The pod annotations Istio's plugin reads.
-const ANNOTATIONS: &[&str] = &[
-    "sidecar.istio.io/status",
-    "sidecar.istio.io/inject",
-    "sidecar.istio.io/interceptionMode",
-    "traffic.sidecar.istio.io/includeOutboundIPRanges",
-    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
-    "traffic.sidecar.istio.io/includeInboundPorts",
-    "traffic.sidecar.istio.io/excludeInboundPorts",
-    "traffic.sidecar.istio.io/includeOutboundPorts",
-    "traffic.sidecar.istio.io/excludeOutboundPorts",
-    "traffic.sidecar.istio.io/excludeInterfaces",
-    "traffic.sidecar.istio.io/kubevirtInterfaces",
-    "istio.io/reroute-virtual-interfaces",
-    "status.sidecar.istio.io/port",
-    "proxy.istio.io/config",
-];
+/// The annotations that say whether a pod has a sidecar.
+const SELECTION_ANNOTATIONS: &[&str] = &["sidecar.istio.io/status", "sidecar.istio.io/inject", "status.sidecar.istio.io/port"];
+
+/// The capture settings' CNI keys (in `capture`, `runtimeConfig.capture` and `CNI_ARGS`), and a near miss.
+fn capture_keys() -> &'static [&'static str] {
+    static KEYS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    KEYS.get_or_init(|| Setting::ALL.iter().filter_map(|s| s.declaration().cni_key).chain(["inboundPort"]).collect())
+}
+
+/// The pod annotations Istio's plugin reads (the capture settings' from their declarations), and
+/// one it does not.
+fn annotation_names() -> &'static [&'static str] {
+    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        let settings = Setting::ALL.iter().flat_map(|s| s.declaration().annotations.iter().copied());
+        settings.chain(SELECTION_ANNOTATIONS.iter().copied()).chain(["proxy.istio.io/config"]).collect()
+    })
+}
+
 /// Keys runtimes put in `CNI_ARGS`.
 const ARGS_KEYS: &[&str] =
     &["IgnoreUnknown", "K8S_POD_NAMESPACE", "K8S_POD_NAME", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID", "FOO"];
@@ -168,7 +129,7 @@ fn annotations(u: &mut Unstructured) -> Result<Value> {
     }
     let mut map = Map::new();
     for _ in 0..u.int_in_range(0..=5)? {
-        map.insert(text(u, ANNOTATIONS)?, Value::String(text(u, VALUES)?));
+        map.insert(text(u, annotation_names())?, Value::String(text(u, VALUES)?));
     }
     Ok(Value::Object(map))
 }
@@ -187,13 +148,13 @@ fn configuration(u: &mut Unstructured) -> Result<Vec<u8>> {
     }
     conf.insert("type".into(), "istio-capture-cni".into());
     if u.arbitrary()? {
-        conf.insert("capture".into(), Value::Object(object(u, CAPTURE_KEYS, VALUES, 1)?));
+        conf.insert("capture".into(), Value::Object(object(u, capture_keys(), VALUES, 1)?));
     }
     if u.arbitrary()? {
         let mut runtime = Map::new();
         runtime.insert("io.kubernetes.cri.pod-annotations".into(), annotations(u)?);
         if u.arbitrary()? {
-            runtime.insert("capture".into(), Value::Object(object(u, CAPTURE_KEYS, VALUES, 1)?));
+            runtime.insert("capture".into(), Value::Object(object(u, capture_keys(), VALUES, 1)?));
         }
         conf.insert("runtimeConfig".into(), Value::Object(runtime));
     }
@@ -214,7 +175,7 @@ fn cni_args(u: &mut Unstructured) -> Result<String> {
     }
     let mut pairs = Vec::new();
     for _ in 0..u.int_in_range(0..=4)? {
-        let key = if u.arbitrary()? { text(u, ARGS_KEYS)? } else { text(u, CAPTURE_KEYS)? };
+        let key = if u.arbitrary()? { text(u, ARGS_KEYS)? } else { text(u, capture_keys())? };
         pairs.push(format!("{key}={}", text(u, VALUES)?));
     }
     Ok(pairs.join(";"))

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use capture_tests::bench::{linkage, spread, CpuTimes};
+use capture_tests::bench::{linkage, options, spread, CpuTimes};
 
 const NAMESERVERS: &str = "nameserver 10.96.0.10\nnameserver fd00::a\n";
 const WARMUP: usize = 2;
@@ -33,15 +33,14 @@ fn main() {
     }
     let mut runs = 30;
     let mut bin = PathBuf::from("target/release/istio-iptables");
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let value = rest.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
+    options("--runs N, --bin PATH", |name, value| {
+        match name {
             "--runs" => runs = value.parse().expect("--runs N"),
             "--bin" => bin = PathBuf::from(value),
-            other => panic!("unknown option {other} (use --runs N, --bin PATH)"),
+            _ => return false,
         }
-    }
+        true
+    });
     bench(&fs::canonicalize(&bin).expect("the istio-iptables binary (build with --release)"), runs);
 }
 

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use capture_tests::bench::{linkage, spread, CpuTimes};
+use capture_tests::bench::{linkage, options, spread, CpuTimes};
 use serde_json::{json, Value};
 
 const WARMUP: usize = 2;
@@ -46,17 +46,15 @@ fn main() {
     let mut runs = 30;
     let mut bin = PathBuf::from("target/release/istio-capture-cni");
     let mut plugins = PathBuf::from("/usr/lib/cni");
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let value = rest.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
+    options("--runs N, --bin PATH, --plugins DIR", |name, value| {
+        match name {
             "--runs" => runs = value.parse().expect("--runs N"),
             "--bin" => bin = PathBuf::from(value),
             "--plugins" => plugins = PathBuf::from(value),
-            other => panic!("unknown option {other} (use --runs N, --bin PATH, --plugins DIR)"),
+            _ => return false,
         }
-    }
+        true
+    });
     let bin = fs::canonicalize(&bin).expect("the istio-capture-cni binary (scripts/build.sh)");
     bench(&bin, &plugins, runs);
 }

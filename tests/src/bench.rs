@@ -4,6 +4,16 @@
 use std::path::Path;
 use std::process::Command;
 
+/// Hands each `--name value` pair of the command line to `set`, which says whether it knows the
+/// name; anything else stops the benchmark with `usage`.
+pub fn options(usage: &str, mut set: impl FnMut(&str, &str) -> bool) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    for pair in args.chunks(2) {
+        let [name, value] = pair else { panic!("{} needs a value (use {usage})", pair[0]) };
+        assert!(set(name, value), "unknown option {name} (use {usage})");
+    }
+}
+
 /// How `ldd` describes the binary: "statically linked", or the shared libraries it loads.
 pub fn linkage(bin: &Path) -> String {
     let out = Command::new("ldd").arg(bin).output().expect("ldd");

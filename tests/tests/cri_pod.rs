@@ -13,10 +13,9 @@
 //!
 //! Run `scripts/build.sh` first (the release binaries go into the image; pod-app is mounted).
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use capture_tests::containerd::{Containerd, RunningPod};
 use capture_tests::cri::api::{
@@ -25,7 +24,7 @@ use capture_tests::cri::api::{
 };
 use capture_tests::cri::{pod_sandbox_config, CriClient};
 use capture_tests::podman::{Podman, MINIMAL_IMAGE};
-use capture_tests::{http_get, metric, release_bin, require_netns, Pod};
+use capture_tests::{http_get, metric, release_bin, require_netns, serve_peer_address, Pod};
 
 /// What Istio's injector writes on the pods it injects: the plugin captures a pod whose
 /// `sidecar.istio.io/status` names the `istio-proxy` container.
@@ -92,30 +91,6 @@ impl Container<'_> {
     }
 }
 
-/// A server on the node that answers `external saw PEER`.
-fn serve_on_node(node: &Pod) {
-    let listener = node.enter(|| TcpListener::bind(SERVER)).expect("bind the node's server");
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let peer = stream.peer_addr().unwrap().ip();
-            let mut head = BufReader::new(&stream).lines();
-            while head.next().is_some_and(|line| line.is_ok_and(|l| !l.is_empty())) {}
-            let body = format!("external saw {peer}");
-            let _ = write!(stream, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        }
-    });
-}
-
-/// Waits until `sandbox` has a listener on the app's port (reached from inside the pod, over
-/// loopback, which the capture leaves alone).
-fn wait_for_app(sandbox: &Pod, app: &Container) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sandbox.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], APP_PORT)), "/")).is_err() {
-        assert!(Instant::now() < deadline, "the app never listened:\n{}", app.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 #[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn an_injected_pods_containers_pass_inbound_and_outbound_traffic_through_the_proxy() {
@@ -144,8 +119,8 @@ fn an_injected_pods_containers_pass_inbound_and_outbound_traffic_through_the_pro
     };
     let app_config = container("app", &["/usr/local/bin/pod-app", &APP_PORT.to_string()], 1000, vec![app_binary]);
     let app = Container::create_and_start(&cri, &pod, &sandbox_config, &app_config);
-    wait_for_app(&sandbox, &app);
-    serve_on_node(containerd.node());
+    sandbox.wait_http_ok("the app", APP_PORT, "/", || app.log());
+    serve_peer_address(containerd.node().enter(|| TcpListener::bind(SERVER)).expect("bind the node's server"), "external");
 
     let app_addr = SocketAddr::new(pod.ip, APP_PORT);
     let (status, body) = containerd
