@@ -11,9 +11,11 @@
 pub mod accounts;
 pub mod capture;
 pub mod config;
+pub mod family;
 pub mod iptables;
 pub mod model;
 pub mod namespace;
+pub mod netlink;
 pub mod nftables;
 pub mod routes;
 pub mod settings;

@@ -12,6 +12,7 @@ use crate::config::{
     Cidr, DnsCapture, InboundPorts, InterceptionMode, OutboundRanges, OwnerGroups, DNS_CAPTURE_PORT, INBOUND_PASSTHROUGH_V4,
     INBOUND_PASSTHROUGH_V6, OUTBOUND_MARK,
 };
+use crate::family::IpFamily;
 use crate::settings::CaptureConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -55,25 +56,6 @@ impl Chain {
 
     pub fn is_hook(self) -> bool {
         matches!(self, Chain::Prerouting | Chain::Output)
-    }
-}
-
-/// Which IP family a rule applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// Both (only IPv4 when IPv6 is not programmed).
-    Any,
-    V4,
-    V6,
-}
-
-impl Family {
-    pub fn includes(self, v6: bool) -> bool {
-        match self {
-            Family::Any => true,
-            Family::V4 => !v6,
-            Family::V6 => v6,
-        }
     }
 }
 
@@ -160,7 +142,8 @@ pub enum Action {
 pub struct Rule {
     pub table: Table,
     pub chain: Chain,
-    pub family: Family,
+    /// The IP family the rule is for; `None`: both (only IPv4 when IPv6 is not programmed).
+    pub family: Option<IpFamily>,
     pub position: Position,
     pub matches: Vec<Match>,
     pub action: Action,
@@ -168,9 +151,9 @@ pub struct Rule {
 
 impl Rule {
     /// The family this rule's addresses pin it to, if any.
-    pub fn address_family(&self) -> Option<Family> {
+    pub fn address_family(&self) -> Option<IpFamily> {
         self.matches.iter().find_map(|m| match m {
-            Match::Source(c) | Match::Destination { cidr: c, .. } => Some(if c.is_ipv4() { Family::V4 } else { Family::V6 }),
+            Match::Source(c) | Match::Destination { cidr: c, .. } => Some(IpFamily::of(c.addr())),
             _ => None,
         })
     }
@@ -222,8 +205,8 @@ impl Ruleset {
     }
 
     /// Final chain contents of one IP family's ruleset (what ip(6)tables holds).
-    pub fn family_chains(&self, v6: bool) -> Vec<ChainRules<'_>> {
-        self.chains(|r| r.family.includes(v6))
+    pub fn family_chains(&self, family: IpFamily) -> Vec<ChainRules<'_>> {
+        self.chains(|r| r.family.is_none_or(|f| f == family))
     }
 }
 
@@ -239,16 +222,18 @@ struct Builder<'a> {
 }
 
 /// The loopback destination that counts as "local" in each family.
-fn loopback(cfg: &CaptureConfig, v6: bool) -> Cidr {
-    if v6 {
-        Cidr::host(IpAddr::V6(Ipv6Addr::LOCALHOST))
-    } else {
-        cfg.host_ipv4_loopback
+fn loopback(cfg: &CaptureConfig, family: IpFamily) -> Cidr {
+    match family {
+        IpFamily::V4 => cfg.host_ipv4_loopback,
+        IpFamily::V6 => Cidr::host(IpAddr::V6(Ipv6Addr::LOCALHOST)),
     }
 }
 
-fn passthrough_source(v6: bool) -> Cidr {
-    Cidr::host(if v6 { IpAddr::V6(INBOUND_PASSTHROUGH_V6) } else { IpAddr::V4(INBOUND_PASSTHROUGH_V4) })
+fn passthrough_source(family: IpFamily) -> Cidr {
+    Cidr::host(match family {
+        IpFamily::V4 => IpAddr::V4(INBOUND_PASSTHROUGH_V4),
+        IpFamily::V6 => IpAddr::V6(INBOUND_PASSTHROUGH_V6),
+    })
 }
 
 fn tcp() -> Match {
@@ -288,44 +273,51 @@ fn oif(name: &str) -> Match {
 }
 
 impl Builder<'_> {
-    fn push(&mut self, table: Table, chain: Chain, family: Family, position: Position, matches: Vec<Match>, action: Action) {
+    fn push(
+        &mut self,
+        table: Table,
+        chain: Chain,
+        family: Option<IpFamily>,
+        position: Position,
+        matches: Vec<Match>,
+        action: Action,
+    ) {
         self.rules.push(Rule { table, chain, family, position, matches, action });
     }
 
     fn append(&mut self, table: Table, chain: Chain, matches: Vec<Match>, action: Action) {
-        self.push(table, chain, Family::Any, Position::Append, matches, action);
+        self.push(table, chain, None, Position::Append, matches, action);
     }
 
     fn insert(&mut self, table: Table, chain: Chain, index: usize, matches: Vec<Match>, action: Action) {
-        self.push(table, chain, Family::Any, Position::Insert(index), matches, action);
+        self.push(table, chain, None, Position::Insert(index), matches, action);
     }
 
-    /// A rule that exists once per family, built by `make(v6)`: IPv4 first, then IPv6.
-    fn per_family(&mut self, table: Table, chain: Chain, position: Position, make: impl Fn(bool) -> (Vec<Match>, Action)) {
-        let (m, a) = make(false);
-        self.push(table, chain, Family::V4, position, m, a);
+    /// A rule that exists once per family, built by `make(family)`: IPv4 first, then IPv6.
+    fn per_family(&mut self, table: Table, chain: Chain, position: Position, make: impl Fn(IpFamily) -> (Vec<Match>, Action)) {
+        let (m, a) = make(IpFamily::V4);
+        self.push(table, chain, Some(IpFamily::V4), position, m, a);
         if self.cfg.ipv6 {
-            let (m, a) = make(true);
-            self.push(table, chain, Family::V6, position, m, a);
+            let (m, a) = make(IpFamily::V6);
+            self.push(table, chain, Some(IpFamily::V6), position, m, a);
         }
     }
 
     /// A rule for a single family (IPv6 ones only when IPv6 is programmed).
-    fn for_family(&mut self, table: Table, chain: Chain, v6: bool, matches: Vec<Match>, action: Action) {
-        if v6 && !self.cfg.ipv6 {
+    fn for_family(&mut self, table: Table, chain: Chain, family: IpFamily, matches: Vec<Match>, action: Action) {
+        if family == IpFamily::V6 && !self.cfg.ipv6 {
             return;
         }
-        let family = if v6 { Family::V6 } else { Family::V4 };
-        self.push(table, chain, family, Position::Append, matches, action);
+        self.push(table, chain, Some(family), Position::Append, matches, action);
     }
 
     /// A rule needed in IPv4 when `v4`, in IPv6 when `v6` (nftables emits it once).
     fn when_families(&mut self, table: Table, chain: Chain, v4: bool, v6: bool, matches: Vec<Match>, action: Action) {
         let v6 = v6 && self.cfg.ipv6;
         let family = match (v4, v6) {
-            (true, true) => Family::Any,
-            (true, false) => Family::V4,
-            (false, true) => Family::V6,
+            (true, true) => None,
+            (true, false) => Some(IpFamily::V4),
+            (false, true) => Some(IpFamily::V6),
             (false, false) => return,
         };
         self.push(table, chain, family, Position::Append, matches, action);
@@ -387,8 +379,8 @@ impl Builder<'_> {
         }
 
         // 9. Inbound passthrough: the proxy dials the app from 127.0.0.6 / ::6.
-        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |v6| {
-            (vec![oif("lo"), Match::Source(passthrough_source(v6))], Action::Return)
+        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |family| {
+            (vec![oif("lo"), Match::Source(passthrough_source(family))], Action::Return)
         });
 
         // 10, 11. The proxy's own traffic, by UID then by GID.
@@ -417,11 +409,13 @@ impl Builder<'_> {
         self.dns(&dns);
 
         // 14. Local traffic stays local.
-        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |v6| (vec![dst(loopback(cfg, v6))], Action::Return));
+        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |family| {
+            (vec![dst(loopback(cfg, family))], Action::Return)
+        });
 
         // 15. Excluded destinations.
         for &cidr in &cfg.outbound_ranges_exclude {
-            self.for_family(Table::Nat, Chain::IstioOutput, !cidr.is_ipv4(), vec![dst(cidr)], Action::Return);
+            self.for_family(Table::Nat, Chain::IstioOutput, IpFamily::of(cidr.addr()), vec![dst(cidr)], Action::Return);
         }
 
         // 16. Ports always captured.
@@ -458,8 +452,8 @@ impl Builder<'_> {
             self.append(Table::Mangle, Chain::Divert, vec![], Action::SetMark(cfg.tproxy_mark));
             self.append(Table::Mangle, Chain::Divert, vec![], Action::Accept);
             let (port, mark) = (cfg.inbound_capture_port, cfg.tproxy_mark);
-            self.per_family(Table::Mangle, Chain::Tproxy, Position::Append, |v6| {
-                (vec![not_dst(loopback(cfg, v6)), tcp()], Action::Tproxy { port, mark })
+            self.per_family(Table::Mangle, Chain::Tproxy, Position::Append, |family| {
+                (vec![not_dst(loopback(cfg, family)), tcp()], Action::Tproxy { port, mark })
             });
         }
         self.append(table, Chain::Prerouting, vec![tcp()], Action::Jump(Chain::Inbound));
@@ -500,10 +494,10 @@ impl Builder<'_> {
         let cfg = self.cfg;
         let tunnel = cfg.inbound_tunnel_port;
         // (a) app -> VIP -> proxy -> proxy inbound -> app: the proxy's own calls to the pod over lo.
-        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |v6| {
+        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |family| {
             let ports =
                 if dns_ports { Match::DestPortNotIn(vec![53, tunnel]) } else { Match::DestPort { port: tunnel, negated: true } };
-            (vec![oif("lo"), not_dst(loopback(cfg, v6)), tcp(), ports, owner(kind, id)], Action::Jump(Chain::InRedirect))
+            (vec![oif("lo"), not_dst(loopback(cfg, family)), tcp(), ports, owner(kind, id)], Action::Jump(Chain::InRedirect))
         });
         // (b) app -> app over lo is not captured, unless loopback was explicitly included.
         if !loopback_included {
@@ -540,10 +534,22 @@ impl Builder<'_> {
                 continue;
             }
             for s in v4 {
-                self.for_family(Table::Nat, Chain::OutputDns, false, vec![p.clone(), dport(53), dst(host4(s))], redirect.clone());
+                self.for_family(
+                    Table::Nat,
+                    Chain::OutputDns,
+                    IpFamily::V4,
+                    vec![p.clone(), dport(53), dst(host4(s))],
+                    redirect.clone(),
+                );
             }
             for s in v6 {
-                self.for_family(Table::Nat, Chain::OutputDns, true, vec![p.clone(), dport(53), dst(host6(s))], redirect.clone());
+                self.for_family(
+                    Table::Nat,
+                    Chain::OutputDns,
+                    IpFamily::V6,
+                    vec![p.clone(), dport(53), dst(host6(s))],
+                    redirect.clone(),
+                );
             }
         }
 
@@ -567,12 +573,12 @@ impl Builder<'_> {
         }
         let servers = v4.iter().map(host4).chain(v6.iter().map(host6));
         for server in servers {
-            let v6 = !server.is_ipv4();
-            self.for_family(Table::Raw, Chain::OutputDns, v6, vec![udp(), dport(53), dst(server)], Action::CtZone(2));
+            let family = IpFamily::of(server.addr());
+            self.for_family(Table::Raw, Chain::OutputDns, family, vec![udp(), dport(53), dst(server)], Action::CtZone(2));
             self.for_family(
                 Table::Raw,
                 Chain::Inbound,
-                v6,
+                family,
                 vec![udp(), Match::SourcePort(53), Match::Source(server)],
                 Action::CtZone(1),
             );
@@ -593,22 +599,21 @@ impl Builder<'_> {
                 // IPv4 ranges first, then IPv6, each in the order given.
                 let ordered = cidrs.iter().filter(|c| c.is_ipv4()).chain(cidrs.iter().filter(|c| !c.is_ipv4()));
                 for &cidr in ordered {
-                    let v6 = !cidr.is_ipv4();
-                    if v6 && !cfg.ipv6 {
+                    let family = IpFamily::of(cidr.addr());
+                    if family == IpFamily::V6 && !cfg.ipv6 {
                         continue;
                     }
-                    let family = if v6 { Family::V6 } else { Family::V4 };
                     for nic in &cfg.kube_virt_interfaces {
                         self.push(
                             Table::Nat,
                             Chain::Prerouting,
-                            family,
+                            Some(family),
                             Position::Insert(0),
                             vec![iif(nic.as_str()), dst(cidr)],
                             Action::Jump(Chain::Redirect),
                         );
                     }
-                    self.for_family(Table::Nat, Chain::IstioOutput, v6, vec![dst(cidr)], Action::Jump(Chain::Redirect));
+                    self.for_family(Table::Nat, Chain::IstioOutput, family, vec![dst(cidr)], Action::Jump(Chain::Redirect));
                 }
             }
         }
@@ -621,15 +626,15 @@ impl Builder<'_> {
         self.append(Table::Mangle, Chain::Output, vec![tcp(), oif("lo"), mark(tmark)], Action::Return);
         for (kind, ids) in [(OwnerKind::Uid, &cfg.proxy_uids), (OwnerKind::Gid, &cfg.proxy_gids)] {
             for &id in ids {
-                self.per_family(Table::Mangle, Chain::Output, Position::Append, |v6| {
-                    (vec![not_dst(loopback(cfg, v6)), tcp(), oif("lo"), owner(kind, id)], Action::SetMark(OUTBOUND_MARK))
+                self.per_family(Table::Mangle, Chain::Output, Position::Append, |family| {
+                    (vec![not_dst(loopback(cfg, family)), tcp(), oif("lo"), owner(kind, id)], Action::SetMark(OUTBOUND_MARK))
                 });
             }
         }
         self.append(Table::Mangle, Chain::Output, vec![tcp(), Match::ConnMark(tmark)], Action::RestoreMark);
         self.insert(Table::Mangle, Chain::Inbound, 0, vec![tcp(), mark(tmark)], Action::Return);
-        self.per_family(Table::Mangle, Chain::Inbound, Position::Insert(1), |v6| {
-            (vec![tcp(), Match::Source(passthrough_source(v6)), iif("lo")], Action::Return)
+        self.per_family(Table::Mangle, Chain::Inbound, Position::Insert(1), |family| {
+            (vec![tcp(), Match::Source(passthrough_source(family)), iif("lo")], Action::Return)
         });
         self.insert(
             Table::Mangle,
@@ -653,7 +658,7 @@ mod tests {
     #[test]
     fn base_config_has_the_four_nat_chains_and_no_ipv6() {
         let rs = build(&CaptureConfig::default(), Dialect::Iptables);
-        let chains: Vec<_> = rs.family_chains(false).iter().map(|c| (c.table, c.chain)).collect();
+        let chains: Vec<_> = rs.family_chains(IpFamily::V4).iter().map(|c| (c.table, c.chain)).collect();
         assert_eq!(
             chains,
             vec![
@@ -664,7 +669,7 @@ mod tests {
                 (Table::Nat, Chain::IstioOutput),
             ]
         );
-        assert!(rs.rules.iter().all(|r| r.family != Family::V6));
+        assert!(rs.rules.iter().all(|r| r.family != Some(IpFamily::V6)));
         // passthrough, uid (a,b,c), gid (a,b,c), loopback
         assert_eq!(count(&rs, Table::Nat, Chain::IstioOutput), 8);
     }
@@ -677,7 +682,7 @@ mod tests {
             ..CaptureConfig::default()
         };
         let rs = build(&cfg, Dialect::Iptables);
-        let chains = rs.family_chains(false);
+        let chains = rs.family_chains(IpFamily::V4);
         let pre = chains.iter().find(|c| c.chain == Chain::Prerouting).unwrap();
         let summary: Vec<_> = pre.rules.iter().map(|r| (r.matches[0].clone(), r.action.clone())).collect();
         assert_eq!(
@@ -700,10 +705,10 @@ mod tests {
             ..CaptureConfig::default()
         };
         let rs = build(&cfg, Dialect::Iptables);
-        let v6 = rs.family_chains(true);
+        let v6 = rs.family_chains(IpFamily::V6);
         let inbound = v6.iter().find(|c| c.table == Table::Mangle && c.chain == Chain::Inbound).unwrap();
         assert_eq!(inbound.rules.len(), 5);
-        assert_eq!(inbound.rules[1].matches[1], Match::Source(passthrough_source(true)));
+        assert_eq!(inbound.rules[1].matches[1], Match::Source(passthrough_source(IpFamily::V6)));
         let out = v6.iter().find(|c| c.chain == Chain::IstioOutput).unwrap();
         assert_eq!(out.rules[0].matches, vec![mark(1337)]);
         assert!(count(&rs, Table::Nat, Chain::Inbound) == 1, "inbound capture lives in mangle");
@@ -718,8 +723,8 @@ mod tests {
         };
         let rs = build(&cfg, Dialect::Iptables);
         let jump = rs.rules.iter().find(|r| r.chain == Chain::IstioOutput && r.action == Action::Jump(Chain::OutputDns)).unwrap();
-        assert_eq!(jump.family, Family::V4);
-        assert!(rs.family_chains(true).iter().all(|c| c.chain != Chain::OutputDns || c.table == Table::Raw));
+        assert_eq!(jump.family, Some(IpFamily::V4));
+        assert!(rs.family_chains(IpFamily::V6).iter().all(|c| c.chain != Chain::OutputDns || c.table == Table::Raw));
         let no_servers = CaptureConfig { dns: DnsCapture::Servers { v4: vec![], v6: vec![] }, ..cfg };
         assert!(build(&no_servers, Dialect::Iptables).rules.iter().all(|r| r.table != Table::Raw));
     }
@@ -742,7 +747,7 @@ mod tests {
             ..CaptureConfig::default()
         };
         let rs = build(&cfg, Dialect::Iptables);
-        assert!(rs.rules.iter().all(|r| r.address_family() != Some(Family::V6)));
+        assert!(rs.rules.iter().all(|r| r.address_family() != Some(IpFamily::V6)));
     }
 
     #[test]

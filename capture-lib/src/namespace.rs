@@ -6,9 +6,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::RouteNetlinkMessage;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag, Flock, FlockArg};
-
 use thiserror::Error;
+
+use crate::netlink::route::Rtnetlink;
+use crate::netlink::NetlinkError;
 
 #[derive(Debug, Error)]
 pub enum NamespaceError {
@@ -21,7 +25,7 @@ pub enum NamespaceError {
     #[error("cannot read capabilities: {0}")]
     Capabilities(String),
     #[error("cannot list interface addresses: {0}")]
-    Addresses(String),
+    Addresses(#[source] NetlinkError),
     #[error("no valid local IP address found (no non-loopback, non-link-local address on any interface)")]
     NoAddress,
     #[error("failed to load {path}: {source}")]
@@ -86,8 +90,35 @@ pub fn require_net_admin() -> Result<(), NamespaceError> {
 /// (loopback and link-local ignored): without dual-stack the first address's family
 /// decides; with dual-stack any IPv6 address does.
 pub fn uses_ipv6(dual_stack: bool) -> Result<bool, NamespaceError> {
-    let addrs = crate::routes::addresses().map_err(|e| NamespaceError::Addresses(e.to_string()))?;
+    let addrs = addresses().map_err(NamespaceError::Addresses)?;
     ipv6_from_addresses(&addrs, dual_stack)
+}
+
+/// Every address on the calling thread's namespace's interfaces, IPv4 first, as the kernel
+/// lists them (one address dump; `getifaddrs` would also dump every link).
+fn addresses() -> Result<Vec<IpAddr>, NetlinkError> {
+    // The default query names no family: every family.
+    let listing = Rtnetlink::open()?.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?;
+    Ok(listing
+        .into_iter()
+        .filter_map(|message| match message {
+            RouteNetlinkMessage::NewAddress(address) => Some(address),
+            _ => None,
+        })
+        .filter_map(|address| {
+            // IFA_LOCAL is the address itself where both are given (IPv4); IPv6 gives IFA_ADDRESS.
+            let local = address.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            local.or_else(|| {
+                address.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            })
+        })
+        .collect())
 }
 
 fn ipv6_from_addresses(addrs: &[IpAddr], dual_stack: bool) -> Result<bool, NamespaceError> {

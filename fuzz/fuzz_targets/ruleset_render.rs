@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use arbitrary::{Result, Unstructured};
 use capture_lib::config::{Cidr, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups};
+use capture_lib::family::IpFamily;
 use capture_lib::model::{self, Dialect, Ruleset};
 use capture_lib::settings::CaptureConfig;
 use capture_lib::{iptables, nftables};
@@ -169,8 +170,8 @@ fuzz_target!(|data: &[u8]| {
     let for_iptables = model::build(&cfg, Dialect::Iptables);
     check(&for_iptables);
     // IPv6 is restored only when programmed (as `iptables::plan` does).
-    for v6 in [false, true].into_iter().filter(|&v6| !v6 || cfg.ipv6) {
-        check_restore_input(&iptables::install_payload(&for_iptables, v6));
+    for family in IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || cfg.ipv6) {
+        check_restore_input(&iptables::install_payload(&for_iptables, family));
     }
     let for_nftables = model::build(&cfg, Dialect::Nftables);
     check(&for_nftables);

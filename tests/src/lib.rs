@@ -146,6 +146,17 @@ impl Pod {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Waits (5 s at most) until no IPv6 address in the namespace is tentative. The kernel ends
+    /// duplicate address detection in the background (on `lo` too, where it probes nothing) and
+    /// only then adds the address's local route and drops the flag, so two snapshots of addresses
+    /// or routes would otherwise differ by that alone.
+    pub fn settle_ipv6(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.sh("ip -6 addr show tentative").trim().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// `iptables-save`-style dump of one family's rules (comments and counters stripped).
     /// Both variants are read (nft, then legacy), so the tests hold whichever one the host's
     /// plain `iptables` is and whichever one the tool chose.

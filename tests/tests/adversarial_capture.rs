@@ -57,6 +57,7 @@ fn dual_stack_pod() -> Pod {
 
 /// The policy routing and addresses a capture may add, as `ip` shows them.
 fn routing(pod: &Pod) -> String {
+    pod.settle_ipv6();
     pod.sh("ip -4 rule; ip -6 rule; ip -4 route show table all; ip -6 route show table all; ip -6 addr show dev lo")
 }
 

@@ -4,7 +4,7 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use capture_lib::config::{parse_cidrs, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
-use capture_lib::model::{self, Action, Chain, Dialect, Family, Position, Rule, Ruleset, Table};
+use capture_lib::model::{self, Action, Chain, Dialect, Position, Rule, Ruleset, Table};
 use capture_lib::nftables::{self, NftError};
 use capture_lib::settings::CaptureConfig;
 use capture_lib::{Detail, Outcome};
@@ -112,7 +112,7 @@ fn jumps_to_a_missing_chain() -> Ruleset {
     let rule = Rule {
         table: Table::Nat,
         chain: Chain::Output,
-        family: Family::Any,
+        family: None,
         position: Position::Append,
         matches: vec![],
         action: Action::Jump(Chain::Redirect),

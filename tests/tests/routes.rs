@@ -42,6 +42,7 @@ fn ip(pod: &Pod, args: &str) -> String {
 
 /// Everything `routes` may touch, as `ip` shows it.
 fn routing_state(pod: &Pod, table: u32) -> String {
+    pod.settle_ipv6();
     [
         "-6 addr show dev lo",
         "rule show",

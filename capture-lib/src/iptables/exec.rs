@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::IptablesError;
+use crate::family::IpFamily;
 use crate::settings::Setting;
 
 /// Where iptables-legacy takes its lock unless `XTABLES_LOCKFILE` says otherwise.
@@ -29,8 +30,8 @@ impl Variant {
 
     /// Istio's rule: legacy only when it already holds tables in this namespace (someone
     /// uses it here; adding nft rules beside them would split the ruleset), otherwise nft.
-    pub fn detect(v6: bool) -> Variant {
-        if legacy_holds_tables(v6) == Some(true) {
+    pub fn detect(family: IpFamily) -> Variant {
+        if legacy_holds_tables(family) == Some(true) {
             Variant::Legacy
         } else {
             Variant::Nft
@@ -41,8 +42,11 @@ impl Variant {
 /// Whether iptables-legacy holds any table of the family in the current namespace (`None`:
 /// cannot tell). Legacy tables are listed in /proc/net/ip{,6}_tables_names; reading that file
 /// is equivalent to `iptables-legacy-save` and starts no process.
-pub(super) fn legacy_holds_tables(v6: bool) -> Option<bool> {
-    let names = if v6 { "/proc/net/ip6_tables_names" } else { "/proc/net/ip_tables_names" };
+pub(super) fn legacy_holds_tables(family: IpFamily) -> Option<bool> {
+    let names = match family {
+        IpFamily::V4 => "/proc/net/ip_tables_names",
+        IpFamily::V6 => "/proc/net/ip6_tables_names",
+    };
     std::fs::read_to_string(names).ok().map(|tables| !tables.trim().is_empty())
 }
 
@@ -51,14 +55,17 @@ pub(super) fn legacy_holds_tables(v6: bool) -> Option<bool> {
 pub struct Binaries {
     pub save: String,
     pub restore: String,
-    pub v6: bool,
+    pub family: IpFamily,
     variant: Variant,
 }
 
 impl Binaries {
     /// `iptables-nft-save` etc., or the plain names where a distribution ships no suffixed ones.
-    pub fn new(variant: Variant, v6: bool) -> Binaries {
-        let base = if v6 { "ip6tables" } else { "iptables" };
+    pub fn new(variant: Variant, family: IpFamily) -> Binaries {
+        let base = match family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
         let kind = match variant {
             Variant::Legacy => "legacy",
             Variant::Nft => "nft",
@@ -71,15 +78,7 @@ impl Binaries {
                 format!("{base}-{op}")
             }
         };
-        Binaries { save: pick("save"), restore: pick("restore"), v6, variant }
-    }
-
-    pub fn family(&self) -> &'static str {
-        if self.v6 {
-            "IPv6"
-        } else {
-            "IPv4"
-        }
+        Binaries { save: pick("save"), restore: pick("restore"), family, variant }
     }
 
     /// True when the kernel certainly holds no table of this variant and family, so there is
@@ -87,8 +86,8 @@ impl Binaries {
     /// the family).
     pub fn holds_nothing(&self) -> bool {
         match self.variant {
-            Variant::Legacy => legacy_holds_tables(self.v6) == Some(false),
-            Variant::Nft => crate::nftables::has_iptables_tables(self.v6).is_ok_and(|any| !any),
+            Variant::Legacy => legacy_holds_tables(self.family) == Some(false),
+            Variant::Nft => crate::nftables::has_iptables_tables(self.family).is_ok_and(|any| !any),
         }
     }
 
@@ -113,8 +112,8 @@ impl Binaries {
         if self.variant != Variant::Nft || tables.is_empty() {
             return Ok(());
         }
-        crate::nftables::prune_iptables_tables(self.v6, tables)
-            .map_err(|source| IptablesError::Prune { family: self.family(), source })
+        crate::nftables::prune_iptables_tables(self.family, tables)
+            .map_err(|source| IptablesError::Prune { family: self.family, source })
     }
 
     /// Legacy iptables serialises its writers with a lock file (`XTABLES_LOCKFILE`, else
@@ -255,7 +254,7 @@ mod tests {
 
     #[test]
     fn a_lock_file_that_cannot_be_created_is_reported_before_any_restore() {
-        let bins = Binaries { save: "s".into(), restore: "r".into(), v6: false, variant: Variant::Legacy };
+        let bins = Binaries { save: "s".into(), restore: "r".into(), family: IpFamily::V4, variant: Variant::Legacy };
         let unopenable = PathBuf::from("/proc/no-such-dir/xtables.lock");
         let message = bins.check_lock_at(unopenable.clone()).unwrap_err().to_string();
         assert!(message.contains("/proc/no-such-dir/xtables.lock") && message.contains("XTABLES_LOCKFILE"), "{message}");

@@ -23,6 +23,7 @@ use render::{chain_name, owned_chain_names, rule_spec, table_name};
 use shapes::is_our_shape;
 use state::{jump_target, parse_save, SaveState, TableState};
 
+use crate::family::IpFamily;
 use crate::model::{Position, Ruleset};
 use crate::settings::Setting;
 use crate::Outcome;
@@ -43,7 +44,7 @@ pub enum IptablesError {
     #[error("{program} refused the rules: {stderr}{}{}", line.as_ref().map(|l| format!("\n  refused line: {l}")).unwrap_or_default(), hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
     Restore { program: String, stderr: String, line: Option<String>, hint: Option<String> },
     #[error("the {family} capture rules in this namespace differ from the requested ones:\n  {}\nre-run with --reconcile to replace them atomically (or --cleanup-only to remove them)", details.join("\n  "))]
-    Drift { family: &'static str, details: Vec<String> },
+    Drift { family: IpFamily, details: Vec<String> },
     #[error("{source}\nthe namespace was rolled back to its previous rules")]
     RolledBack { source: Box<IptablesError> },
     #[error("{source}\nrolling back also failed ({rollback}); the namespace may hold part of the new rules: run with --cleanup-only, then again")]
@@ -51,7 +52,7 @@ pub enum IptablesError {
     #[error("{source}\nnothing was changed")]
     NothingChanged { source: Box<IptablesError> },
     #[error("the {family} rules are in place, but removing the tables left empty failed: {source}")]
-    Prune { family: &'static str, source: crate::nftables::NftError },
+    Prune { family: IpFamily, source: crate::nftables::NftError },
 }
 
 /// How to reach iptables.
@@ -85,7 +86,7 @@ pub struct Step {
 impl Step {
     /// The command line that would run, for --dry-run output.
     pub fn command(&self) -> String {
-        format!("{} --noflush ({})", self.bins.restore, self.bins.family())
+        format!("{} --noflush ({})", self.bins.restore, self.bins.family)
     }
 
     /// The restore program this step feeds.
@@ -105,7 +106,7 @@ pub struct Plan {
 /// One family's state as `plan` read it, and what it decided.
 #[derive(Debug)]
 pub struct FamilyPlan {
-    family: &'static str,
+    family: IpFamily,
     /// The save program that read the state; `None` when the kernel holds no table of the
     /// family, so there was nothing to read.
     read_with: Option<String>,
@@ -135,16 +136,17 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
         Operation::Cleanup => Outcome::NothingToRemove,
     };
     // IPv6 not programmed: its state is not needed to apply, but cleanup still looks.
-    let families: Vec<bool> = [false, true].into_iter().filter(|&v6| !v6 || ruleset.ipv6 || op == Operation::Cleanup).collect();
+    let families: Vec<IpFamily> =
+        IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || ruleset.ipv6 || op == Operation::Cleanup).collect();
     let mut planned = Vec::new();
-    for (v6, bins, read) in read_states(&families, opts) {
-        let needed = !v6 || ruleset.ipv6;
+    for (family, bins, read) in read_states(&families, opts) {
+        let needed = family == IpFamily::V4 || ruleset.ipv6;
         let (current, read_with) = match read {
             Ok(read) => read,
             Err(_) if !needed => continue,
             Err(e) => return Err(e),
         };
-        let desired = if needed { Desired::new(ruleset, v6) } else { Desired::default() };
+        let desired = if needed { Desired::new(ruleset, family) } else { Desired::default() };
         let residue = desired.residue(&current);
         let (payload, decision) = match op {
             Operation::Cleanup if residue.is_empty() => (None, "nothing of ours: nothing to remove".to_string()),
@@ -169,11 +171,10 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
                     };
                     (Some(desired.payload(&residue, true)), why)
                 } else {
-                    return Err(IptablesError::Drift { family: bins.family(), details: drift });
+                    return Err(IptablesError::Drift { family, details: drift });
                 }
             }
         };
-        let family = bins.family();
         if let Some(payload) = payload {
             let rollback = rollback_payload(&current, &payload);
             let wanted = |table: &String| op != Operation::Cleanup && desired.tables.contains_key(table.as_str());
@@ -187,19 +188,18 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
 
 /// The restore input that installs `ruleset` for one family in a namespace holding nothing of
 /// ours. Reads no state: what `plan` sends to a fresh namespace, for fuzzing and review.
-pub fn install_payload(ruleset: &Ruleset, v6: bool) -> String {
-    Desired::new(ruleset, v6).payload(&BTreeMap::new(), true)
+pub fn install_payload(ruleset: &Ruleset, family: IpFamily) -> String {
+    Desired::new(ruleset, family).payload(&BTreeMap::new(), true)
 }
 
 /// How the namespace's rules differ from `ruleset`, in words, per family; empty when exactly
 /// in place. Like `plan`, looks at IPv6 only when the ruleset programs it. Changes nothing.
 pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<String>, IptablesError> {
     let mut out = Vec::new();
-    for v6 in [false, true].into_iter().filter(|&v6| !v6 || ruleset.ipv6) {
-        let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(v6)), v6);
+    for family in IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || ruleset.ipv6) {
+        let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(family)), family);
         let current = parse_save(&bins.save()?);
-        let family = bins.family();
-        out.extend(Desired::new(ruleset, v6).drift(&current).into_iter().map(|d| format!("{family}: {d}")));
+        out.extend(Desired::new(ruleset, family).drift(&current).into_iter().map(|d| format!("{family}: {d}")));
     }
     Ok(out)
 }
@@ -208,9 +208,9 @@ pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<Strin
 /// that cannot be told): where none does, there is no capture of this backend to look for, and
 /// no process to start. Reads two files and asks nf_tables twice.
 pub fn holds_any_table() -> bool {
-    [false, true]
-        .into_iter()
-        .any(|v6| exec::legacy_holds_tables(v6) != Some(false) || crate::nftables::has_iptables_tables(v6).unwrap_or(true))
+    IpFamily::ALL.into_iter().any(|family| {
+        exec::legacy_holds_tables(family) != Some(false) || crate::nftables::has_iptables_tables(family).unwrap_or(true)
+    })
 }
 
 /// The state of one family, and the save program that read it (`None`: the family holds no table).
@@ -218,19 +218,19 @@ type ReadState = Result<(SaveState, Option<String>), IptablesError>;
 
 /// Each family's current state, read concurrently (two processes at most, none for a family
 /// that holds no table at all).
-fn read_states(families: &[bool], opts: IptablesOptions) -> Vec<(bool, Binaries, ReadState)> {
+fn read_states(families: &[IpFamily], opts: IptablesOptions) -> Vec<(IpFamily, Binaries, ReadState)> {
     std::thread::scope(|scope| {
         let readers: Vec<_> = families
             .iter()
-            .map(|&v6| {
+            .map(|&family| {
                 scope.spawn(move || {
-                    let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(v6)), v6);
+                    let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(family)), family);
                     let state = if bins.holds_nothing() {
                         Ok((SaveState::new(), None))
                     } else {
                         bins.save().map(|t| (parse_save(&t), Some(bins.save.clone())))
                     };
-                    (v6, bins, state)
+                    (family, bins, state)
                 })
             })
             .collect();
@@ -362,9 +362,9 @@ struct Desired {
 }
 
 impl Desired {
-    fn new(ruleset: &Ruleset, v6: bool) -> Desired {
+    fn new(ruleset: &Ruleset, family: IpFamily) -> Desired {
         let mut tables: BTreeMap<&'static str, DesiredTable> = BTreeMap::new();
-        for chain in ruleset.family_chains(v6) {
+        for chain in ruleset.family_chains(family) {
             let table = tables.entry(table_name(chain.table)).or_default();
             let name = chain_name(chain.chain);
             if chain.chain.is_hook() {
@@ -519,7 +519,7 @@ mod tests {
     use crate::settings::CaptureConfig;
 
     fn desired(cfg: &CaptureConfig) -> Desired {
-        Desired::new(&build(cfg, Dialect::Iptables), false)
+        Desired::new(&build(cfg, Dialect::Iptables), IpFamily::V4)
     }
 
     /// The state the kernel would hold after loading `payload` into an empty namespace.

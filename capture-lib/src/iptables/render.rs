@@ -6,6 +6,7 @@
 
 use std::fmt::Write;
 
+use crate::family::IpFamily;
 use crate::model::{Action, Chain, CtState, Match, OwnerKind, Protocol, Rule, Table};
 
 pub fn table_name(table: Table) -> &'static str {
@@ -111,7 +112,6 @@ pub fn rule_spec(rule: &Rule) -> String {
             Match::ConnMark(mark) => write!(out, "-m connmark --mark {mark:#x} "),
         };
     }
-    let v6 = rule.address_family() == Some(crate::model::Family::V6);
     let _ = match &rule.action {
         Action::Jump(chain) => write!(out, "-j {}", chain_name(*chain)),
         Action::Return => write!(out, "-j RETURN"),
@@ -119,7 +119,10 @@ pub fn rule_spec(rule: &Rule) -> String {
         Action::Drop => write!(out, "-j DROP"),
         Action::Redirect(port) => write!(out, "-j REDIRECT --to-ports {port}"),
         Action::Tproxy { port, mark } => {
-            let any = if v6 { "::" } else { "0.0.0.0" };
+            let any = match rule.address_family() {
+                Some(IpFamily::V6) => "::",
+                _ => "0.0.0.0",
+            };
             write!(out, "-j TPROXY --on-port {port} --on-ip {any} --tproxy-mark {mark:#x}/0xffffffff")
         }
         Action::SetMark(mark) => write!(out, "-j MARK --set-xmark {mark:#x}/0xffffffff"),
@@ -136,9 +139,9 @@ mod tests {
     use crate::model::{build, Dialect};
     use crate::settings::CaptureConfig;
 
-    fn lines(cfg: &CaptureConfig, v6: bool) -> Vec<String> {
+    fn lines(cfg: &CaptureConfig, family: IpFamily) -> Vec<String> {
         let rs = build(cfg, Dialect::Iptables);
-        rs.family_chains(v6)
+        rs.family_chains(family)
             .iter()
             .flat_map(|c| c.rules.iter().map(move |r| format!("-A {} {}", chain_name(c.chain), rule_spec(r))))
             .collect()
@@ -146,7 +149,7 @@ mod tests {
 
     #[test]
     fn renders_in_iptables_save_form() {
-        let got = lines(&CaptureConfig::default(), false);
+        let got = lines(&CaptureConfig::default(), IpFamily::V4);
         let want = [
             "-A ISTIO_INBOUND -p tcp -m tcp --dport 15008 -j RETURN",
             "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
@@ -172,14 +175,14 @@ mod tests {
             ipv6: true,
             ..CaptureConfig::default()
         };
-        let v6 = lines(&cfg, true);
+        let v6 = lines(&cfg, IpFamily::V6);
         assert!(v6.contains(
             &"-A ISTIO_TPROXY ! -d ::1/128 -p tcp -j TPROXY --on-port 15006 --on-ip :: --tproxy-mark 0x539/0xffffffff"
                 .to_string()
         ));
         assert!(v6.contains(&"-A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark 0x53a -j RETURN".to_string()));
         assert!(v6.contains(&"-A ISTIO_OUTPUT -m mark --mark 0x539 -j RETURN".to_string()));
-        let v4 = lines(&cfg, false);
+        let v4 = lines(&cfg, IpFamily::V4);
         assert!(v4.contains(&"-A ISTIO_DIVERT -j MARK --set-xmark 0x539/0xffffffff".to_string()));
         assert!(v4.contains(
             &"-A PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff"

@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 
 use super::render::{chain_name, rule_spec, table_name};
 use crate::config::{Cidr, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
+use crate::family::IpFamily;
 use crate::model::{self, Action, Dialect, Match};
 use crate::settings::CaptureConfig;
 
@@ -81,8 +82,8 @@ fn shapes() -> &'static [Shape] {
         let mut shapes: Vec<Shape> = Vec::new();
         for mode in [InterceptionMode::Redirect, InterceptionMode::Tproxy] {
             let ruleset = model::build(&every_feature(mode), Dialect::Iptables);
-            for v6 in [false, true] {
-                for chain in ruleset.family_chains(v6).into_iter().filter(|c| c.chain.is_hook()) {
+            for family in IpFamily::ALL {
+                for chain in ruleset.family_chains(family).into_iter().filter(|c| c.chain.is_hook()) {
                     for rule in chain.rules.iter().filter(|r| !matches!(r.action, Action::Jump(_))) {
                         let shape = Shape {
                             table: table_name(chain.table),

@@ -8,8 +8,9 @@ use nftnl::{Batch, FinalizedBatch, MsgType, NlMsg, ProtoFamily};
 
 use super::expr::{add_terms, port_set_userdata, Port, PortSet};
 use super::raw::{describe_anonymous_set, NonRecursive, Unacknowledged, ANONYMOUS_SET};
-use super::render::{add_chain_line, add_rule_line, ChainPlan, NftRule, TablePlan, Term};
+use super::render::{add_chain_line, add_rule_line, nft_family, ChainPlan, NftRule, TablePlan, Term};
 use super::schema::{chain_name, table_name, ChainType, Hook};
+use crate::family::IpFamily;
 use crate::model::{Chain, Table};
 
 /// What one message of the batch does. Described only when the kernel refuses it: the
@@ -169,8 +170,12 @@ impl<'p> TransactionBuilder<'p> {
 
     /// Deletes an iptables-nft table's empty base chains, and the table too when `whole` (it then
     /// holds nothing else); refused by the kernel if anything is in them by then.
-    pub(super) fn delete_empty(&mut self, v6: bool, table: &'p str, chains: &[&'p str], whole: bool) {
-        let (family, proto) = if v6 { ("ip6", ProtoFamily::Ipv6) } else { ("ip", ProtoFamily::Ipv4) };
+    pub(super) fn delete_empty(&mut self, family: IpFamily, table: &'p str, chains: &[&'p str], whole: bool) {
+        let proto = match family {
+            IpFamily::V4 => ProtoFamily::Ipv4,
+            IpFamily::V6 => ProtoFamily::Ipv6,
+        };
+        let family = nft_family(family);
         let nft_table = nftnl::Table::new(c_name(table), proto);
         for &chain in chains {
             let nft_chain = nftnl::Chain::new(c_name(chain), &nft_table);

@@ -115,9 +115,9 @@ pub(super) fn add_terms(rule: &mut Rule, terms: &[Term], sets: &[PortSet]) {
                 rule.add_expr(&Immediate::new(port.to_be(), Register::Reg1));
                 rule.add_expr(&Redirect);
             }
-            Term::Tproxy { v6, port } => {
+            Term::Tproxy { family, port } => {
                 rule.add_expr(&Immediate::new(port.to_be(), Register::Reg1));
-                rule.add_expr(&Tproxy { v6: *v6 });
+                rule.add_expr(&Tproxy { family: *family });
             }
             Term::SetMark(mark) => {
                 rule.add_expr(&Immediate::new(*mark, Register::Reg1));

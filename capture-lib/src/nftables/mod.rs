@@ -12,7 +12,7 @@
 
 mod batch;
 mod expr;
-mod netlink;
+mod messages;
 mod raw;
 mod render;
 mod schema;
@@ -23,22 +23,24 @@ use std::io;
 use thiserror::Error;
 
 use batch::{Message, Transaction, TransactionBuilder};
-use netlink::{DumpRequest, Netlink, Refusal};
+use messages::{DumpRequest, Netlink};
 use raw::{Object, SetRef};
 use schema::table_named;
 use state::Snapshot;
 
+use crate::family::IpFamily;
 use crate::model::{Ruleset, Table};
+use crate::netlink::{NetlinkError, Refusal};
 use crate::{Detail, Outcome};
 
 #[derive(Debug, Error)]
 pub enum NftError {
     #[error("cannot open a netlink socket to nf_tables: {0} (the tool needs CAP_NET_ADMIN in the pod's network namespace)")]
-    Socket(#[source] io::Error),
+    Socket(#[source] NetlinkError),
     #[error("cannot read the current nftables ruleset: {0}")]
-    Read(#[source] io::Error),
+    Read(#[source] NetlinkError),
     #[error("cannot send the nftables transaction: {0}")]
-    Send(#[source] io::Error),
+    Send(#[source] NetlinkError),
     #[error(
         "the kernel refused the nftables transaction, so nothing was changed:\n  {what}\n  error: {error}{}\n  hint: {hint}",
         if *others > 0 { format!(" (and {others} more refusals)") } else { String::new() }
@@ -141,8 +143,7 @@ pub fn differences(ruleset: &Ruleset) -> Result<Vec<String>, NftError> {
 
 /// Whether nf_tables holds any table of the IPv4 (or IPv6) family: where none exists,
 /// iptables-nft has nothing either, and its state need not be read with a process.
-pub fn has_iptables_tables(v6: bool) -> Result<bool, NftError> {
-    let family = if v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 } as u8;
+pub fn has_iptables_tables(family: IpFamily) -> Result<bool, NftError> {
     let mut netlink = Netlink::open().map_err(NftError::Socket)?;
     Ok(!netlink.dump(&DumpRequest::TablesOf { family }).map_err(NftError::Read)?.is_empty())
 }
@@ -152,8 +153,7 @@ pub fn has_iptables_tables(v6: bool) -> Result<bool, NftError> {
 /// IPv4 (or IPv6) family, every base chain left with no rule and an accepting policy, and each
 /// of those tables left with no chain; a table or chain holding anything else stays. Should a
 /// rule or chain appear meanwhile, the kernel refuses the batch and nothing changes.
-pub fn prune_iptables_tables(v6: bool, tables: &[String]) -> Result<(), NftError> {
-    let family = if v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 } as u8;
+pub fn prune_iptables_tables(family: IpFamily, tables: &[String]) -> Result<(), NftError> {
     let mut netlink = Netlink::open().map_err(NftError::Socket)?;
     let existing = netlink.dump(&DumpRequest::TablesOf { family }).map_err(NftError::Read)?;
     let chains = netlink.dump(&DumpRequest::ChainsOf { family }).map_err(NftError::Read)?;
@@ -171,7 +171,7 @@ pub fn prune_iptables_tables(v6: bool, tables: &[String]) -> Result<(), NftError
             .filter(|c| !rules.iter().any(|r| matches!(r, Object::Rule(r) if r.chain == c.name)))
             .map(|c| c.name.as_str())
             .collect();
-        tx.delete_empty(v6, table, &empty, empty.len() == in_table.len());
+        tx.delete_empty(family, table, &empty, empty.len() == in_table.len());
     }
     let tx = tx.finish();
     if tx.messages.is_empty() {
@@ -219,7 +219,7 @@ fn our_tables(objects: &[Object]) -> Vec<Table> {
 }
 
 /// Everything in our tables: chains, rules, and the sets the rules use.
-fn read_ours(netlink: &mut Netlink) -> io::Result<Snapshot> {
+fn read_ours(netlink: &mut Netlink) -> Result<Snapshot, NetlinkError> {
     let mut objects = netlink.dump(&DumpRequest::Tables)?;
     let ours = our_tables(&objects);
     if ours.is_empty() {
@@ -243,8 +243,8 @@ fn read_ours(netlink: &mut Netlink) -> io::Result<Snapshot> {
 fn commit(netlink: &mut Netlink, tx: &Transaction) -> Result<(), NftError> {
     let refusals = netlink.send(tx).map_err(NftError::Send)?;
     let Some(first) = refusals.first() else { return Ok(()) };
-    let seqs = netlink::message_seqs(tx);
-    let message = seqs.iter().position(|&seq| seq == first.seq).map(|i| &tx.messages[i]);
+    // Position 0 is the batch's begin marker; the one after our messages its end marker.
+    let message = first.position.checked_sub(1).and_then(|i| tx.messages.get(i));
     Err(refused(first, message, refusals.len() - 1))
 }
 

@@ -1,7 +1,6 @@
 //! What we need from libnftnl beyond the `nftnl` crate's safe API: four expressions it lacks
 //! (`redir`, `tproxy`, `ct zone set`, inverted `lookup`), two attributes of anonymous sets,
-//! messages without the acknowledgement flag, the socket's descriptor for one socket option,
-//! and parsing nf_tables messages (the kernel's
+//! messages without the acknowledgement flag, and parsing nf_tables messages (the kernel's
 //! dumps and our own batch) into plain values.
 //!
 //! This is the only module of the crate with `unsafe` code. Every libnftnl object made here
@@ -10,13 +9,17 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, CStr};
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
 use nftnl::expr::{Expression, Register};
 use nftnl::nftnl_sys::{self as sys, libc};
 use nftnl::set::Set;
 use nftnl::{MsgType, NlMsg, Rule};
+
+use crate::family::IpFamily;
+// libnftnl calls libmnl, which `nftnl-sys` names but never uses: naming it here keeps libmnl in
+// the link, after libnftnl, as a static link needs it.
+use mnl_sys as _;
 
 /// `NF_NAT_RANGE_PROTO_SPECIFIED`: the redirect carries a port (what nft sends for `to :P`).
 const NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
@@ -54,12 +57,12 @@ impl Expression for Redirect {
 
 /// `tproxy ip|ip6 to :P`, with the port already in register 1.
 pub(super) struct Tproxy {
-    pub v6: bool,
+    pub family: IpFamily,
 }
 
 impl Expression for Tproxy {
     fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let family = if self.v6 { libc::NFPROTO_IPV6 } else { libc::NFPROTO_IPV4 };
+        let family = super::messages::nfproto(self.family);
         expr_with(
             c"tproxy",
             &[(sys::NFTNL_EXPR_TPROXY_FAMILY, family as u32), (sys::NFTNL_EXPR_TPROXY_REG_PORT, Register::Reg1.to_raw())],
@@ -272,8 +275,8 @@ fn string(ptr: *const c_char) -> String {
 }
 
 /// Parses one nf_tables message of `kind`. `msg` must be one whole netlink message, aligned
-/// for `nlmsghdr` (as `mnl::NlMessages` yields them); `None` means libnftnl refused it.
-/// (Set elements are read in `netlink.rs`: libnftnl refuses the element lists it builds.)
+/// for `nlmsghdr` (as `netlink::messages` yields them from a batch or a received datagram); `None` means libnftnl refused it.
+/// (Set elements are read in `messages.rs`: libnftnl refuses the element lists it builds.)
 pub(super) fn parse(kind: ObjectKind, msg: &[u8]) -> Option<Object> {
     let header_len = std::mem::size_of::<libc::nlmsghdr>();
     assert!(msg.len() >= header_len && msg.as_ptr().cast::<libc::nlmsghdr>().is_aligned(), "not a netlink message");
@@ -422,10 +425,4 @@ unsafe fn parse_set(nlh: *const libc::nlmsghdr) -> Option<SetObject> {
             key_len: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_KEY_LEN as u16),
         })
     }
-}
-
-/// The netlink socket's descriptor, borrowed to set a socket option.
-pub(super) fn borrow_fd(socket: &mnl::Socket) -> BorrowedFd<'_> {
-    // SAFETY: the descriptor belongs to `socket`, which stays open as long as the borrow.
-    unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) }
 }

@@ -13,7 +13,8 @@ use std::fmt::{self, Write};
 
 use super::schema::{base_chain, chain_name, chain_rank, table_name, BaseChain, TABLE_ORDER};
 use crate::config::Cidr;
-use crate::model::{Action, Chain, CtState, Family, Match, OwnerKind, Protocol, Rule, Ruleset, Table};
+use crate::family::IpFamily;
+use crate::model::{Action, Chain, CtState, Match, OwnerKind, Protocol, Rule, Ruleset, Table};
 
 /// One of our tables with its chains in creation order; only chains that hold rules exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,7 +78,7 @@ pub(super) enum Term {
     Counter,
     Redirect(u16),
     Tproxy {
-        v6: bool,
+        family: IpFamily,
         port: u16,
     },
     SetMark(u32),
@@ -163,8 +164,8 @@ fn nft_rule(rule: &Rule) -> NftRule {
     let mut terms: Vec<Term> = rule.matches.iter().map(|m| condition(m, proto)).collect();
     terms.sort_by_key(|t| style.rank(t));
     // The TPROXY rule's address says which stack it serves (`tproxy ip` or `tproxy ip6`).
-    let v6 = rule.address_family() == Some(Family::V6);
-    terms.extend(statements(&rule.action, v6));
+    let family = rule.address_family().unwrap_or(IpFamily::V4);
+    terms.extend(statements(&rule.action, family));
     NftRule { terms }
 }
 
@@ -191,7 +192,7 @@ fn condition(m: &Match, proto: Option<Protocol>) -> Term {
 
 /// The counter goes right before the verdict, or before the one statement a rule has; the
 /// TPROXY rule carries its mark and verdict itself (`tproxy ... meta mark set M counter accept`).
-fn statements(action: &Action, v6: bool) -> Vec<Term> {
+fn statements(action: &Action, family: IpFamily) -> Vec<Term> {
     let last = match action {
         Action::Jump(chain) => Term::Jump(*chain),
         Action::Return => Term::Return,
@@ -199,7 +200,7 @@ fn statements(action: &Action, v6: bool) -> Vec<Term> {
         Action::Drop => Term::Drop,
         Action::Redirect(port) => Term::Redirect(*port),
         Action::Tproxy { port, mark } => {
-            return vec![Term::Tproxy { v6, port: *port }, Term::SetMark(*mark), Term::Counter, Term::Accept]
+            return vec![Term::Tproxy { family, port: *port }, Term::SetMark(*mark), Term::Counter, Term::Accept]
         }
         Action::SetMark(mark) => Term::SetMark(*mark),
         Action::SaveMark => Term::SaveMark,
@@ -214,6 +215,14 @@ fn proto_name(proto: Option<Protocol>) -> &'static str {
         Some(Protocol::Tcp) => "tcp",
         Some(Protocol::Udp) => "udp",
         None => "th",
+    }
+}
+
+/// How nft names the family: `ip` or `ip6`.
+pub(super) fn nft_family(family: IpFamily) -> &'static str {
+    match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
     }
 }
 
@@ -233,7 +242,7 @@ impl fmt::Display for Term {
             Term::OutInterface(name) => write!(f, "oifname \"{name}\""),
             Term::L4Proto(p) => write!(f, "meta l4proto {}", proto_name(Some(*p))),
             Term::Address { direction, cidr, negated } => {
-                let family = if cidr.is_ipv4() { "ip" } else { "ip6" };
+                let family = nft_family(IpFamily::of(cidr.addr()));
                 let field = match direction {
                     Direction::Source => "saddr",
                     Direction::Destination => "daddr",
@@ -264,7 +273,7 @@ impl fmt::Display for Term {
             }
             Term::Counter => f.write_str("counter"),
             Term::Redirect(port) => write!(f, "redirect to :{port}"),
-            Term::Tproxy { v6, port } => write!(f, "tproxy {} to :{port}", if *v6 { "ip6" } else { "ip" }),
+            Term::Tproxy { family, port } => write!(f, "tproxy {} to :{port}", nft_family(*family)),
             Term::SetMark(mark) => write!(f, "meta mark set {mark}"),
             Term::SaveMark => f.write_str("ct mark set meta mark"),
             Term::RestoreMark => f.write_str("meta mark set ct mark"),

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
 use super::batch::{Transaction, TransactionBuilder};
-use super::netlink::{self, batch_messages};
+use super::messages::{self, batch_messages};
 use super::raw::{ChainHook, ExprObject, Object, SetRef};
 use super::render::{add_rule_line, TablePlan};
 use super::schema::{chain_name, table_name, table_named, TABLE_ORDER};
@@ -143,7 +143,7 @@ fn hex(bytes: &[u8]) -> String {
 
 /// The objects of a batch, parsed back from its bytes.
 fn batch_objects(tx: &Transaction) -> Vec<Object> {
-    batch_messages(tx).filter_map(|msg| netlink::parse(msg).expect("our own messages parse")).collect()
+    batch_messages(tx).filter_map(|msg| messages::parse(msg).expect("our own messages parse")).collect()
 }
 
 /// What our tables look like right after a fresh install of `plan`.
