@@ -10,6 +10,8 @@
 # (p50/p99), the proxy's system calls per round trip (perf), new connections per second with the
 # proxy's CPU per connection, and the proxy's RSS per idle relayed connection at two counts; writes
 # the tables, with capture-proxy/HAProxy ratios taken within each round, to BENCHMARKS-proxy.md.
+# The latency and connection probes take turns over the paths within one run (loadgen), so that
+# the machine's background load falls on every path alike.
 #
 # Run as root from the repository root, after scripts/build.sh:
 #   bench/proxy-bench.sh     (ROUNDS=5 SECONDS_PER_TEST=5 LATENCY_COUNT=20000 RATE_THREADS=4
@@ -88,13 +90,15 @@ start_proxy() {
 }
 
 # Starts the proxy of path $1 afresh (its RSS then holds no memory freed by earlier tests) and
-# waits until it accepts connections.
+# waits until it accepts connections: until the new process, not the killed one, holds the
+# listening socket (a killed process may hold it for a moment).
 restart_proxy() {
   local pid tries=0
   pid=$(proxy_pid "$1")
   kill -KILL "$pid"
   start_proxy "$1"
-  until ip netns exec "$tag$1" ss -Hltn 'sport = :15006' | grep -q LISTEN; do
+  pid=$!
+  until ip netns exec "$tag$1" ss -Hltnp 'sport = :15006' | grep -q "pid=$pid,"; do
     tries=$((tries + 1))
     [ "$tries" -lt 200 ] || { echo "the $1 proxy did not restart" >&2; exit 1; }
     sleep 0.05
@@ -178,38 +182,42 @@ idle_bytes_per_connection() {
   echo "${figures[@]}"
 }
 
-# One measurement of each kind against the pod of path $2 (number $1, at 10.55.$1.2):
+# One round: a measurement of each kind against every path, appended to $work/results-PATH as
 # "gbps p50_us p99_us connections_per_s failed cpu_us_per_connection syscalls_per_rtt idle_bytes..."
-# (the last three 0 on the direct path).
-measure() {
-  local addr=10.55.$1.2 pid gbps latency rate cpu_before cpu_after cpu=0 syscalls=0 idle
-  pid=$(proxy_pid "$2")
-  gbps=$(ip netns exec "$client" iperf3 -c "$addr" -p 5201 -t "$seconds" -J |
-    python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))')
-  latency=$(ip netns exec "$client" "$loadgen" latency "$addr:8080" "$latency_count")
-  [ -n "$pid" ] && cpu_before=$(cpu_ticks "$pid")
-  rate=$(ip netns exec "$client" "$loadgen" rate "$addr:8080" "$seconds" "$rate_threads")
-  if [ -n "$pid" ]; then
-    cpu_after=$(cpu_ticks "$pid")
-    cpu=$(python3 -c "print('%.1f' % (($cpu_after - $cpu_before) * 1e6 / $(getconf CLK_TCK) / (${rate%% *} * $seconds)))")
-    syscalls=$(syscalls_per_round_trip "$1" "$pid")
-    restart_proxy "$2"
-    idle=$(idle_bytes_per_connection "$1" "$(proxy_pid "$2")")
-  else
-    idle=$(echo "$idle_counts" | sed 's/[0-9]*/0/g')
-  fi
-  echo "$gbps $latency $rate $cpu $syscalls $idle"
-}
-
-load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-# Rounds alternate the paths so that background load spreads over all of them; the table
-# shows each path's median.
-for round in $(seq "$rounds"); do
+# (the last three 0 on the direct path). Path number i is at 10.55.i.2. The latency and connection
+# probes take turns over all paths in one run (loadgen), so that a burst of background load falls
+# on each path alike and the figures of one round compare; throughput, syscalls and idle memory
+# are measured one path after the other.
+measure_round() {
+  local i path addrs="" pids=() gbps=() latency rate cpu_before=() proxy_figures
   i=0
   for path in "${paths[@]}"; do
     i=$((i + 1))
-    measure "$i" "$path" | tee -a "$work/results-$path" | sed "s/^/round $round $path: /" >&2
+    addrs+="${addrs:+,}10.55.$i.2:8080"
+    pids+=("$(proxy_pid "$path")")
+    gbps+=("$(ip netns exec "$client" iperf3 -c "10.55.$i.2" -p 5201 -t "$seconds" -J |
+      python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))')")
   done
+  mapfile -t latency < <(ip netns exec "$client" "$loadgen" latency "$addrs" "$latency_count")
+  for i in "${!paths[@]}"; do cpu_before+=("$(if [ -n "${pids[$i]}" ]; then cpu_ticks "${pids[$i]}"; fi)"); done
+  mapfile -t rate < <(ip netns exec "$client" "$loadgen" rate "$addrs" "$seconds" "$rate_threads")
+  for i in "${!paths[@]}"; do
+    path=${paths[$i]}
+    if [ -n "${pids[$i]}" ]; then
+      proxy_figures=$(python3 -c "print('%.1f' % (($(cpu_ticks "${pids[$i]}") - ${cpu_before[$i]}) * 1e6 / $(getconf CLK_TCK) / (${rate[$i]%% *} * $seconds)))")
+      proxy_figures+=" $(syscalls_per_round_trip "$((i + 1))" "${pids[$i]}")"
+      restart_proxy "$path"
+      proxy_figures+=" $(idle_bytes_per_connection "$((i + 1))" "$(proxy_pid "$path")")"
+    else
+      proxy_figures="0 0 $(echo "$idle_counts" | sed 's/[0-9]*/0/g')"
+    fi
+    echo "${gbps[$i]} ${latency[$i]} ${rate[$i]} $proxy_figures" | tee -a "$work/results-$path" | sed "s/^/round $1 $path: /" >&2
+  done
+}
+
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+for round in $(seq "$rounds"); do
+  measure_round "$round"
 done
 
 # The tables: each path's median (lowest–highest) over the rounds, and the ratios of
@@ -278,14 +286,15 @@ PY
   echo
   report
   echo
-  echo "Each cell is the median of ${rounds} rounds, with the lowest and highest in brackets; the rounds"
-  echo "alternate the paths, and each ratio is taken within a round. \"failed\" counts connections that"
-  echo "did not complete, over all rounds. Throughput: iperf3, ${seconds} s, one stream."
-  echo "Latency: ${latency_count} sequential 1-byte round trips on one connection after $((latency_count / 10)) warm-up"
-  echo "trips; \"added\" is the path's figure minus the direct path's in the same round."
-  echo "Connections: ${rate_threads} client threads for ${seconds} s; each connection sends one byte, reads the echo and"
+  echo "Each cell is the median of ${rounds} rounds, with the lowest and highest in brackets; each ratio is"
+  echo "taken within a round. \"failed\" counts connections that did not complete, over all rounds."
+  echo "Throughput: iperf3, ${seconds} s, one stream, one path after the other."
+  echo "Latency: ${latency_count} sequential 1-byte round trips on one connection per path after $((latency_count / 10))"
+  echo "warm-up trips, the paths taking turns in batches of 100 within one run; \"added\" is the path's figure"
+  echo "minus the direct path's in that run. Connections: ${rate_threads} client threads, ${seconds} s per path, the"
+  echo "paths taking turns every 200 ms within one run; each connection sends one byte, reads the echo and"
   echo "the server's close. Proxy CPU per connection: user + system time of the proxy process during that"
-  echo "test, divided by the connections made. Syscalls: every system call the proxy process entered"
+  echo "run, divided by its connections. Syscalls: every system call the proxy process entered"
   echo "(perf, \`raw_syscalls:sys_enter\`) during $((syscall_count + syscall_count / 10)) round trips, divided by them."
   echo "Idle RSS: the resident memory growth of a freshly started proxy while ${idle_counts// / and then } connections,"
   echo "each after one 1-byte exchange, sit idle, divided by their number; kernel socket buffers are not in RSS."

@@ -13,6 +13,7 @@ pub mod capture;
 pub mod config;
 pub mod family;
 pub mod iptables;
+pub mod log_level;
 pub mod model;
 pub mod namespace;
 pub mod netlink;

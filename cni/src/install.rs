@@ -3,7 +3,9 @@
 //!
 //! `install` puts the plugin on a node: it validates our entry with the plugin's own parser
 //! (as the runtime will hand it over), copies this (static) binary into the node's CNI bin
-//! directory and chains the entry at the end of the node's network configuration list. Every
+//! directory and chains the entry at the end of the node's network configuration list. The
+//! entry declares the capability that has containerd and CRI-O pass each pod's annotations
+//! (pod.rs), unless it says otherwise. Every
 //! write is a rename of a complete file, so the runtime never reads half of one. With `--watch`
 //! it stays and repairs both when they change (a primary CNI rewriting its conflist drops our
 //! entry), until SIGTERM or SIGINT. `uninstall` takes our entry out of every conflist and
@@ -22,6 +24,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::netconf::{CniArgs, NetConf, PodCapture};
+use crate::pod::ANNOTATIONS_CAPABILITY;
 use crate::protocol::{PluginError, SUPPORTED_VERSIONS};
 
 /// Our `type` in a conflist, which is also the name of the installed binary.
@@ -70,7 +73,8 @@ struct InstallArgs {
     #[command(flatten)]
     dirs: NodeDirs,
     /// JSON file holding our plugin entry ({"type": "istio-capture-cni", "capture": {...}}), refused
-    /// (nothing installed) unless the plugin itself would accept it
+    /// (nothing installed) unless the plugin itself would accept it; the capability
+    /// "io.kubernetes.cri.pod-annotations" is declared in it unless it sets that itself
     /// [default: native nftables, Istio CNI's capture defaults, kube-system excluded].
     #[arg(long, env = "PLUGIN_CONFIG", value_name = "FILE")]
     plugin_config: Option<PathBuf>,
@@ -174,7 +178,7 @@ fn watch(args: InstallArgs, period: Duration) -> ExitCode {
 /// Makes the node match; returns what had to change (nothing when it already did). Everything
 /// is checked before anything is written.
 fn install(args: &InstallArgs) -> Result<Vec<String>, InstallError> {
-    let (entry, entry_name) = match &args.plugin_config {
+    let (mut entry, entry_name) = match &args.plugin_config {
         Some(path) => (read_json(path)?, path.display().to_string()),
         None => (
             json!({
@@ -189,6 +193,7 @@ fn install(args: &InstallArgs) -> Result<Vec<String>, InstallError> {
         let why = format!("the plugin entry must have \"type\": \"{PLUGIN_TYPE}\"");
         return Err(InstallError::BadJson { path: PathBuf::from(entry_name), why });
     }
+    declare_annotations_capability(&mut entry).map_err(|why| InstallError::BadJson { path: PathBuf::from(&entry_name), why })?;
     let conflist = find_conflist(&args.dirs.cni_conf_dir)?;
     let list = read_json(&conflist)?;
     validate(&entry, &list).map_err(|error| InstallError::InvalidEntry { entry: entry_name, error })?;
@@ -209,6 +214,20 @@ fn install(args: &InstallArgs) -> Result<Vec<String>, InstallError> {
         changes.push(format!("chained {PLUGIN_TYPE} into {}", conflist.display()));
     }
     Ok(changes)
+}
+
+/// Has the runtime pass each pod's annotations (without them no pod is captured, unless the
+/// entry opts into capturing all pods), unless the entry already says whether it wants them.
+fn declare_annotations_capability(entry: &mut Value) -> Result<(), String> {
+    let capabilities = entry
+        .as_object_mut()
+        .ok_or("the plugin entry is not a JSON object")?
+        .entry("capabilities")
+        .or_insert_with(|| json!({}))
+        .as_object_mut()
+        .ok_or("\"capabilities\" is not an object")?;
+    capabilities.entry(ANNOTATIONS_CAPABILITY).or_insert(Value::Bool(true));
+    Ok(())
 }
 
 /// Refuses what the plugin would refuse at every ADD: `entry` is parsed as the runtime hands it
@@ -381,6 +400,21 @@ mod tests {
         assert!(refused(json!({"type": PLUGIN_TYPE, "excludeNamespaces": "kube-system"})).contains("excludeNamespaces"));
         let old = json!({"cniVersion": "0.2.0", "name": "k8s", "plugins": []});
         assert!(validate(&json!({"type": PLUGIN_TYPE}), &old).unwrap_err().to_string().contains("\"0.2.0\""));
+    }
+
+    #[test]
+    fn the_entry_asks_for_pod_annotations_unless_it_says_otherwise() {
+        let mut entry = json!({"type": PLUGIN_TYPE});
+        declare_annotations_capability(&mut entry).unwrap();
+        assert_eq!(entry["capabilities"], json!({ ANNOTATIONS_CAPABILITY: true }));
+        let mut with_others = json!({"type": PLUGIN_TYPE, "capabilities": {"portMappings": true}});
+        declare_annotations_capability(&mut with_others).unwrap();
+        assert_eq!(with_others["capabilities"], json!({"portMappings": true, ANNOTATIONS_CAPABILITY: true}));
+        let mut declined = json!({"type": PLUGIN_TYPE, "capabilities": { ANNOTATIONS_CAPABILITY: false }});
+        declare_annotations_capability(&mut declined).unwrap();
+        assert_eq!(declined["capabilities"][ANNOTATIONS_CAPABILITY], false);
+        let mut broken = json!({"type": PLUGIN_TYPE, "capabilities": []});
+        assert!(declare_annotations_capability(&mut broken).unwrap_err().contains("capabilities"));
     }
 
     #[test]

@@ -6,8 +6,10 @@
 #![deny(unsafe_code)]
 
 mod install;
+mod istio_keys;
 mod netconf;
 mod plugin;
+mod pod;
 mod protocol;
 
 use std::io;

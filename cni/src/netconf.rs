@@ -4,13 +4,17 @@
 //! Capture keys are the camelCase names of istio-iptables' settings. Values take Istio's
 //! syntax as strings (`"*"`, `"80,443"`), or JSON numbers, lists and booleans. Layers, each
 //! overriding the one before: the `capture` object, `runtimeConfig.capture` (runtime
-//! capability arguments), then `CNI_ARGS` pairs of the same keys.
+//! capability arguments), then `CNI_ARGS` pairs of the same keys; the pod's annotations go
+//! over them all (pod.rs). Istio's own keys are read beside ours (istio_keys.rs).
 
 use capture_lib::capture::Backend;
+use capture_lib::log_level::Level;
 use capture_lib::settings::CaptureConfig;
 use capture_lib::settings::{Front, Kind, Setting, Settings};
 use serde_json::{Map, Value};
 
+use crate::istio_keys::{self, IstioKeys};
+use crate::pod::{self, Annotations, ANNOTATIONS_CAPABILITY};
 use crate::protocol::PluginError;
 
 /// Inbound ports Istio CNI never captures: the agent's status, health and metrics ports.
@@ -22,7 +26,7 @@ const RUNTIME_ARGS: [&str; 5] =
 
 /// The keys our entry may hold: the CNI spec's (runtimes add some of them) and our own. Any
 /// other is a mistake (a capture key outside `capture`, a typo) that would otherwise be ignored.
-const ENTRY_KEYS: [&str; 12] = [
+const ENTRY_KEYS: [&str; 13] = [
     "cniVersion",
     "name",
     "type",
@@ -34,6 +38,7 @@ const ENTRY_KEYS: [&str; 12] = [
     "ipam",
     "dns",
     "excludeNamespaces",
+    "captureAllPods",
     "capture",
 ];
 
@@ -41,8 +46,15 @@ const ENTRY_KEYS: [&str; 12] = [
 #[derive(Debug, Clone)]
 pub struct NetConf {
     pub cni_version: String,
-    /// Pods in these Kubernetes namespaces are left alone (e.g. kube-system).
+    /// Pods in these Kubernetes namespaces are left alone (e.g. kube-system): ours and Istio's keys.
     pub exclude_namespaces: Vec<String>,
+    /// Capture pods the runtime passes no annotations for (a runtime without the capability).
+    pub capture_all_pods: bool,
+    /// The pod's annotations, when the runtime passed them (`null`, Go's encoding of an empty
+    /// map, is none).
+    pub pod_annotations: Option<Annotations>,
+    /// Istio's `plugin_log_level` (or `log_level`).
+    pub log_level: Level,
     /// The previous plugin's result; an object whenever present.
     pub prev_result: Option<Map<String, Value>>,
     capture: Map<String, Value>,
@@ -60,28 +72,42 @@ impl NetConf {
         };
         let cni_version = text(&conf, "cniVersion")?;
         text(&conf, "name")?;
+        let istio = IstioKeys::take(&mut conf)?;
         if let Some(unknown) = conf.keys().find(|key| !ENTRY_KEYS.contains(&key.as_str())) {
             let hint = if is_capture_key(unknown) { " (capture settings go in the \"capture\" object)" } else { "" };
             return Err(PluginError::Config(format!("unknown key {unknown:?}{hint}")));
         }
-        let exclude_namespaces = match conf.remove("excludeNamespaces") {
-            None => Vec::new(),
-            Some(Value::Array(items)) => items
-                .into_iter()
-                .map(|item| match item {
-                    Value::String(ns) => Ok(ns),
-                    other => Err(PluginError::Config(format!("excludeNamespaces: {other} is not a string"))),
-                })
-                .collect::<Result<_, _>>()?,
-            Some(other) => return Err(PluginError::Config(format!("excludeNamespaces: {other} is not a list"))),
+        let mut exclude_namespaces = istio_keys::names("excludeNamespaces", conf.remove("excludeNamespaces"))?;
+        exclude_namespaces.extend(istio.exclude_namespaces);
+        let capture_all_pods = match conf.remove("captureAllPods") {
+            None | Some(Value::Bool(false)) => false,
+            Some(Value::Bool(true)) => true,
+            Some(other) => return Err(PluginError::Config(format!("captureAllPods: {other} is not true or false"))),
         };
-        let runtime_capture = object(conf.remove("runtimeConfig"), "runtimeConfig")?.and_then(|mut r| r.remove("capture"));
+        let mut runtime_config = object(conf.remove("runtimeConfig"), "runtimeConfig")?.unwrap_or_default();
+        let mut capture = capture_settings(conf.remove("capture"), "capture")?;
+        if let Some(native) = istio.native_nftables {
+            // A value that is no boolean is refused with the other settings.
+            let ours = capture.get("nativeNftables").map(|ours| flag("capture.nativeNftables", ours)).transpose()?;
+            match ours.as_deref().map(go_syntax::parse_bool) {
+                Some(Ok(ours)) if ours != native => {
+                    return Err(PluginError::Config(format!(
+                        "native_nftables ({native}) and capture.nativeNftables ({ours}) disagree: give one (native_nftables \
+                         is Istio's name for it)"
+                    )))
+                }
+                _ => capture.insert("nativeNftables".into(), Value::Bool(native)),
+            };
+        }
         Ok(NetConf {
             cni_version,
             exclude_namespaces,
+            capture_all_pods,
+            pod_annotations: pod_annotations(runtime_config.remove(ANNOTATIONS_CAPABILITY))?,
+            log_level: istio.log_level.unwrap_or(Level::Info),
             prev_result: object(conf.remove("prevResult"), "prevResult")?,
-            capture: capture_settings(conf.remove("capture"), "capture")?,
-            runtime_capture: capture_settings(runtime_capture, "runtimeConfig.capture")?,
+            capture,
+            runtime_capture: capture_settings(runtime_config.remove("capture"), "runtimeConfig.capture")?,
         })
     }
 }
@@ -92,6 +118,25 @@ fn object(value: Option<Value>, name: &str) -> Result<Option<Map<String, Value>>
         None => Ok(None),
         Some(Value::Object(map)) => Ok(Some(map)),
         Some(other) => Err(PluginError::Config(format!("{name}: {other} is not an object"))),
+    }
+}
+
+/// The annotations the runtime passed: an object of strings, or `null` (how a Go runtime
+/// encodes a pod's empty map); anything else is refused.
+fn pod_annotations(value: Option<Value>) -> Result<Option<Annotations>, PluginError> {
+    let refused = |what: String| PluginError::Config(format!("runtimeConfig.{ANNOTATIONS_CAPABILITY}: {what}"));
+    match value {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some(Annotations::new())),
+        Some(Value::Object(map)) => map
+            .into_iter()
+            .map(|(name, value)| match value {
+                Value::String(text) => Ok((name, text)),
+                other => Err(refused(format!("the value of {name:?}, {other}, is not a string"))),
+            })
+            .collect::<Result<_, _>>()
+            .map(Some),
+        Some(other) => Err(refused(format!("{other} is not an object of strings"))),
     }
 }
 
@@ -160,8 +205,9 @@ impl CniArgs {
 }
 
 /// The capture of one pod, in the shared settings' terms.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PodCapture {
+    /// Each value keeps the name it was written under: a key, or the pod's annotation.
     pub settings: Settings,
     /// Program IPv6 whenever the pod has an IPv6 address.
     pub dual_stack: bool,
@@ -194,10 +240,16 @@ impl PodCapture {
                 settings.name(Setting::CaptureAllDns)
             )));
         }
-        let excluded = with_required_ports(settings.text(Setting::ExcludeInboundPorts));
-        settings.set(Setting::ExcludeInboundPorts, excluded, settings.name(Setting::ExcludeInboundPorts));
+        exclude_required_ports(&mut settings);
         let dual_stack = settings.flag(Setting::DualStack)?;
         Ok(PodCapture { settings, dual_stack })
+    }
+
+    /// This capture with the pod's annotations over it, as Istio's plugin reads them.
+    pub fn with_annotations(mut self, annotations: &Annotations) -> Result<PodCapture, PluginError> {
+        pod::apply_annotations(annotations, &mut self.settings)?;
+        exclude_required_ports(&mut self.settings);
+        Ok(self)
     }
 
     /// The validated capture and backend: every refusal a setting can cause, before any
@@ -228,6 +280,12 @@ fn flag(key: &str, value: &Value) -> Result<String, PluginError> {
         Value::String(s) => Ok(s.clone()),
         other => Err(PluginError::Config(format!("{key}: {other} is not true or false"))),
     }
+}
+
+/// Adds the ports Istio CNI always excludes to the inbound exclusions (the value keeps its origin).
+fn exclude_required_ports(settings: &mut Settings) {
+    let excluded = with_required_ports(settings.text(Setting::ExcludeInboundPorts));
+    settings.set(Setting::ExcludeInboundPorts, excluded, settings.name(Setting::ExcludeInboundPorts));
 }
 
 /// `list` plus the ports Istio CNI always excludes, each once.
@@ -305,6 +363,62 @@ mod tests {
         assert_eq!(typo, r#"invalid network configuration: unknown key "excludeNamespace""#);
         let spec_keys = r#""type":"istio-capture-cni","args":{},"capabilities":{},"ipMasq":false,"ipam":{},"dns":{}"#;
         assert!(parse(spec_keys).is_ok());
+    }
+
+    #[test]
+    fn pod_annotations_are_an_object_of_strings_or_null() {
+        let with = |annotations: &str| {
+            let json =
+                format!(r#"{{"cniVersion":"1.0.0","name":"k8s","runtimeConfig":{{"{ANNOTATIONS_CAPABILITY}":{annotations}}}}}"#);
+            NetConf::parse(json.as_bytes())
+        };
+        let passed = with(r#"{"sidecar.istio.io/status":"{}","app":"web"}"#).unwrap().pod_annotations.unwrap();
+        assert_eq!(passed.get("app").map(String::as_str), Some("web"));
+        assert_eq!(with("null").unwrap().pod_annotations, Some(Annotations::new()), "Go's empty map");
+        assert_eq!(conf(r#"{"cniVersion":"1.0.0","name":"k8s"}"#).pod_annotations, None);
+        for (bad, why) in [(r#"{"a":1}"#, r#"the value of "a", 1, is not a string"#), ("[]", "[] is not an object of strings")] {
+            let err = with(bad).unwrap_err();
+            assert_eq!(err.code(), crate::protocol::ErrorCode::InvalidConfig);
+            assert_eq!(err.to_string(), format!("invalid network configuration: runtimeConfig.{ANNOTATIONS_CAPABILITY}: {why}"));
+        }
+    }
+
+    #[test]
+    fn istio_keys_join_ours() {
+        let conf = conf(
+            r#"{"cniVersion":"1.0.0","name":"k8s","excludeNamespaces":["kube-system"],"exclude_namespaces":["istio-system"],
+                "native_nftables":true,"plugin_log_level":"error","captureAllPods":true}"#,
+        );
+        assert_eq!(conf.exclude_namespaces, ["kube-system", "istio-system"]);
+        assert_eq!((conf.log_level, conf.capture_all_pods), (Level::Error, true));
+        let pod = PodCapture::new(&conf, &CniArgs::default()).unwrap();
+        assert!(pod.settings.flag(Setting::NativeNftables).unwrap(), "native_nftables is capture.nativeNftables");
+        let agreeing = r#"{"cniVersion":"1.0.0","name":"k8s","native_nftables":false,"capture":{"nativeNftables":"false"}}"#;
+        assert!(NetConf::parse(agreeing.as_bytes()).is_ok());
+        let disagreeing = r#"{"cniVersion":"1.0.0","name":"k8s","native_nftables":false,"capture":{"nativeNftables":true}}"#;
+        let err = NetConf::parse(disagreeing.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("native_nftables (false) and capture.nativeNftables (true) disagree"), "{err}");
+        let typo = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"k8s","exclude_namespace":[]}"#).unwrap_err();
+        assert_eq!(typo.to_string(), r#"invalid network configuration: unknown key "exclude_namespace""#);
+        let not_a_flag = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"k8s","captureAllPods":"yes"}"#).unwrap_err();
+        assert!(not_a_flag.to_string().contains(r#"captureAllPods: "yes" is not true or false"#), "{not_a_flag}");
+    }
+
+    #[test]
+    fn annotations_replace_the_nodes_values_and_the_required_ports_stay_excluded() {
+        let node = capture(r#"{"cniVersion":"1.0.0","name":"k8s","capture":{"excludeInboundPorts":"9000"}}"#, "").unwrap();
+        let annotations: Annotations = [
+            ("traffic.sidecar.istio.io/excludeInboundPorts".to_string(), "8081".to_string()),
+            ("traffic.sidecar.istio.io/excludeOutboundPorts".to_string(), "6379".to_string()),
+        ]
+        .into();
+        let pod = node.clone().with_annotations(&annotations).unwrap();
+        assert_eq!(pod.settings.text(Setting::ExcludeInboundPorts), "8081,15020,15021,15090");
+        assert_eq!(pod.settings.name(Setting::ExcludeInboundPorts), "traffic.sidecar.istio.io/excludeInboundPorts");
+        let outbound = pod.settings.text(Setting::ExcludeOutboundPorts);
+        assert_eq!(outbound, "6379", "as in Istio, the annotation replaces the default 15020");
+        let (config, _) = node.with_annotations(&Annotations::new()).unwrap().config().unwrap();
+        assert_eq!(config.inbound_ports, InboundPorts::All { except: vec![9000, 15020, 15021, 15090] });
     }
 
     #[test]

@@ -7,12 +7,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use capture_lib::capture::{self, Backend, Operation, Report, Request};
+use capture_lib::log_level::Level;
 use capture_lib::namespace::{self, NamespaceError};
 use capture_lib::settings::CaptureConfig;
 use capture_lib::Detail;
 use serde_json::Value;
 
 use crate::netconf::{CniArgs, NetConf, PodCapture};
+use crate::pod::{self, Selection};
 use crate::protocol::{self, Invocation, PluginError};
 
 /// How long to wait for another run on the same namespace before answering "try again later".
@@ -39,7 +41,7 @@ pub fn add(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<Re
         let config = enter_pod(invocation, config, dual_stack)?;
         let operation = Operation::Apply { reconcile: true, force: false };
         let request = Request { config, backend, operation, dry_run: false, lock_wait: LOCK_WAIT, detail: Detail::Outcome };
-        warn(capture::run(&request)?);
+        warn(conf.log_level, capture::run(&request)?);
     }
     Ok(Some(passed_through(conf)))
 }
@@ -54,8 +56,10 @@ pub fn check(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<
     Ok(None)
 }
 
-/// Everything ADD and CHECK refuse, before any namespace is touched; `None` for a pod in an
-/// excluded namespace.
+/// Everything ADD and CHECK refuse, before any namespace is touched; `None` for a pod that is
+/// not captured (pod.rs). The node's configuration (and the node's own namespace) is refused
+/// for every pod, captured or not, so that a broken node shows at once; a pod's annotations
+/// only when it is captured, as Istio reads them.
 fn validate(
     invocation: &Invocation,
     conf: &NetConf,
@@ -64,12 +68,20 @@ fn validate(
     if !protocol::SUPPORTED_VERSIONS.contains(&conf.cni_version.as_str()) {
         return Err(PluginError::Version(conf.cni_version.clone()));
     }
-    let pod = PodCapture::new(conf, args)?;
-    let (config, backend) = pod.config()?;
-    if conf.exclude_namespaces.contains(&args.pod_namespace) {
+    let node = PodCapture::new(conf, args)?;
+    node.config()?;
+    refuse_node_namespace(invocation.netns.as_deref().unwrap_or(Path::new("")))?;
+    if let Selection::Skip(why) = pod::select(conf, args)? {
+        if conf.log_level >= Level::Info {
+            eprintln!("istio-capture-cni: {}: not captured: {why}", describe(invocation, Some(args)));
+        }
         return Ok(None);
     }
-    refuse_node_namespace(invocation.netns.as_deref().unwrap_or(Path::new("")))?;
+    let pod = match &conf.pod_annotations {
+        Some(annotations) => node.with_annotations(annotations)?,
+        None => node,
+    };
+    let (config, backend) = pod.config()?;
     Ok(Some((config, backend, pod.dual_stack)))
 }
 
@@ -100,7 +112,7 @@ pub fn delete(invocation: &Invocation) -> Result<Reply, PluginError> {
     if !enter_if_present(netns)? {
         return Ok(None);
     }
-    warn(capture::run(&cleanup_request())?);
+    warn(Level::Info, capture::run(&cleanup_request())?);
     Ok(None)
 }
 
@@ -120,7 +132,10 @@ fn cleanup_request() -> Request {
 }
 
 /// What the user should know of a run that did not stop it, for the runtime's log.
-fn warn(report: Report) {
+fn warn(level: Level, report: Report) {
+    if level < Level::Warn {
+        return;
+    }
     for warning in report.warnings {
         eprintln!("istio-capture-cni: warning: {warning}");
     }

@@ -118,6 +118,8 @@ pub enum PluginError {
     Config(String),
     #[error("invalid capture setting: {0}")]
     Setting(#[from] ConfigError),
+    #[error("invalid pod annotation {name}={value:?}: {why}")]
+    Annotation { name: &'static str, value: String, why: String },
     #[error("CNI_NETNS: {0}")]
     Namespace(NamespaceError),
     #[error(
@@ -140,7 +142,9 @@ impl PluginError {
             PluginError::Stdin(_) => ErrorCode::Io,
             PluginError::Decode(_) => ErrorCode::Decode,
             PluginError::Version(_) | PluginError::CheckNotAllowed(_) => ErrorCode::IncompatibleVersion,
-            PluginError::Config(_) | PluginError::Setting(_) | PluginError::NodeNamespace(_) => ErrorCode::InvalidConfig,
+            PluginError::Config(_) | PluginError::Setting(_) | PluginError::Annotation { .. } | PluginError::NodeNamespace(_) => {
+                ErrorCode::InvalidConfig
+            }
             PluginError::Namespace(NamespaceError::Open { .. } | NamespaceError::Enter { .. })
             | PluginError::OwnNamespaceUnknown(_) => ErrorCode::InvalidEnvironment,
             PluginError::Namespace(NamespaceError::Busy(_))

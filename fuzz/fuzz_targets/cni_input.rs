@@ -25,6 +25,7 @@ const ENTRY_KEYS: &[&str] = &[
     "args", "capabilities", "ipMasq", "ipam", "dns", "excludeNamespaces", "captureAllPods", "excludeNamespace",
     "plugin_log_level", "cni_agent_run_dir", "ambient_enabled", "enablement_selectors", "exclude_namespaces",
     "pod_namespace", "native_nftables", "enable_ambient_detection_retry", "kubernetes", "log_level",
+    "log_uds_address", "cni_event_address", "hostNSEnterExec", "kubeconfig", "k8s_api_root", "node_name", "cni_bin_dir",
 ];
 /// The annotations that say whether a pod has a sidecar.
 const SELECTION_ANNOTATIONS: &[&str] = &["sidecar.istio.io/status", "sidecar.istio.io/inject", "status.sidecar.istio.io/port"];
@@ -92,6 +93,11 @@ const VALUES: &[&str] = &[
     r#"{"containers":["app"],"initContainers":["istio-init"]}"#,
     "{",
     "null",
+    "debug",
+    "info",
+    "warn",
+    "error",
+    "none",
 ];
 const VERSIONS: &[&str] = &["1.0.0", "0.4.0", "0.3.1", "0.3.0", "0.2.0", "1.1.0", ""];
 const COMMANDS: &[&str] = &["ADD", "CHECK", "DEL", "VERSION", "GC", ""];
@@ -108,7 +114,8 @@ fn value(u: &mut Unstructured, pool: &[&str], depth: u32) -> Result<Value> {
         2 => Value::from(u.arbitrary::<i64>()?),
         3 => Value::from(u.arbitrary::<f64>()?),
         4 if depth > 0 => Value::Array((0..u.int_in_range(0..=3)?).map(|_| value(u, pool, depth - 1)).collect::<Result<_>>()?),
-        5 if depth > 0 => Value::Object(object(u, pool, pool, depth - 1)?),
+        // Nested objects (Istio's `kubernetes`, `capabilities`) take the entry's key names too.
+        5 if depth > 0 => Value::Object(object(u, ENTRY_KEYS, pool, depth - 1)?),
         _ => Value::String(text(u, pool)?),
     })
 }

@@ -10,44 +10,9 @@ use std::io::{self, Write};
 use std::panic::Location;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+pub use capture_lib::log_level::Level;
 use capture_lib::Detail;
 use clap::{ArgAction, Args};
-
-/// Istio's levels, least to most verbose: a threshold lets through every record at or below it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
-    None,
-    Fatal,
-    Error,
-    Warn,
-    Info,
-    Debug,
-}
-
-impl Level {
-    fn named(name: &str) -> Option<Level> {
-        Some(match name {
-            "none" => Level::None,
-            "fatal" => Level::Fatal,
-            "error" => Level::Error,
-            "warn" => Level::Warn,
-            "info" => Level::Info,
-            "debug" => Level::Debug,
-            _ => return None,
-        })
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Level::None => "none",
-            Level::Fatal => "fatal",
-            Level::Error => "error",
-            Level::Warn => "warn",
-            Level::Info => "info",
-            Level::Debug => "debug",
-        }
-    }
-}
 
 /// Istio's `<scope>:<level>,<scope>:<level>,...` (a bare level is the `default` scope's), applied
 /// left to right over `start`, as pkg/log does: `all` sets every scope, and scopes other than

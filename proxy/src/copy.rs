@@ -4,13 +4,14 @@
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use nix::sys::socket::MsgFlags;
 use tokio::io::{Interest, Ready};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -340,7 +341,7 @@ fn relay_through_scratch(from: &TcpStream, to: &TcpStream) -> Result<Moved, Fail
         if read == 0 {
             return Ok(Moved { read, written: 0, rest: None });
         }
-        let written = match to.try_write(&scratch[..read]) {
+        let written = match write_unreported(to, &scratch[..read]) {
             Ok(written) => written,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(e) => return Err(Failure::Write(e)),
@@ -348,6 +349,22 @@ fn relay_through_scratch(from: &TcpStream, to: &TcpStream) -> Result<Moved, Fail
         let rest = (written < read).then(|| Held::Bytes { bytes: scratch[written..read].into(), start: 0 });
         Ok(Moved { read, written, rest })
     })
+}
+
+/// Writes to `to` even before the runtime has reported it writable: a freshly connected upstream
+/// is, and the runtime learns so only from its next epoll_wait, a wake-up later. Once a write has
+/// found `to` full, its direction keeps what was left and waits for the runtime's report before
+/// writing again, so this never retries a full socket.
+fn write_unreported(to: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let send = || Ok(nix::sys::socket::send(to.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL)?);
+    let mut tried = false;
+    match to.try_io(Interest::WRITABLE, || {
+        tried = true;
+        send()
+    }) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && !tried => send(),
+        result => result,
+    }
 }
 
 /// Reads from `from` into `buffer` (WouldBlock when it has nothing yet; 0 at FIN).
@@ -497,6 +514,30 @@ mod tests {
             let pooled = PIPES.with_borrow(Vec::len);
             assert!(if mode == RelayMode::Splice { pooled >= 1 } else { pooled == 0 }, "{mode:?}: {pooled} pipes pooled");
         }
+    }
+
+    /// The client's first bytes reach a just connected upstream within the relay's first poll,
+    /// before the runtime has reported the upstream writable (that would take an epoll_wait).
+    #[tokio::test]
+    async fn the_first_bytes_go_out_in_the_first_poll() {
+        struct Unused;
+        impl std::task::Wake for Unused {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        let (mut client, client_end) = connected().await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream_end = socket::connect(listener.local_addr().unwrap(), socket::Source::Any).await.unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(b"hello").await.unwrap();
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let totals = Totals { upstream: &up, downstream: &down };
+        let mut relaying = pin!(relay(&client_end, &upstream_end, RelayMode::Splice, Duration::from_secs(10), totals));
+        let waker = std::task::Waker::from(std::sync::Arc::new(Unused));
+        assert!(relaying.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+        server.set_nonblocking(true).unwrap();
+        let mut received = [0; 8];
+        assert_eq!(std::io::Read::read(&mut server, &mut received).map_err(|e| e.kind()), Ok(5));
+        assert_eq!(&received[..5], b"hello");
     }
 
     #[tokio::test]

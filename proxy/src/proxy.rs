@@ -116,7 +116,6 @@ async fn forward<P: TrafficPath>(
     shared: &Shared,
     metrics: &PathMetrics,
 ) -> Result<(SocketAddr, Transferred, Close), ForwardError> {
-    let _ = socket::set_nodelay(client);
     let dest = path.destination(client, ipv6).map_err(ForwardError::NoDestination)?;
     if is_own_listener(dest, &shared.capture_ports, socket::is_local) {
         metrics.refused(Refusal::Loop);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 /// Listening backlog, as Envoy's default.
@@ -25,8 +25,11 @@ pub fn any(ipv6: bool, port: u16) -> SocketAddr {
 /// A listening socket on `addr`. IPv6 sockets are IPv6-only (an IPv4 socket sits beside
 /// them), `transparent` sockets accept TPROXY'd connections for any address, and
 /// `per_worker` ones (SO_REUSEPORT) let each worker have its own listener on the port.
+/// Accepted connections inherit TCP_NODELAY from it: the relay already batches what it has,
+/// so small writes go out at once, without a setsockopt per connection.
 pub fn listen(addr: SocketAddr, transparent: bool, per_worker: bool) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), None)?;
+    socket.set_tcp_nodelay(true)?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(per_worker)?;
     if addr.is_ipv6() {
@@ -83,11 +86,6 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Sends small writes at once: the relay already batches what it has.
-pub fn set_nodelay(stream: &TcpStream) -> io::Result<()> {
-    stream.set_nodelay(true)
-}
-
 /// Makes closing `stream` send a reset instead of a FIN (SO_LINGER 0), so a peer learns that
 /// the other side of the relay failed rather than finished.
 pub fn abort_on_close(stream: &TcpStream) -> io::Result<()> {
@@ -141,7 +139,20 @@ pub async fn connect(dest: SocketAddr, source: Source) -> io::Result<TcpStream> 
         setsockopt(&socket, sockopt::IpBindAddressNoPort, &true)?;
         socket.bind(&SocketAddr::new(ip, 0).into())?;
     }
-    let stream = TcpSocket::from_std_stream(socket.into()).connect(dest).await?;
+    match socket.connect(&dest.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        other => other?,
+    }
+    // To a local address (the inbound path's upstream, always) the handshake has completed
+    // within connect(): a connected socket needs no wait for writability, and no wake-up.
+    let connected = socket.peer_addr().is_ok();
+    let stream = TcpStream::from_std(socket.into())?;
+    if !connected {
+        stream.writable().await?;
+        if let Some(error) = stream.take_error()? {
+            return Err(error);
+        }
+    }
     Ok(stream)
 }
 
@@ -167,6 +178,7 @@ fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::pin::pin;
 
     #[test]
     fn mapped_addresses_become_ipv4() {
@@ -179,6 +191,47 @@ mod tests {
         // IPv4-compatible (deprecated ::a.b.c.d) addresses are real IPv6 addresses.
         let compatible: SocketAddr = "[::10.1.2.3]:80".parse().unwrap();
         assert_eq!(canonical(compatible), compatible);
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let listener = TcpListener::from_std(listen("127.0.0.1:0".parse().unwrap(), false, false).unwrap()).unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "the accepted socket has Nagle's algorithm on");
+        assert!(!client.nodelay().unwrap(), "a plain socket has it on by default: the check means something");
+    }
+
+    #[tokio::test]
+    async fn connects_to_a_local_listener_and_reports_a_refusal() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = connect(addr, Source::Bound("127.0.0.1".parse().unwrap())).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert_eq!(stream.local_addr().unwrap(), accepted.peer_addr().unwrap());
+        assert!(stream.nodelay().unwrap());
+        drop(listener);
+        let refused = connect(addr, Source::Any).await.expect_err("nothing listens there any more");
+        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    /// A listener whose accept queue is full drops SYNs: a connect to it stays in progress until
+    /// the queue has room and the SYN is sent again (after a second).
+    #[tokio::test]
+    async fn a_connect_not_answered_at_once_waits_for_the_handshake() {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        socket.listen(0).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let _filling_the_queue = std::net::TcpStream::connect(addr).unwrap();
+        let mut connecting = pin!(connect(addr, Source::Any));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), connecting.as_mut()).await.is_err(),
+            "connected although the listener's queue was full"
+        );
+        socket.accept().unwrap();
+        let stream = tokio::time::timeout(Duration::from_secs(5), connecting).await.expect("the SYN was sent again").unwrap();
+        assert_eq!(socket.accept().unwrap().0.peer_addr().unwrap().as_socket(), Some(stream.local_addr().unwrap()));
     }
 
     #[test]

@@ -261,7 +261,8 @@ fn cni_del_leaves_no_table_or_base_chain_the_add_created() {
     require_netns!();
     let pod = Pod::with_address("10.44.0.5/24");
     let before = pod.nft_ruleset();
-    let conf = r#"{"cniVersion":"1.0.0","name":"capnet","type":"istio-capture-cni","capture":{"interceptionMode":"TPROXY","redirectDNS":true,"dropInvalid":true},"prevResult":{"cniVersion":"1.0.0"}}"#;
+    // No pod annotations are passed here, so the entry opts into capturing every pod.
+    let conf = r#"{"cniVersion":"1.0.0","name":"capnet","type":"istio-capture-cni","captureAllPods":true,"capture":{"interceptionMode":"TPROXY","redirectDNS":true,"dropInvalid":true},"prevResult":{"cniVersion":"1.0.0"}}"#;
     // Run from this test's namespace, as a runtime runs plugins from the node's: the plugin refuses
     // its own namespace.
     for command in ["ADD", "DEL"] {

@@ -1,7 +1,9 @@
 //! `istio-capture-cni` driven exactly as a container runtime drives a plugin chain: `CNI_*`
 //! variables, the configuration on stdin, and the previous plugin's result as `prevResult`.
 //! The chain starts with Debian's real `bridge` + `host-local` plugins, run in a "node"
-//! namespace we make, so pods get their eth0 and address as on a real node:
+//! namespace we make, so pods get their eth0 and address as on a real node. Like podman's CNI
+//! backend, this runtime passes no pod annotations, so our entry opts into capturing all pods
+//! (`captureAllPods`):
 //!
 //! ```text
 //! node namespace: bridge capbr0 ── veth ── pod   10.77.0.x (capture, capture-proxy, app :8080)
@@ -69,9 +71,10 @@ impl Node {
         serde_json::from_slice(&out.stdout).expect("bridge result")
     }
 
-    /// Our plugin, configured as the second plugin of the `capnet` list.
+    /// Our plugin, configured as the second plugin of the `capnet` list, capturing every pod.
     fn capture(&self, command: &str, pod: &Pod, capture: Value, prev_result: Option<&Value>, args: &str) -> Output {
-        let mut conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "capture": capture });
+        let mut conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni", "captureAllPods": true,
+                               "capture": capture });
         if let Some(prev) = prev_result {
             conf["prevResult"] = prev.clone();
         }
@@ -368,13 +371,40 @@ fn excluded_namespaces_are_left_alone() {
     require_netns!();
     let (node, pod, prev) = node_with_pod();
     let conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni",
-                       "excludeNamespaces": ["kube-system"], "prevResult": prev });
+                       "excludeNamespaces": ["kube-system"], "captureAllPods": true, "prevResult": prev });
     let out = node.exec(&release_bin("istio-capture-cni"), "ADD", &pod, &conf, "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system");
     assert_ok(&out);
+    assert!(text(&out.stderr).contains(r#"not captured: its namespace "kube-system" is excluded"#), "{}", text(&out.stderr));
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), prev);
     assert!(pod.rules(false).is_empty(), "{:?}", pod.rules(false));
     let ruleset = pod.nft_ruleset();
     assert!(!ruleset.to_lowercase().contains("istio"), "{ruleset}");
+}
+
+/// Without pod annotations from the runtime (as here, and under podman), a pod is captured only
+/// when the node's entry opts in with `captureAllPods`: otherwise a pod without a proxy would
+/// have its traffic sent to ports where nothing listens. The reason is in the runtime's log
+/// (stderr), unless Istio's `plugin_log_level` silences it.
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn without_annotations_a_pod_is_captured_only_when_the_node_opts_in() {
+    require_netns!();
+    let (node, pod, prev) = node_with_pod();
+    let mut conf = json!({ "cniVersion": "1.0.0", "name": "capnet", "type": "istio-capture-cni",
+                           "capture": { "nativeNftables": true }, "prevResult": prev });
+    let out = node.exec(&release_bin("istio-capture-cni"), "ADD", &pod, &conf, "");
+    assert_ok(&out);
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), prev, "the previous result, passed on");
+    assert_eq!(pod.nft_ruleset(), "", "a pod that may have no proxy was captured");
+    assert!(text(&out.stderr).contains("not captured: the runtime passed no pod annotations"), "{}", text(&out.stderr));
+    conf["plugin_log_level"] = json!("error");
+    let quiet = node.exec(&release_bin("istio-capture-cni"), "ADD", &pod, &conf, "");
+    assert_ok(&quiet);
+    assert_eq!(text(&quiet.stderr), "", "plugin_log_level error logs no skipped pod");
+
+    conf["captureAllPods"] = json!(true);
+    assert_ok(&node.exec(&release_bin("istio-capture-cni"), "ADD", &pod, &conf, ""));
+    assert!(pod.nft_ruleset().contains("redirect to :15001"), "{}", pod.nft_ruleset());
 }
 
 /// A `prevResult` that is not an object is refused (code 7) before the pod's namespace is touched,
@@ -568,6 +598,7 @@ fn installer_ships_the_static_plugin_alone_and_chains_it() {
     let types: Vec<&Value> = plugins.iter().map(|p| &p["type"]).collect();
     assert_eq!(types, ["bridge", "portmap", "istio-capture-cni"]);
     assert_eq!(plugins[2]["capture"]["nativeNftables"], true);
+    assert_eq!(plugins[2]["capabilities"], json!({ "io.kubernetes.cri.pod-annotations": true }), "runtimes pass annotations");
 
     // One static file: it runs on any node, whatever libraries the node has.
     assert_eq!(dirs.binaries(), ["bridge", "istio-capture-cni"]);
@@ -590,6 +621,11 @@ fn installer_refuses_an_entry_the_plugin_would_refuse_and_installs_nothing() {
         (json!({ "type": "istio-capture-cni", "capture": { "inboundPort": "80" } }), "unknown setting \"inboundPort\""),
         (json!({ "type": "istio-capture-cni", "excludeNamespaces": "kube-system" }), "excludeNamespaces"),
         (json!({ "type": "istio-capture-cni", "capture": { "interceptionMode": "TPROXY", "tproxyMark": "0" } }), "tproxyMark"),
+        // Istio's keys: ambient refused, a typo of one unknown, a bad value named.
+        (json!({ "type": "istio-capture-cni", "ambient_enabled": true }), "ambient_enabled: true"),
+        (json!({ "type": "istio-capture-cni", "exclude_namespace": ["kube-system"] }), "unknown key \"exclude_namespace\""),
+        (json!({ "type": "istio-capture-cni", "kubernetes": { "kubeconfig": 7 } }), "kubernetes.kubeconfig: 7"),
+        (json!({ "type": "istio-capture-cni", "plugin_log_level": "loud" }), "plugin_log_level: \"loud\""),
     ];
     let file = dirs.root.join("plugin.json");
     for (entry, named) in entries {

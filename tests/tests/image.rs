@@ -202,7 +202,9 @@ fn istio_capture_cni_alone_captures_and_cleans_up() {
     assert!(ldd.contains("statically linked"), "istio-capture-cni is not static (build with scripts/build.sh):\n{ldd}");
     let rootfs = Rootfs::only(&plugin);
     let (node, pod) = (Pod::new(), Pod::with_address("10.44.0.5/24"));
-    let conf = r#"{"cniVersion":"1.0.0","name":"k8s","type":"istio-capture-cni","capture":{"nativeNftables":true}}"#;
+    // An injected pod's annotations, as containerd passes them.
+    let conf = r#"{"cniVersion":"1.0.0","name":"k8s","type":"istio-capture-cni","capture":{"nativeNftables":true},
+        "runtimeConfig":{"io.kubernetes.cri.pod-annotations":{"sidecar.istio.io/status":"{\"containers\":[\"istio-proxy\"]}"}}}"#;
     let run = |command: &str| {
         let mut cmd = rootfs.command_in(&node, "/istio-capture-cni", &[]);
         cmd.env("CNI_COMMAND", command)

@@ -53,14 +53,14 @@ fn str_of<'a>(value: &'a Value, what: &str) -> &'a str {
     value.as_str().unwrap_or_else(|| panic!("{what} is not a string: {value:?}"))
 }
 
-/// The capture-proxy sidecar: the exempt uid, readiness on 15021, flags the binary knows.
-fn assert_sidecar(pod: &Value) {
+/// The capture-proxy sidecar, the container `name`: the exempt uid, readiness on 15021, flags the binary knows.
+fn assert_sidecar(pod: &Value, name: &str) {
     let annotations = &pod["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
     assert_eq!(annotations["prometheus.io/port"], "15090");
     assert_eq!(annotations["prometheus.io/path"], "/stats/prometheus");
 
-    let proxy = container(&pod["spec"]["containers"], "capture-proxy");
+    let proxy = container(&pod["spec"]["containers"], name);
     assert_eq!(strings(&proxy["command"]), ["/usr/local/bin/capture-proxy"]);
     let security = &proxy["securityContext"];
     assert_eq!(security["runAsUser"].as_u64(), Some(1337));
@@ -94,7 +94,7 @@ fn init_container_pod_runs_istios_standard_capture() {
     assert_eq!(security["runAsNonRoot"].as_bool(), Some(false));
     assert_eq!(security["readOnlyRootFilesystem"].as_bool(), Some(true));
     assert_ne!(security["privileged"].as_bool(), Some(true));
-    assert_sidecar(pod);
+    assert_sidecar(pod, "capture-proxy");
 
     // The container's command line and environment, run by the real binary.
     let net = Pod::with_address("10.44.0.5/24");
@@ -117,7 +117,11 @@ fn cni_mode_pod_needs_no_init_container_and_no_capability() {
         assert!(c["securityContext"]["capabilities"]["add"].is_null(), "{:?} adds capabilities", c["name"]);
         assert_ne!(c["securityContext"]["privileged"].as_bool(), Some(true));
     }
-    assert_sidecar(pod);
+    // The annotation the plugin selects pods by names the sidecar, as Istio's injector writes it.
+    let status: serde_json::Value =
+        serde_json::from_str(str_of(&pod["metadata"]["annotations"]["sidecar.istio.io/status"], "status")).unwrap();
+    assert_eq!(status["containers"], json!(["istio-proxy"]));
+    assert_sidecar(pod, "istio-proxy");
 }
 
 #[test]
@@ -155,11 +159,15 @@ fn cni_daemonset_installs_and_chains_a_valid_plugin_config() {
     assert_eq!(entry["type"], "istio-capture-cni");
     assert_eq!(entry["capture"]["nativeNftables"], true, "the image has no iptables userspace");
 
-    // The entry as the runtime will hand it over (name and version from the list): it must pass
-    // validation and fail only on the namespace, which this test does not give.
+    // The entry as the runtime will hand it over (name and version from the list, the
+    // annotations of the CNI-mode pod): it must pass validation, select the pod, and fail only
+    // on the namespace, which this test does not give.
     let mut conf = entry.clone();
     conf["cniVersion"] = json!("1.0.0");
     conf["name"] = json!("k8s-pod-network");
+    let pod_docs = documents("pod-cni-mode.yaml");
+    let annotations = &kind(&pod_docs, "Pod")["metadata"]["annotations"];
+    conf["runtimeConfig"] = json!({ "io.kubernetes.cri.pod-annotations": serde_json::to_value(annotations).unwrap() });
     let mut child = Command::new(release_bin("istio-capture-cni"))
         .env_clear()
         .envs([("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/opt/cni/bin")])
