@@ -27,13 +27,12 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use capture_tests::bench::{linkage, options, spread, CpuTimes};
+use capture_tests::cri::{INJECTED_STATUS, SIDECAR_STATUS};
 use serde_json::{json, Value};
 
 const WARMUP: usize = 2;
 const NETWORK: &str = "capnet";
 const SUBNET: &str = "10.78.0.0/16";
-/// What the injector writes on the pods it injects (the plugin captures a pod it names a proxy in).
-const SIDECAR_STATUS: &str = r#"{"initContainers":null,"containers":["istio-proxy"],"volumes":["istio-envoy"],"imagePullSecrets":null,"revision":"default"}"#;
 const ANNOTATIONS_CAPABILITY: &str = "io.kubernetes.cri.pod-annotations";
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -158,7 +157,7 @@ fn plugin_conf(list: &Value, entry: &Value, prev_result: Option<&Value>) -> Valu
     conf["cniVersion"] = list["cniVersion"].clone();
     conf["name"] = list["name"].clone();
     if entry["capabilities"][ANNOTATIONS_CAPABILITY] == json!(true) {
-        conf["runtimeConfig"] = json!({ ANNOTATIONS_CAPABILITY: { "sidecar.istio.io/status": SIDECAR_STATUS } });
+        conf["runtimeConfig"] = json!({ ANNOTATIONS_CAPABILITY: { SIDECAR_STATUS: INJECTED_STATUS } });
     }
     if let Some(result) = prev_result {
         conf["prevResult"] = result.clone();

@@ -231,6 +231,12 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The annotation Istio's injector writes on a pod it gave a sidecar, and its value for a pod
+/// on a node with istio-cni (the istio-validation init container, the istio-proxy container):
+/// the CNI plugin captures a pod whose status names `istio-proxy`.
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+pub const INJECTED_STATUS: &str = r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["workload-socket","credential-socket","workload-certs","istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#;
+
 /// A sandbox configured as a kubelet does for an ordinary pod (its own network and IPC
 /// namespaces, a PID namespace per container); add annotations and labels to taste.
 pub fn pod_sandbox_config(name: &str, namespace: &str) -> PodSandboxConfig {

@@ -22,13 +22,10 @@ use capture_tests::cri::api::{
     Capability, ContainerConfig, ContainerMetadata, ContainerState, ImageSpec, Int64Value, LinuxContainerConfig,
     LinuxContainerSecurityContext, Mount, PodSandboxConfig,
 };
-use capture_tests::cri::{pod_sandbox_config, CriClient};
+use capture_tests::cri::{pod_sandbox_config, CriClient, INJECTED_STATUS, SIDECAR_STATUS};
 use capture_tests::podman::{Podman, MINIMAL_IMAGE};
 use capture_tests::{http_get, metric, release_bin, require_netns, serve_peer_address, Pod};
 
-/// What Istio's injector writes on the pods it injects: the plugin captures a pod whose
-/// `sidecar.istio.io/status` names the `istio-proxy` container.
-const SIDECAR_STATUS: &str = r#"{"initContainers":null,"containers":["istio-proxy"],"volumes":["workload-socket","istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#;
 /// The app's port, and the node's server the app calls.
 const APP_PORT: u16 = 8080;
 const SERVER: &str = "10.78.0.1:9090";
@@ -101,7 +98,7 @@ fn an_injected_pods_containers_pass_inbound_and_outbound_traffic_through_the_pro
     containerd.import_image(&cri, &image, MINIMAL_IMAGE);
 
     let mut sandbox_config = pod_sandbox_config("web-1", "shop");
-    sandbox_config.annotations.insert("sidecar.istio.io/status".into(), SIDECAR_STATUS.into());
+    sandbox_config.annotations.insert(SIDECAR_STATUS.into(), INJECTED_STATUS.into());
     sandbox_config.log_directory = containerd.log_directory("shop_web-1").display().to_string();
     let pod = containerd.run_pod(&cri, &sandbox_config).expect("RunPodSandbox");
     let footprint = containerd.footprint(&pod);
