@@ -11,6 +11,7 @@
 pub mod accounts;
 pub mod capture;
 pub mod config;
+pub mod drift;
 pub mod family;
 pub mod iptables;
 pub mod log_level;

@@ -210,15 +210,189 @@ impl Ruleset {
     }
 }
 
-/// Builds the ruleset for `cfg`: Istio's algorithm, step by step.
+/// Builds the ruleset for `cfg`: Istio's algorithm, one step after another, in the order
+/// Istio's tool emits the rules (`capture/run.go`, `Run`; reference §2.3 numbers the steps).
 pub fn build(cfg: &CaptureConfig, dialect: Dialect) -> Ruleset {
-    Builder { cfg, dialect, rules: Vec::new() }.run()
+    let mut emit = Emitter::new(cfg, dialect);
+    emit.exclude_interfaces(); // 1
+    emit.kube_virt_interfaces(); // 2
+    if cfg.drop_invalid {
+        emit.drop_invalid(); // 3
+    }
+    emit.tunnel_port_return(); // 4
+    emit.redirect_targets(); // 5
+    if cfg.inbound_ports != InboundPorts::None {
+        emit.inbound_capture(); // 6
+    }
+    emit.outbound_jump(); // 7
+    if emit.tproxy() {
+        emit.tproxy_mark_return(); // our one deviation
+    }
+    emit.outbound_ports_exclude(); // 8
+    emit.inbound_passthrough_return(); // 9
+    emit.proxy_traffic(); // 10, 11
+    emit.owner_groups(); // 12
+    if emit.dns != Dns::Off {
+        emit.dns_capture(); // 13
+    }
+    emit.loopback_return(); // 14
+    emit.outbound_ranges_exclude(); // 15
+    emit.outbound_ports_include(); // 16
+    emit.outbound_ranges_include(); // 17
+    if emit.tproxy() {
+        emit.tproxy_bookkeeping(); // 18
+    }
+    emit.finish()
 }
 
-struct Builder<'a> {
+/// DNS capture as it takes effect: off when there is nothing to capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dns<'c> {
+    Off,
+    /// Every query on port 53.
+    All,
+    /// Queries to these servers.
+    Servers(&'c [Ipv4Addr], &'c [Ipv6Addr]),
+}
+
+impl<'c> Dns<'c> {
+    fn of(cfg: &'c CaptureConfig) -> Dns<'c> {
+        match &cfg.dns {
+            DnsCapture::Off => Dns::Off,
+            DnsCapture::All => Dns::All,
+            DnsCapture::Servers { v4, v6 } if v4.is_empty() && v6.is_empty() => Dns::Off,
+            DnsCapture::Servers { v4, v6 } => Dns::Servers(v4, v6),
+        }
+    }
+
+    /// The servers as host prefixes, IPv4 first.
+    fn servers(self) -> Vec<Cidr> {
+        let Dns::Servers(v4, v6) = self else { return Vec::new() };
+        let v4 = v4.iter().map(|&s| Cidr::host(IpAddr::V4(s)));
+        v4.chain(v6.iter().map(|&s| Cidr::host(IpAddr::V6(s)))).collect()
+    }
+}
+
+/// The rules of one run, as the steps emit them.
+struct Emitter<'a> {
     cfg: &'a CaptureConfig,
     dialect: Dialect,
+    dns: Dns<'a>,
     rules: Vec<Rule>,
+}
+
+/// A rule being written: its place (by default appended, for both families), then its
+/// conditions in Istio's order, then its action ([`Draft::then`]).
+#[derive(Debug, Clone)]
+struct Draft {
+    table: Table,
+    chain: Chain,
+    family: Option<IpFamily>,
+    position: Position,
+    matches: Vec<Match>,
+}
+
+fn nat(chain: Chain) -> Draft {
+    Draft::new(Table::Nat, chain)
+}
+
+fn mangle(chain: Chain) -> Draft {
+    Draft::new(Table::Mangle, chain)
+}
+
+fn raw(chain: Chain) -> Draft {
+    Draft::new(Table::Raw, chain)
+}
+
+impl Draft {
+    fn new(table: Table, chain: Chain) -> Draft {
+        Draft { table, chain, family: None, position: Position::Append, matches: Vec::new() }
+    }
+
+    /// Inserted before the rule at this 0-based index (Istio's `-I chain index+1`).
+    fn inserted_at(self, index: usize) -> Draft {
+        Draft { position: Position::Insert(index), ..self }
+    }
+
+    /// For `family` only (`None`: both).
+    fn family(self, family: Option<IpFamily>) -> Draft {
+        Draft { family, ..self }
+    }
+
+    /// For the family of `cidr` only.
+    fn family_of(self, cidr: Cidr) -> Draft {
+        self.family(Some(IpFamily::of(cidr.addr())))
+    }
+
+    fn with(mut self, condition: Match) -> Draft {
+        self.matches.push(condition);
+        self
+    }
+
+    fn protocol(self, protocol: Protocol) -> Draft {
+        self.with(Match::Protocol(protocol))
+    }
+
+    fn tcp(self) -> Draft {
+        self.protocol(Protocol::Tcp)
+    }
+
+    fn udp(self) -> Draft {
+        self.protocol(Protocol::Udp)
+    }
+
+    fn dport(self, port: u16) -> Draft {
+        self.with(Match::DestPort { port, negated: false })
+    }
+
+    fn not_dport(self, port: u16) -> Draft {
+        self.with(Match::DestPort { port, negated: true })
+    }
+
+    fn sport(self, port: u16) -> Draft {
+        self.with(Match::SourcePort(port))
+    }
+
+    fn src(self, cidr: Cidr) -> Draft {
+        self.with(Match::Source(cidr))
+    }
+
+    fn dst(self, cidr: Cidr) -> Draft {
+        self.with(Match::Destination { cidr, negated: false })
+    }
+
+    fn not_dst(self, cidr: Cidr) -> Draft {
+        self.with(Match::Destination { cidr, negated: true })
+    }
+
+    fn iif(self, name: &str) -> Draft {
+        self.with(Match::InInterface(name.to_string()))
+    }
+
+    fn oif(self, name: &str) -> Draft {
+        self.with(Match::OutInterface(name.to_string()))
+    }
+
+    fn owner(self, (kind, id): (OwnerKind, u32)) -> Draft {
+        self.with(Match::Owner { kind, id, negated: false })
+    }
+
+    fn not_owner(self, (kind, id): (OwnerKind, u32)) -> Draft {
+        self.with(Match::Owner { kind, id, negated: true })
+    }
+
+    fn mark(self, mark: u32) -> Draft {
+        self.with(Match::Mark { mark, negated: false })
+    }
+
+    fn not_mark(self, mark: u32) -> Draft {
+        self.with(Match::Mark { mark, negated: true })
+    }
+
+    fn then(self, action: Action) -> Rule {
+        let Draft { table, chain, family, position, matches } = self;
+        Rule { table, chain, family, position, matches, action }
+    }
 }
 
 /// The loopback destination that counts as "local" in each family.
@@ -236,413 +410,329 @@ fn passthrough_source(family: IpFamily) -> Cidr {
     })
 }
 
-fn tcp() -> Match {
-    Match::Protocol(Protocol::Tcp)
+/// The proxy's owners: each UID, then each GID.
+fn proxy_owners(cfg: &CaptureConfig) -> impl Iterator<Item = (OwnerKind, u32)> + '_ {
+    let uids = cfg.proxy_uids.iter().map(|&id| (OwnerKind::Uid, id));
+    uids.chain(cfg.proxy_gids.iter().map(|&id| (OwnerKind::Gid, id)))
 }
 
-fn udp() -> Match {
-    Match::Protocol(Protocol::Udp)
-}
-
-fn dport(port: u16) -> Match {
-    Match::DestPort { port, negated: false }
-}
-
-fn dst(cidr: Cidr) -> Match {
-    Match::Destination { cidr, negated: false }
-}
-
-fn not_dst(cidr: Cidr) -> Match {
-    Match::Destination { cidr, negated: true }
-}
-
-fn owner(kind: OwnerKind, id: u32) -> Match {
-    Match::Owner { kind, id, negated: false }
-}
-
-fn mark(mark: u32) -> Match {
-    Match::Mark { mark, negated: false }
-}
-
-fn iif(name: &str) -> Match {
-    Match::InInterface(name.to_string())
-}
-
-fn oif(name: &str) -> Match {
-    Match::OutInterface(name.to_string())
-}
-
-impl Builder<'_> {
-    fn push(
-        &mut self,
-        table: Table,
-        chain: Chain,
-        family: Option<IpFamily>,
-        position: Position,
-        matches: Vec<Match>,
-        action: Action,
-    ) {
-        self.rules.push(Rule { table, chain, family, position, matches, action });
+impl<'a> Emitter<'a> {
+    fn new(cfg: &'a CaptureConfig, dialect: Dialect) -> Self {
+        Emitter { cfg, dialect, dns: Dns::of(cfg), rules: Vec::new() }
     }
 
-    fn append(&mut self, table: Table, chain: Chain, matches: Vec<Match>, action: Action) {
-        self.push(table, chain, None, Position::Append, matches, action);
+    fn finish(self) -> Ruleset {
+        Ruleset { rules: self.rules, ipv6: self.cfg.ipv6 }
     }
 
-    fn insert(&mut self, table: Table, chain: Chain, index: usize, matches: Vec<Match>, action: Action) {
-        self.push(table, chain, None, Position::Insert(index), matches, action);
+    fn tproxy(&self) -> bool {
+        self.cfg.mode == InterceptionMode::Tproxy
     }
 
-    /// A rule that exists once per family, built by `make(family)`: IPv4 first, then IPv6.
-    fn per_family(&mut self, table: Table, chain: Chain, position: Position, make: impl Fn(IpFamily) -> (Vec<Match>, Action)) {
-        let (m, a) = make(IpFamily::V4);
-        self.push(table, chain, Some(IpFamily::V4), position, m, a);
-        if self.cfg.ipv6 {
-            let (m, a) = make(IpFamily::V6);
-            self.push(table, chain, Some(IpFamily::V6), position, m, a);
+    /// Adds `rule`; an IPv6-only rule only when IPv6 is programmed.
+    fn add(&mut self, rule: Rule) {
+        if rule.family != Some(IpFamily::V6) || self.cfg.ipv6 {
+            self.rules.push(rule);
         }
     }
 
-    /// A rule for a single family (IPv6 ones only when IPv6 is programmed).
-    fn for_family(&mut self, table: Table, chain: Chain, family: IpFamily, matches: Vec<Match>, action: Action) {
-        if family == IpFamily::V6 && !self.cfg.ipv6 {
-            return;
+    /// A rule that exists once per family, made by `make(family)`: IPv4 first, then IPv6.
+    fn per_family(&mut self, make: impl Fn(IpFamily) -> Rule) {
+        for family in IpFamily::ALL {
+            self.add(Rule { family: Some(family), ..make(family) });
         }
-        self.push(table, chain, Some(family), Position::Append, matches, action);
     }
 
-    /// A rule needed in IPv4 when `v4`, in IPv6 when `v6` (nftables emits it once).
-    fn when_families(&mut self, table: Table, chain: Chain, v4: bool, v6: bool, matches: Vec<Match>, action: Action) {
-        let v6 = v6 && self.cfg.ipv6;
-        let family = match (v4, v6) {
-            (true, true) => None,
-            (true, false) => Some(IpFamily::V4),
-            (false, true) => Some(IpFamily::V6),
-            (false, false) => return,
-        };
-        self.push(table, chain, family, Position::Append, matches, action);
+    /// The family of a rule needed in IPv4 when `v4` and in IPv6 when `v6` (Istio's
+    /// nftables tool emits it once, `Some(None)`); `None` when needed in neither.
+    fn family_where(&self, v4: bool, v6: bool) -> Option<Option<IpFamily>> {
+        match (v4, v6 && self.cfg.ipv6) {
+            (true, true) => Some(None),
+            (true, false) => Some(Some(IpFamily::V4)),
+            (false, true) => Some(Some(IpFamily::V6)),
+            (false, false) => None,
+        }
     }
 
-    fn run(mut self) -> Ruleset {
-        let cfg = self.cfg;
-        let tproxy = cfg.mode == InterceptionMode::Tproxy;
-        let dns = self.effective_dns();
-
-        // 1. Excluded interfaces: never captured, either way (and in mangle too for TPROXY).
-        let exclude_tables: &[Table] = if tproxy { &[Table::Nat, Table::Mangle] } else { &[Table::Nat] };
-        for &table in exclude_tables {
-            for nic in &cfg.exclude_interfaces {
-                self.append(table, Chain::Prerouting, vec![iif(nic.as_str())], Action::Return);
-                self.append(table, Chain::Output, vec![oif(nic.as_str())], Action::Return);
+    /// Step 1: Excluded interfaces are never captured, either way: in nat, and with TPROXY in mangle too.
+    fn exclude_interfaces(&mut self) {
+        let tables: &[Table] = if self.tproxy() { &[Table::Nat, Table::Mangle] } else { &[Table::Nat] };
+        for &table in tables {
+            for nic in &self.cfg.exclude_interfaces {
+                self.add(Draft::new(table, Chain::Prerouting).iif(nic.as_str()).then(Action::Return));
+                self.add(Draft::new(table, Chain::Output).oif(nic.as_str()).then(Action::Return));
             }
         }
+    }
 
-        // 2. KubeVirt interfaces: their inbound traffic is not inbound capture.
-        for nic in &cfg.kube_virt_interfaces {
-            self.insert(Table::Nat, Chain::Prerouting, 0, vec![iif(nic.as_str())], Action::Return);
+    /// Step 2: KubeVirt interfaces: their inbound traffic is not inbound capture.
+    fn kube_virt_interfaces(&mut self) {
+        for nic in &self.cfg.kube_virt_interfaces {
+            self.add(nat(Chain::Prerouting).inserted_at(0).iif(nic.as_str()).then(Action::Return));
         }
+    }
 
-        // 3. Drop conntrack-INVALID packets (Istio's nftables variant matches TCP only).
-        if cfg.drop_invalid {
-            let mut m = Vec::new();
-            if self.dialect == Dialect::Nftables {
-                m.push(tcp());
+    /// Step 3: Packets conntrack finds INVALID are dropped (Istio's nftables tool: TCP ones only).
+    fn drop_invalid(&mut self) {
+        let rule = mangle(Chain::Prerouting);
+        let rule = if self.dialect == Dialect::Nftables { rule.tcp() } else { rule };
+        self.add(rule.with(Match::CtState(CtState::Invalid)).then(Action::Jump(Chain::Drop)));
+        self.add(mangle(Chain::Drop).then(Action::Drop));
+    }
+
+    /// Step 4: The tunnel port is never captured inbound.
+    fn tunnel_port_return(&mut self) {
+        self.add(nat(Chain::Inbound).tcp().dport(self.cfg.inbound_tunnel_port).then(Action::Return));
+    }
+
+    /// Step 5: The two redirect targets: the proxy's outbound and inbound ports.
+    fn redirect_targets(&mut self) {
+        self.add(nat(Chain::Redirect).tcp().then(Action::Redirect(self.cfg.proxy_port)));
+        self.add(nat(Chain::InRedirect).tcp().then(Action::Redirect(self.cfg.inbound_capture_port)));
+    }
+
+    /// Step 6: Inbound capture: REDIRECT in nat, or TPROXY in mangle; every port but the excluded
+    /// ones, or only the listed ones.
+    fn inbound_capture(&mut self) {
+        let table = if self.tproxy() { Table::Mangle } else { Table::Nat };
+        if self.tproxy() {
+            self.tproxy_targets();
+        }
+        self.add(Draft::new(table, Chain::Prerouting).tcp().then(Action::Jump(Chain::Inbound)));
+        match &self.cfg.inbound_ports {
+            InboundPorts::None => {}
+            InboundPorts::All { except } => {
+                for &port in except {
+                    self.add(Draft::new(table, Chain::Inbound).tcp().dport(port).then(Action::Return));
+                }
+                self.capture_inbound(Draft::new(table, Chain::Inbound).tcp());
             }
-            m.push(Match::CtState(CtState::Invalid));
-            self.append(Table::Mangle, Chain::Prerouting, m, Action::Jump(Chain::Drop));
-            self.append(Table::Mangle, Chain::Drop, vec![], Action::Drop);
+            InboundPorts::Only(ports) => {
+                for &port in ports {
+                    self.capture_inbound(Draft::new(table, Chain::Inbound).tcp().dport(port));
+                }
+            }
         }
+    }
 
-        // 4. The tunnel port is never captured inbound.
-        self.append(Table::Nat, Chain::Inbound, vec![tcp(), dport(cfg.inbound_tunnel_port)], Action::Return);
+    /// TPROXY's chains: ISTIO_DIVERT marks and accepts packets of connections the proxy
+    /// already holds; ISTIO_TPROXY hands the others to it.
+    fn tproxy_targets(&mut self) {
+        let (port, mark, cfg) = (self.cfg.inbound_capture_port, self.cfg.tproxy_mark, self.cfg);
+        self.add(mangle(Chain::Divert).then(Action::SetMark(mark)));
+        self.add(mangle(Chain::Divert).then(Action::Accept));
+        self.per_family(|family| mangle(Chain::Tproxy).not_dst(loopback(cfg, family)).tcp().then(Action::Tproxy { port, mark }));
+    }
 
-        // 5. The two redirect targets.
-        self.append(Table::Nat, Chain::Redirect, vec![tcp()], Action::Redirect(cfg.proxy_port));
-        self.append(Table::Nat, Chain::InRedirect, vec![tcp()], Action::Redirect(cfg.inbound_capture_port));
-
-        // 6. Inbound capture.
-        self.inbound(tproxy);
-
-        // 7. All outbound traffic goes through ISTIO_OUTPUT.
-        self.append(Table::Nat, Chain::Output, vec![], Action::Jump(Chain::IstioOutput));
-
-        // Our one deviation (DEVIATIONS.md): the proxy's source-preserving inbound connections
-        // carry the TPROXY mark and must not be captured again on their way to the app.
-        if tproxy {
-            self.append(Table::Nat, Chain::IstioOutput, vec![mark(cfg.tproxy_mark)], Action::Return);
+    /// The inbound traffic `inbound` matches goes to the proxy.
+    fn capture_inbound(&mut self, inbound: Draft) {
+        if self.tproxy() {
+            let established = inbound.clone().with(Match::CtState(CtState::RelatedEstablished));
+            self.add(established.then(Action::Jump(Chain::Divert)));
+            self.add(inbound.then(Action::Jump(Chain::Tproxy)));
+        } else {
+            self.add(inbound.then(Action::Jump(Chain::InRedirect)));
         }
+    }
 
-        // 8. Outbound ports never captured, TCP and UDP.
-        for &port in &cfg.outbound_ports_exclude {
-            self.append(Table::Nat, Chain::IstioOutput, vec![tcp(), dport(port)], Action::Return);
-            self.append(Table::Nat, Chain::IstioOutput, vec![udp(), dport(port)], Action::Return);
+    /// Step 7: All outbound traffic goes through ISTIO_OUTPUT.
+    fn outbound_jump(&mut self) {
+        self.add(nat(Chain::Output).then(Action::Jump(Chain::IstioOutput)));
+    }
+
+    /// Our one deviation (DEVIATIONS.md): the proxy's source-preserving inbound connections
+    /// carry the TPROXY mark and must not be captured again on their way to the app.
+    fn tproxy_mark_return(&mut self) {
+        self.add(nat(Chain::IstioOutput).mark(self.cfg.tproxy_mark).then(Action::Return));
+    }
+
+    /// Step 8: Outbound ports never captured, TCP and UDP.
+    fn outbound_ports_exclude(&mut self) {
+        for &port in &self.cfg.outbound_ports_exclude {
+            self.add(nat(Chain::IstioOutput).tcp().dport(port).then(Action::Return));
+            self.add(nat(Chain::IstioOutput).udp().dport(port).then(Action::Return));
         }
+    }
 
-        // 9. Inbound passthrough: the proxy dials the app from 127.0.0.6 / ::6.
-        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |family| {
-            (vec![oif("lo"), Match::Source(passthrough_source(family))], Action::Return)
+    /// Step 9: Inbound passthrough: the proxy dials the app from 127.0.0.6 / ::6.
+    fn inbound_passthrough_return(&mut self) {
+        self.per_family(|family| nat(Chain::IstioOutput).oif("lo").src(passthrough_source(family)).then(Action::Return));
+    }
+
+    /// Steps 10 and 11: The proxy's own traffic, for each proxy UID, then each GID.
+    fn proxy_traffic(&mut self) {
+        for owner in proxy_owners(self.cfg) {
+            self.proxy_calls_to_the_pod(owner);
+            if !self.loopback_captured() {
+                self.app_to_itself_return(owner);
+            }
+            // (c) Everything else the proxy sends goes out as it is.
+            self.add(nat(Chain::IstioOutput).owner(owner).then(Action::Return));
+        }
+    }
+
+    /// (a) app → VIP → proxy → proxy inbound → app: the proxy's calls to the pod over lo go
+    /// to the inbound capture, but for the tunnel port; with DNS capture, a UID's rule spares
+    /// port 53 too (Istio's GID rule does not).
+    fn proxy_calls_to_the_pod(&mut self, owner: (OwnerKind, u32)) {
+        let (cfg, tunnel) = (self.cfg, self.cfg.inbound_tunnel_port);
+        let spares_dns = self.dns != Dns::Off && owner.0 == OwnerKind::Uid;
+        self.per_family(|family| {
+            let rule = nat(Chain::IstioOutput).oif("lo").not_dst(loopback(cfg, family)).tcp();
+            let rule = if spares_dns { rule.with(Match::DestPortNotIn(vec![53, tunnel])) } else { rule.not_dport(tunnel) };
+            rule.owner(owner).then(Action::Jump(Chain::InRedirect))
         });
+    }
 
-        // 10, 11. The proxy's own traffic, by UID then by GID.
-        let dns_on = dns != DnsCapture::Off;
-        let loopback_included = matches!(&cfg.outbound_ranges, OutboundRanges::Only(c) if c.iter().any(Cidr::is_loopback));
-        for (kind, ids) in [(OwnerKind::Uid, &cfg.proxy_uids), (OwnerKind::Gid, &cfg.proxy_gids)] {
-            for &id in ids {
-                self.proxy_owner(kind, id, dns_on && kind == OwnerKind::Uid, dns_on, loopback_included);
-            }
-        }
+    /// Whether the include ranges name a loopback address explicitly.
+    fn loopback_captured(&self) -> bool {
+        matches!(&self.cfg.outbound_ranges, OutboundRanges::Only(c) if c.iter().any(Cidr::is_loopback))
+    }
 
-        // 12. Owner groups.
-        match &cfg.owner_groups {
+    /// (b) app → app over lo is not captured (with DNS capture, TCP to port 53 still is).
+    fn app_to_itself_return(&mut self, owner: (OwnerKind, u32)) {
+        let rule = nat(Chain::IstioOutput).oif("lo");
+        let rule = if self.dns != Dns::Off { rule.tcp().not_dport(53) } else { rule };
+        self.add(rule.not_owner(owner).then(Action::Return));
+    }
+
+    /// Step 12: Owner groups: every group but the excluded ones is captured, or only the listed ones.
+    fn owner_groups(&mut self) {
+        match &self.cfg.owner_groups {
             OwnerGroups::AllExcept(groups) => {
                 for &gid in groups {
-                    self.append(Table::Nat, Chain::IstioOutput, vec![owner(OwnerKind::Gid, gid)], Action::Return);
+                    self.add(nat(Chain::IstioOutput).owner((OwnerKind::Gid, gid)).then(Action::Return));
                 }
             }
             OwnerGroups::Only(groups) => {
-                let m = groups.iter().map(|&id| Match::Owner { kind: OwnerKind::Gid, id, negated: true }).collect();
-                self.append(Table::Nat, Chain::IstioOutput, m, Action::Return);
+                let rule = groups.iter().fold(nat(Chain::IstioOutput), |rule, &gid| rule.not_owner((OwnerKind::Gid, gid)));
+                self.add(rule.then(Action::Return));
             }
-        }
-
-        // 13. DNS capture.
-        self.dns(&dns);
-
-        // 14. Local traffic stays local.
-        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |family| {
-            (vec![dst(loopback(cfg, family))], Action::Return)
-        });
-
-        // 15. Excluded destinations.
-        for &cidr in &cfg.outbound_ranges_exclude {
-            self.for_family(Table::Nat, Chain::IstioOutput, IpFamily::of(cidr.addr()), vec![dst(cidr)], Action::Return);
-        }
-
-        // 16. Ports always captured.
-        for &port in &cfg.outbound_ports_include {
-            self.append(Table::Nat, Chain::IstioOutput, vec![tcp(), dport(port)], Action::Jump(Chain::Redirect));
-        }
-
-        // 17. Captured destinations.
-        self.outbound_ranges();
-
-        // 18. TPROXY bookkeeping in mangle.
-        if tproxy {
-            self.tproxy_tail();
-        }
-
-        Ruleset { rules: self.rules, ipv6: cfg.ipv6 }
-    }
-
-    /// DNS capture is on only when there is something to capture.
-    fn effective_dns(&self) -> DnsCapture {
-        match &self.cfg.dns {
-            DnsCapture::Servers { v4, v6 } if v4.is_empty() && v6.is_empty() => DnsCapture::Off,
-            other => other.clone(),
         }
     }
 
-    fn inbound(&mut self, tproxy: bool) {
-        let cfg = self.cfg;
-        if cfg.inbound_ports == InboundPorts::None {
-            return;
-        }
-        let table = if tproxy { Table::Mangle } else { Table::Nat };
-        if tproxy {
-            self.append(Table::Mangle, Chain::Divert, vec![], Action::SetMark(cfg.tproxy_mark));
-            self.append(Table::Mangle, Chain::Divert, vec![], Action::Accept);
-            let (port, mark) = (cfg.inbound_capture_port, cfg.tproxy_mark);
-            self.per_family(Table::Mangle, Chain::Tproxy, Position::Append, |family| {
-                (vec![not_dst(loopback(cfg, family)), tcp()], Action::Tproxy { port, mark })
-            });
-        }
-        self.append(table, Chain::Prerouting, vec![tcp()], Action::Jump(Chain::Inbound));
+    /// Step 13: DNS capture (Istio's `SetupDNSRedir`): the jumps, the redirects to the agent, and
+    /// the conntrack zones.
+    fn dns_capture(&mut self) {
+        self.dns_jumps();
+        self.dns_redirects();
+        self.dns_conntrack_zones();
+    }
 
-        let capture = |port: Option<u16>| -> Vec<(Vec<Match>, Action)> {
-            let base = |extra: Option<Match>| {
-                let mut m = vec![tcp()];
-                m.extend(port.map(dport));
-                m.extend(extra);
-                m
-            };
-            if tproxy {
-                vec![
-                    (base(Some(Match::CtState(CtState::RelatedEstablished))), Action::Jump(Chain::Divert)),
-                    (base(None), Action::Jump(Chain::Tproxy)),
-                ]
-            } else {
-                vec![(base(None), Action::Jump(Chain::InRedirect))]
-            }
-        };
-        let rules: Vec<(Vec<Match>, Action)> = match &cfg.inbound_ports {
-            InboundPorts::None => Vec::new(),
-            InboundPorts::All { except } => {
-                for &port in except {
-                    self.append(table, Chain::Inbound, vec![tcp(), dport(port)], Action::Return);
-                }
-                capture(None)
-            }
-            InboundPorts::Only(ports) => ports.iter().flat_map(|&p| capture(Some(p))).collect(),
-        };
-        for (m, a) in rules {
-            self.append(table, Chain::Inbound, m, a);
+    /// The families DNS is captured in: those with servers, or both for every query.
+    fn dns_families(&self) -> Option<Option<IpFamily>> {
+        match self.dns {
+            Dns::Off => None,
+            Dns::All => self.family_where(true, true),
+            Dns::Servers(v4, v6) => self.family_where(!v4.is_empty(), !v6.is_empty()),
         }
     }
 
-    /// Steps 10 and 11 for one proxy UID or GID.
-    fn proxy_owner(&mut self, kind: OwnerKind, id: u32, dns_ports: bool, dns_on: bool, loopback_included: bool) {
-        let cfg = self.cfg;
-        let tunnel = cfg.inbound_tunnel_port;
-        // (a) app -> VIP -> proxy -> proxy inbound -> app: the proxy's own calls to the pod over lo.
-        self.per_family(Table::Nat, Chain::IstioOutput, Position::Append, |family| {
-            let ports =
-                if dns_ports { Match::DestPortNotIn(vec![53, tunnel]) } else { Match::DestPort { port: tunnel, negated: true } };
-            (vec![oif("lo"), not_dst(loopback(cfg, family)), tcp(), ports, owner(kind, id)], Action::Jump(Chain::InRedirect))
-        });
-        // (b) app -> app over lo is not captured, unless loopback was explicitly included.
-        if !loopback_included {
-            let mut m = vec![oif("lo")];
-            if dns_on {
-                m.extend([tcp(), Match::DestPort { port: 53, negated: true }]);
-            }
-            m.push(Match::Owner { kind, id, negated: true });
-            self.append(Table::Nat, Chain::IstioOutput, m, Action::Return);
+    fn dns_jumps(&mut self) {
+        self.add(raw(Chain::Output).then(Action::Jump(Chain::OutputDns)));
+        if let Some(family) = self.dns_families() {
+            self.add(nat(Chain::IstioOutput).family(family).then(Action::Jump(Chain::OutputDns)));
         }
-        // (c) Everything else the proxy sends goes out as is.
-        self.append(Table::Nat, Chain::IstioOutput, vec![owner(kind, id)], Action::Return);
     }
 
-    fn dns(&mut self, dns: &DnsCapture) {
-        let cfg = self.cfg;
-        let (all, v4, v6): (bool, &[Ipv4Addr], &[Ipv6Addr]) = match dns {
-            DnsCapture::Off => return,
-            DnsCapture::All => (true, &[], &[]),
-            DnsCapture::Servers { v4, v6 } => (false, v4, v6),
-        };
-        let host4 = |s: &Ipv4Addr| Cidr::host(IpAddr::V4(*s));
-        let host6 = |s: &Ipv6Addr| Cidr::host(IpAddr::V6(*s));
-
-        self.append(Table::Raw, Chain::Output, vec![], Action::Jump(Chain::OutputDns));
-        let (has4, has6) = (all || !v4.is_empty(), all || !v6.is_empty());
-        self.when_families(Table::Nat, Chain::IstioOutput, has4, has6, vec![], Action::Jump(Chain::OutputDns));
-
-        for proto in [Protocol::Tcp, Protocol::Udp] {
-            let p = Match::Protocol(proto);
-            let redirect = Action::Redirect(DNS_CAPTURE_PORT);
-            if all {
-                self.append(Table::Nat, Chain::OutputDns, vec![p, dport(53)], redirect);
+    /// TCP, then UDP: every query, or those to each server.
+    fn dns_redirects(&mut self) {
+        let to_agent = Action::Redirect(DNS_CAPTURE_PORT);
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let query = nat(Chain::OutputDns).protocol(protocol).dport(53);
+            if self.dns == Dns::All {
+                self.add(query.then(to_agent.clone()));
                 continue;
             }
-            for s in v4 {
-                self.for_family(
-                    Table::Nat,
-                    Chain::OutputDns,
-                    IpFamily::V4,
-                    vec![p.clone(), dport(53), dst(host4(s))],
-                    redirect.clone(),
-                );
+            for server in self.dns.servers() {
+                self.add(query.clone().family_of(server).dst(server).then(to_agent.clone()));
             }
-            for s in v6 {
-                self.for_family(
-                    Table::Nat,
-                    Chain::OutputDns,
-                    IpFamily::V6,
-                    vec![p.clone(), dport(53), dst(host6(s))],
-                    redirect.clone(),
-                );
-            }
-        }
-
-        // Conntrack zones keep the proxy's upstream queries (zone 1) apart from the app's (zone 2).
-        for (kind, ids) in [(OwnerKind::Uid, &cfg.proxy_uids), (OwnerKind::Gid, &cfg.proxy_gids)] {
-            for &id in ids {
-                self.append(Table::Raw, Chain::OutputDns, vec![udp(), dport(53), owner(kind, id)], Action::CtZone(1));
-                self.append(
-                    Table::Raw,
-                    Chain::OutputDns,
-                    vec![udp(), Match::SourcePort(DNS_CAPTURE_PORT), owner(kind, id)],
-                    Action::CtZone(2),
-                );
-            }
-        }
-        self.when_families(Table::Raw, Chain::Prerouting, has4, has6, vec![], Action::Jump(Chain::Inbound));
-        if all {
-            self.append(Table::Raw, Chain::OutputDns, vec![udp(), dport(53)], Action::CtZone(2));
-            self.append(Table::Raw, Chain::Inbound, vec![udp(), Match::SourcePort(53)], Action::CtZone(1));
-            return;
-        }
-        let servers = v4.iter().map(host4).chain(v6.iter().map(host6));
-        for server in servers {
-            let family = IpFamily::of(server.addr());
-            self.for_family(Table::Raw, Chain::OutputDns, family, vec![udp(), dport(53), dst(server)], Action::CtZone(2));
-            self.for_family(
-                Table::Raw,
-                Chain::Inbound,
-                family,
-                vec![udp(), Match::SourcePort(53), Match::Source(server)],
-                Action::CtZone(1),
-            );
         }
     }
 
-    fn outbound_ranges(&mut self) {
+    /// The proxy's upstream queries (zone 1) are kept apart from the app's (zone 2).
+    fn dns_conntrack_zones(&mut self) {
+        for owner in proxy_owners(self.cfg) {
+            self.add(raw(Chain::OutputDns).udp().dport(53).owner(owner).then(Action::CtZone(1)));
+            self.add(raw(Chain::OutputDns).udp().sport(DNS_CAPTURE_PORT).owner(owner).then(Action::CtZone(2)));
+        }
+        if let Some(family) = self.dns_families() {
+            self.add(raw(Chain::Prerouting).family(family).then(Action::Jump(Chain::Inbound)));
+        }
+        if self.dns == Dns::All {
+            self.add(raw(Chain::OutputDns).udp().dport(53).then(Action::CtZone(2)));
+            self.add(raw(Chain::Inbound).udp().sport(53).then(Action::CtZone(1)));
+        }
+        for server in self.dns.servers() {
+            self.add(raw(Chain::OutputDns).family_of(server).udp().dport(53).dst(server).then(Action::CtZone(2)));
+            self.add(raw(Chain::Inbound).family_of(server).udp().sport(53).src(server).then(Action::CtZone(1)));
+        }
+    }
+
+    /// Step 14: Local traffic stays local.
+    fn loopback_return(&mut self) {
         let cfg = self.cfg;
+        self.per_family(|family| nat(Chain::IstioOutput).dst(loopback(cfg, family)).then(Action::Return));
+    }
+
+    /// Step 15: Excluded destinations.
+    fn outbound_ranges_exclude(&mut self) {
+        for &cidr in &self.cfg.outbound_ranges_exclude {
+            self.add(nat(Chain::IstioOutput).family_of(cidr).dst(cidr).then(Action::Return));
+        }
+    }
+
+    /// Step 16: Ports always captured.
+    fn outbound_ports_include(&mut self) {
+        for &port in &self.cfg.outbound_ports_include {
+            self.add(nat(Chain::IstioOutput).tcp().dport(port).then(Action::Jump(Chain::Redirect)));
+        }
+    }
+
+    /// Step 17: Captured destinations, IPv4 ranges first, then IPv6, each in the order given; a
+    /// KubeVirt interface's inbound traffic to them is captured too (on top of PREROUTING).
+    fn outbound_ranges_include(&mut self) {
+        let cfg = self.cfg;
+        let to_proxy = Action::Jump(Chain::Redirect);
         match &cfg.outbound_ranges {
             OutboundRanges::None => {}
             OutboundRanges::All => {
-                self.append(Table::Nat, Chain::IstioOutput, vec![], Action::Jump(Chain::Redirect));
+                self.add(nat(Chain::IstioOutput).then(to_proxy.clone()));
                 for nic in &cfg.kube_virt_interfaces {
-                    self.insert(Table::Nat, Chain::Prerouting, 0, vec![iif(nic.as_str())], Action::Jump(Chain::Redirect));
+                    self.add(nat(Chain::Prerouting).inserted_at(0).iif(nic.as_str()).then(to_proxy.clone()));
                 }
             }
             OutboundRanges::Only(cidrs) => {
-                // IPv4 ranges first, then IPv6, each in the order given.
                 let ordered = cidrs.iter().filter(|c| c.is_ipv4()).chain(cidrs.iter().filter(|c| !c.is_ipv4()));
                 for &cidr in ordered {
-                    let family = IpFamily::of(cidr.addr());
-                    if family == IpFamily::V6 && !cfg.ipv6 {
-                        continue;
-                    }
                     for nic in &cfg.kube_virt_interfaces {
-                        self.push(
-                            Table::Nat,
-                            Chain::Prerouting,
-                            Some(family),
-                            Position::Insert(0),
-                            vec![iif(nic.as_str()), dst(cidr)],
-                            Action::Jump(Chain::Redirect),
-                        );
+                        let rule = nat(Chain::Prerouting).family_of(cidr).inserted_at(0).iif(nic.as_str()).dst(cidr);
+                        self.add(rule.then(to_proxy.clone()));
                     }
-                    self.for_family(Table::Nat, Chain::IstioOutput, family, vec![dst(cidr)], Action::Jump(Chain::Redirect));
+                    self.add(nat(Chain::IstioOutput).family_of(cidr).dst(cidr).then(to_proxy.clone()));
                 }
             }
         }
     }
 
-    fn tproxy_tail(&mut self) {
-        let cfg = self.cfg;
-        let tmark = cfg.tproxy_mark;
-        self.append(Table::Mangle, Chain::Prerouting, vec![tcp(), mark(tmark)], Action::SaveMark);
-        self.append(Table::Mangle, Chain::Output, vec![tcp(), oif("lo"), mark(tmark)], Action::Return);
-        for (kind, ids) in [(OwnerKind::Uid, &cfg.proxy_uids), (OwnerKind::Gid, &cfg.proxy_gids)] {
-            for &id in ids {
-                self.per_family(Table::Mangle, Chain::Output, Position::Append, |family| {
-                    (vec![not_dst(loopback(cfg, family)), tcp(), oif("lo"), owner(kind, id)], Action::SetMark(OUTBOUND_MARK))
-                });
-            }
+    /// Step 18: TPROXY bookkeeping in mangle: the mark moves between packet and connection, and
+    /// the proxy's own traffic to the pod is not captured inbound again.
+    fn tproxy_bookkeeping(&mut self) {
+        let (cfg, tmark) = (self.cfg, self.cfg.tproxy_mark);
+        self.add(mangle(Chain::Prerouting).tcp().mark(tmark).then(Action::SaveMark));
+        self.add(mangle(Chain::Output).tcp().oif("lo").mark(tmark).then(Action::Return));
+        for owner in proxy_owners(cfg) {
+            self.per_family(|family| {
+                let rule = mangle(Chain::Output).not_dst(loopback(cfg, family)).tcp().oif("lo").owner(owner);
+                rule.then(Action::SetMark(OUTBOUND_MARK))
+            });
         }
-        self.append(Table::Mangle, Chain::Output, vec![tcp(), Match::ConnMark(tmark)], Action::RestoreMark);
-        self.insert(Table::Mangle, Chain::Inbound, 0, vec![tcp(), mark(tmark)], Action::Return);
-        self.per_family(Table::Mangle, Chain::Inbound, Position::Insert(1), |family| {
-            (vec![tcp(), Match::Source(passthrough_source(family)), iif("lo")], Action::Return)
+        self.add(mangle(Chain::Output).tcp().with(Match::ConnMark(tmark)).then(Action::RestoreMark));
+        self.add(mangle(Chain::Inbound).inserted_at(0).tcp().mark(tmark).then(Action::Return));
+        self.per_family(|family| {
+            mangle(Chain::Inbound).inserted_at(1).tcp().src(passthrough_source(family)).iif("lo").then(Action::Return)
         });
-        self.insert(
-            Table::Mangle,
-            Chain::Inbound,
-            2,
-            vec![tcp(), iif("lo"), Match::Mark { mark: OUTBOUND_MARK, negated: true }],
-            Action::Return,
-        );
+        self.add(mangle(Chain::Inbound).inserted_at(2).tcp().iif("lo").not_mark(OUTBOUND_MARK).then(Action::Return));
     }
 }
 
@@ -688,10 +778,10 @@ mod tests {
         assert_eq!(
             summary,
             vec![
-                (iif("eth2"), Action::Jump(Chain::Redirect)),
-                (iif("eth1"), Action::Jump(Chain::Redirect)),
-                (iif("eth2"), Action::Return),
-                (iif("eth1"), Action::Return),
+                (Match::InInterface("eth2".into()), Action::Jump(Chain::Redirect)),
+                (Match::InInterface("eth1".into()), Action::Jump(Chain::Redirect)),
+                (Match::InInterface("eth2".into()), Action::Return),
+                (Match::InInterface("eth1".into()), Action::Return),
             ]
         );
     }
@@ -710,7 +800,7 @@ mod tests {
         assert_eq!(inbound.rules.len(), 5);
         assert_eq!(inbound.rules[1].matches[1], Match::Source(passthrough_source(IpFamily::V6)));
         let out = v6.iter().find(|c| c.chain == Chain::IstioOutput).unwrap();
-        assert_eq!(out.rules[0].matches, vec![mark(1337)]);
+        assert_eq!(out.rules[0].matches, vec![Match::Mark { mark: 1337, negated: false }]);
         assert!(count(&rs, Table::Nat, Chain::Inbound) == 1, "inbound capture lives in mangle");
     }
 
@@ -757,6 +847,6 @@ mod tests {
         let nft = build(&cfg, Dialect::Nftables);
         let find = |rs: &Ruleset| rs.rules.iter().find(|r| r.action == Action::Jump(Chain::Drop)).unwrap().matches.clone();
         assert_eq!(find(&ipt), vec![Match::CtState(CtState::Invalid)]);
-        assert_eq!(find(&nft), vec![tcp(), Match::CtState(CtState::Invalid)]);
+        assert_eq!(find(&nft), vec![Match::Protocol(Protocol::Tcp), Match::CtState(CtState::Invalid)]);
     }
 }

@@ -229,7 +229,7 @@ fn check_fails_before_add_passes_after_and_sees_drift() {
 
     let before = cni_error(&node.capture("CHECK", &pod, capture.clone(), Some(&prev), ""));
     assert_eq!(before["code"], 999);
-    assert!(before["msg"].as_str().unwrap().contains("ISTIO_INBOUND: missing"), "{before}");
+    assert!(before["msg"].as_str().unwrap().contains("chain missing: IPv4 table nat, chain ISTIO_INBOUND\n"), "{before}");
 
     assert_ok(&node.capture("ADD", &pod, capture.clone(), Some(&prev), ""));
     let nat = pod.rules(false);
@@ -241,7 +241,9 @@ fn check_fails_before_add_passes_after_and_sees_drift() {
 
     pod.sh("iptables-nft -t nat -A ISTIO_OUTPUT -p tcp --dport 1 -j RETURN");
     let drift = cni_error(&node.capture("CHECK", &pod, capture, Some(&prev), ""));
-    assert!(drift["msg"].as_str().unwrap().contains("--dport 1 -j RETURN"), "{drift}");
+    let unexpected = "unexpected rule: IPv4 table nat, chain ISTIO_OUTPUT, rule 12\n    \
+                      found:    -A ISTIO_OUTPUT -p tcp -m tcp --dport 1 -j RETURN";
+    assert!(drift["msg"].as_str().unwrap().contains(unexpected), "{drift}");
 }
 
 #[test]

@@ -2,7 +2,9 @@
 //! its own script, idempotence, atomicity, drift, and other people's tables.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
+use capture_lib::capture::{self, Backend};
 use capture_lib::config::{parse_cidrs, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
 use capture_lib::model::{self, Action, Chain, Dialect, Position, Rule, Ruleset, Table};
 use capture_lib::nftables::{self, NftError};
@@ -174,13 +176,55 @@ fn drift_is_refused_without_reconcile_and_repaired_with_it() {
     let edited = with_handles(&pod);
     let err = apply(&pod, &base(), false).unwrap_err();
     let NftError::Drift { details } = &err else { panic!("expected drift, got {err}") };
-    assert!(details.contains(&"chain inet istio-proxy-nat istio-output holds 9 rules, expected 8".to_string()), "{details:?}");
+    let unexpected = "unexpected rule: table inet istio-proxy-nat, chain istio-output, rule 9\n    \
+                      found:    meta l4proto tcp tcp dport 123 accept";
+    assert_eq!(details, &[unexpected.to_string()]);
     assert!(err.to_string().contains("--reconcile"), "{err}");
     assert_eq!(with_handles(&pod), edited, "a refused apply changed the ruleset");
 
     assert_eq!(apply(&pod, &base(), true).unwrap(), Outcome::Reconciled);
     assert_eq!(pod.nft_ruleset(), fresh.nft_ruleset());
     assert_eq!(apply(&pod, &base(), false).unwrap(), Outcome::Unchanged);
+}
+
+/// The handle of the first rule of `chain` (in `istio-proxy-nat`) that contains `text`.
+fn rule_handle(pod: &Pod, chain: &str, text: &str) -> String {
+    let listing = pod.sh(&format!("nft -a list chain inet istio-proxy-nat {chain}"));
+    let line = listing.lines().find(|l| l.contains(text)).unwrap_or_else(|| panic!("no {text:?} in:\n{listing}"));
+    line.rsplit_once("# handle ").expect("a handle").1.trim().to_string()
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn drift_and_check_show_the_expected_and_the_found_rule_in_nft_syntax() {
+    require_netns!();
+    let pod = Pod::new();
+    apply(&pod, &base(), false).unwrap();
+    let handle = rule_handle(&pod, "istio-output", "ip saddr 127.0.0.6");
+    pod.sh(&format!(
+        "nft replace rule inet istio-proxy-nat istio-output handle {handle} oifname lo ip saddr 127.0.0.7 counter return && \
+         nft delete rule inet istio-proxy-nat istio-redirect handle {} && \
+         nft add rule inet istio-proxy-nat istio-redirect 'udp dport {{ 1, 2 }} ip daddr != 10.0.0.0/8 meta mark set 7 dnat ip to 10.1.2.3:8080'",
+        rule_handle(&pod, "istio-redirect", "redirect to :15001")
+    ));
+    let expected = [
+        "rule differs: table inet istio-proxy-nat, chain istio-redirect, rule 1\n    \
+         expected: meta l4proto tcp counter redirect to :15001\n    \
+         found:    meta l4proto udp udp dport { 1, 2 } ip daddr != 10.0.0.0/8 meta mark set 7 dnat ip to 10.1.2.3:8080",
+        "rule differs: table inet istio-proxy-nat, chain istio-output, rule 1\n    \
+         expected: oifname \"lo\" ip saddr 127.0.0.6/32 counter return\n    \
+         found:    oifname \"lo\" ip saddr 127.0.0.7/32 counter return",
+    ];
+    let err = apply(&pod, &base(), false).unwrap_err();
+    let NftError::Drift { details } = &err else { panic!("expected drift, got {err}") };
+    assert_eq!(details, &expected);
+    assert!(err.to_string().contains(&format!("\n  {}\n", expected.join("\n  "))), "{err}");
+
+    // CHECK (the CNI plugin's) says the same.
+    let cfg = CaptureConfig::default();
+    let check = pod.enter(|| capture::verify(&cfg, Backend::Nftables, Duration::from_secs(5))).unwrap_err();
+    let check = check.to_string();
+    assert!(check.contains(&format!("\n  {}", expected.join("\n  "))), "{check}");
 }
 
 #[test]
@@ -190,7 +234,7 @@ fn a_table_left_by_another_configuration_is_drift_and_reconcile_deletes_it() {
     let pod = Pod::new();
     apply(&pod, &largest(), false).unwrap();
     let err = apply(&pod, &base(), false).unwrap_err();
-    assert!(err.to_string().contains("table inet istio-proxy-mangle is not part of this configuration"), "{err}");
+    assert!(err.to_string().contains("unexpected table: table inet istio-proxy-mangle\n"), "{err}");
     assert_eq!(apply(&pod, &base(), true).unwrap(), Outcome::Reconciled);
     let tables = pod.sh("nft list tables");
     assert_eq!(tables, "table inet istio-proxy-nat\n");

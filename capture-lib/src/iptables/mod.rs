@@ -23,6 +23,7 @@ use render::{chain_name, owned_chain_names, rule_spec, table_name};
 use shapes::is_our_shape;
 use state::{jump_target, parse_save, SaveState, TableState};
 
+use crate::drift::{chain_rule_differences, count, Difference, Kind};
 use crate::family::IpFamily;
 use crate::model::{Position, Ruleset};
 use crate::settings::Setting;
@@ -159,7 +160,7 @@ pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<P
                 (Some(desired.payload(&residue, true)), "nothing of ours yet: install".to_string())
             }
             Operation::Apply { reconcile, force } => {
-                let drift = desired.drift(&current);
+                let drift: Vec<String> = desired.drift(&current, family).iter().map(ToString::to_string).collect();
                 if drift.is_empty() && !force {
                     (None, "our rules are exactly as planned: nothing to send".to_string())
                 } else if drift.is_empty() || reconcile {
@@ -199,7 +200,7 @@ pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<Strin
     for family in IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || ruleset.ipv6) {
         let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(family)), family);
         let current = parse_save(&bins.save()?);
-        out.extend(Desired::new(ruleset, family).drift(&current).into_iter().map(|d| format!("{family}: {d}")));
+        out.extend(Desired::new(ruleset, family).drift(&current, family).iter().map(ToString::to_string));
     }
     Ok(out)
 }
@@ -411,18 +412,22 @@ impl Desired {
         out
     }
 
-    /// Differences between what is there and what we want, in words; empty when exact.
-    fn drift(&self, current: &SaveState) -> Vec<String> {
+    /// Differences between what is there and what we want (`family`'s rules); empty when exact.
+    fn drift(&self, current: &SaveState, family: IpFamily) -> Vec<Difference> {
         let empty = TableState::default();
+        let place = |table: &str, chain: &str| format!("{family} table {table}, chain {chain}");
+        let line = |chain: &str, spec: &str| format!("-A {chain} {spec}");
         let mut out = Vec::new();
         for (table, want) in &self.tables {
             let have = current.get(*table).unwrap_or(&empty);
             for (chain, rules) in &want.owned {
                 if !have.has_chain(chain) {
-                    out.push(format!("{table} {chain}: missing"));
-                } else if have.chain_rules(chain) != rules.as_slice() {
-                    out.push(describe_difference(table, chain, have.chain_rules(chain), rules));
+                    out.push(Difference::new(Kind::ChainMissing, place(table, chain)).expected(count(rules.len(), "rule")));
+                    continue;
                 }
+                let found = have.chain_rules(chain);
+                let (show_want, show_found) = (|i: usize| line(chain, &rules[i]), |i: usize| line(chain, &found[i]));
+                out.extend(chain_rule_differences(&place(table, chain), (rules, found), |i| i + 1, show_want, show_found));
             }
         }
         // Our rules in the shared chains: those wanted, and those another configuration left.
@@ -435,19 +440,24 @@ impl Desired {
         }
         for (table, chain) in shared {
             let have = current.get(table).unwrap_or(&empty);
-            let ours: Vec<String> =
-                have.chain_rules(chain).iter().filter(|s| self.is_ours(table, chain, s, have)).cloned().collect();
-            let wanted: Vec<String> =
-                self.tables.get(table).map_or_else(Vec::new, |t| t.hook_specs(chain).into_iter().map(str::to_string).collect());
-            if ours != wanted {
-                out.push(describe_difference(table, chain, &ours, &wanted));
-            }
+            // Our rules among everyone's, with their positions in the chain.
+            let (positions, ours): (Vec<usize>, Vec<&str>) = have
+                .chain_rules(chain)
+                .iter()
+                .enumerate()
+                .filter(|(_, spec)| self.is_ours(table, chain, spec, have))
+                .map(|(i, spec)| (i + 1, spec.as_str()))
+                .unzip();
+            let wanted = self.tables.get(table).map_or_else(Vec::new, |t| t.hook_specs(chain));
+            let (show_want, show_found) = (|i: usize| line(chain, wanted[i]), |i: usize| line(chain, ours[i]));
+            out.extend(chain_rule_differences(&place(table, chain), (&wanted, &ours), |i| positions[i], show_want, show_found));
         }
         for (table, state) in current {
             let want = self.tables.get(table.as_str());
             for chain in state.chains.iter().filter(|c| is_our_chain(c)) {
                 if !want.is_some_and(|w| w.owned.iter().any(|(c, _)| c == chain)) {
-                    out.push(format!("{table} {chain}: not part of this configuration"));
+                    let found = format!("{} (left by another configuration?)", count(state.chain_rules(chain).len(), "rule"));
+                    out.push(Difference::new(Kind::UnexpectedChain, place(table, chain)).found(found));
                 }
             }
         }
@@ -498,16 +508,6 @@ impl Desired {
             out.push_str("COMMIT\n");
         }
         out
-    }
-}
-
-fn describe_difference(table: &str, chain: &str, have: &[String], want: &[String]) -> String {
-    let extra = have.iter().find(|h| !want.contains(h));
-    let missing = want.iter().find(|w| !have.contains(w));
-    match (extra, missing) {
-        (Some(e), _) => format!("{table} {chain}: unexpected rule `{e}`"),
-        (None, Some(m)) => format!("{table} {chain}: missing rule `{m}`"),
-        (None, None) => format!("{table} {chain}: rules out of order or duplicated"),
     }
 }
 
@@ -566,12 +566,15 @@ mod tests {
         let cfg = CaptureConfig { inbound_ports: InboundPorts::All { except: vec![15090] }, ..CaptureConfig::default() };
         let d = desired(&cfg);
         let mut state = as_saved(&d);
-        assert!(d.drift(&state).is_empty());
+        assert!(d.drift(&state, IpFamily::V4).is_empty());
         let nat = state.get_mut("nat").unwrap();
         nat.rules.get_mut("ISTIO_INBOUND").unwrap().push("-p tcp -m tcp --dport 123 -j ACCEPT".into());
         nat.rules.get_mut("OUTPUT").unwrap().insert(0, "-p tcp -m tcp --dport 123 -j ACCEPT".into());
-        let drift = d.drift(&state);
-        assert_eq!(drift, vec!["nat ISTIO_INBOUND: unexpected rule `-p tcp -m tcp --dport 123 -j ACCEPT`"]);
+        let drift: Vec<String> = d.drift(&state, IpFamily::V4).iter().map(ToString::to_string).collect();
+        assert_eq!(
+            drift,
+            vec!["unexpected rule: IPv4 table nat, chain ISTIO_INBOUND, rule 4\n    found:    -A ISTIO_INBOUND -p tcp -m tcp --dport 123 -j ACCEPT"]
+        );
     }
 
     #[test]
@@ -583,7 +586,8 @@ mod tests {
         };
         let old = as_saved(&desired(&tproxy));
         let d = desired(&CaptureConfig::default());
-        assert!(d.drift(&old).iter().any(|l| l == "mangle ISTIO_DIVERT: not part of this configuration"));
+        let drift: Vec<String> = d.drift(&old, IpFamily::V4).iter().map(ToString::to_string).collect();
+        assert!(drift.contains(&"unexpected chain: IPv4 table mangle, chain ISTIO_DIVERT\n    found:    2 rules (left by another configuration?)".to_string()), "{drift:?}");
         let residue = d.residue(&old);
         let p = d.payload(&residue, true);
         assert!(p.contains("*mangle\n-D PREROUTING -p tcp -j ISTIO_INBOUND\n"), "{p}");
@@ -627,7 +631,8 @@ mod tests {
         assert!(payload.contains("-D PREROUTING -i eth9 -j RETURN\n") && payload.contains("-D PREROUTING -i eth8 -j RETURN\n"));
         assert!(payload.contains("-D OUTPUT -o lo -p tcp -m mark --mark 0x7 -j RETURN\n"), "{payload}");
         assert!(!payload.contains(&foreign), "{payload}");
-        assert!(now.drift(&state).iter().any(|d| d.starts_with("mangle OUTPUT")), "{:?}", now.drift(&state));
+        let drift = now.drift(&state, IpFamily::V4);
+        assert!(drift.iter().any(|d| d.place.starts_with("IPv4 table mangle, chain OUTPUT, rule")), "{drift:?}");
     }
 
     #[test]

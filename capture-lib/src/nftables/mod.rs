@@ -11,6 +11,7 @@
 //! of ours in the same transaction (add, delete, add full) so no packet sees a gap.
 
 mod batch;
+mod decompile;
 mod expr;
 mod messages;
 mod raw;
@@ -86,7 +87,7 @@ pub fn apply(ruleset: &Ruleset, reconcile: bool, detail: Detail) -> Result<Appli
         if have == want {
             (Outcome::Unchanged, None, "our tables are exactly as planned: nothing to send".to_string())
         } else if !reconcile {
-            return Err(NftError::Drift { details: state::differences(&plan, &want, &have) });
+            return Err(NftError::Drift { details: described_differences(&plan, &want, &have) });
         } else {
             let stale: Vec<Table> = have.keys().filter(|t| !want.contains_key(t)).copied().collect();
             for table in &plan {
@@ -95,7 +96,7 @@ pub fn apply(ruleset: &Ruleset, reconcile: bool, detail: Detail) -> Result<Appli
             }
             stale.iter().for_each(|&table| tx.delete(table));
             let decision = if detail >= Detail::Trace {
-                let details = state::differences(&plan, &want, &have).join("\n  ");
+                let details = described_differences(&plan, &want, &have).join("\n  ");
                 format!("our tables differ from the plan; replacing them in one transaction (--reconcile):\n  {details}")
             } else {
                 String::new()
@@ -138,7 +139,11 @@ pub fn differences(ruleset: &Ruleset) -> Result<Vec<String>, NftError> {
     let mut netlink = Netlink::open().map_err(NftError::Socket)?;
     let have = read_ours(&mut netlink).map_err(NftError::Read)?;
     let want = state::planned(&plan);
-    Ok(if have == want { Vec::new() } else { state::differences(&plan, &want, &have) })
+    Ok(if have == want { Vec::new() } else { described_differences(&plan, &want, &have) })
+}
+
+fn described_differences(plan: &[render::TablePlan], want: &Snapshot, have: &Snapshot) -> Vec<String> {
+    state::differences(plan, want, have).iter().map(ToString::to_string).collect()
 }
 
 /// Whether nf_tables holds any table of the IPv4 (or IPv6) family: where none exists,

@@ -1,7 +1,8 @@
 //! What we need from libnftnl beyond the `nftnl` crate's safe API: four expressions it lacks
 //! (`redir`, `tproxy`, `ct zone set`, inverted `lookup`), two attributes of anonymous sets,
 //! messages without the acknowledgement flag, and parsing nf_tables messages (the kernel's
-//! dumps and our own batch) into plain values.
+//! dumps and our own batch) into plain values, rule expressions included (their fields, for
+//! `decompile.rs`).
 //!
 //! This is the only module of the crate with `unsafe` code. Every libnftnl object made here
 //! is either handed over to the `nftnl` crate (an expression belongs to its rule from then
@@ -193,9 +194,81 @@ pub(super) enum ExprObject {
     Lookup {
         set: SetRef,
         flags: u32,
+        sreg: u32,
     },
-    /// libnftnl's own rendering, e.g. `payload load 2b @ transport header + 2 => reg 1`.
-    Other(String),
+    Other {
+        /// libnftnl's own rendering, e.g. `payload load 2b @ transport header + 2 => reg 1`.
+        text: String,
+        /// Its fields, for the kinds and forms our rules use; `None` for any other.
+        fields: Option<Expr>,
+    },
+}
+
+/// The fields of an expression (registers by their kernel number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Expr {
+    Meta {
+        key: u32,
+        dreg: Option<u32>,
+        sreg: Option<u32>,
+    },
+    /// A header load (a payload write reads as `None`).
+    Payload {
+        base: u32,
+        offset: u32,
+        len: u32,
+        dreg: u32,
+    },
+    Cmp {
+        sreg: u32,
+        op: u32,
+        data: Vec<u8>,
+    },
+    /// `(reg & mask) ^ xor` (a shift reads as `None`).
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    Immediate {
+        dreg: u32,
+        data: Vec<u8>,
+    },
+    Verdict {
+        code: i32,
+        chain: Option<String>,
+    },
+    /// A conntrack key of the packet's own direction (one with a direction reads as `None`).
+    Ct {
+        key: u32,
+        dreg: Option<u32>,
+        sreg: Option<u32>,
+    },
+    Redir {
+        proto_min: Option<u32>,
+        proto_max: Option<u32>,
+        flags: u32,
+    },
+    Masq {
+        proto_min: Option<u32>,
+        proto_max: Option<u32>,
+        flags: u32,
+    },
+    Tproxy {
+        family: u32,
+        addr: Option<u32>,
+        port: Option<u32>,
+    },
+    Nat {
+        kind: u32,
+        family: u32,
+        addr_min: Option<u32>,
+        addr_max: Option<u32>,
+        proto_min: Option<u32>,
+        proto_max: Option<u32>,
+        flags: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -365,33 +438,125 @@ unsafe fn parse_rule(nlh: *const libc::nlmsghdr) -> Option<RuleObject> {
     }
 }
 
+/// The attributes of one expression, read with libnftnl's getters.
+struct Attributes(*mut sys::nftnl_expr);
+
+impl Attributes {
+    /// # Safety
+    /// `expr` must be a live expression that outlives the value returned.
+    unsafe fn of(expr: *mut sys::nftnl_expr) -> Self {
+        Attributes(expr)
+    }
+
+    fn is_set(&self, attr: u32) -> bool {
+        // SAFETY: `self.0` is live (the contract of `of`); any attribute id may be asked.
+        unsafe { sys::nftnl_expr_is_set(self.0, attr as u16) }
+    }
+
+    fn u32(&self, attr: u32) -> Option<u32> {
+        // SAFETY: as for `is_set`; the attribute is a 32-bit one of this kind when set.
+        self.is_set(attr).then(|| unsafe { sys::nftnl_expr_get_u32(self.0, attr as u16) })
+    }
+
+    fn string(&self, attr: u32) -> Option<String> {
+        // SAFETY: as for `is_set`; a set string attribute is NUL-terminated.
+        self.is_set(attr).then(|| string(unsafe { sys::nftnl_expr_get_str(self.0, attr as u16) }))
+    }
+
+    fn bytes(&self, attr: u32) -> Option<Vec<u8>> {
+        let mut len = 0u32;
+        // SAFETY: as for `is_set`; libnftnl returns the attribute's storage and its length in
+        // bytes, which stays valid while the expression lives, longer than this copy.
+        let data = unsafe { sys::nftnl_expr_get(self.0, attr as u16, &mut len) }.cast::<u8>();
+        (!data.is_null()).then(|| unsafe { std::slice::from_raw_parts(data, len as usize) }.to_vec())
+    }
+
+    /// The fields of an expression named `name`, for the kinds and forms our rules use.
+    fn fields(&self, name: &str) -> Option<Expr> {
+        use sys::*;
+        Some(match name {
+            "meta" => Expr::Meta {
+                key: self.u32(NFTNL_EXPR_META_KEY)?,
+                dreg: self.u32(NFTNL_EXPR_META_DREG),
+                sreg: self.u32(NFTNL_EXPR_META_SREG),
+            },
+            "payload" if !self.is_set(NFTNL_EXPR_PAYLOAD_SREG) => Expr::Payload {
+                base: self.u32(NFTNL_EXPR_PAYLOAD_BASE)?,
+                offset: self.u32(NFTNL_EXPR_PAYLOAD_OFFSET)?,
+                len: self.u32(NFTNL_EXPR_PAYLOAD_LEN)?,
+                dreg: self.u32(NFTNL_EXPR_PAYLOAD_DREG)?,
+            },
+            "cmp" => Expr::Cmp {
+                sreg: self.u32(NFTNL_EXPR_CMP_SREG)?,
+                op: self.u32(NFTNL_EXPR_CMP_OP)?,
+                data: self.bytes(NFTNL_EXPR_CMP_DATA)?,
+            },
+            "bitwise" if self.u32(NFTNL_EXPR_BITWISE_OP).unwrap_or(0) == 0 => Expr::Bitwise {
+                sreg: self.u32(NFTNL_EXPR_BITWISE_SREG)?,
+                dreg: self.u32(NFTNL_EXPR_BITWISE_DREG)?,
+                mask: self.bytes(NFTNL_EXPR_BITWISE_MASK)?,
+                xor: self.bytes(NFTNL_EXPR_BITWISE_XOR)?,
+            },
+            "immediate" => match self.u32(NFTNL_EXPR_IMM_VERDICT) {
+                Some(code) => Expr::Verdict { code: code as i32, chain: self.string(NFTNL_EXPR_IMM_CHAIN) },
+                None => Expr::Immediate { dreg: self.u32(NFTNL_EXPR_IMM_DREG)?, data: self.bytes(NFTNL_EXPR_IMM_DATA)? },
+            },
+            "ct" if !self.is_set(NFTNL_EXPR_CT_DIR) => Expr::Ct {
+                key: self.u32(NFTNL_EXPR_CT_KEY)?,
+                dreg: self.u32(NFTNL_EXPR_CT_DREG),
+                sreg: self.u32(NFTNL_EXPR_CT_SREG),
+            },
+            "redir" => Expr::Redir {
+                proto_min: self.u32(NFTNL_EXPR_REDIR_REG_PROTO_MIN),
+                proto_max: self.u32(NFTNL_EXPR_REDIR_REG_PROTO_MAX),
+                flags: self.u32(NFTNL_EXPR_REDIR_FLAGS).unwrap_or(0),
+            },
+            "masq" => Expr::Masq {
+                proto_min: self.u32(NFTNL_EXPR_MASQ_REG_PROTO_MIN),
+                proto_max: self.u32(NFTNL_EXPR_MASQ_REG_PROTO_MAX),
+                flags: self.u32(NFTNL_EXPR_MASQ_FLAGS).unwrap_or(0),
+            },
+            "tproxy" => Expr::Tproxy {
+                family: self.u32(NFTNL_EXPR_TPROXY_FAMILY).unwrap_or(0),
+                addr: self.u32(NFTNL_EXPR_TPROXY_REG_ADDR),
+                port: self.u32(NFTNL_EXPR_TPROXY_REG_PORT),
+            },
+            "nat" => Expr::Nat {
+                kind: self.u32(NFTNL_EXPR_NAT_TYPE)?,
+                family: self.u32(NFTNL_EXPR_NAT_FAMILY).unwrap_or(0),
+                addr_min: self.u32(NFTNL_EXPR_NAT_REG_ADDR_MIN),
+                addr_max: self.u32(NFTNL_EXPR_NAT_REG_ADDR_MAX),
+                proto_min: self.u32(NFTNL_EXPR_NAT_REG_PROTO_MIN),
+                proto_max: self.u32(NFTNL_EXPR_NAT_REG_PROTO_MAX),
+                flags: self.u32(NFTNL_EXPR_NAT_FLAGS).unwrap_or(0),
+            },
+            _ => return None,
+        })
+    }
+}
+
 /// # Safety
 /// `expr` must be a live expression of a live rule.
 unsafe fn describe_expr(expr: *mut sys::nftnl_expr) -> ExprObject {
-    // SAFETY: per this function's contract; the getters read attributes the expression holds.
-    unsafe {
-        let name = string(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_NAME as u16));
-        match name.as_str() {
-            "counter" => ExprObject::Counter,
-            "lookup" => {
-                let is_set = |attr: u32| sys::nftnl_expr_is_set(expr, attr as u16);
-                let set = if is_set(sys::NFTNL_EXPR_LOOKUP_SET_ID) {
-                    SetRef::Id(sys::nftnl_expr_get_u32(expr, sys::NFTNL_EXPR_LOOKUP_SET_ID as u16))
-                } else {
-                    SetRef::Name(string(sys::nftnl_expr_get_str(expr, sys::NFTNL_EXPR_LOOKUP_SET as u16)))
-                };
-                let flags = if is_set(sys::NFTNL_EXPR_LOOKUP_FLAGS) {
-                    sys::nftnl_expr_get_u32(expr, sys::NFTNL_EXPR_LOOKUP_FLAGS as u16)
-                } else {
-                    0
-                };
-                ExprObject::Lookup { set, flags }
-            }
-            _ => {
-                let mut buf = [0 as c_char; 1024];
-                sys::nftnl_expr_snprintf(buf.as_mut_ptr(), buf.len(), expr, sys::NFTNL_OUTPUT_DEFAULT, 0);
-                ExprObject::Other(format!("{name} {}", string(buf.as_ptr()).trim_end()))
-            }
+    // SAFETY: per this function's contract: `expr` outlives `attrs`, which lives only here.
+    let attrs = unsafe { Attributes::of(expr) };
+    let name = attrs.string(sys::NFTNL_EXPR_NAME).unwrap_or_default();
+    match name.as_str() {
+        "counter" => ExprObject::Counter,
+        "lookup" => ExprObject::Lookup {
+            set: match attrs.u32(sys::NFTNL_EXPR_LOOKUP_SET_ID) {
+                Some(id) => SetRef::Id(id),
+                None => SetRef::Name(attrs.string(sys::NFTNL_EXPR_LOOKUP_SET).unwrap_or_default()),
+            },
+            flags: attrs.u32(sys::NFTNL_EXPR_LOOKUP_FLAGS).unwrap_or(0),
+            sreg: attrs.u32(sys::NFTNL_EXPR_LOOKUP_SREG).unwrap_or(0),
+        },
+        _ => {
+            let mut buf = [0 as c_char; 1024];
+            // SAFETY: per this function's contract; libnftnl writes at most `buf.len()` bytes,
+            // NUL-terminated.
+            unsafe { sys::nftnl_expr_snprintf(buf.as_mut_ptr(), buf.len(), expr, sys::NFTNL_OUTPUT_DEFAULT, 0) };
+            ExprObject::Other { text: format!("{name} {}", string(buf.as_ptr()).trim_end()), fields: attrs.fields(&name) }
         }
     }
 }

@@ -2,16 +2,19 @@
 //!
 //! Both sides go through the same parser and printer (libnftnl's), so "installed equals
 //! planned" is a plain comparison: rule expressions as libnftnl prints them, with counter
-//! values dropped and anonymous sets replaced by their contents.
+//! values dropped and anonymous sets replaced by their contents. A difference shows its rules
+//! in nft syntax: the one planned as we render it, the one found decompiled.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 
 use super::batch::{Transaction, TransactionBuilder};
+use super::decompile::decompile;
 use super::messages::{self, batch_messages};
 use super::raw::{ChainHook, ExprObject, Object, SetRef};
-use super::render::{add_rule_line, TablePlan};
+use super::render::TablePlan;
 use super::schema::{chain_name, table_name, table_named, TABLE_ORDER};
+use crate::drift::{chain_rule_differences, count, Difference, Kind};
 use crate::model::Table;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,7 +22,32 @@ pub(super) struct ChainState {
     pub name: String,
     /// `type .. hook .. priority .. policy ..` for base chains.
     pub hook: Option<String>,
-    pub rules: Vec<String>,
+    pub rules: Vec<RuleState>,
+}
+
+/// One rule: what is compared, and what it is made of, to show it.
+#[derive(Debug, Clone, Eq)]
+pub(super) struct RuleState {
+    /// Its expressions as libnftnl prints them, counters without values, sets by contents.
+    pub text: String,
+    exprs: Vec<ExprObject>,
+    /// The elements of each set it looks up, in order (`None`: not found).
+    sets: Vec<Option<Vec<Vec<u8>>>>,
+}
+
+/// Rules are equal when their texts are: the rest only shows them (and names a set by the id
+/// of our batch, or by the name the kernel gave it).
+impl PartialEq for RuleState {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl RuleState {
+    /// The rule in nft syntax, as `render.rs` writes rules.
+    pub fn nft(&self) -> String {
+        decompile(&self.exprs, &self.sets)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,34 +77,56 @@ fn describe_hook(hook: &ChainHook) -> String {
     format!("type {} hook {hook_name} priority {} policy {policy}", hook.kind, hook.priority)
 }
 
-/// Every set by table and reference: its key type, flags and sorted contents.
-fn describe_sets(objects: &[Object]) -> HashMap<(&str, &SetRef), String> {
-    let mut keys: HashMap<(&str, &SetRef), Vec<String>> = HashMap::new();
+/// A set as compared (key type, flags and sorted contents) and its elements.
+struct SetState {
+    text: String,
+    elements: Vec<Vec<u8>>,
+}
+
+/// Every set by table and reference.
+fn describe_sets(objects: &[Object]) -> HashMap<(&str, &SetRef), SetState> {
+    let mut keys: HashMap<(&str, &SetRef), Vec<Vec<u8>>> = HashMap::new();
     for object in objects {
         if let Object::Elements(elements) = object {
-            let entry = keys.entry((elements.table.as_str(), &elements.set)).or_default();
-            entry.extend(elements.keys.iter().map(|k| hex(k)));
+            keys.entry((elements.table.as_str(), &elements.set)).or_default().extend(elements.keys.iter().cloned());
         }
     }
     objects
         .iter()
         .filter_map(|object| match object {
             Object::Set(set) => {
-                let mut contents = keys.remove(&(set.table.as_str(), &set.set)).unwrap_or_default();
+                let elements = keys.remove(&(set.table.as_str(), &set.set)).unwrap_or_default();
+                let mut contents: Vec<String> = elements.iter().map(|k| hex(k)).collect();
                 contents.sort();
                 let text = format!("type {} len {} flags {:#x} {{{}}}", set.key_type, set.key_len, set.flags, contents.join(","));
-                Some(((set.table.as_str(), &set.set), text))
+                Some(((set.table.as_str(), &set.set), SetState { text, elements }))
             }
             _ => None,
         })
         .collect()
 }
 
+/// The rule `exprs` make in `table`, in comparable form.
+fn rule_state(table: &str, exprs: &[ExprObject], sets: &HashMap<(&str, &SetRef), SetState>) -> RuleState {
+    let mut texts = Vec::with_capacity(exprs.len());
+    let mut looked_up = Vec::new();
+    for expr in exprs {
+        texts.push(match expr {
+            ExprObject::Counter => "[ counter ]".to_string(),
+            ExprObject::Lookup { set, flags, .. } => {
+                let set = sets.get(&(table, set));
+                looked_up.push(set.map(|s| s.elements.clone()));
+                format!("[ lookup {} flags {flags:#x} ]", set.map_or("missing set", |s| s.text.as_str()))
+            }
+            ExprObject::Other { text, .. } => format!("[ {text} ]"),
+        });
+    }
+    RuleState { text: texts.join(" "), exprs: exprs.to_vec(), sets: looked_up }
+}
+
 /// Builds the snapshot of our tables from parsed objects; anything of other tables is ignored.
 pub(super) fn snapshot(objects: &[Object]) -> Snapshot {
     let sets = describe_sets(objects);
-    let describe_set = |table: &str, set: &SetRef| sets.get(&(table, set)).cloned().unwrap_or_else(|| "missing set".into());
-
     let mut tables = Snapshot::new();
     for object in objects {
         match object {
@@ -99,18 +149,7 @@ pub(super) fn snapshot(objects: &[Object]) -> Snapshot {
                     .and_then(|t| tables.get_mut(&t))
                     .and_then(|state| state.chains.iter_mut().find(|c| c.name == r.chain));
                 if let Some(chain) = chain {
-                    let exprs: Vec<String> = r
-                        .exprs
-                        .iter()
-                        .map(|e| match e {
-                            ExprObject::Counter => "[ counter ]".to_string(),
-                            ExprObject::Lookup { set, flags } => {
-                                format!("[ lookup {} flags {flags:#x} ]", describe_set(&r.table, set))
-                            }
-                            ExprObject::Other(text) => format!("[ {text} ]"),
-                        })
-                        .collect();
-                    chain.rules.push(exprs.join(" "));
+                    chain.rules.push(rule_state(&r.table, &r.exprs, &sets));
                 }
             }
             Object::Set(_) | Object::Elements(_) => {}
@@ -130,7 +169,7 @@ pub(super) fn describe(snapshot: &Snapshot) -> String {
         for chain in &state.chains {
             let _ = writeln!(out, "  chain {} {{ {} }}", chain.name, chain.hook.as_deref().unwrap_or("regular"));
             for rule in &chain.rules {
-                let _ = writeln!(out, "    {rule}");
+                let _ = writeln!(out, "    {}", rule.text);
             }
         }
     }
@@ -155,56 +194,66 @@ pub(super) fn planned(plan: &[TablePlan]) -> Snapshot {
     snapshot(&batch_objects(&builder.finish()))
 }
 
-/// Human-readable differences between what is installed and what is planned.
-pub(super) fn differences(plan: &[TablePlan], want: &Snapshot, have: &Snapshot) -> Vec<String> {
+/// How what is installed differs from what is planned, table by table.
+pub(super) fn differences(plan: &[TablePlan], want: &Snapshot, have: &Snapshot) -> Vec<Difference> {
     let mut out = Vec::new();
     for table in TABLE_ORDER {
-        let name = table_name(table);
+        let place = format!("table inet {}", table_name(table));
         match (want.get(&table), have.get(&table)) {
             (None, None) => {}
-            (Some(_), None) => out.push(format!("table inet {name} is missing")),
-            (None, Some(_)) => out.push(format!("table inet {name} is not part of this configuration (left by another one?)")),
+            (Some(w), None) => out.push(Difference::new(Kind::TableMissing, place).expected(count(w.chains.len(), "chain"))),
+            (None, Some(h)) => out.push(
+                Difference::new(Kind::UnexpectedTable, place)
+                    .found(format!("{} (left by another configuration?)", count(h.chains.len(), "chain"))),
+            ),
             (Some(w), Some(h)) => {
                 if w.flags != h.flags {
-                    out.push(format!("table inet {name} has flags {:#x} (e.g. dormant), expected {:#x}", h.flags, w.flags));
+                    let flags = |f: u32| format!("flags {f:#x}{}", if f & 1 != 0 { " (dormant)" } else { "" });
+                    out.push(Difference::new(Kind::TableDiffers, &place).expected(flags(w.flags)).found(flags(h.flags)));
                 }
                 let table_plan = plan.iter().find(|p| p.table == table);
-                out.extend(chain_differences(table, table_plan, &w.chains, &h.chains));
+                out.extend(chain_differences(&place, table_plan, &w.chains, &h.chains));
             }
         }
     }
     out
 }
 
-fn chain_differences(table: Table, plan: Option<&TablePlan>, want: &[ChainState], have: &[ChainState]) -> Vec<String> {
-    let name = table_name(table);
+/// A chain in words: its hook, if any, and how many rules it holds.
+fn describe_chain(chain: &ChainState) -> String {
+    let rules = count(chain.rules.len(), "rule");
+    match &chain.hook {
+        Some(hook) => format!("{hook}, {rules}"),
+        None => rules,
+    }
+}
+
+fn chain_differences(table: &str, plan: Option<&TablePlan>, want: &[ChainState], have: &[ChainState]) -> Vec<Difference> {
     let mut out = Vec::new();
     for h in have.iter().filter(|h| !want.iter().any(|w| w.name == h.name)) {
-        out.push(format!("chain inet {name} {} is not part of this configuration", h.name));
+        out.push(Difference::new(Kind::UnexpectedChain, format!("{table}, chain {}", h.name)).found(describe_chain(h)));
     }
     for w in want {
-        let chain = format!("chain inet {name} {}", w.name);
+        let place = format!("{table}, chain {}", w.name);
         let Some(h) = have.iter().find(|h| h.name == w.name) else {
-            out.push(format!("{chain} is missing"));
+            out.push(Difference::new(Kind::ChainMissing, place).expected(describe_chain(w)));
             continue;
         };
         if w.hook != h.hook {
             let show = |hook: &Option<String>| hook.clone().unwrap_or_else(|| "a regular chain".to_string());
-            out.push(format!("{chain} is {}, expected {}", show(&h.hook), show(&w.hook)));
+            out.push(Difference::new(Kind::ChainDiffers, &place).expected(show(&w.hook)).found(show(&h.hook)));
         }
-        if w.rules.len() != h.rules.len() {
-            out.push(format!("{chain} holds {} rules, expected {}", h.rules.len(), w.rules.len()));
-        }
-        if let Some(i) = (0..w.rules.len().max(h.rules.len())).find(|&i| w.rules.get(i) != h.rules.get(i)) {
-            let expected = plan
-                .and_then(|p| p.chains.iter().find(|c| chain_name(c.chain) == w.name))
-                .and_then(|c| c.rules.get(i).map(|r| format!("`{}`", add_rule_line(table, c.chain, r))));
-            let found = h.rules.get(i).map_or("nothing".to_string(), |r| format!("`{r}`"));
-            out.push(format!("{chain}: rule {} is {found}, expected {}", i + 1, expected.as_deref().unwrap_or("nothing")));
-        }
+        let planned = plan.and_then(|p| p.chains.iter().find(|c| chain_name(c.chain) == w.name));
+        let expected = |i: usize| planned.and_then(|c| c.rules.get(i)).map_or_else(|| w.rules[i].nft(), |r| r.to_string());
+        out.extend(chain_rule_differences(&place, (&w.rules, &h.rules), |i| i + 1, expected, |i| h.rules[i].nft()));
     }
     if out.is_empty() && want.iter().map(|c| &c.name).ne(have.iter().map(|c| &c.name)) {
-        out.push(format!("table inet {name} declares its chains in another order"));
+        let names = |chains: &[ChainState]| chains.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ");
+        out.push(
+            Difference::new(Kind::TableDiffers, table)
+                .expected(format!("chains {}", names(want)))
+                .found(format!("chains {}", names(have))),
+        );
     }
     out
 }
@@ -238,38 +287,46 @@ mod tests {
         assert_eq!(want.keys().copied().collect::<Vec<_>>(), vec![Table::Nat, Table::Raw]);
         let output = chain(&want, Table::Nat, "output");
         assert_eq!(output.hook.as_deref(), Some("type nat hook output priority -100 policy accept"));
-        assert_eq!(output.rules, vec!["[ counter ] [ immediate reg 0 jump -> istio-output ]"]);
+        let texts: Vec<&str> = output.rules.iter().map(|r| r.text.as_str()).collect();
+        assert_eq!(texts, vec!["[ counter ] [ immediate reg 0 jump -> istio-output ]"]);
         // The anonymous set is compared by contents: ports 53 and 15008, big-endian.
-        let lookups: Vec<&String> =
-            chain(&want, Table::Nat, "istio-output").rules.iter().filter(|r| r.contains("lookup")).collect();
+        let lookups: Vec<&str> = chain(&want, Table::Nat, "istio-output")
+            .rules
+            .iter()
+            .map(|r| r.text.as_str())
+            .filter(|r| r.contains("lookup"))
+            .collect();
         assert_eq!(lookups.len(), 1);
         assert!(lookups[0].contains("[ lookup type 13 len 2 flags 0x3 {0035,3aa0} flags 0x1 ]"), "{}", lookups[0]);
-        let zone = &chain(&want, Table::Raw, "istio-inbound").rules[0];
+        let zone = &chain(&want, Table::Raw, "istio-inbound").rules[0].text;
         assert!(zone.ends_with("[ counter ] [ immediate reg 1 0x00000001 ] [ ct set zone with reg 1 ]"), "{zone}");
     }
 
     #[test]
-    fn differences_name_the_table_chain_and_rule() {
+    fn differences_name_kind_place_and_both_rules_in_nft_syntax() {
         let plan = dns_plan();
         let want = planned(&plan);
         let mut have = want.clone();
         have.remove(&Table::Raw);
+        let foreign = chain(&want, Table::Nat, "istio-in-redirect").rules[0].clone();
         let nat = have.get_mut(&Table::Nat).unwrap();
         nat.chains.retain(|c| c.name != "istio-redirect");
         let output = nat.chains.iter_mut().find(|c| c.name == "istio-output").unwrap();
-        output.rules[0] = "[ immediate reg 0 accept ]".into();
-        output.rules.push("[ immediate reg 0 drop ]".into());
+        output.rules[0] = foreign.clone();
+        output.rules.push(foreign);
         have.insert(Table::Mangle, TableState { flags: 0, chains: Vec::new() });
+        let shown: Vec<String> = differences(&plan, &want, &have).iter().map(ToString::to_string).collect();
         assert_eq!(
-            differences(&plan, &want, &have),
+            shown,
             vec![
-                "chain inet istio-proxy-nat istio-redirect is missing".to_string(),
-                "chain inet istio-proxy-nat istio-output holds 10 rules, expected 9".to_string(),
-                "chain inet istio-proxy-nat istio-output: rule 1 is `[ immediate reg 0 accept ]`, expected \
-                 `add rule inet istio-proxy-nat istio-output oifname \"lo\" ip saddr 127.0.0.6/32 counter return`"
-                    .to_string(),
-                "table inet istio-proxy-mangle is not part of this configuration (left by another one?)".to_string(),
-                "table inet istio-proxy-raw is missing".to_string(),
+                "chain missing: table inet istio-proxy-nat, chain istio-redirect\n    expected: 1 rule",
+                "rule differs: table inet istio-proxy-nat, chain istio-output, rule 1\n    \
+                 expected: oifname \"lo\" ip saddr 127.0.0.6/32 counter return\n    \
+                 found:    meta l4proto tcp counter redirect to :15006",
+                "unexpected rule: table inet istio-proxy-nat, chain istio-output, rule 10\n    \
+                 found:    meta l4proto tcp counter redirect to :15006",
+                "unexpected table: table inet istio-proxy-mangle\n    found:    0 chains (left by another configuration?)",
+                "table missing: table inet istio-proxy-raw\n    expected: 4 chains",
             ]
         );
     }
