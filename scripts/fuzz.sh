@@ -15,10 +15,11 @@ for target in $(cargo fuzz list); do
   # The corpus persists between runs so later runs start where earlier ones stopped.
   log=$(mktemp)
   if ! cargo fuzz run "${flags[@]}" "$target" "corpus/$target" -- -max_total_time="$seconds" -max_len=4096 >"$log" 2>&1; then
-    grep -A40 panicked "$log" || tail -40 "$log"
+    # -a: a target's own output (the CNI plugin's log lines) may carry the fuzzer's bytes.
+    grep -aA40 panicked "$log" || tail -40 "$log"
     echo "fuzz target $target failed: the input is in fuzz/artifacts/$target"
     exit 1
   fi
-  grep -E '^Done' "$log"
+  grep -aE '^Done' "$log"
   rm -f "$log"
 done

@@ -48,9 +48,7 @@ pub fn add(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<Re
 
 /// CHECK: passes only when the namespace holds exactly the requested capture.
 pub fn check(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<Reply, PluginError> {
-    if !protocol::allows_check(&conf.cni_version) {
-        return Err(PluginError::CheckNotAllowed(conf.cni_version.clone()));
-    }
+    refuse_early_check(conf)?;
     if let Some((config, backend, dual_stack)) = validate(invocation, conf, args)? {
         let config = enter_pod(invocation, config, dual_stack)?;
         capture::verify(&config, backend, LOCK_WAIT)?;
@@ -189,4 +187,22 @@ fn enter_if_present(netns: &Path) -> Result<bool, PluginError> {
         Err(PluginError::Namespace(NamespaceError::Enter { source: nix::errno::Errno::EINVAL, .. })) => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// CHECK arrived in spec 0.4.0.
+fn refuse_early_check(conf: &NetConf) -> Result<(), PluginError> {
+    match protocol::allows_check(&conf.cni_version) {
+        true => Ok(()),
+        false => Err(PluginError::CheckNotAllowed(conf.cni_version.clone())),
+    }
+}
+
+/// ADD or CHECK as far as either goes without the pod's namespace: every refusal it makes from
+/// its input alone, and ADD's reply (for [`crate::Mode::DryRun`]).
+pub fn dry_run(invocation: &Invocation, conf: &NetConf, args: &CniArgs) -> Result<Reply, PluginError> {
+    if invocation.command == protocol::Command::Check {
+        refuse_early_check(conf)?;
+    }
+    validate(invocation, conf, args)?;
+    Ok((invocation.command == protocol::Command::Add).then(|| passed_through(conf)))
 }

@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use capture_tests::bench::{linkage, options, spread, CpuTimes};
+
 const NAMESERVERS: &str = "nameserver 10.96.0.10\nnameserver fd00::a\n";
 const WARMUP: usize = 2;
 
@@ -31,15 +33,14 @@ fn main() {
     }
     let mut runs = 30;
     let mut bin = PathBuf::from("target/release/istio-iptables");
-    let mut rest = args.iter();
-    while let Some(flag) = rest.next() {
-        let value = rest.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
+    options("--runs N, --bin PATH", |name, value| {
+        match name {
             "--runs" => runs = value.parse().expect("--runs N"),
             "--bin" => bin = PathBuf::from(value),
-            other => panic!("unknown option {other} (use --runs N, --bin PATH)"),
+            _ => return false,
         }
-    }
+        true
+    });
     bench(&fs::canonicalize(&bin).expect("the istio-iptables binary (build with --release)"), runs);
 }
 
@@ -139,7 +140,7 @@ fn bench(bin: &Path, runs: usize) {
     };
     let mut contenders = contenders;
     let me = std::env::current_exe().unwrap();
-    let cpu_before = cpu_times();
+    let cpu_before = CpuTimes::now();
     for round in 0..WARMUP + runs {
         for (i, contender) in contenders.iter_mut().enumerate() {
             let pod = Namespace::new(format!("nftbench{}x{round}c{i}", std::process::id()));
@@ -150,44 +151,12 @@ fn bench(bin: &Path, runs: usize) {
             }
         }
     }
-    let (busy, total) = cpu_times().delta(&cpu_before);
+    let busy = CpuTimes::now().busy_percent_since(&cpu_before);
     fs::remove_dir_all(&scratch).unwrap();
     report(&mut contenders, runs);
     println!("\n{} is {}", bin.display(), linkage(bin));
     // The runs themselves keep one core busy; much more means other work skewed them.
-    println!("\nmachine busy {:.0}% of the time during the runs (2 cores: 50% is one core)", 100.0 * busy / total);
-}
-
-/// How `ldd` describes the binary: "statically linked", or the shared libraries it loads.
-fn linkage(bin: &Path) -> String {
-    let out = Command::new("ldd").arg(bin).output().expect("ldd");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let libraries: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).filter(|l| l.contains(".so")).collect();
-    if libraries.is_empty() {
-        text.trim().to_string()
-    } else {
-        format!("dynamically linked ({})", libraries.join(", "))
-    }
-}
-
-/// Jiffies the machine spent busy and in total, from `/proc/stat`.
-struct CpuTimes {
-    busy: f64,
-    total: f64,
-}
-
-impl CpuTimes {
-    fn delta(&self, earlier: &CpuTimes) -> (f64, f64) {
-        (self.busy - earlier.busy, self.total - earlier.total)
-    }
-}
-
-fn cpu_times() -> CpuTimes {
-    let stat = fs::read_to_string("/proc/stat").unwrap();
-    let fields: Vec<f64> = stat.lines().next().unwrap().split_whitespace().skip(1).map(|f| f.parse().unwrap()).collect();
-    let total: f64 = fields.iter().take(8).sum();
-    // idle and iowait are the 4th and 5th fields.
-    CpuTimes { busy: total - fields[3] - fields[4], total }
+    println!("\nmachine busy {busy:.0}% of the time during the runs (2 cores: 50% is one core)");
 }
 
 /// The `--dry-run` payloads of the iptables backend, as timer steps with the same programs
@@ -223,10 +192,9 @@ fn report(contenders: &mut [Contender], runs: usize) {
     println!("| command | min | median | max |\n| --- | ---: | ---: | ---: |");
     let mut medians = Vec::new();
     for c in contenders.iter_mut() {
-        c.micros.sort_unstable();
-        let median = c.micros[c.micros.len() / 2];
+        let (min, median, max) = spread(&mut c.micros);
         medians.push(median as f64);
-        println!("| {} | {:.2} | {:.2} | {:.2} |", c.name, ms(c.micros[0]), ms(median), ms(*c.micros.last().unwrap()));
+        println!("| {} | {:.2} | {:.2} | {:.2} |", c.name, ms(min), ms(median), ms(max));
     }
     println!("\n| ratio of medians | value | target |\n| --- | ---: | ---: |");
     println!("| native nftables / nft -f | {:.2} | ≤ 0.50 |", medians[0] / medians[1]);

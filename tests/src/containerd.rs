@@ -240,12 +240,26 @@ impl Containerd {
 
     /// Imports the pause image (built by the first node of this process) for the CRI.
     fn import_pause_image(&self, cri: &CriClient) {
-        let archive = pause_image_archive(&self.dir.join("image"));
+        self.import_image(cri, pause_image_archive(&self.dir.join("image")), PAUSE_IMAGE);
+    }
+
+    /// Imports an image archive (OCI layout or docker-archive, as `ctr images import` reads them)
+    /// into the CRI's namespace, as a node without a registry gets its images, and waits until
+    /// the CRI service knows the image as `name`.
+    pub fn import_image(&self, cri: &CriClient, archive: &[u8], name: &str) {
         let mut import = Command::new("ctr");
         import.arg("--address").arg(self.socket()).args(["-n", "k8s.io", "images", "import", "-"]);
         piped(&mut import, archive);
         // The CRI service learns of imported images from containerd's events.
-        self.wait_for("the CRI service to see the pause image", || cri.image_status(PAUSE_IMAGE).ok().flatten());
+        self.wait_for(&format!("the CRI service to see {name}"), || cri.image_status(name).ok().flatten());
+    }
+
+    /// A directory for a pod's container logs (its sandbox's `log_directory`), made here as a
+    /// kubelet makes it.
+    pub fn log_directory(&self, pod: &str) -> PathBuf {
+        let dir = self.dir.join("logs").join(pod);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     /// Stops and removes every sandbox still there, so their shims exit and their namespaces,

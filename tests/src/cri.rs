@@ -94,6 +94,46 @@ impl CriClient {
         Ok(response.items)
     }
 
+    /// Creates a container in the sandbox `pod_sandbox_id` (configured with `sandbox`); returns its id.
+    pub fn create_container(
+        &self,
+        pod_sandbox_id: &str,
+        config: &ContainerConfig,
+        sandbox: &PodSandboxConfig,
+    ) -> Result<String, CriError> {
+        let request = CreateContainerRequest {
+            pod_sandbox_id: pod_sandbox_id.into(),
+            config: Some(config.clone()),
+            sandbox_config: Some(sandbox.clone()),
+        };
+        let response: CreateContainerResponse = self.call("/runtime.v1.RuntimeService/CreateContainer", &request)?;
+        Ok(response.container_id)
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<(), CriError> {
+        let _: Empty = self.call("/runtime.v1.RuntimeService/StartContainer", &ContainerIdRequest { container_id: id.into() })?;
+        Ok(())
+    }
+
+    /// Sends the stop signal, and SIGKILL after `timeout_seconds`.
+    pub fn stop_container(&self, id: &str, timeout_seconds: i64) -> Result<(), CriError> {
+        let request = StopContainerRequest { container_id: id.into(), timeout: timeout_seconds };
+        let _: Empty = self.call("/runtime.v1.RuntimeService/StopContainer", &request)?;
+        Ok(())
+    }
+
+    pub fn remove_container(&self, id: &str) -> Result<(), CriError> {
+        let _: Empty =
+            self.call("/runtime.v1.RuntimeService/RemoveContainer", &ContainerIdRequest { container_id: id.into() })?;
+        Ok(())
+    }
+
+    pub fn container_status(&self, id: &str) -> Result<ContainerStatus, CriError> {
+        let request = ContainerStatusRequest { container_id: id.into(), verbose: false };
+        let response: ContainerStatusResponse = self.call("/runtime.v1.RuntimeService/ContainerStatus", &request)?;
+        Ok(response.status.unwrap_or_default())
+    }
+
     /// The image as the runtime's CRI service knows it, if it does.
     pub fn image_status(&self, image: &str) -> Result<Option<Image>, CriError> {
         let request = ImageStatusRequest { image: Some(ImageSpec { image: image.into() }) };
@@ -190,6 +230,12 @@ fn percent_decode(text: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// The annotation Istio's injector writes on a pod it gave a sidecar, and its value for a pod
+/// on a node with istio-cni (the istio-validation init container, the istio-proxy container):
+/// the CNI plugin captures a pod whose status names `istio-proxy`.
+pub const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+pub const INJECTED_STATUS: &str = r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["workload-socket","credential-socket","workload-certs","istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#;
 
 /// A sandbox configured as a kubelet does for an ordinary pod (its own network and IPC
 /// namespaces, a PID namespace per container); add annotations and labels to taste.

@@ -3,13 +3,14 @@
 //! A [`Pod`] is a network namespace held open by a sleeping process, entered the way a node
 //! agent would: `nsenter -t PID -n`. Tests read like the topology they build.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod podman;
@@ -198,13 +199,19 @@ impl Pod {
     /// Waits until the capture-proxy in this namespace answers ready on :15021; `log` is shown
     /// when it never does.
     pub fn wait_proxy_ready(&self, log: impl Fn() -> String) {
+        self.wait_http_ok("capture-proxy", 15021, "/healthz/ready", log);
+    }
+
+    /// Waits until `server` answers `GET path` on 127.0.0.1:`port` in this namespace with 200
+    /// (over loopback, which the capture leaves alone); `log` is shown when it never does.
+    pub fn wait_http_ok(&self, server: &str, port: u16, path: &str, log: impl Fn() -> String) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let status = self.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 15021)), "/healthz/ready").ok());
+            let status = self.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], port)), path).ok());
             if status.as_ref().is_some_and(|(status, _)| status == "200") {
                 return;
             }
-            assert!(Instant::now() < deadline, "capture-proxy never became ready:\n{}", log());
+            assert!(Instant::now() < deadline, "{server} never answered GET {path} on :{port}:\n{}", log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -255,6 +262,21 @@ pub fn metric(text: &str, series: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))
         .parse()
         .unwrap()
+}
+
+/// Serves HTTP/1.0 on `listener` from a thread of its own: every request is answered
+/// `{who} saw PEER`, with the address the connection came from.
+pub fn serve_peer_address(listener: std::net::TcpListener, who: &'static str) {
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let Ok(peer) = stream.peer_addr() else { continue };
+            // The whole head, up to its blank line: closing with unread bytes would reset the connection.
+            let mut head = BufReader::new(&stream).lines();
+            while head.next().is_some_and(|line| line.is_ok_and(|l| !l.is_empty())) {}
+            let body = format!("{who} saw {}", peer.ip());
+            let _ = write!(stream, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        }
+    });
 }
 
 /// `GET path` over HTTP/1.0; returns the status code and body.

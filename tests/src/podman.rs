@@ -55,21 +55,21 @@ impl Podman {
         let podman = Podman { dir };
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/image-build.sh");
         let release = release_bin("istio-iptables").parent().unwrap().to_path_buf();
-        // podman keeps a blob-info cache for root at a fixed path (/var/lib/containers/cache) that
-        // no configuration moves: the build runs in a mount namespace of its own in which /var/lib
-        // is an empty tmpfs, so the cache goes away with it.
-        let mut build = Command::new("unshare");
-        build.args([
-            "--mount",
-            "--propagation=private",
-            "sh",
-            "-c",
-            "mount -t tmpfs build-var-lib /var/lib && exec \"$@\"",
-            "sh",
-        ]);
+        let mut build = with_private_var_lib();
         build.arg(script).arg("test").arg(release).env("ENGINE", "podman");
         run_ok(podman.configure(&mut build));
         podman
+    }
+
+    /// `image` as a docker-archive: what `ctr images import` reads, the image's name kept.
+    pub fn save(&self, image: &str) -> Vec<u8> {
+        let archive = self.dir.join(format!("{}.tar", unique("save")));
+        let mut save = with_private_var_lib();
+        save.args(["podman", "save", "--quiet", "--format", "docker-archive", "--output"]).arg(&archive).arg(image);
+        run_ok(self.configure(&mut save));
+        let bytes = std::fs::read(&archive).unwrap();
+        std::fs::remove_file(&archive).unwrap();
+        bytes
     }
 
     /// `podman ARGS...` under this configuration.
@@ -116,6 +116,16 @@ impl Podman {
         let out = run_ok(self.cmd().args(["logs", name]));
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
     }
+}
+
+/// A command prefix that runs the rest of its arguments with an empty tmpfs on /var/lib: podman
+/// keeps a blob-info cache for root at a fixed path (/var/lib/containers/cache) that no
+/// configuration moves, so builds and saves run in a mount namespace of their own in which it
+/// goes away with them.
+fn with_private_var_lib() -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation=private", "sh", "-c", "mount -t tmpfs build-var-lib /var/lib && exec \"$@\"", "sh"]);
+    cmd
 }
 
 /// `--network ns:PATH`: the container joins the pod's namespace instead of getting its own.

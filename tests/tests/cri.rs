@@ -9,7 +9,7 @@
 
 use capture_tests::containerd::{Containerd, Footprint, RunningPod};
 use capture_tests::cri::api::PodSandboxConfig;
-use capture_tests::cri::{pod_sandbox_config, CriClient};
+use capture_tests::cri::{pod_sandbox_config, CriClient, INJECTED_STATUS, SIDECAR_STATUS};
 use capture_tests::{release_bin, require_netns, run_ok, Pod};
 use serde_json::json;
 
@@ -19,11 +19,6 @@ use serde_json::json;
 #[rustfmt::skip]
 const DEFAULT_ENTRY_AS_FLAGS: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "",
     "-b", "*", "-d", "15020,15021,15090", "-o", "15020", "--native-nftables"];
-
-/// The annotation Istio's injector writes on a pod it gave a sidecar (here as on a node with
-/// istio-cni: the istio-validation init container, the istio-proxy container).
-const STATUS: &str = "sidecar.istio.io/status";
-const INJECTED_STATUS: &str = r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["workload-socket","credential-socket","workload-certs","istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#;
 
 /// A pod with these annotations.
 fn annotated(name: &str, namespace: &str, annotations: &[(&str, &str)]) -> PodSandboxConfig {
@@ -35,7 +30,7 @@ fn annotated(name: &str, namespace: &str, annotations: &[(&str, &str)]) -> PodSa
 /// A pod Istio's injector gave a sidecar, with these annotations besides.
 fn injected(name: &str, namespace: &str, annotations: &[(&str, &str)]) -> PodSandboxConfig {
     let mut config = annotated(name, namespace, annotations);
-    config.annotations.insert(STATUS.into(), INJECTED_STATUS.into());
+    config.annotations.insert(SIDECAR_STATUS.into(), INJECTED_STATUS.into());
     config
 }
 
@@ -178,11 +173,15 @@ fn pods_without_an_injected_sidecar_get_nothing_programmed() {
         ),
         (
             "disabled-1",
-            vec![(STATUS, INJECTED_STATUS), ("sidecar.istio.io/inject", "false")],
+            vec![(SIDECAR_STATUS, INJECTED_STATUS), ("sidecar.istio.io/inject", "false")],
             "sidecar.istio.io/inject is \"false\"",
         ),
-        ("istio-init-1", vec![(STATUS, istio_init)], "sidecar.istio.io/status names istio-init, which captures the pod itself"),
-        ("no-proxy-1", vec![(STATUS, no_proxy)], "sidecar.istio.io/status names no istio-proxy container"),
+        (
+            "istio-init-1",
+            vec![(SIDECAR_STATUS, istio_init)],
+            "sidecar.istio.io/status names istio-init, which captures the pod itself",
+        ),
+        ("no-proxy-1", vec![(SIDECAR_STATUS, no_proxy)], "sidecar.istio.io/status names no istio-proxy container"),
     ];
     for (name, annotations, reason) in cases {
         let pod = run_pod(&containerd, &cri, &annotated(name, "shop", &annotations));
@@ -288,7 +287,7 @@ fn a_bad_annotation_fails_the_pod_naming_it_and_leaves_nothing_behind() {
             "{annotation}={value}: the error does not name both: {error}"
         );
     }
-    let not_json = annotated("bad-status", "shop", &[(STATUS, "injected")]);
+    let not_json = annotated("bad-status", "shop", &[(SIDECAR_STATUS, "injected")]);
     let error = containerd.run_pod(&cri, &not_json).expect_err("a pod with a broken status started").to_string();
     assert!(error.contains(r#"sidecar.istio.io/status="injected": not JSON"#), "{error}");
     assert_eq!(containerd.settled_node_leftovers(), Vec::<String>::new());

@@ -10,12 +10,11 @@
 //! The images are built once per run of this file by scripts/image-build.sh, into podman storage
 //! of the run's own (capture_tests::podman). Run `scripts/build.sh` first.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::OnceLock;
 
 use capture_tests::podman::{Finished, Podman, IPTABLES_IMAGE, MINIMAL_IMAGE};
-use capture_tests::{http_get, link, metric, release_bin, require_netns, run_ok, Pod};
+use capture_tests::{http_get, link, metric, release_bin, require_netns, run_ok, serve_peer_address, Pod};
 
 static PODMAN: OnceLock<Podman> = OnceLock::new();
 
@@ -430,22 +429,8 @@ fn injected_pod_passes_traffic_through_the_proxy(mode: &'static str) {
         "--entrypoint=/usr/local/bin/pod-app".to_string(),
     ];
     let app = podman.start_in(&pod, &app_options, MINIMAL_IMAGE, &["8080".to_string()]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while pod.enter(|| http_get(SocketAddr::from(([127, 0, 0, 1], 8080)), "/")).is_err() {
-        assert!(std::time::Instant::now() < deadline, "the app never listened:\n{}", app.logs());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-
-    let listener = external.enter(|| TcpListener::bind("10.44.2.1:9090")).unwrap();
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let peer = stream.peer_addr().unwrap().ip();
-            let mut head = BufReader::new(&stream).lines();
-            while head.next().is_some_and(|line| line.is_ok_and(|l| !l.is_empty())) {}
-            let body = format!("external saw {peer}");
-            let _ = write!(stream, "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-        }
-    });
+    pod.wait_http_ok("the app", 8080, "/", || app.logs());
+    serve_peer_address(external.enter(|| TcpListener::bind("10.44.2.1:9090")).unwrap(), "external");
 
     let (status, body) = client
         .enter(|| http_get(SocketAddr::from(([10, 44, 1, 2], 8080)), "/call/10.44.2.1:9090"))

@@ -37,6 +37,11 @@ macro_rules! scalar_fields {
 }
 scalar_fields!(String => string, bool => bool, u32 => uint32, i32 => int32, i64 => int64);
 
+/// The messages declared here. Only they are `repeated` as messages: prost also implements
+/// [`prost::Message`] for `String` (the `StringValue` wrapper), which must not decide how a
+/// `repeated string` goes on the wire.
+pub trait CriMessage: prost::Message + Default {}
+
 /// An embedded message.
 impl<M: prost::Message + Default> Field for Option<M> {
     fn encode(&self, tag: u32, buf: &mut impl BufMut) {
@@ -53,7 +58,7 @@ impl<M: prost::Message + Default> Field for Option<M> {
 }
 
 /// `repeated` messages.
-impl<M: prost::Message + Default> Field for Vec<M> {
+impl<M: CriMessage> Field for Vec<M> {
     fn encode(&self, tag: u32, buf: &mut impl BufMut) {
         encoding::message::encode_repeated(tag, self, buf);
     }
@@ -62,6 +67,19 @@ impl<M: prost::Message + Default> Field for Vec<M> {
     }
     fn encoded_len(&self, tag: u32) -> usize {
         encoding::message::encoded_len_repeated(tag, self)
+    }
+}
+
+/// `repeated string`.
+impl Field for Vec<String> {
+    fn encode(&self, tag: u32, buf: &mut impl BufMut) {
+        encoding::string::encode_repeated(tag, self, buf);
+    }
+    fn merge(&mut self, wire_type: WireType, buf: &mut impl Buf, ctx: DecodeContext) -> Result<(), DecodeError> {
+        encoding::string::merge_repeated(wire_type, self, buf, ctx)
+    }
+    fn encoded_len(&self, tag: u32) -> usize {
+        encoding::string::encoded_len_repeated(tag, self)
     }
 }
 
@@ -90,6 +108,8 @@ macro_rules! messages {
         pub struct $name {
             $($(#[$field_doc])* pub $field: $ty,)*
         }
+
+        impl CriMessage for $name {}
 
         impl prost::Message for $name {
             fn encode_raw(&self, _buf: &mut impl BufMut) {
@@ -125,6 +145,16 @@ pub enum NamespaceMode {
     Container = 1,
     Node = 2,
     Target = 3,
+}
+
+/// `ContainerState`, received as its number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum ContainerState {
+    Created = 0,
+    Running = 1,
+    Exited = 2,
+    Unknown = 3,
 }
 
 /// `PodSandboxState`, received as its number.
@@ -219,7 +249,7 @@ messages! {
         1 => pod_sandbox_id: String,
     }
 
-    /// The (empty) response of StopPodSandbox and RemovePodSandbox.
+    /// The (empty) response of StopPodSandbox, RemovePodSandbox and the container calls.
     pub struct Empty {}
 
     pub struct PodSandboxStatusRequest {
@@ -289,6 +319,93 @@ messages! {
     pub struct Image {
         1 => id: String,
     }
+
+    pub struct ContainerMetadata {
+        1 => name: String,
+        2 => attempt: u32,
+    }
+
+    /// A host path bound into a container.
+    pub struct Mount {
+        1 => container_path: String,
+        2 => host_path: String,
+        3 => readonly: bool,
+    }
+
+    pub struct Capability {
+        1 => add_capabilities: Vec<String>,
+        2 => drop_capabilities: Vec<String>,
+    }
+
+    /// Present or absent, unlike a plain `int64` (uid 0 is a value).
+    pub struct Int64Value {
+        1 => value: i64,
+    }
+
+    pub struct LinuxContainerSecurityContext {
+        1 => capabilities: Option<Capability>,
+        5 => run_as_user: Option<Int64Value>,
+        7 => readonly_rootfs: bool,
+        11 => no_new_privs: bool,
+        12 => run_as_group: Option<Int64Value>,
+    }
+
+    pub struct LinuxContainerConfig {
+        2 => security_context: Option<LinuxContainerSecurityContext>,
+    }
+
+    pub struct ContainerConfig {
+        1 => metadata: Option<ContainerMetadata>,
+        2 => image: Option<ImageSpec>,
+        /// The entrypoint, replacing the image's.
+        3 => command: Vec<String>,
+        4 => args: Vec<String>,
+        7 => mounts: Vec<Mount>,
+        /// Relative to the sandbox's `log_directory`.
+        11 => log_path: String,
+        15 => linux: Option<LinuxContainerConfig>,
+    }
+
+    pub struct CreateContainerRequest {
+        1 => pod_sandbox_id: String,
+        2 => config: Option<ContainerConfig>,
+        /// The sandbox's own configuration, again (as a kubelet sends it).
+        3 => sandbox_config: Option<PodSandboxConfig>,
+    }
+
+    pub struct CreateContainerResponse {
+        1 => container_id: String,
+    }
+
+    /// The request of StartContainer and RemoveContainer alike.
+    pub struct ContainerIdRequest {
+        1 => container_id: String,
+    }
+
+    pub struct StopContainerRequest {
+        1 => container_id: String,
+        /// Seconds between the stop signal and SIGKILL.
+        2 => timeout: i64,
+    }
+
+    pub struct ContainerStatusRequest {
+        1 => container_id: String,
+        2 => verbose: bool,
+    }
+
+    pub struct ContainerStatusResponse {
+        1 => status: Option<ContainerStatus>,
+    }
+
+    pub struct ContainerStatus {
+        1 => id: String,
+        /// A [`ContainerState`].
+        3 => state: i32,
+        7 => exit_code: i32,
+        10 => reason: String,
+        11 => message: String,
+        15 => log_path: String,
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +422,19 @@ mod tests {
         // Field 7, one map entry: key (1) "k", value (2) "v".
         assert_eq!(config.encode_to_vec(), [0x3a, 6, 0x0a, 1, b'k', 0x12, 1, b'v']);
         assert_eq!(PodSandboxConfig::decode(config.encode_to_vec().as_slice()).unwrap(), config);
+    }
+
+    #[test]
+    fn repeated_strings_and_wrapped_zeros_go_on_the_wire_as_protobuf_puts_them() {
+        let capabilities = Capability { add_capabilities: vec!["A".into(), String::new()], ..Default::default() };
+        // Field 1 twice, each a string: a repeated element is never left out, even empty (not a
+        // `StringValue` message, which would read [0x0a, 3, 0x0a, 1, b'A', ...]).
+        assert_eq!(capabilities.encode_to_vec(), [0x0a, 1, b'A', 0x0a, 0]);
+        assert_eq!(Capability::decode(capabilities.encode_to_vec().as_slice()).unwrap(), capabilities);
+        // uid 0 is sent: field 5, an empty message. An absent uid sends nothing.
+        let root = LinuxContainerSecurityContext { run_as_user: Some(Int64Value { value: 0 }), ..Default::default() };
+        assert_eq!(root.encode_to_vec(), [0x2a, 0]);
+        assert_eq!(LinuxContainerSecurityContext::default().encode_to_vec(), [] as [u8; 0]);
     }
 
     #[test]
