@@ -174,11 +174,21 @@ pub enum CaptureError {
     RoutesRollbackFailed { source: RouteError, rollback: Box<CaptureError> },
     #[error("the capture in this network namespace is not as requested:\n  {}", differences.join("\n  "))]
     NotInPlace { differences: Vec<String> },
-    #[error(
-        "this network namespace already holds a capture made with {other}, and two captures would stack; \
-         re-run with --reconcile to replace it with this one, or remove it first with --cleanup-only"
-    )]
+    #[error("this network namespace already holds a capture made with {other}, and two captures would stack")]
     OtherBackend { other: &'static str },
+}
+
+impl CaptureError {
+    /// Whether a reconciling run would replace what stopped this one (drifted rules, or the
+    /// other backend's capture): each front end says how to ask for one in its own words.
+    pub fn needs_reconcile(&self) -> bool {
+        matches!(
+            self,
+            CaptureError::Iptables(IptablesError::Drift { .. })
+                | CaptureError::Nftables(NftError::Drift { .. })
+                | CaptureError::OtherBackend { .. }
+        )
+    }
 }
 
 /// Istio's words when DNS capture is asked for but there is nothing to capture.

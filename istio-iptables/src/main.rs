@@ -66,6 +66,10 @@ fn main() -> ExitCode {
         }
         match capture::run(&request) {
             Ok(report) => report::log_report(&log, &report),
+            Err(e) if e.needs_reconcile() => {
+                let hint = "re-run with --reconcile to replace it atomically, or remove it first with --cleanup-only";
+                return fail(&log, EXIT_FAILURE, &format!("{e}\n{hint}"));
+            }
             Err(e) => return fail(&log, EXIT_FAILURE, &e),
         }
     }

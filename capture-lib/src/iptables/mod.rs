@@ -45,11 +45,11 @@ pub enum IptablesError {
     Save { program: String, stderr: String },
     #[error("{program} refused the rules: {stderr}{}{}", line.as_ref().map(|l| format!("\n  refused line: {l}")).unwrap_or_default(), hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
     Restore { program: String, stderr: String, line: Option<String>, hint: Option<String> },
-    #[error("the {family} capture rules in this namespace differ from the requested ones:\n  {}\nre-run with --reconcile to replace them atomically (or --cleanup-only to remove them)", details.join("\n  "))]
+    #[error("the {family} capture rules in this namespace differ from the requested ones:\n  {}", details.join("\n  "))]
     Drift { family: IpFamily, details: Vec<String> },
     #[error("{source}\nthe namespace was rolled back to its previous rules")]
     RolledBack { source: Box<IptablesError> },
-    #[error("{source}\nrolling back also failed ({rollback}); the namespace may hold part of the new rules: run with --cleanup-only, then again")]
+    #[error("{source}\nrolling back also failed ({rollback}); the namespace may hold part of the new rules: remove the capture (a cleanup run), then run again")]
     RollbackFailed { source: Box<IptablesError>, rollback: Box<IptablesError> },
     #[error("{source}\nnothing was changed")]
     NothingChanged { source: Box<IptablesError> },
@@ -283,10 +283,10 @@ fn decide(
             if drift.is_empty() && !force {
                 decision(None, "our rules are exactly as planned: nothing to send", Outcome::Unchanged)
             } else if drift.is_empty() {
-                let why = "our rules are as planned; rewriting them (--force-apply)";
+                let why = "our rules are as planned; rewriting them, as forced";
                 decision(Some(desired.payload(residue, true)), why, Outcome::Reconciled)
             } else if reconcile {
-                let why = format!("our rules differ from the plan; replacing them (--reconcile):\n  {}", drift.join("\n  "));
+                let why = format!("our rules differ from the plan; replacing them (reconciling):\n  {}", drift.join("\n  "));
                 decision(Some(desired.payload(residue, true)), &why, Outcome::Reconciled)
             } else {
                 return Err(IptablesError::Drift { family, details: drift });
@@ -754,7 +754,7 @@ mod tests {
         let forced = decide(&d, &exact, &residue, apply(false, true), IpFamily::V4).unwrap();
         assert_eq!(forced.outcome, Outcome::Reconciled);
         assert_eq!(forced.payload, Some(d.payload(&residue, true)), "{}", forced.why);
-        assert!(forced.why.contains("--force-apply"), "{}", forced.why);
+        assert!(forced.why.contains("as forced"), "{}", forced.why);
 
         let mut drifted = exact.clone();
         drifted.get_mut("nat").unwrap().rules.get_mut("ISTIO_INBOUND").unwrap().push("-p tcp -j ACCEPT".into());
@@ -766,7 +766,7 @@ mod tests {
         );
         let replaced = decide(&d, &drifted, &residue, apply(true, false), IpFamily::V4).unwrap();
         assert_eq!(replaced.outcome, Outcome::Reconciled);
-        assert!(replaced.why.contains("--reconcile") && replaced.why.contains("-p tcp -j ACCEPT"), "{}", replaced.why);
+        assert!(replaced.why.contains("(reconciling)") && replaced.why.contains("-p tcp -j ACCEPT"), "{}", replaced.why);
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub enum NftError {
     )]
     Refused { what: String, error: io::Error, hint: String, others: usize },
     #[error(
-        "the capture tables in this namespace differ from the requested ones:\n  {}\nre-run with --reconcile to replace them atomically (or --cleanup-only to remove them)",
+        "the capture tables in this namespace differ from the requested ones:\n  {}",
         details.join("\n  ")
     )]
     Drift { details: Vec<String> },
@@ -232,11 +232,11 @@ impl RulePlan for Plan {
             (Change::Keep, Some(_)) => "our tables are exactly as planned: nothing to send".to_string(),
             (Change::Create, Some(_)) => "none of our tables exists: create them".to_string(),
             (Change::Replace { forced: true, .. }, Some(_)) => {
-                "our tables are as planned; rewriting them in one transaction (--force-apply)".to_string()
+                "our tables are as planned; rewriting them in one transaction, as forced".to_string()
             }
             (Change::Replace { forced: false, .. }, Some(have)) => {
                 let details = described_differences(&self.tables, &state::planned(&self.tables), have).join("\n  ");
-                format!("our tables differ from the plan; replacing them in one transaction (--reconcile):\n  {details}")
+                format!("our tables differ from the plan; replacing them in one transaction (reconciling):\n  {details}")
             }
         };
         let mut trace = Vec::new();
@@ -418,7 +418,7 @@ mod tests {
         assert_eq!(plan.sent(), vec![Sent::Nftables { script }]);
         assert_eq!(
             plan.trace().last().unwrap(),
-            "nftables: our tables are as planned; rewriting them in one transaction (--force-apply)"
+            "nftables: our tables are as planned; rewriting them in one transaction, as forced"
         );
     }
 
