@@ -227,7 +227,7 @@ fn drift_and_check_show_the_expected_and_the_found_rule_in_nft_syntax() {
     let err = apply(&pod, &base(), false).unwrap_err();
     let NftError::Drift { details } = &err else { panic!("expected drift, got {err}") };
     assert_eq!(details, &expected);
-    assert!(err.to_string().contains(&format!("\n  {}\n", expected.join("\n  "))), "{err}");
+    assert!(err.to_string().ends_with(&format!("\n  {}", expected.join("\n  "))), "{err}");
 
     // CHECK (the CNI plugin's) says the same.
     let cfg = CaptureConfig::default();
