@@ -1,32 +1,100 @@
 //! One run of the tool: build the ruleset, hand it to the chosen backend, then routes.
 //!
 //! This is the only place that sequences the steps, so "what happens, in which order, and
-//! what is undone when a step fails" reads top to bottom here.
-
-use std::fmt::Write;
-
-use thiserror::Error;
+//! what is undone when a step fails" reads top to bottom here. A backend implements
+//! [`RuleBackend`]: it reads the namespace and decides what to send ([`RuleBackend::plan`]),
+//! and the [`RulePlan`] it returns sends that, describes it, or takes it back. Which backend
+//! runs, what happens around it (routing, the other backend's capture) and what is undone
+//! when a step fails is decided here and nowhere else.
 
 use std::time::Duration;
 
-use crate::config::ConfigError;
-use crate::config::DnsCapture;
-use crate::iptables::{self, IptablesError, IptablesOptions, Variant};
-use crate::model::{self, Dialect};
+use thiserror::Error;
+
+use crate::config::{ConfigError, DnsCapture};
+use crate::family::IpFamily;
+use crate::iptables::{self, Iptables, IptablesError, IptablesOptions, Variant};
+use crate::model::{self, Dialect, Ruleset};
 use crate::namespace::{self, NamespaceError};
-use crate::nftables::{self, NftError};
+use crate::nftables::{self, NftError, Nftables};
 use crate::routes::{self, RouteError, RoutePlan};
 use crate::settings::CaptureConfig;
 use crate::settings::{Setting, Settings};
 use crate::{Detail, Outcome};
-
-pub use crate::iptables::Operation;
 
 /// Which netfilter interface programs the rules.
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {
     Iptables(IptablesOptions),
     Nftables,
+}
+
+/// What to do with the ruleset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// Install; `reconcile` replaces drifted rules, `force` replaces even exact ones.
+    Apply { reconcile: bool, force: bool },
+    /// Remove everything of ours.
+    Cleanup,
+}
+
+/// A netfilter backend, as a run drives it. It reads and changes only its own rules: the
+/// routing, the lock and the other backend's capture are the run's.
+pub trait RuleBackend {
+    /// The capture it makes, as messages name it.
+    fn capture_name(&self) -> &'static str;
+
+    /// The dialect of the model's rules it programs.
+    fn dialect(&self) -> Dialect;
+
+    /// Reads the namespace and decides what `operation` sends; changes nothing. An apply refuses
+    /// our rules drifted from `ruleset` unless `reconcile`, and replaces exact ones with `force`.
+    /// A cleanup finds everything of ours by what it is, whatever settings made it.
+    fn plan(&self, ruleset: &Ruleset, operation: Operation) -> Result<Box<dyn RulePlan + '_>, CaptureError>;
+
+    /// The plan `--dry-run` describes: [`RuleBackend::plan`]'s, unless the backend says otherwise.
+    fn dry_run_plan(&self, ruleset: &Ruleset, operation: Operation) -> Result<Box<dyn RulePlan + '_>, CaptureError> {
+        self.plan(ruleset, operation)
+    }
+
+    /// How the namespace's rules differ from `ruleset`, in words; empty when exactly in place.
+    /// Changes nothing.
+    fn differences(&self, ruleset: &Ruleset) -> Result<Vec<String>, CaptureError>;
+
+    /// True only when the namespace certainly holds none of this backend's rules, as a glance
+    /// tells without reading them (no process, no parsing): a run then looks no further.
+    fn holds_nothing(&self) -> bool {
+        false
+    }
+
+    /// Why, when `error` says the backend cannot run here at all (its programs are not
+    /// installed): the namespace then holds none of its capture.
+    fn unavailable(&self, error: &CaptureError) -> Option<String> {
+        let _ = error;
+        None
+    }
+}
+
+/// What a backend decided: the changes, ready to send.
+pub trait RulePlan {
+    /// What sending it does.
+    fn outcome(&self) -> Outcome;
+
+    /// Sends it. A failure leaves the rules as they were, or says that it could not.
+    fn apply(&self) -> Result<Outcome, CaptureError>;
+
+    /// Takes back what a successful [`RulePlan::apply`] changed, as far as the backend can
+    /// (a step after it failed).
+    fn undo(&self) -> Result<(), CaptureError>;
+
+    /// What [`RulePlan::apply`] sends, as text a person can read and replay (empty: nothing).
+    fn sent(&self) -> Vec<Sent>;
+
+    /// What `--dry-run` prints for it.
+    fn describe(&self) -> String;
+
+    /// The state read and the decision made from it, for a debug log.
+    fn trace(&self) -> Vec<String>;
 }
 
 impl Backend {
@@ -106,11 +174,21 @@ pub enum CaptureError {
     RoutesRollbackFailed { source: RouteError, rollback: Box<CaptureError> },
     #[error("the capture in this network namespace is not as requested:\n  {}", differences.join("\n  "))]
     NotInPlace { differences: Vec<String> },
-    #[error(
-        "this network namespace already holds a capture made with {other}, and two captures would stack; \
-         re-run with --reconcile to replace it with this one, or remove it first with --cleanup-only"
-    )]
+    #[error("this network namespace already holds a capture made with {other}, and two captures would stack")]
     OtherBackend { other: &'static str },
+}
+
+impl CaptureError {
+    /// Whether a reconciling run would replace what stopped this one (drifted rules, or the
+    /// other backend's capture): each front end says how to ask for one in its own words.
+    pub fn needs_reconcile(&self) -> bool {
+        matches!(
+            self,
+            CaptureError::Iptables(IptablesError::Drift { .. })
+                | CaptureError::Nftables(NftError::Drift { .. })
+                | CaptureError::OtherBackend { .. }
+        )
+    }
 }
 
 /// Istio's words when DNS capture is asked for but there is nothing to capture.
@@ -122,10 +200,10 @@ pub fn run(req: &Request) -> Result<Report, CaptureError> {
     // Refuse a plan that would break routing before any rule is touched.
     routes.check().map_err(CaptureError::Routes)?;
     let _lock = if req.dry_run { None } else { Some(namespace::lock(req.lock_wait)?) };
-    let mut report = match (req.operation, req.backend) {
-        (Operation::Cleanup, backend) => cleanup(req, backend),
-        (Operation::Apply { .. }, Backend::Iptables(opts)) => apply_iptables(req, opts, &routes),
-        (Operation::Apply { reconcile, .. }, Backend::Nftables) => apply_nftables(req, reconcile, &routes),
+    let backends = Backends::new(req.backend, req.lock_wait);
+    let mut report = match req.operation {
+        Operation::Apply { reconcile, .. } => apply(req, &routes, &backends, reconcile),
+        Operation::Cleanup => cleanup(req, &backends),
     }?;
     if matches!(&req.config.dns, DnsCapture::Servers { v4, v6 } if v4.is_empty() && v6.is_empty()) {
         report.warnings.insert(0, NO_DNS_SERVERS.to_string());
@@ -140,12 +218,10 @@ pub fn verify(config: &CaptureConfig, backend: Backend, lock_wait: Duration) -> 
     let routes = RoutePlan::for_config(config);
     routes.check().map_err(CaptureError::Routes)?;
     let _lock = namespace::lock(lock_wait)?;
-    let mut differences = match backend {
-        Backend::Iptables(opts) => iptables::differences(&model::build(config, Dialect::Iptables), opts)?,
-        Backend::Nftables => nftables::differences(&model::build(config, Dialect::Nftables))?,
-    };
-    if let Some(other) = other_capture(config, backend)?.0 {
-        differences.push(format!("a capture made with {} is present too", other.name()));
+    let backends = Backends::new(backend, lock_wait);
+    let mut differences = backends.chosen().differences(&ruleset(config, backends.chosen()))?;
+    if found_capture(config, backends.other(), &mut Vec::new()).is_some() {
+        differences.push(format!("a capture made with {} is present too", backends.other().capture_name()));
     }
     let missing = routes::missing(&routes).map_err(CaptureError::Routes)?;
     differences.extend(missing.into_iter().map(|command| format!("routing: missing `{command}`")));
@@ -156,170 +232,152 @@ pub fn verify(config: &CaptureConfig, backend: Backend, lock_wait: Duration) -> 
     }
 }
 
-/// A capture the other backend made (both must never be active: they would stack).
-enum OtherCapture {
-    /// Our `inet istio-proxy-*` tables.
-    Nftables,
-    /// Our iptables rules, with the plan that removes them.
-    Iptables(iptables::Plan),
+/// Both backends, and which the request chose: a namespace holds one capture, so a run looks
+/// at the other's too.
+struct Backends {
+    iptables: Iptables,
+    nftables: Nftables,
+    native: bool,
 }
 
-impl OtherCapture {
-    fn name(&self) -> &'static str {
-        match self {
-            OtherCapture::Nftables => "native nftables (tables inet istio-proxy-*)",
-            OtherCapture::Iptables(_) => "iptables (ISTIO_* chains)",
+impl Backends {
+    fn new(backend: Backend, lock_wait: Duration) -> Backends {
+        let (options, native) = match backend {
+            Backend::Iptables(options) => (options, false),
+            Backend::Nftables => (IptablesOptions::default(), true),
+        };
+        Backends { iptables: Iptables { options, lock_wait, nf_tables: &Nftables }, nftables: Nftables, native }
+    }
+
+    fn chosen(&self) -> &dyn RuleBackend {
+        if self.native {
+            &self.nftables
+        } else {
+            &self.iptables
         }
     }
 
-    /// The dry-run text of its removal.
-    fn describe_removal(&self) -> String {
-        match self {
-            OtherCapture::Nftables => nftables::cleanup_script(),
-            OtherCapture::Iptables(plan) => describe_steps(plan),
+    fn other(&self) -> &dyn RuleBackend {
+        if self.native {
+            &self.iptables
+        } else {
+            &self.nftables
         }
     }
 
-    /// Removes it; returns what was sent.
-    fn remove(&self, lock_wait: Duration) -> Result<Vec<Sent>, CaptureError> {
-        match self {
-            OtherCapture::Nftables => {
-                nftables::cleanup()?;
-                Ok(vec![Sent::Nftables { script: nftables::cleanup_script() }])
-            }
-            OtherCapture::Iptables(plan) => {
-                iptables::execute(plan, lock_wait)?;
-                Ok(restores(plan))
-            }
-        }
-    }
-}
-
-/// The capture of the backend not chosen, if the namespace holds one, and the warnings of
-/// looking: where iptables cannot be read (no iptables in the image), native nftables goes on.
-fn other_capture(config: &CaptureConfig, chosen: Backend) -> Result<(Option<OtherCapture>, Vec<String>), CaptureError> {
-    match chosen {
-        Backend::Iptables(_) => Ok((nftables::holds_ours()?.then_some(OtherCapture::Nftables), Vec::new())),
-        Backend::Nftables if !iptables::holds_any_table() => Ok((None, Vec::new())),
-        Backend::Nftables => {
-            let ruleset = model::build(config, Dialect::Iptables);
-            match iptables::plan(&ruleset, Operation::Cleanup, IptablesOptions::default()) {
-                Ok(plan) if plan.steps.is_empty() => Ok((None, Vec::new())),
-                Ok(plan) => Ok((Some(OtherCapture::Iptables(plan)), Vec::new())),
-                Err(e) => Ok((None, vec![format!("could not look for an iptables capture to replace: {e}")])),
-            }
-        }
+    /// Both, in the order a cleanup removes them, each with whether it is the chosen one.
+    fn both(&self) -> [(&dyn RuleBackend, bool); 2] {
+        [(&self.iptables, !self.native), (&self.nftables, self.native)]
     }
 }
 
-/// Applying next to the other backend's capture is refused unless `--reconcile`, which
-/// replaces it: returns what to remove once our own capture is in place.
-fn replaced_capture(req: &Request) -> Result<(Option<OtherCapture>, Vec<String>), CaptureError> {
-    let (other, warnings) = other_capture(&req.config, req.backend)?;
-    match other {
-        Some(other) if !matches!(req.operation, Operation::Apply { reconcile: true, .. }) => {
-            Err(CaptureError::OtherBackend { other: other.name() })
-        }
-        other => Ok((other, warnings)),
+/// iptables-nft keeps its tables in nf_tables: the iptables backend asks about them through
+/// the nftables backend's netlink client, so that neither backend reaches into the other.
+impl iptables::NfTables for Nftables {
+    fn holds_tables(&self, family: IpFamily) -> Option<bool> {
+        nftables::has_iptables_tables(family).ok()
+    }
+
+    fn prune(&self, family: IpFamily, tables: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        Ok(nftables::prune_iptables_tables(family, tables)?)
     }
 }
 
-fn apply_nftables(req: &Request, reconcile: bool, routes: &RoutePlan) -> Result<Report, CaptureError> {
-    let ruleset = model::build(&req.config, Dialect::Nftables);
-    let (replaced, mut warnings) = replaced_capture(req)?;
+/// The model's rules for `config`, in `backend`'s dialect.
+fn ruleset(config: &CaptureConfig, backend: &dyn RuleBackend) -> Ruleset {
+    model::build(config, backend.dialect())
+}
+
+/// The capture `backend` made in the namespace, as the plan that removes it (`None`: there is
+/// none). Where it cannot be looked at (no iptables in the image), a warning says so.
+fn found_capture<'b>(
+    config: &CaptureConfig,
+    backend: &'b dyn RuleBackend,
+    warnings: &mut Vec<String>,
+) -> Option<Box<dyn RulePlan + 'b>> {
+    if backend.holds_nothing() {
+        return None;
+    }
+    match backend.plan(&ruleset(config, backend), Operation::Cleanup) {
+        Ok(plan) => (plan.outcome() == Outcome::Removed).then_some(plan),
+        Err(e) => {
+            warnings.push(format!("could not look for a capture made with {} to replace: {e}", backend.capture_name()));
+            None
+        }
+    }
+}
+
+fn apply(req: &Request, routes: &RoutePlan, backends: &Backends, reconcile: bool) -> Result<Report, CaptureError> {
+    let chosen = backends.chosen();
+    let ruleset = ruleset(&req.config, chosen);
+    let plan = if req.dry_run { chosen.dry_run_plan(&ruleset, req.operation) } else { chosen.plan(&ruleset, req.operation) }?;
+    let trace = if req.detail >= Detail::Trace { plan.trace() } else { Vec::new() };
+    // Applying next to the other backend's capture is refused unless `--reconcile`, which
+    // replaces it.
+    let mut warnings = Vec::new();
+    let replaced = found_capture(&req.config, backends.other(), &mut warnings);
+    if replaced.is_some() && !reconcile {
+        return Err(CaptureError::OtherBackend { other: backends.other().capture_name() });
+    }
     if req.dry_run {
-        let mut text = nftables::script(&ruleset);
+        let mut text = plan.describe();
         text.push_str(&describe_routes(routes));
-        text.extend(replaced.map(|other| other.describe_removal()));
-        return Ok(Report { dry_run: Some(text), warnings, ..Report::new(Outcome::Unchanged) });
+        text.extend(replaced.map(|other| other.describe()));
+        return Ok(Report { dry_run: Some(text), warnings, trace, ..Report::new(plan.outcome()) });
     }
-    // --force-apply has nothing to force here: an exact ruleset is already what we'd send.
-    let (applied, routing_warnings, added) = apply_with_routes(
-        routes,
-        || nftables::apply(&ruleset, reconcile, req.detail).map_err(CaptureError::from),
-        // Only a fresh install can be undone exactly (by deleting what we just created).
-        |applied| match applied.outcome {
-            Outcome::Applied => nftables::cleanup().map(drop).map_err(CaptureError::from),
-            _ => Ok(()),
-        },
-    )?;
+    let (mut outcome, routing_warnings, added) = apply_with_routes(routes, plan.as_ref())?;
     warnings.extend(routing_warnings);
-    let script = applied.script;
-    let sent = sent(req.detail, || script.map(|script| Sent::Nftables { script }).into_iter().collect(), &added);
-    let report = Report { warnings, sent, trace: applied.trace, ..Report::new(applied.outcome) };
-    finish_replacing(report, replaced, req)
-}
-
-fn apply_iptables(req: &Request, opts: IptablesOptions, routes: &RoutePlan) -> Result<Report, CaptureError> {
-    let ruleset = model::build(&req.config, Dialect::Iptables);
-    let plan = iptables::plan(&ruleset, req.operation, opts)?;
-    let trace = trace(req.detail, &plan);
-    let (replaced, mut warnings) = replaced_capture(req)?;
-    if req.dry_run {
-        let mut text = describe_steps(&plan);
-        text.push_str(&describe_routes(routes));
-        text.extend(replaced.map(|other| other.describe_removal()));
-        return Ok(Report { dry_run: Some(text), warnings, trace, ..Report::new(plan.outcome) });
+    let mut sent = Vec::new();
+    if req.detail >= Detail::Sent {
+        sent = plan.sent();
+        let commands = added.describe();
+        if !commands.is_empty() {
+            sent.push(Sent::Routing { commands });
+        }
     }
-    let (outcome, routing_warnings, added) = apply_with_routes(
-        routes,
-        || iptables::execute(&plan, req.lock_wait).map_err(CaptureError::from),
-        |_| iptables::undo(&plan, req.lock_wait).map_err(CaptureError::from),
-    )?;
-    warnings.extend(routing_warnings);
-    let report = Report { warnings, sent: sent(req.detail, || restores(&plan), &added), trace, ..Report::new(outcome) };
-    finish_replacing(report, replaced, req)
-}
-
-/// Our capture is in place: the other backend's goes only now, so that no packet passes
-/// uncaptured in between.
-fn finish_replacing(mut report: Report, replaced: Option<OtherCapture>, req: &Request) -> Result<Report, CaptureError> {
+    // Our capture is in place: the other backend's goes only now, so that no packet passes
+    // uncaptured in between.
     if let Some(other) = replaced {
-        let sent = other.remove(req.lock_wait)?;
+        other.apply()?;
         if req.detail >= Detail::Sent {
-            report.sent.extend(sent);
+            sent.extend(other.sent());
         }
-        report.outcome = Outcome::Reconciled;
+        outcome = Outcome::Reconciled;
     }
-    Ok(report)
+    Ok(Report { warnings, sent, trace, ..Report::new(outcome) })
 }
 
 /// Removes every capture from the namespace, whichever backend made it and whatever settings
-/// it had: our iptables rules and chains (`backend`'s variant, or the detected one), our
+/// it had: our iptables rules and chains (the chosen variant, or the detected one), our
 /// nftables tables, the TPROXY routing and `::6`. Each part is tried even when another fails.
-fn cleanup(req: &Request, backend: Backend) -> Result<Report, CaptureError> {
-    let opts = match backend {
-        Backend::Iptables(opts) => opts,
-        Backend::Nftables => IptablesOptions::default(),
-    };
+fn cleanup(req: &Request, backends: &Backends) -> Result<Report, CaptureError> {
     let mut warnings = Vec::new();
-    let plan = match iptables::plan(&model::build(&req.config, Dialect::Iptables), Operation::Cleanup, opts) {
-        Ok(plan) => Some(plan),
-        // Native nftables needs no iptables in the image; without it there is nothing to read.
-        Err(IptablesError::Spawn { program, source }) if matches!(backend, Backend::Nftables) => {
-            warnings.push(format!("iptables rules were not looked for: could not run {program}: {source}"));
-            None
+    let mut plans = Vec::new();
+    for (backend, chosen) in backends.both() {
+        match backend.plan(&ruleset(&req.config, backend), Operation::Cleanup) {
+            Ok(plan) => plans.push(plan),
+            // Native nftables needs no iptables in the image; without it there is nothing to read.
+            Err(e) => match backend.unavailable(&e) {
+                Some(why) if !chosen => {
+                    warnings.push(format!("a capture made with {} was not looked for: {why}", backend.capture_name()))
+                }
+                _ => return Err(e),
+            },
         }
-        Err(e) => return Err(e.into()),
-    };
-    let trace = plan.as_ref().map(|plan| trace(req.detail, plan)).unwrap_or_default();
-    let nftables_present = nftables::holds_ours()?;
+    }
+    let trace = if req.detail >= Detail::Trace { plans.iter().flat_map(|plan| plan.trace()).collect() } else { Vec::new() };
     let routing = routes::ours().map_err(CaptureError::Routes)?;
     let removals: Vec<String> = routing.iter().map(|found| found.removal()).collect();
     if req.dry_run {
-        let mut text = plan.as_ref().map(describe_steps).unwrap_or_default();
-        if nftables_present {
-            text.push_str(&nftables::cleanup_script());
-        }
+        let mut text: String = plans.iter().map(|plan| plan.describe()).collect();
         text.extend(removals.iter().map(|command| format!("# then: {command}\n")));
         return Ok(Report { dry_run: Some(text), warnings, trace, ..Report::new(Outcome::Unchanged) });
     }
-    let results = [
-        plan.as_ref()
-            .map_or(Ok(Outcome::NothingToRemove), |plan| iptables::execute(plan, req.lock_wait).map_err(CaptureError::from)),
-        nftables::cleanup().map_err(CaptureError::from),
-        routes::remove_ours().map(|()| Outcome::NothingToRemove).map_err(CaptureError::Routes),
-    ];
+    let results: Vec<Result<Outcome, CaptureError>> = plans
+        .iter()
+        .map(|plan| plan.apply())
+        .chain([routes::remove_ours().map(|()| Outcome::NothingToRemove).map_err(CaptureError::Routes)])
+        .collect();
     let mut outcome = if routing.is_empty() { Outcome::NothingToRemove } else { Outcome::Removed };
     for result in results {
         if result? == Outcome::Removed {
@@ -328,55 +386,12 @@ fn cleanup(req: &Request, backend: Backend) -> Result<Report, CaptureError> {
     }
     let mut sent = Vec::new();
     if req.detail >= Detail::Sent {
-        sent.extend(plan.as_ref().map(restores).unwrap_or_default());
-        if nftables_present {
-            sent.push(Sent::Nftables { script: nftables::cleanup_script() });
-        }
+        sent.extend(plans.iter().flat_map(|plan| plan.sent()));
         if !removals.is_empty() {
             sent.push(Sent::Routing { commands: removals });
         }
     }
     Ok(Report { warnings, sent, trace, ..Report::new(outcome) })
-}
-
-/// [`Detail::Trace`]: what the iptables plan read and decided, per family.
-fn trace(detail: Detail, plan: &iptables::Plan) -> Vec<String> {
-    if detail >= Detail::Trace {
-        plan.families.iter().map(|f| f.describe()).collect()
-    } else {
-        Vec::new()
-    }
-}
-
-/// The restores a plan sends, as [`Sent`] records.
-fn restores(plan: &iptables::Plan) -> Vec<Sent> {
-    let restore = |step: &iptables::Step| Sent::IptablesRestore { program: step.program().into(), input: step.payload.clone() };
-    plan.steps.iter().map(restore).collect()
-}
-
-/// [`Detail::Sent`] and up: the rules sent, then the routing this run added.
-fn sent(detail: Detail, rules: impl FnOnce() -> Vec<Sent>, added: &routes::Added) -> Vec<Sent> {
-    if detail < Detail::Sent {
-        return Vec::new();
-    }
-    let mut sent = rules();
-    let commands = added.describe();
-    if !commands.is_empty() {
-        sent.push(Sent::Routing { commands });
-    }
-    sent
-}
-
-/// The restores a plan would run, for --dry-run.
-fn describe_steps(plan: &iptables::Plan) -> String {
-    let mut text = String::new();
-    if plan.steps.is_empty() {
-        text.push_str("# nothing to change in the rules: they are already as requested\n");
-    }
-    for step in &plan.steps {
-        let _ = writeln!(text, "# {}\n{}", step.command(), step.payload);
-    }
-    text
 }
 
 /// The `ip` commands the routing step would run, for --dry-run.
@@ -388,24 +403,20 @@ fn describe_routes(routes: &RoutePlan) -> String {
 /// init container's start-up time is the pod's). If either fails, what the other did in this
 /// run is taken back: nothing is left half-applied. A namespace without IPv6 keeps its IPv4
 /// capture and gets a warning.
-fn apply_with_routes<T>(
-    routes: &RoutePlan,
-    apply_rules: impl FnOnce() -> Result<T, CaptureError>,
-    undo_rules: impl FnOnce(&T) -> Result<(), CaptureError>,
-) -> Result<(T, Vec<String>, routes::Added), CaptureError> {
+fn apply_with_routes(routes: &RoutePlan, plan: &dyn RulePlan) -> Result<(Outcome, Vec<String>, routes::Added), CaptureError> {
     let mut added = routes::Added::default();
     let (rules, routing) = std::thread::scope(|scope| {
         let routing = scope.spawn(|| routes::apply_tracked(routes, &mut added));
-        let rules = apply_rules();
+        let rules = plan.apply();
         (rules, routing.join().expect("routing thread panicked"))
     });
     let warnings = match (&rules, routing) {
         (_, Ok(())) => Vec::new(),
         (_, Err(e @ RouteError::Ipv6Disabled { .. })) => vec![e.to_string()],
         (Err(_), Err(_)) => Vec::new(),
-        (Ok(outcome), Err(source)) => {
+        (Ok(_), Err(source)) => {
             let _ = routes::undo(&added);
-            return Err(match undo_rules(outcome) {
+            return Err(match plan.undo() {
                 Ok(()) => CaptureError::RoutesRolledBack { source },
                 Err(rollback) => CaptureError::RoutesRollbackFailed { source, rollback: Box::new(rollback) },
             });

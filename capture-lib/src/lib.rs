@@ -2,8 +2,9 @@
 //!
 //! Data flows one way:
 //! [`config`] (validated settings) → [`model`] (the capture algorithm, backend-neutral) →
-//! a backend (`iptables`, `nftables`) that renders and applies it, plus `routes` for the
-//! addresses and policy routing the rules rely on. [`settings`] gives user-facing values
+//! a backend (`iptables`, `nftables`, each implementing [`capture::RuleBackend`]) that renders
+//! and applies it, plus `routes` for the addresses and policy routing the rules rely on;
+//! [`capture`] sequences a run. [`settings`] gives user-facing values
 //! (flags, CNI configuration) their meaning once, for every front end.
 
 #![deny(unsafe_code)]

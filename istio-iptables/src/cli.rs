@@ -11,7 +11,7 @@ use capture_lib::settings::CaptureConfig;
 use capture_lib::settings::{Declaration, Front, Kind, Setting, Settings, DEFAULT_PROXY_UID};
 use capture_lib::validation::Probe;
 use clap::parser::ValueSource;
-use clap::{Arg, ArgMatches, Command, Parser};
+use clap::{Arg, ArgAction, ArgMatches, Command, CommandFactory, Parser};
 use go_syntax::{parse_bool, parse_duration};
 
 use crate::log::LogFlags;
@@ -54,8 +54,7 @@ pub struct Cli {
     #[command(flatten)]
     pub capture: CaptureArgs,
     /// Print what would be changed and change nothing.
-    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    #[arg(short = 'n', long = "dry-run", env = "DRY_RUN")]
     pub dry_run: bool,
     /// Original destination port the validation probe dials.
     #[arg(long, env = "IPTABLES_PROBE_PORT", default_value = "15002", value_name = "PORT")]
@@ -64,31 +63,25 @@ pub struct Cli {
     #[arg(long, env = "PROBE_TIMEOUT", default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     pub probe_timeout: Duration,
     /// Program nothing (validation only).
-    #[arg(long = "skip-rule-apply", env = "SKIP_RULE_APPLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    #[arg(long = "skip-rule-apply", env = "SKIP_RULE_APPLY")]
     pub skip_rule_apply: bool,
     /// After programming, prove that redirection works (exit 126 if not).
-    #[arg(long = "run-validation", env = "RUN_VALIDATION", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    #[arg(long = "run-validation", env = "RUN_VALIDATION")]
     pub run_validation: bool,
     /// Network namespace to program (e.g. /proc/PID/ns/net or /var/run/netns/NAME): the tool enters it first.
     #[arg(long, env = "NETWORK_NAMESPACE", default_value = "", value_name = "PATH")]
     pub network_namespace: String,
     /// Running on behalf of a CNI plugin (accepted for compatibility).
-    #[arg(long = "cni-mode", env = "CNI_MODE", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    #[arg(long = "cni-mode", env = "CNI_MODE")]
     pub cni_mode: bool,
     /// Replace drifted rules atomically instead of failing.
-    #[arg(long = "reconcile", env = "RECONCILE", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    #[arg(long = "reconcile", env = "RECONCILE")]
     pub reconcile: bool,
     /// Remove everything this tool added, then stop.
-    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    #[arg(long = "cleanup-only", env = "CLEANUP_ONLY")]
     pub cleanup_only: bool,
     /// Rewrite the rules even when they look up to date.
-    #[arg(long = "force-apply", env = "FORCE_APPLY", value_name = "BOOL", num_args = 0..=1, require_equals = true,
-          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    #[arg(long = "force-apply", env = "FORCE_APPLY")]
     pub force_apply: bool,
     /// How long to wait for the xtables lock, or for another capture run on this namespace.
     #[arg(long, env = "IPTABLES_LOCK_WAIT", default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
@@ -145,6 +138,19 @@ impl clap::FromArgMatches for CaptureArgs {
     }
 }
 
+/// The command line: [`Cli`]'s arguments, its boolean run options in Go's syntax.
+pub fn command() -> Command {
+    Cli::command().mut_args(|arg| match arg.get_action() {
+        ArgAction::SetTrue => go_bool_syntax(arg.action(ArgAction::Set)).default_value("false").value_parser(parse_bool),
+        _ => arg,
+    })
+}
+
+/// Go's boolean flag syntax, as pilot-agent's flags take it: `--flag`, `--flag=false`, `--flag=1`.
+fn go_bool_syntax(arg: Arg) -> Arg {
+    arg.value_name("BOOL").num_args(0..=1).require_equals(true).default_missing_value("true")
+}
+
 /// The clap id of a long flag: its name without the dashes.
 fn id(flag: &'static str) -> &'static str {
     flag.trim_start_matches('-')
@@ -163,12 +169,7 @@ fn flag(d: &'static Declaration) -> Option<Arg> {
     Some(match d.kind {
         Kind::Text(value_name) => arg.value_name(value_name),
         // Go's boolean forms, checked here so `--redirect-dns=maybe` is a usage error as for every flag.
-        Kind::Bool => arg
-            .value_name("BOOL")
-            .num_args(0..=1)
-            .require_equals(true)
-            .default_missing_value("true")
-            .value_parser(|text: &str| parse_bool(text).map(|_| text.to_string())),
+        Kind::Bool => go_bool_syntax(arg).value_parser(|text: &str| parse_bool(text).map(|_| text.to_string())),
     })
 }
 
@@ -289,16 +290,16 @@ fn envoy_user_uid() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::{CommandFactory, FromArgMatches};
+    use clap::FromArgMatches;
 
     fn parse(args: &[&str]) -> Cli {
-        let m = Cli::command().try_get_matches_from(std::iter::once("istio-iptables").chain(args.iter().copied())).unwrap();
+        let m = command().try_get_matches_from(std::iter::once("istio-iptables").chain(args.iter().copied())).unwrap();
         Cli::from_arg_matches(&m).unwrap()
     }
 
     #[test]
     fn cli_definition_is_consistent() {
-        Cli::command().debug_assert();
+        command().debug_assert();
     }
 
     #[test]
@@ -320,14 +321,14 @@ mod tests {
         assert!(redirect_dns(&["--redirect-dns=1"]));
         assert!(parse(&["--reconcile=T"]).reconcile);
         for flag in ["--reconcile=maybe", "--native-nftables=maybe"] {
-            let err = Cli::command().try_get_matches_from(["x", flag]).unwrap_err();
+            let err = command().try_get_matches_from(["x", flag]).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{err}");
         }
     }
 
     #[test]
     fn every_declared_setting_with_a_flag_is_one_with_its_short_letter_and_variable() {
-        let cmd = Cli::command();
+        let cmd = command();
         for setting in Setting::ALL {
             let d = setting.declaration();
             let Some(flag) = d.flag else {
@@ -368,7 +369,7 @@ mod tests {
         assert_eq!(parse(&["--probe-timeout", "1m30s"]).probe_timeout, Duration::from_secs(90));
         assert_eq!(parse(&["--iptables-lock-wait", "250ms"]).iptables_lock_wait, Duration::from_millis(250));
         for (flag, value) in [("--iptables-lock-wait", "4000000000000000h"), ("--probe-timeout", "99999999999999999999s")] {
-            let err = Cli::command().try_get_matches_from(["x", flag, value]).unwrap_err();
+            let err = command().try_get_matches_from(["x", flag, value]).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{err}");
             assert!(err.to_string().contains("too long a duration"), "{err}");
         }

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use capture_lib::capture;
 use capture_lib::{namespace, validation};
-use clap::{CommandFactory, FromArgMatches};
+use clap::FromArgMatches;
 
 use cli::{Cli, SetupError};
 use log::Logger;
@@ -24,10 +24,10 @@ const EXIT_VALIDATION: u8 = 126;
 
 fn main() -> ExitCode {
     let args = arguments(std::env::args_os());
-    if let Some(exit) = cli_docs::generate_if_requested(args.get(1..).unwrap_or_default(), Cli::command) {
+    if let Some(exit) = cli_docs::generate_if_requested(args.get(1..).unwrap_or_default(), cli::command) {
         return exit;
     }
-    let matches = Cli::command().get_matches_from(&args);
+    let matches = cli::command().get_matches_from(&args);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
@@ -66,6 +66,10 @@ fn main() -> ExitCode {
         }
         match capture::run(&request) {
             Ok(report) => report::log_report(&log, &report),
+            Err(e) if e.needs_reconcile() => {
+                let hint = "re-run with --reconcile to replace it atomically, or remove it first with --cleanup-only";
+                return fail(&log, EXIT_FAILURE, &format!("{e}\n{hint}"));
+            }
             Err(e) => return fail(&log, EXIT_FAILURE, &e),
         }
     }

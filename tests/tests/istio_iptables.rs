@@ -109,6 +109,29 @@ fn cleanup_removes_only_what_we_added() {
 
 #[test]
 #[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn force_apply_sends_exact_rules_again_with_either_backend() {
+    require_netns!();
+    for (backend, logged) in
+        [(&[][..], "Running iptables restore with"), (&["--native-nftables"][..], "nftables rules programmed:")]
+    {
+        let pod = Pod::with_address("10.44.0.5/24");
+        let args = [SEED, backend].concat();
+        assert!(tool(&pod, &args, &[]).status.success());
+        // Both keep their tables in nf_tables, where every rule has a handle: a rule sent again gets a new one.
+        let (ruleset, handles) = (pod.nft_ruleset(), pod.sh("nft -a list ruleset"));
+        let out = tool(&pod, &[&args[..], &["--force-apply"]].concat(), &[]);
+        let log = stderr(&out);
+        assert!(out.status.success(), "{backend:?}: {log}");
+        assert!(log.contains(logged) && log.contains("drifted capture rules replaced"), "{backend:?}: {log}");
+        assert_eq!(pod.nft_ruleset(), ruleset, "{backend:?}");
+        assert_ne!(pod.sh("nft -a list ruleset"), handles, "{backend:?}: nothing was sent again");
+        let again = tool(&pod, &args, &[]);
+        assert!(stderr(&again).contains("already in place"), "{backend:?}: {}", stderr(&again));
+    }
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn dry_run_prints_the_restore_input_and_touches_nothing() {
     require_netns!();
     let pod = Pod::with_address("fd00:44::5/64");

@@ -4,21 +4,29 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use capture_lib::capture::{self, Backend};
+use capture_lib::capture::{self, Backend, CaptureError, Operation, RuleBackend};
 use capture_lib::config::{parse_cidrs, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges};
 use capture_lib::model::{self, Action, Chain, Dialect, Position, Rule, Ruleset, Table};
-use capture_lib::nftables::{self, NftError};
+use capture_lib::nftables::{self, NftError, Nftables};
 use capture_lib::settings::CaptureConfig;
-use capture_lib::{Detail, Outcome};
+use capture_lib::Outcome;
 use capture_tests::{require_netns, run_ok, unique, Pod};
 
-/// The backend acts on the calling thread's namespace, so it runs on a thread in the pod's.
+/// Plans `operation` and applies the plan, as a run does. The backend acts on the calling
+/// thread's namespace, so it runs on a thread in the pod's.
+fn run(pod: &Pod, ruleset: &Ruleset, operation: Operation) -> Result<Outcome, NftError> {
+    pod.enter(|| Nftables.plan(ruleset, operation).and_then(|plan| plan.apply())).map_err(|e| match e {
+        CaptureError::Nftables(e) => e,
+        other => panic!("not an nftables error: {other}"),
+    })
+}
+
 fn apply(pod: &Pod, ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftError> {
-    pod.enter(|| nftables::apply(ruleset, reconcile, Detail::Outcome)).map(|applied| applied.outcome)
+    run(pod, ruleset, Operation::Apply { reconcile, force: false })
 }
 
 fn cleanup(pod: &Pod) -> Result<Outcome, NftError> {
-    pod.enter(nftables::cleanup)
+    run(pod, &Ruleset { rules: Vec::new(), ipv6: false }, Operation::Cleanup)
 }
 
 fn ruleset(cfg: &CaptureConfig) -> Ruleset {
@@ -179,7 +187,8 @@ fn drift_is_refused_without_reconcile_and_repaired_with_it() {
     let unexpected = "unexpected rule: table inet istio-proxy-nat, chain istio-output, rule 9\n    \
                       found:    meta l4proto tcp tcp dport 123 accept";
     assert_eq!(details, &[unexpected.to_string()]);
-    assert!(err.to_string().contains("--reconcile"), "{err}");
+    assert!(!err.to_string().contains("--"), "the library names no front end's flag: {err}");
+    assert!(CaptureError::from(err).needs_reconcile());
     assert_eq!(with_handles(&pod), edited, "a refused apply changed the ruleset");
 
     assert_eq!(apply(&pod, &base(), true).unwrap(), Outcome::Reconciled);
@@ -225,6 +234,25 @@ fn drift_and_check_show_the_expected_and_the_found_rule_in_nft_syntax() {
     let check = pod.enter(|| capture::verify(&cfg, Backend::Nftables, Duration::from_secs(5))).unwrap_err();
     let check = check.to_string();
     assert!(check.contains(&format!("\n  {}", expected.join("\n  "))), "{check}");
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn force_sends_exact_tables_again_and_still_refuses_drift() {
+    require_netns!();
+    let pod = Pod::new();
+    let forced = Operation::Apply { reconcile: false, force: true };
+    assert_eq!(run(&pod, &largest(), forced).unwrap(), Outcome::Applied, "nothing to force in an empty namespace");
+    let (ruleset, handles) = (pod.nft_ruleset(), with_handles(&pod));
+    assert_eq!(run(&pod, &largest(), forced).unwrap(), Outcome::Reconciled);
+    assert_eq!(pod.nft_ruleset(), ruleset);
+    assert_ne!(with_handles(&pod), handles, "the tables were not sent again");
+
+    pod.sh("nft add rule inet istio-proxy-nat istio-output tcp dport 123 accept");
+    let edited = with_handles(&pod);
+    let err = run(&pod, &largest(), forced).unwrap_err();
+    assert!(matches!(err, NftError::Drift { .. }), "force alone does not replace drifted tables: {err}");
+    assert_eq!(with_handles(&pod), edited);
 }
 
 #[test]

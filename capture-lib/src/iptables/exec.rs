@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::IptablesError;
+use super::{IptablesError, NfTables};
 use crate::family::IpFamily;
 use crate::settings::Setting;
 
@@ -84,10 +84,10 @@ impl Binaries {
     /// True when the kernel certainly holds no table of this variant and family, so there is
     /// no state to read and no process to start (iptables-nft's tables are nf_tables tables of
     /// the family).
-    pub fn holds_nothing(&self) -> bool {
+    pub fn holds_nothing(&self, nf_tables: &dyn NfTables) -> bool {
         match self.variant {
             Variant::Legacy => legacy_holds_tables(self.family) == Some(false),
-            Variant::Nft => crate::nftables::has_iptables_tables(self.family).is_ok_and(|any| !any),
+            Variant::Nft => nf_tables.holds_tables(self.family) == Some(false),
         }
     }
 
@@ -107,13 +107,12 @@ impl Binaries {
     }
 
     /// Deletes what iptables-nft keeps of `tables` once they hold nothing: see
-    /// [`crate::nftables::prune_iptables_tables`]. Legacy tables cannot be deleted.
-    pub fn prune(&self, tables: &[String]) -> Result<(), IptablesError> {
+    /// [`NfTables::prune`]. Legacy tables cannot be deleted.
+    pub fn prune(&self, nf_tables: &dyn NfTables, tables: &[String]) -> Result<(), IptablesError> {
         if self.variant != Variant::Nft || tables.is_empty() {
             return Ok(());
         }
-        crate::nftables::prune_iptables_tables(self.family, tables)
-            .map_err(|source| IptablesError::Prune { family: self.family, source })
+        nf_tables.prune(self.family, tables).map_err(|source| IptablesError::Prune { family: self.family, source })
     }
 
     /// Legacy iptables serialises its writers with a lock file (`XTABLES_LOCKFILE`, else

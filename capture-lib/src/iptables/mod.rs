@@ -23,9 +23,10 @@ use render::{chain_name, owned_chain_names, rule_spec, table_name};
 use shapes::is_our_shape;
 use state::{jump_target, parse_save, SaveState, TableState};
 
+use crate::capture::{CaptureError, Operation, RuleBackend, RulePlan, Sent};
 use crate::drift::{chain_rule_differences, count, Difference, Kind};
 use crate::family::IpFamily;
-use crate::model::{Position, Ruleset};
+use crate::model::{Dialect, Position, Ruleset};
 use crate::settings::Setting;
 use crate::Outcome;
 
@@ -44,16 +45,16 @@ pub enum IptablesError {
     Save { program: String, stderr: String },
     #[error("{program} refused the rules: {stderr}{}{}", line.as_ref().map(|l| format!("\n  refused line: {l}")).unwrap_or_default(), hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default())]
     Restore { program: String, stderr: String, line: Option<String>, hint: Option<String> },
-    #[error("the {family} capture rules in this namespace differ from the requested ones:\n  {}\nre-run with --reconcile to replace them atomically (or --cleanup-only to remove them)", details.join("\n  "))]
+    #[error("the {family} capture rules in this namespace differ from the requested ones:\n  {}", details.join("\n  "))]
     Drift { family: IpFamily, details: Vec<String> },
     #[error("{source}\nthe namespace was rolled back to its previous rules")]
     RolledBack { source: Box<IptablesError> },
-    #[error("{source}\nrolling back also failed ({rollback}); the namespace may hold part of the new rules: run with --cleanup-only, then again")]
+    #[error("{source}\nrolling back also failed ({rollback}); the namespace may hold part of the new rules: remove the capture (a cleanup run), then run again")]
     RollbackFailed { source: Box<IptablesError>, rollback: Box<IptablesError> },
     #[error("{source}\nnothing was changed")]
     NothingChanged { source: Box<IptablesError> },
     #[error("the {family} rules are in place, but removing the tables left empty failed: {source}")]
-    Prune { family: IpFamily, source: crate::nftables::NftError },
+    Prune { family: IpFamily, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
 /// How to reach iptables.
@@ -63,20 +64,33 @@ pub struct IptablesOptions {
     pub variant: Option<Variant>,
 }
 
-/// What to do with the ruleset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    /// Install; `reconcile` replaces drifted rules, `force` replaces even exact ones.
-    Apply { reconcile: bool, force: bool },
-    /// Remove everything of ours.
-    Cleanup,
+/// What this backend asks of nf_tables, where iptables-nft keeps its tables. It is given one
+/// (the nftables backend's netlink client answers), so that it speaks no netlink itself.
+pub trait NfTables: Sync + std::fmt::Debug {
+    /// Whether nf_tables holds any table of the family; `None` when it cannot tell.
+    fn holds_tables(&self, family: IpFamily) -> Option<bool>;
+
+    /// iptables-nft keeps a table and its base chains once a rule went into them, even after
+    /// every rule is gone, and each hooked chain still costs every packet: deletes, among
+    /// `tables` of the family, the base chains left with no rule and an accepting policy, and
+    /// the tables left with nothing. Anything added meanwhile stays, and so does the rest.
+    fn prune(&self, family: IpFamily, tables: &[String]) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// The iptables backend: how to reach iptables, how long to wait for its lock, and nf_tables.
+#[derive(Debug, Clone, Copy)]
+pub struct Iptables {
+    pub options: IptablesOptions,
+    /// How long a restore waits for the xtables lock.
+    pub lock_wait: Duration,
+    pub nf_tables: &'static dyn NfTables,
 }
 
 /// One family's restore, ready to run (or to print for --dry-run).
 #[derive(Debug)]
-pub struct Step {
+struct Step {
     bins: Binaries,
-    pub payload: String,
+    payload: String,
     /// The tables this step touches as they were before, to put back on failure.
     rollback: String,
     /// Tables the payload may leave without a rule of ours, which iptables-nft keeps, with
@@ -86,27 +100,24 @@ pub struct Step {
 
 impl Step {
     /// The command line that would run, for --dry-run output.
-    pub fn command(&self) -> String {
+    fn command(&self) -> String {
         format!("{} --noflush ({})", self.bins.restore, self.bins.family)
-    }
-
-    /// The restore program this step feeds.
-    pub fn program(&self) -> &str {
-        &self.bins.restore
     }
 }
 
+/// What [`Iptables::plan`] decided: a restore per family that changes anything.
 #[derive(Debug)]
-pub struct Plan {
-    pub steps: Vec<Step>,
-    pub outcome: Outcome,
+struct Plan {
+    backend: Iptables,
+    steps: Vec<Step>,
+    outcome: Outcome,
     /// What was read and decided, per family, for a debug log.
-    pub families: Vec<FamilyPlan>,
+    families: Vec<FamilyPlan>,
 }
 
 /// One family's state as `plan` read it, and what it decided.
 #[derive(Debug)]
-pub struct FamilyPlan {
+struct FamilyPlan {
     family: IpFamily,
     /// The save program that read the state; `None` when the kernel holds no table of the
     /// family, so there was nothing to read.
@@ -117,7 +128,7 @@ pub struct FamilyPlan {
 
 impl FamilyPlan {
     /// The state read back and the decision, as text.
-    pub fn describe(&self) -> String {
+    fn describe(&self) -> String {
         let state = match &self.read_with {
             None => "no table of this family in the kernel, nothing to read".to_string(),
             Some(program) => {
@@ -129,62 +140,107 @@ impl FamilyPlan {
     }
 }
 
-/// Reads the namespace and decides what to send. Touches nothing.
-pub fn plan(ruleset: &Ruleset, op: Operation, opts: IptablesOptions) -> Result<Plan, IptablesError> {
-    let mut steps = Vec::new();
-    let mut outcome = match op {
-        Operation::Apply { .. } => Outcome::Unchanged,
-        Operation::Cleanup => Outcome::NothingToRemove,
-    };
-    // IPv6 not programmed: its state is not needed to apply, but cleanup still looks.
-    let families: Vec<IpFamily> =
-        IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || ruleset.ipv6 || op == Operation::Cleanup).collect();
-    let mut planned = Vec::new();
-    for (family, bins, read) in read_states(&families, opts) {
-        let needed = family == IpFamily::V4 || ruleset.ipv6;
-        let (current, read_with) = match read {
-            Ok(read) => read,
-            Err(_) if !needed => continue,
-            Err(e) => return Err(e),
-        };
-        let desired = if needed { Desired::new(ruleset, family) } else { Desired::default() };
-        let residue = desired.residue(&current);
-        let (payload, decision) = match op {
-            Operation::Cleanup if residue.is_empty() => (None, "nothing of ours: nothing to remove".to_string()),
-            Operation::Cleanup => {
-                outcome = Outcome::Removed;
-                (Some(desired.payload(&residue, false)), "remove our chains and rules".to_string())
-            }
-            Operation::Apply { .. } if residue.is_empty() => {
-                outcome = promote(outcome, Outcome::Applied);
-                (Some(desired.payload(&residue, true)), "nothing of ours yet: install".to_string())
-            }
-            Operation::Apply { reconcile, force } => {
-                let drift: Vec<String> = desired.drift(&current, family).iter().map(ToString::to_string).collect();
-                if drift.is_empty() && !force {
-                    (None, "our rules are exactly as planned: nothing to send".to_string())
-                } else if drift.is_empty() || reconcile {
-                    outcome = promote(outcome, Outcome::Reconciled);
-                    let why = if drift.is_empty() {
-                        "our rules are as planned; rewriting them (--force-apply)".to_string()
-                    } else {
-                        format!("our rules differ from the plan; replacing them (--reconcile):\n  {}", drift.join("\n  "))
-                    };
-                    (Some(desired.payload(&residue, true)), why)
-                } else {
-                    return Err(IptablesError::Drift { family, details: drift });
-                }
-            }
-        };
-        if let Some(payload) = payload {
-            let rollback = rollback_payload(&current, &payload);
-            let wanted = |table: &String| op != Operation::Cleanup && desired.tables.contains_key(table.as_str());
-            let emptied = residue.into_keys().filter(|t| !wanted(t)).collect();
-            steps.push(Step { bins, payload, rollback, emptied });
-        }
-        planned.push(FamilyPlan { family, read_with, state: current, decision });
+impl RuleBackend for Iptables {
+    fn capture_name(&self) -> &'static str {
+        "iptables (ISTIO_* chains)"
     }
-    Ok(Plan { steps, outcome, families: planned })
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Iptables
+    }
+
+    fn plan(&self, ruleset: &Ruleset, operation: Operation) -> Result<Box<dyn RulePlan + '_>, CaptureError> {
+        Ok(Box::new(self.read_and_decide(ruleset, operation)?))
+    }
+
+    /// Like `plan`, looks at IPv6 only when the ruleset programs it.
+    fn differences(&self, ruleset: &Ruleset) -> Result<Vec<String>, CaptureError> {
+        let mut out = Vec::new();
+        for family in IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || ruleset.ipv6) {
+            let current = parse_save(&self.binaries(family).save()?);
+            out.extend(Desired::new(ruleset, family).drift(&current, family).iter().map(ToString::to_string));
+        }
+        Ok(out)
+    }
+
+    /// No table of either variant or family: reads two files and asks nf_tables twice.
+    fn holds_nothing(&self) -> bool {
+        IpFamily::ALL
+            .into_iter()
+            .all(|family| exec::legacy_holds_tables(family) == Some(false) && self.nf_tables.holds_tables(family) == Some(false))
+    }
+
+    fn unavailable(&self, error: &CaptureError) -> Option<String> {
+        match error {
+            CaptureError::Iptables(IptablesError::Spawn { program, source }) => {
+                Some(format!("could not run {program}: {source}"))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Iptables {
+    /// The save/restore pair for a family: the forced variant, or the one Istio would detect.
+    fn binaries(&self, family: IpFamily) -> Binaries {
+        Binaries::new(self.options.variant.unwrap_or_else(|| Variant::detect(family)), family)
+    }
+
+    /// Reads the namespace and decides what to send, per family. Touches nothing.
+    fn read_and_decide(&self, ruleset: &Ruleset, op: Operation) -> Result<Plan, IptablesError> {
+        let mut steps = Vec::new();
+        let mut outcome = match op {
+            Operation::Apply { .. } => Outcome::Unchanged,
+            Operation::Cleanup => Outcome::NothingToRemove,
+        };
+        // IPv6 not programmed: its state is not needed to apply, but cleanup still looks.
+        let families: Vec<IpFamily> =
+            IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || ruleset.ipv6 || op == Operation::Cleanup).collect();
+        let mut planned = Vec::new();
+        for (bins, read) in self.read_states(&families) {
+            let family = bins.family;
+            let needed = family == IpFamily::V4 || ruleset.ipv6;
+            let (current, read_with) = match read {
+                Ok(read) => read,
+                Err(_) if !needed => continue,
+                Err(e) => return Err(e),
+            };
+            let desired = if needed { Desired::new(ruleset, family) } else { Desired::default() };
+            let residue = desired.residue(&current);
+            let decided = decide(&desired, &current, &residue, op, family)?;
+            outcome = strongest(outcome, decided.outcome);
+            if let Some(payload) = decided.payload {
+                let rollback = rollback_payload(&current, &payload);
+                let wanted = |table: &String| op != Operation::Cleanup && desired.tables.contains_key(table.as_str());
+                let emptied = residue.into_keys().filter(|t| !wanted(t)).collect();
+                steps.push(Step { bins, payload, rollback, emptied });
+            }
+            planned.push(FamilyPlan { family, read_with, state: current, decision: decided.why });
+        }
+        Ok(Plan { backend: *self, steps, outcome, families: planned })
+    }
+
+    /// Each family's current state, read concurrently (two processes at most, none for a family
+    /// that holds no table at all, and no thread unless two are read).
+    fn read_states(&self, families: &[IpFamily]) -> Vec<(Binaries, ReadState)> {
+        let (empty, to_read): (Vec<Binaries>, Vec<Binaries>) =
+            families.iter().map(|&family| self.binaries(family)).partition(|bins| bins.holds_nothing(self.nf_tables));
+        let read = |bins: Binaries| {
+            let state = bins.save().map(|text| (parse_save(&text), Some(bins.save.clone())));
+            (bins, state)
+        };
+        let mut states: Vec<(Binaries, ReadState)> = if to_read.len() > 1 {
+            std::thread::scope(|scope| {
+                let readers: Vec<_> = to_read.into_iter().map(|bins| scope.spawn(move || read(bins))).collect();
+                readers.into_iter().map(|r| r.join().expect("state reader panicked")).collect()
+            })
+        } else {
+            to_read.into_iter().map(read).collect()
+        };
+        states.extend(empty.into_iter().map(|bins| (bins, Ok((SaveState::new(), None)))));
+        states.sort_by_key(|(bins, _)| bins.family);
+        states
+    }
 }
 
 /// The restore input that installs `ruleset` for one family in a namespace holding nothing of
@@ -193,102 +249,142 @@ pub fn install_payload(ruleset: &Ruleset, family: IpFamily) -> String {
     Desired::new(ruleset, family).payload(&BTreeMap::new(), true)
 }
 
-/// How the namespace's rules differ from `ruleset`, in words, per family; empty when exactly
-/// in place. Like `plan`, looks at IPv6 only when the ruleset programs it. Changes nothing.
-pub fn differences(ruleset: &Ruleset, opts: IptablesOptions) -> Result<Vec<String>, IptablesError> {
-    let mut out = Vec::new();
-    for family in IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || ruleset.ipv6) {
-        let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(family)), family);
-        let current = parse_save(&bins.save()?);
-        out.extend(Desired::new(ruleset, family).drift(&current, family).iter().map(ToString::to_string));
-    }
-    Ok(out)
-}
-
-/// Whether any iptables table, of either variant and family, exists in the namespace (true when
-/// that cannot be told): where none does, there is no capture of this backend to look for, and
-/// no process to start. Reads two files and asks nf_tables twice.
-pub fn holds_any_table() -> bool {
-    IpFamily::ALL.into_iter().any(|family| {
-        exec::legacy_holds_tables(family) != Some(false) || crate::nftables::has_iptables_tables(family).unwrap_or(true)
-    })
-}
-
 /// The state of one family, and the save program that read it (`None`: the family holds no table).
 type ReadState = Result<(SaveState, Option<String>), IptablesError>;
 
-/// Each family's current state, read concurrently (two processes at most, none for a family
-/// that holds no table at all).
-fn read_states(families: &[IpFamily], opts: IptablesOptions) -> Vec<(IpFamily, Binaries, ReadState)> {
-    std::thread::scope(|scope| {
-        let readers: Vec<_> = families
-            .iter()
-            .map(|&family| {
-                scope.spawn(move || {
-                    let bins = Binaries::new(opts.variant.unwrap_or_else(|| Variant::detect(family)), family);
-                    let state = if bins.holds_nothing() {
-                        Ok((SaveState::new(), None))
-                    } else {
-                        bins.save().map(|t| (parse_save(&t), Some(bins.save.clone())))
-                    };
-                    (family, bins, state)
-                })
-            })
-            .collect();
-        readers.into_iter().map(|r| r.join().expect("state reader panicked")).collect()
-    })
+/// One family's decision: the restore input to send (`None`: nothing), why, and the outcome.
+struct Decision {
+    payload: Option<String>,
+    why: String,
+    outcome: Outcome,
 }
 
-/// The strongest outcome wins: Reconciled over Applied over Unchanged.
-fn promote(current: Outcome, new: Outcome) -> Outcome {
-    match (current, new) {
-        (Outcome::Reconciled, _) | (_, Outcome::Reconciled) => Outcome::Reconciled,
-        _ => new,
-    }
-}
-
-/// Runs the plan; on failure puts every table it touched back as it was.
-/// `lock_wait` bounds the wait for the xtables lock.
-/// The families are independent, so their restores run concurrently.
-pub fn execute(plan: &Plan, lock_wait: Duration) -> Result<Outcome, IptablesError> {
-    if let Err(e) = plan.steps.iter().try_for_each(|step| step.bins.check_lock()) {
-        return Err(IptablesError::NothingChanged { source: Box::new(e) });
-    }
-    let results: Vec<Result<(), IptablesError>> = std::thread::scope(|scope| {
-        let restores: Vec<_> =
-            plan.steps.iter().map(|step| scope.spawn(move || step.bins.restore(&step.payload, true, lock_wait))).collect();
-        restores.into_iter().map(|r| r.join().expect("restore thread panicked")).collect()
-    });
-    let mut touched = Vec::new();
-    let mut failure = None;
-    for (step, result) in plan.steps.iter().zip(results) {
-        match result {
-            Ok(()) => touched.push(step),
-            Err(e) => {
-                if !e.changed_nothing() {
-                    touched.push(step);
-                }
-                failure.get_or_insert(e);
+/// Decides, from one family's current state and what of ours it holds, what `op` sends:
+/// install where nothing of ours is, nothing where ours is exact (unless forced), a
+/// replacement where it drifted (only with `reconcile`), or the removal of everything of ours.
+fn decide(
+    desired: &Desired,
+    current: &SaveState,
+    residue: &BTreeMap<String, TableResidue>,
+    op: Operation,
+    family: IpFamily,
+) -> Result<Decision, IptablesError> {
+    let decision = |payload, why: &str, outcome| Decision { payload, why: why.to_string(), outcome };
+    Ok(match op {
+        Operation::Cleanup if residue.is_empty() => {
+            decision(None, "nothing of ours: nothing to remove", Outcome::NothingToRemove)
+        }
+        Operation::Cleanup => decision(Some(desired.payload(residue, false)), "remove our chains and rules", Outcome::Removed),
+        Operation::Apply { .. } if residue.is_empty() => {
+            decision(Some(desired.payload(residue, true)), "nothing of ours yet: install", Outcome::Applied)
+        }
+        Operation::Apply { reconcile, force } => {
+            let drift: Vec<String> = desired.drift(current, family).iter().map(ToString::to_string).collect();
+            if drift.is_empty() && !force {
+                decision(None, "our rules are exactly as planned: nothing to send", Outcome::Unchanged)
+            } else if drift.is_empty() {
+                let why = "our rules are as planned; rewriting them, as forced";
+                decision(Some(desired.payload(residue, true)), why, Outcome::Reconciled)
+            } else if reconcile {
+                let why = format!("our rules differ from the plan; replacing them (reconciling):\n  {}", drift.join("\n  "));
+                decision(Some(desired.payload(residue, true)), &why, Outcome::Reconciled)
+            } else {
+                return Err(IptablesError::Drift { family, details: drift });
             }
         }
-    }
-    let Some(err) = failure else {
-        // Every restore is in: what they emptied goes now (a failure here undoes nothing).
-        plan.steps.iter().try_for_each(|step| step.bins.prune(&step.emptied))?;
-        return Ok(plan.outcome);
-    };
-    if touched.is_empty() {
-        return Err(IptablesError::NothingChanged { source: Box::new(err) });
-    }
-    Err(match undo_steps(&touched, lock_wait) {
-        Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
-        Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
     })
 }
 
-/// Puts every table the plan touches back as it was before the plan was made.
-pub fn undo(plan: &Plan, lock_wait: Duration) -> Result<(), IptablesError> {
-    undo_steps(&plan.steps.iter().collect::<Vec<_>>(), lock_wait)
+/// The strongest outcome of the families': Reconciled over Applied over Unchanged, Removed
+/// over NothingToRemove.
+fn strongest(a: Outcome, b: Outcome) -> Outcome {
+    let rank = |outcome| match outcome {
+        Outcome::Unchanged | Outcome::NothingToRemove => 0,
+        Outcome::Applied | Outcome::Removed => 1,
+        Outcome::Reconciled => 2,
+    };
+    if rank(b) > rank(a) {
+        b
+    } else {
+        a
+    }
+}
+
+impl RulePlan for Plan {
+    fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+
+    /// Runs the plan; on failure puts every table it touched back as it was. The families are
+    /// independent, so their restores run concurrently.
+    fn apply(&self) -> Result<Outcome, CaptureError> {
+        Ok(self.execute()?)
+    }
+
+    /// Puts every table the plan touches back as it was before the plan was made.
+    fn undo(&self) -> Result<(), CaptureError> {
+        Ok(undo_steps(&self.steps.iter().collect::<Vec<_>>(), self.backend.lock_wait)?)
+    }
+
+    fn sent(&self) -> Vec<Sent> {
+        let restore = |step: &Step| Sent::IptablesRestore { program: step.bins.restore.clone(), input: step.payload.clone() };
+        self.steps.iter().map(restore).collect()
+    }
+
+    /// The restores the plan would run.
+    fn describe(&self) -> String {
+        let mut text = String::new();
+        if self.steps.is_empty() {
+            text.push_str("# nothing to change in the rules: they are already as requested\n");
+        }
+        for step in &self.steps {
+            let _ = writeln!(text, "# {}\n{}", step.command(), step.payload);
+        }
+        text
+    }
+
+    fn trace(&self) -> Vec<String> {
+        self.families.iter().map(FamilyPlan::describe).collect()
+    }
+}
+
+impl Plan {
+    fn execute(&self) -> Result<Outcome, IptablesError> {
+        let lock_wait = self.backend.lock_wait;
+        if let Err(e) = self.steps.iter().try_for_each(|step| step.bins.check_lock()) {
+            return Err(IptablesError::NothingChanged { source: Box::new(e) });
+        }
+        let results: Vec<Result<(), IptablesError>> = std::thread::scope(|scope| {
+            let restores: Vec<_> =
+                self.steps.iter().map(|step| scope.spawn(move || step.bins.restore(&step.payload, true, lock_wait))).collect();
+            restores.into_iter().map(|r| r.join().expect("restore thread panicked")).collect()
+        });
+        let mut touched = Vec::new();
+        let mut failure = None;
+        for (step, result) in self.steps.iter().zip(results) {
+            match result {
+                Ok(()) => touched.push(step),
+                Err(e) => {
+                    if !e.changed_nothing() {
+                        touched.push(step);
+                    }
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let Some(err) = failure else {
+            // Every restore is in: what they emptied goes now (a failure here undoes nothing).
+            self.steps.iter().try_for_each(|step| step.bins.prune(self.backend.nf_tables, &step.emptied))?;
+            return Ok(self.outcome);
+        };
+        if touched.is_empty() {
+            return Err(IptablesError::NothingChanged { source: Box::new(err) });
+        }
+        Err(match undo_steps(&touched, lock_wait) {
+            Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
+            Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
+        })
+    }
 }
 
 fn undo_steps(steps: &[&Step], lock_wait: Duration) -> Result<(), IptablesError> {
@@ -642,6 +738,44 @@ mod tests {
         nat.chains = vec!["PREROUTING".into()];
         nat.rules.insert("PREROUTING".into(), vec!["-i eth9 -j RETURN".into()]);
         assert!(desired(&CaptureConfig::default()).residue(&state).is_empty());
+    }
+
+    #[test]
+    fn force_rewrites_exact_rules_and_only_reconcile_replaces_drifted_ones() {
+        let d = desired(&CaptureConfig::default());
+        let apply = |reconcile, force| Operation::Apply { reconcile, force };
+        let fresh = decide(&d, &SaveState::new(), &BTreeMap::new(), apply(false, true), IpFamily::V4).unwrap();
+        assert_eq!(fresh.outcome, Outcome::Applied, "nothing to force in an empty namespace");
+
+        let exact = as_saved(&d);
+        let residue = d.residue(&exact);
+        let plain = decide(&d, &exact, &residue, apply(false, false), IpFamily::V4).unwrap();
+        assert_eq!((plain.payload, plain.outcome), (None, Outcome::Unchanged));
+        let forced = decide(&d, &exact, &residue, apply(false, true), IpFamily::V4).unwrap();
+        assert_eq!(forced.outcome, Outcome::Reconciled);
+        assert_eq!(forced.payload, Some(d.payload(&residue, true)), "{}", forced.why);
+        assert!(forced.why.contains("as forced"), "{}", forced.why);
+
+        let mut drifted = exact.clone();
+        drifted.get_mut("nat").unwrap().rules.get_mut("ISTIO_INBOUND").unwrap().push("-p tcp -j ACCEPT".into());
+        let residue = d.residue(&drifted);
+        let refused = decide(&d, &drifted, &residue, apply(false, true), IpFamily::V4);
+        assert!(
+            matches!(refused, Err(IptablesError::Drift { family: IpFamily::V4, .. })),
+            "force alone replaces no drifted rules"
+        );
+        let replaced = decide(&d, &drifted, &residue, apply(true, false), IpFamily::V4).unwrap();
+        assert_eq!(replaced.outcome, Outcome::Reconciled);
+        assert!(replaced.why.contains("(reconciling)") && replaced.why.contains("-p tcp -j ACCEPT"), "{}", replaced.why);
+    }
+
+    #[test]
+    fn the_families_outcome_is_the_strongest() {
+        assert_eq!(strongest(Outcome::Applied, Outcome::Unchanged), Outcome::Applied);
+        assert_eq!(strongest(Outcome::Reconciled, Outcome::Applied), Outcome::Reconciled);
+        assert_eq!(strongest(Outcome::Unchanged, Outcome::Reconciled), Outcome::Reconciled);
+        assert_eq!(strongest(Outcome::NothingToRemove, Outcome::Removed), Outcome::Removed);
+        assert_eq!(strongest(Outcome::Removed, Outcome::NothingToRemove), Outcome::Removed);
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! `-raw`), compiled to the same bytecode `nft -f` makes of Istio's own rule text, so
 //! `nft list ruleset` prints exactly what Istio's tool leaves behind.
 //!
-//! [`apply`] first reads our tables back and compares them with what it would send (both
-//! parsed and printed by libnftnl): equal means nothing is sent; none of ours means a plain
-//! install; anything else is drift, an error unless `reconcile`, which replaces every table
-//! of ours in the same transaction (add, delete, add full) so no packet sees a gap.
+//! A plan first reads our tables back and compares them with what it would send (both parsed
+//! and printed by libnftnl): equal means nothing is sent (unless forced); none of ours means a
+//! plain install; anything else is drift, an error unless `reconcile`. A replacement (drift
+//! with `reconcile`, or `force`) replaces every table of ours in the same transaction (add,
+//! delete, add full) so no packet sees a gap.
 
 mod batch;
 mod decompile;
@@ -29,10 +30,11 @@ use raw::{Object, SetRef};
 use schema::table_named;
 use state::Snapshot;
 
+use crate::capture::{CaptureError, Operation, RuleBackend, RulePlan, Sent};
 use crate::family::IpFamily;
-use crate::model::{Ruleset, Table};
+use crate::model::{Dialect, Ruleset, Table};
 use crate::netlink::{NetlinkError, Refusal};
-use crate::{Detail, Outcome};
+use crate::Outcome;
 
 #[derive(Debug, Error)]
 pub enum NftError {
@@ -48,83 +50,202 @@ pub enum NftError {
     )]
     Refused { what: String, error: io::Error, hint: String, others: usize },
     #[error(
-        "the capture tables in this namespace differ from the requested ones:\n  {}\nre-run with --reconcile to replace them atomically (or --cleanup-only to remove them)",
+        "the capture tables in this namespace differ from the requested ones:\n  {}",
         details.join("\n  ")
     )]
     Drift { details: Vec<String> },
 }
 
-/// The nft script of a fresh install (for `--dry-run`): what [`apply`] sends to a namespace
-/// holding none of our tables, loadable with `nft -f`.
+/// The nft script of a fresh install (what `--dry-run` prints): what a plan sends to a
+/// namespace holding none of our tables, loadable with `nft -f`.
 pub fn script(ruleset: &Ruleset) -> String {
     render::script(&render::plan(ruleset))
 }
 
-/// What [`apply`] did, and, with enough [`Detail`], what it sent and why.
+/// The native nftables backend. It holds nothing: each step opens its own netlink socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Nftables;
+
+/// What [`Nftables`] decided, and from what.
+struct Plan {
+    /// The tables the ruleset needs (none for a cleanup).
+    tables: Vec<render::TablePlan>,
+    /// Our tables as read back; `None` where nothing was read (a cleanup reads only their names,
+    /// a dry run nothing).
+    have: Option<Snapshot>,
+    change: Change,
+}
+
+/// What a plan sends, in one transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Applied {
-    pub outcome: Outcome,
-    /// [`Detail::Sent`] and up: the nft script equivalent to the batch sent; `None` when nothing was.
-    pub script: Option<String>,
-    /// [`Detail::Trace`]: our tables as read back, and the decision made from them.
-    pub trace: Vec<String>,
+enum Change {
+    /// Nothing: our tables are exactly as planned, or there is nothing to program.
+    Keep,
+    /// None of our tables exists: create them.
+    Create,
+    /// Delete and create again every planned table, and delete the `stale` ones: our tables
+    /// drifted (with `reconcile`), or are exact and `forced`.
+    Replace { stale: Vec<Table>, forced: bool },
+    /// Delete these tables of ours (a cleanup).
+    Delete(Vec<Table>),
 }
 
-/// Programs `ruleset` in the current network namespace (see the module docs).
-pub fn apply(ruleset: &Ruleset, reconcile: bool, detail: Detail) -> Result<Applied, NftError> {
-    let plan = render::plan(ruleset);
-    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
-    let have = read_ours(&mut netlink).map_err(NftError::Read)?;
-    let mut tx = TransactionBuilder::new();
-    let sent = |render: &dyn Fn() -> String| (detail >= Detail::Sent).then(render);
-    let (outcome, script, decision) = if have.is_empty() && plan.is_empty() {
-        (Outcome::Unchanged, None, "nothing to program and none of our tables exists: nothing to send".to_string())
-    } else if have.is_empty() {
-        plan.iter().for_each(|table| tx.create(table));
-        (Outcome::Applied, sent(&|| render::script(&plan)), "none of our tables exists: create them".to_string())
-    } else {
-        let want = state::planned(&plan);
-        if have == want {
-            (Outcome::Unchanged, None, "our tables are exactly as planned: nothing to send".to_string())
-        } else if !reconcile {
-            return Err(NftError::Drift { details: described_differences(&plan, &want, &have) });
-        } else {
-            let stale: Vec<Table> = have.keys().filter(|t| !want.contains_key(t)).copied().collect();
-            for table in &plan {
-                tx.delete(table.table);
-                tx.create(table);
+impl RuleBackend for Nftables {
+    fn capture_name(&self) -> &'static str {
+        "native nftables (tables inet istio-proxy-*)"
+    }
+
+    fn dialect(&self) -> Dialect {
+        Dialect::Nftables
+    }
+
+    fn plan(&self, ruleset: &Ruleset, operation: Operation) -> Result<Box<dyn RulePlan + '_>, CaptureError> {
+        let mut netlink = Netlink::open().map_err(NftError::Socket)?;
+        let plan = match operation {
+            // Our tables are found by name, whatever they hold.
+            Operation::Cleanup => {
+                let ours = our_tables(&netlink.dump(&DumpRequest::Tables).map_err(NftError::Read)?);
+                Plan { tables: Vec::new(), have: None, change: Change::Delete(ours) }
             }
-            stale.iter().for_each(|&table| tx.delete(table));
-            let decision = if detail >= Detail::Trace {
-                let details = described_differences(&plan, &want, &have).join("\n  ");
-                format!("our tables differ from the plan; replacing them in one transaction (--reconcile):\n  {details}")
-            } else {
-                String::new()
-            };
-            (Outcome::Reconciled, sent(&|| replacement_script(&plan, &stale)), decision)
-        }
-    };
-    let trace = if detail >= Detail::Trace {
-        vec![format!("nftables: our tables as read back:\n{}", state::describe(&have)), format!("nftables: {decision}")]
-    } else {
-        Vec::new()
-    };
-    if outcome != Outcome::Unchanged {
-        commit(&mut netlink, &tx.finish())?;
+            Operation::Apply { reconcile, force } => {
+                let tables = render::plan(ruleset);
+                let have = read_ours(&mut netlink).map_err(NftError::Read)?;
+                let change = decide(&tables, &have, reconcile, force)?;
+                Plan { tables, have: Some(have), change }
+            }
+        };
+        Ok(Box::new(plan))
     }
-    Ok(Applied { outcome, script, trace })
+
+    /// A dry run of an apply reads nothing (so it needs no CAP_NET_ADMIN): it shows the script
+    /// of a fresh install.
+    fn dry_run_plan(&self, ruleset: &Ruleset, operation: Operation) -> Result<Box<dyn RulePlan + '_>, CaptureError> {
+        match operation {
+            Operation::Apply { .. } => Ok(Box::new(Plan { tables: render::plan(ruleset), have: None, change: Change::Create })),
+            Operation::Cleanup => self.plan(ruleset, operation),
+        }
+    }
+
+    fn differences(&self, ruleset: &Ruleset) -> Result<Vec<String>, CaptureError> {
+        let plan = render::plan(ruleset);
+        let mut netlink = Netlink::open().map_err(NftError::Socket)?;
+        let have = read_ours(&mut netlink).map_err(NftError::Read)?;
+        let want = state::planned(&plan);
+        Ok(if have == want { Vec::new() } else { described_differences(&plan, &want, &have) })
+    }
 }
 
-/// The nft script of a reconcile, in the batch's order: each planned table deleted and
-/// created again, then the stale ones deleted.
-fn replacement_script(plan: &[render::TablePlan], stale: &[Table]) -> String {
-    let mut out = String::new();
-    for table in plan {
-        out += &delete_table_script(table.table);
-        out += &render::script(std::slice::from_ref(table));
+/// What applying `tables` over `have`, our tables as read back, sends.
+fn decide(tables: &[render::TablePlan], have: &Snapshot, reconcile: bool, force: bool) -> Result<Change, NftError> {
+    if have.is_empty() {
+        return Ok(if tables.is_empty() { Change::Keep } else { Change::Create });
     }
-    stale.iter().for_each(|&table| out += &delete_table_script(table));
-    out
+    let want = state::planned(tables);
+    let exact = *have == want;
+    if exact && !force {
+        Ok(Change::Keep)
+    } else if exact || reconcile {
+        Ok(Change::Replace { stale: have.keys().filter(|t| !want.contains_key(t)).copied().collect(), forced: exact })
+    } else {
+        Err(NftError::Drift { details: described_differences(tables, &want, have) })
+    }
+}
+
+impl RulePlan for Plan {
+    fn outcome(&self) -> Outcome {
+        match &self.change {
+            Change::Keep => Outcome::Unchanged,
+            Change::Create => Outcome::Applied,
+            Change::Replace { .. } => Outcome::Reconciled,
+            Change::Delete(tables) if tables.is_empty() => Outcome::NothingToRemove,
+            Change::Delete(_) => Outcome::Removed,
+        }
+    }
+
+    fn apply(&self) -> Result<Outcome, CaptureError> {
+        let mut tx = TransactionBuilder::new();
+        match &self.change {
+            Change::Keep => {}
+            Change::Create => self.tables.iter().for_each(|table| tx.create(table)),
+            Change::Replace { stale, .. } => {
+                for table in &self.tables {
+                    tx.delete(table.table);
+                    tx.create(table);
+                }
+                stale.iter().for_each(|&table| tx.delete(table));
+            }
+            Change::Delete(tables) => tables.iter().for_each(|&table| tx.delete(table)),
+        }
+        send(&tx.finish())?;
+        Ok(self.outcome())
+    }
+
+    /// Deletes the tables a fresh install created. A replacement is not taken back: what it
+    /// replaced was not as requested.
+    fn undo(&self) -> Result<(), CaptureError> {
+        if self.change == Change::Create {
+            let mut tx = TransactionBuilder::new();
+            self.tables.iter().for_each(|table| tx.delete(table.table));
+            send(&tx.finish())?;
+        }
+        Ok(())
+    }
+
+    fn sent(&self) -> Vec<Sent> {
+        let script = self.describe();
+        if script.is_empty() {
+            Vec::new()
+        } else {
+            vec![Sent::Nftables { script }]
+        }
+    }
+
+    /// The nft script equivalent to the batch, in its order.
+    fn describe(&self) -> String {
+        match &self.change {
+            Change::Keep => String::new(),
+            Change::Create => render::script(&self.tables),
+            Change::Replace { stale, .. } => {
+                let mut out = String::new();
+                for table in &self.tables {
+                    out += &delete_table_script(table.table);
+                    out += &render::script(std::slice::from_ref(table));
+                }
+                stale.iter().for_each(|&table| out += &delete_table_script(table));
+                out
+            }
+            Change::Delete(tables) => tables.iter().map(|&table| delete_table_script(table)).collect(),
+        }
+    }
+
+    fn trace(&self) -> Vec<String> {
+        let decision = match (&self.change, &self.have) {
+            (Change::Delete(tables), _) if tables.is_empty() => "none of our tables exists: nothing to remove".to_string(),
+            (Change::Delete(tables), _) => {
+                let names: Vec<&str> = tables.iter().map(|&table| schema::table_name(table)).collect();
+                format!("our tables {}: delete them", names.join(", "))
+            }
+            (_, None) => "our tables were not read (--dry-run): the script of a fresh install".to_string(),
+            (Change::Keep, Some(have)) if have.is_empty() => {
+                "nothing to program and none of our tables exists: nothing to send".to_string()
+            }
+            (Change::Keep, Some(_)) => "our tables are exactly as planned: nothing to send".to_string(),
+            (Change::Create, Some(_)) => "none of our tables exists: create them".to_string(),
+            (Change::Replace { forced: true, .. }, Some(_)) => {
+                "our tables are as planned; rewriting them in one transaction, as forced".to_string()
+            }
+            (Change::Replace { forced: false, .. }, Some(have)) => {
+                let details = described_differences(&self.tables, &state::planned(&self.tables), have).join("\n  ");
+                format!("our tables differ from the plan; replacing them in one transaction (reconciling):\n  {details}")
+            }
+        };
+        let mut trace = Vec::new();
+        if let (Some(have), false) = (&self.have, matches!(self.change, Change::Delete(_))) {
+            trace.push(format!("nftables: our tables as read back:\n{}", state::describe(have)));
+        }
+        trace.push(format!("nftables: {decision}"));
+        trace
+    }
 }
 
 /// What [`TransactionBuilder::delete`] sends: adding first makes the pair succeed whether or not
@@ -133,13 +254,12 @@ fn delete_table_script(table: Table) -> String {
     format!("add table inet {0}\ndelete table inet {0}\n", schema::table_name(table))
 }
 
-/// How our tables differ from `ruleset`, in words; empty when exactly in place. Changes nothing.
-pub fn differences(ruleset: &Ruleset) -> Result<Vec<String>, NftError> {
-    let plan = render::plan(ruleset);
-    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
-    let have = read_ours(&mut netlink).map_err(NftError::Read)?;
-    let want = state::planned(&plan);
-    Ok(if have == want { Vec::new() } else { described_differences(&plan, &want, &have) })
+/// Commits a transaction, if it holds anything, on a socket of its own.
+fn send(tx: &Transaction) -> Result<(), NftError> {
+    if tx.messages.is_empty() {
+        return Ok(());
+    }
+    commit(&mut Netlink::open().map_err(NftError::Socket)?, tx)
 }
 
 fn described_differences(plan: &[render::TablePlan], want: &Snapshot, have: &Snapshot) -> Vec<String> {
@@ -187,30 +307,6 @@ pub fn prune_iptables_tables(family: IpFamily, tables: &[String]) -> Result<(), 
         Err(NftError::Refused { error, .. }) if matches!(error.raw_os_error(), Some(libc::EBUSY | libc::ENOENT)) => Ok(()),
         other => other,
     }
-}
-
-/// An nft script equivalent to `cleanup` (loadable even where the tables are absent).
-pub fn cleanup_script() -> String {
-    schema::TABLE_ORDER.into_iter().map(delete_table_script).collect()
-}
-
-/// Whether any of our tables exists.
-pub fn holds_ours() -> Result<bool, NftError> {
-    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
-    Ok(!our_tables(&netlink.dump(&DumpRequest::Tables).map_err(NftError::Read)?).is_empty())
-}
-
-/// Deletes our three tables, and nothing else, in one transaction.
-pub fn cleanup() -> Result<Outcome, NftError> {
-    let mut netlink = Netlink::open().map_err(NftError::Socket)?;
-    let ours = our_tables(&netlink.dump(&DumpRequest::Tables).map_err(NftError::Read)?);
-    if ours.is_empty() {
-        return Ok(Outcome::NothingToRemove);
-    }
-    let mut tx = TransactionBuilder::new();
-    ours.into_iter().for_each(|table| tx.delete(table));
-    commit(&mut netlink, &tx.finish())?;
-    Ok(Outcome::Removed)
 }
 
 fn our_tables(objects: &[Object]) -> Vec<Table> {
@@ -271,4 +367,70 @@ fn refused(refusal: &Refusal, message: Option<&Message>, others: usize) -> NftEr
         _ => "see the error above".to_string(),
     };
     NftError::Refused { what, error: io::Error::from_raw_os_error(refusal.errno), hint, others }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{InboundPorts, InterceptionMode};
+    use crate::model::build;
+    use crate::settings::CaptureConfig;
+
+    fn tables(config: &CaptureConfig) -> Vec<render::TablePlan> {
+        render::plan(&build(config, Dialect::Nftables))
+    }
+
+    fn tproxy() -> CaptureConfig {
+        CaptureConfig {
+            mode: InterceptionMode::Tproxy,
+            inbound_ports: InboundPorts::All { except: vec![] },
+            ..CaptureConfig::default()
+        }
+    }
+
+    #[test]
+    fn force_replaces_exact_tables_and_only_reconcile_replaces_drifted_ones() {
+        let base = tables(&CaptureConfig::default());
+        let exact = state::planned(&base);
+        assert_eq!(decide(&base, &Snapshot::new(), false, true).unwrap(), Change::Create);
+        assert_eq!(decide(&[], &Snapshot::new(), false, true).unwrap(), Change::Keep);
+        assert_eq!(decide(&base, &exact, false, false).unwrap(), Change::Keep);
+        assert_eq!(decide(&base, &exact, false, true).unwrap(), Change::Replace { stale: vec![], forced: true });
+
+        let left = state::planned(&tables(&tproxy()));
+        assert!(left.contains_key(&Table::Mangle));
+        let refused = decide(&base, &left, false, true).unwrap_err();
+        assert!(matches!(refused, NftError::Drift { .. }), "force alone replaces no drifted tables: {refused}");
+        let replaced = decide(&base, &left, true, false).unwrap();
+        assert_eq!(replaced, Change::Replace { stale: vec![Table::Mangle], forced: false });
+    }
+
+    #[test]
+    fn a_forced_replacement_is_described_and_sent_as_each_table_deleted_and_created() {
+        let base = tables(&CaptureConfig::default());
+        let have = state::planned(&base);
+        let plan = Plan { tables: base, have: Some(have), change: Change::Replace { stale: vec![], forced: true } };
+        assert_eq!(plan.outcome(), Outcome::Reconciled);
+        let script = plan.describe();
+        let nat = "add table inet istio-proxy-nat\ndelete table inet istio-proxy-nat\nadd table inet istio-proxy-nat\n";
+        assert!(script.starts_with(nat), "{script}");
+        assert_eq!(script.matches("add table").count(), 2, "{script}");
+        assert_eq!(plan.sent(), vec![Sent::Nftables { script }]);
+        assert_eq!(
+            plan.trace().last().unwrap(),
+            "nftables: our tables are as planned; rewriting them in one transaction, as forced"
+        );
+    }
+
+    #[test]
+    fn a_cleanup_deletes_the_tables_found_and_nothing_without_them() {
+        let found = Plan { tables: Vec::new(), have: None, change: Change::Delete(vec![Table::Nat, Table::Mangle]) };
+        assert_eq!(found.outcome(), Outcome::Removed);
+        let nat_and_mangle = "add table inet istio-proxy-nat\ndelete table inet istio-proxy-nat\n\
+                              add table inet istio-proxy-mangle\ndelete table inet istio-proxy-mangle\n";
+        assert_eq!(found.describe(), nat_and_mangle);
+        let none = Plan { tables: Vec::new(), have: None, change: Change::Delete(Vec::new()) };
+        assert_eq!(none.outcome(), Outcome::NothingToRemove);
+        assert!(none.sent().is_empty() && none.describe().is_empty());
+    }
 }
