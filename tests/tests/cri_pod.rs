@@ -106,6 +106,7 @@ fn an_injected_pods_containers_pass_inbound_and_outbound_traffic_through_the_pro
     let programmed = sandbox.nft_ruleset();
     assert!(programmed.contains("redirect to :15001") && programmed.contains("redirect to :15006"), "{programmed}");
 
+    // As uid 1337, the one the capture exempts (capture-proxy refuses to run as any other).
     let proxy_config = container("istio-proxy", &["/usr/local/bin/capture-proxy", "--inbound-mode", "REDIRECT"], 1337, vec![]);
     let proxy = Container::create_and_start(&cri, &pod, &sandbox_config, &proxy_config);
     sandbox.wait_proxy_ready(|| proxy.log());
