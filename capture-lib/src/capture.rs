@@ -18,8 +18,7 @@ use crate::model::{self, Dialect, Ruleset};
 use crate::namespace::{self, NamespaceError};
 use crate::nftables::{self, NftError, Nftables};
 use crate::routes::{self, RouteError, RoutePlan};
-use crate::settings::CaptureConfig;
-use crate::settings::{Setting, Settings};
+use crate::settings::{CaptureConfig, Setting, Settings};
 use crate::{Detail, Outcome};
 
 /// Which netfilter interface programs the rules.

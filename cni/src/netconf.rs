@@ -9,8 +9,7 @@
 
 use capture_lib::capture::Backend;
 use capture_lib::log_level::Level;
-use capture_lib::settings::CaptureConfig;
-use capture_lib::settings::{Front, Kind, Setting, Settings};
+use capture_lib::settings::{CaptureConfig, Front, Kind, Setting, Settings};
 use serde_json::{Map, Value};
 
 use crate::istio_keys::{self, IstioKeys};

@@ -69,7 +69,7 @@ fn validate(
         return Err(PluginError::Version(conf.cni_version.clone()));
     }
     let node = PodCapture::new(conf, args)?;
-    node.config()?;
+    let node_config = node.config()?;
     refuse_node_namespace(invocation.netns.as_deref().unwrap_or(Path::new("")))?;
     if let Selection::Skip(why) = pod::select(conf, args)? {
         if conf.log_level >= Level::Info {
@@ -77,12 +77,13 @@ fn validate(
         }
         return Ok(None);
     }
-    let pod = match &conf.pod_annotations {
-        Some(annotations) => node.with_annotations(annotations)?,
-        None => node,
+    let dual_stack = node.dual_stack;
+    // Without annotations the pod's capture is the node's, already validated.
+    let (config, backend) = match &conf.pod_annotations {
+        Some(annotations) => node.with_annotations(annotations)?.config()?,
+        None => node_config,
     };
-    let (config, backend) = pod.config()?;
-    Ok(Some((config, backend, pod.dual_stack)))
+    Ok(Some((config, backend, dual_stack)))
 }
 
 /// DEL: removes whatever capture of ours the pod's namespace holds, and succeeds when the
