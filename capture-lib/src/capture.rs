@@ -311,7 +311,7 @@ fn apply(req: &Request, routes: &RoutePlan, backends: &Backends, reconcile: bool
     let ruleset = ruleset(&req.config, chosen);
     let plan = if req.dry_run { chosen.dry_run_plan(&ruleset, req.operation) } else { chosen.plan(&ruleset, req.operation) }?;
     let trace = if req.detail >= Detail::Trace { plan.trace() } else { Vec::new() };
-    // Applying next to the other backend's capture is refused unless `--reconcile`, which
+    // Applying next to the other backend's capture is refused unless reconciling, which
     // replaces it.
     let mut warnings = Vec::new();
     let replaced = found_capture(&req.config, backends.other(), &mut warnings);

@@ -225,7 +225,7 @@ impl RulePlan for Plan {
                 let names: Vec<&str> = tables.iter().map(|&table| schema::table_name(table)).collect();
                 format!("our tables {}: delete them", names.join(", "))
             }
-            (_, None) => "our tables were not read (--dry-run): the script of a fresh install".to_string(),
+            (_, None) => "a dry run reads nothing: the script of a fresh install".to_string(),
             (Change::Keep, Some(have)) if have.is_empty() => {
                 "nothing to program and none of our tables exists: nothing to send".to_string()
             }
