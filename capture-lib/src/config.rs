@@ -164,10 +164,6 @@ impl Cidr {
         (prefix <= max).then(|| Self { addr: mask(addr, prefix), prefix })
     }
 
-    pub const fn host_v4(addr: Ipv4Addr) -> Self {
-        Self { addr: IpAddr::V4(addr), prefix: 32 }
-    }
-
     pub fn host(addr: IpAddr) -> Self {
         Self { addr, prefix: if addr.is_ipv4() { 32 } else { 128 } }
     }

@@ -11,8 +11,6 @@
 //! [`CaptureConfig`] and its line in [`Settings::capture_config`] (both in this file), its use
 //! in `model.rs`, and a test.
 
-use std::net::Ipv4Addr;
-
 use crate::config::{
     self, Cidr, ConfigError, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups,
 };
@@ -500,13 +498,16 @@ impl CaptureConfig {
     }
 }
 
-/// Istio's IPv4 loopback, the default of [`CaptureConfig::host_ipv4_loopback`].
-pub const LOCALHOST: Cidr = Cidr::host_v4(Ipv4Addr::LOCALHOST);
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    /// Istio's IPv4 loopback, the default of [`CaptureConfig::host_ipv4_loopback`].
+    fn localhost() -> Cidr {
+        Cidr::host(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    }
 
     fn istio(pairs: &[(Setting, &str)]) -> Settings {
         let mut settings = Settings::new(Front::Flag);
@@ -563,7 +564,7 @@ mod tests {
         assert_eq!((cfg.proxy_uids, cfg.proxy_gids), (vec![1337], vec![1337]));
         assert_eq!((cfg.tproxy_mark, cfg.tproxy_route_table), (1337, 133));
         assert_eq!((cfg.inbound_ports, cfg.outbound_ranges), (InboundPorts::None, OutboundRanges::None));
-        assert_eq!(cfg.host_ipv4_loopback, LOCALHOST);
+        assert_eq!(cfg.host_ipv4_loopback, localhost());
         assert_eq!(cfg.owner_groups, OwnerGroups::AllExcept(vec![]));
         let cni = Settings::new(Front::CniKey).capture_config().unwrap();
         assert_eq!((cni.inbound_ports, cni.outbound_ranges), (InboundPorts::All { except: vec![] }, OutboundRanges::All));
@@ -637,7 +638,7 @@ mod tests {
     #[test]
     fn an_empty_loopback_cidr_is_the_default() {
         let cfg = istio(&[(Setting::Ipv4LoopbackCidr, "")]).capture_config().unwrap();
-        assert_eq!(cfg.host_ipv4_loopback, LOCALHOST);
+        assert_eq!(cfg.host_ipv4_loopback, localhost());
         let err = istio(&[(Setting::Ipv4LoopbackCidr, "10.0.0.0/8")]).capture_config().unwrap_err().to_string();
         assert!(err.starts_with("ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR: \"10.0.0.0/8\""), "{err}");
     }
