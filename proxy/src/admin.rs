@@ -12,6 +12,7 @@ use tracing::debug;
 use crate::drain::Stop;
 use crate::metrics::Metrics;
 use crate::socket;
+use crate::timers::Timers;
 
 pub const READY_PATH: &str = "/healthz/ready";
 pub const METRICS_PATH: &str = "/stats/prometheus";
@@ -48,10 +49,11 @@ pub struct Response {
 
 /// Answers admin requests on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, state: Arc<State>, mut stop: Stop) {
+    let timers = Timers::current();
     loop {
         let (stream, _) = tokio::select! {
             () = stop.stopped() => return,
-            accepted = socket::accept(&listener, endpoint.label()) => accepted,
+            accepted = socket::accept(&listener, endpoint.label(), &timers) => accepted,
         };
         tokio::spawn(answer(stream, endpoint, state.clone()));
     }

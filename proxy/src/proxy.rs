@@ -15,6 +15,7 @@ use crate::copy::{self, Close, Transferred};
 use crate::drain::{InFlight, Stop};
 use crate::metrics::{Direction, Metrics, PathMetrics, Refusal};
 use crate::socket::{self, Source};
+use crate::timers::Timers;
 
 /// One way into the pod or out of it.
 pub trait TrafficPath: Send + Sync + 'static {
@@ -35,10 +36,11 @@ pub struct Shared {
     connect_timeout: Duration,
     idle_timeout: Duration,
     relay: RelayMode,
+    timers: Timers,
 }
 
 impl Shared {
-    pub fn new(config: &ProxyConfig, metrics: Arc<Metrics>, in_flight: InFlight) -> Shared {
+    pub fn new(config: &ProxyConfig, metrics: Arc<Metrics>, in_flight: InFlight, timers: Timers) -> Shared {
         Shared {
             metrics,
             in_flight,
@@ -46,6 +48,7 @@ impl Shared {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             relay: config.relay,
+            timers,
         }
     }
 }
@@ -55,7 +58,7 @@ pub async fn serve<P: TrafficPath>(listener: TcpListener, path: Arc<P>, shared: 
     loop {
         let (client, peer) = tokio::select! {
             () = stop.stopped() => return,
-            accepted = socket::accept(&listener, P::DIRECTION.label()) => accepted,
+            accepted = socket::accept(&listener, P::DIRECTION.label(), &shared.timers) => accepted,
         };
         tokio::spawn(handle(client, peer, path.clone(), shared.clone()));
     }
@@ -123,7 +126,8 @@ async fn forward<P: TrafficPath>(
     }
 
     let dialing = Instant::now();
-    let upstream = match tokio::time::timeout(shared.connect_timeout, socket::connect(dest, path.source(peer, dest))).await {
+    let connecting = shared.timers.timeout(shared.connect_timeout, socket::connect(dest, path.source(peer, dest)));
+    let upstream = match connecting.await {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(error)) => {
             metrics.connect_failed();
@@ -138,7 +142,7 @@ async fn forward<P: TrafficPath>(
 
     let (upstream_total, downstream_total) = metrics.byte_counters();
     let totals = copy::Totals { upstream: upstream_total, downstream: downstream_total };
-    let (bytes, close) = copy::relay(client, &upstream, shared.relay, shared.idle_timeout, totals).await;
+    let (bytes, close) = copy::relay(client, &upstream, shared.relay, shared.idle_timeout, &shared.timers, totals).await;
     if let Close::Failed(..) = close {
         // Whichever side failed is gone; the other learns it with a reset, not a clean FIN.
         reset(client);
@@ -185,7 +189,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_task_stays_small() {
         let config = ProxyConfig::parse_from(["capture-proxy"]).unwrap();
-        let shared = Arc::new(Shared::new(&config, Arc::default(), InFlight::new(1)));
+        let shared = Arc::new(Shared::new(&config, Arc::default(), InFlight::new(1), Timers::current()));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = TcpStream::connect(addr).await.unwrap();

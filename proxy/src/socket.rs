@@ -10,6 +10,8 @@ use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
+use crate::timers::Timers;
+
 /// Listening backlog, as Envoy's default.
 const BACKLOG: i32 = 1024;
 
@@ -46,7 +48,7 @@ pub fn listen(addr: SocketAddr, transparent: bool, per_worker: bool) -> io::Resu
 /// The next connection on `listener` (serving `role`). A failed accept (EMFILE or ENFILE at the
 /// descriptor limit, typically) leaves the connection in the backlog and the listener readable,
 /// so trying again at once would spin: wait a little first, and log the first failure of a run.
-pub async fn accept(listener: &TcpListener, role: &'static str) -> (TcpStream, SocketAddr) {
+pub async fn accept(listener: &TcpListener, role: &'static str, timers: &Timers) -> (TcpStream, SocketAddr) {
     let mut failures = 0u64;
     loop {
         match listener.accept().await {
@@ -60,7 +62,7 @@ pub async fn accept(listener: &TcpListener, role: &'static str) -> (TcpStream, S
             Err(error) => debug!(role, %error, "accept failed"),
         }
         failures += 1;
-        tokio::time::sleep(ACCEPT_BACKOFF).await;
+        timers.sleep(ACCEPT_BACKOFF).await;
     }
 }
 
