@@ -61,7 +61,7 @@ fn print_rank(m: &Match) -> u8 {
         Match::OutInterface(_) => 3,
         Match::Protocol(_) => 4,
         Match::DestPort { .. } | Match::SourcePort(_) => 5,
-        Match::DestPortNotIn(_) => 6,
+        Match::DestPortNotIn(_) | Match::DestinationInSet(_) | Match::DestPortInSet(_) => 6,
         Match::Owner { .. } => 7,
         Match::CtState(_) => 8,
         Match::Mark { .. } => 9,
@@ -96,6 +96,8 @@ pub fn rule_spec(rule: &Rule) -> String {
                 let list: Vec<String> = ports.iter().map(u16::to_string).collect();
                 write!(out, "-m multiport ! --dports {} ", list.join(","))
             }
+            // An address set matches the destination address, a port set (bitmap:port) the destination port.
+            Match::DestinationInSet(list) | Match::DestPortInSet(list) => write!(out, "-m set --match-set {} dst ", list.name()),
             Match::Owner { kind, id, negated } => {
                 let opt = match kind {
                     OwnerKind::Uid => "--uid-owner",

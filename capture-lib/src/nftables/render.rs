@@ -183,6 +183,7 @@ fn condition(m: &Match, proto: Option<Protocol>) -> Term {
         }
         Match::SourcePort(port) => Term::Port { proto, direction: Direction::Source, port: *port, negated: false },
         Match::DestPortNotIn(ports) => Term::PortNotIn { proto, ports: ports.clone() },
+        Match::DestinationInSet(_) | Match::DestPortInSet(_) => todo!("nftables named sets (set form)"),
         Match::Owner { kind, id, negated } => Term::Owner { kind: *kind, id: *id, negated: *negated },
         Match::Mark { mark, negated } => Term::Mark { mark: *mark, negated: *negated },
         Match::ConnMark(mark) => Term::ConnMark(*mark),
