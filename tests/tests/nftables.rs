@@ -26,7 +26,7 @@ fn apply(pod: &Pod, ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftEr
 }
 
 fn cleanup(pod: &Pod) -> Result<Outcome, NftError> {
-    run(pod, &Ruleset { rules: Vec::new(), ipv6: false }, Operation::Cleanup)
+    run(pod, &Ruleset { rules: Vec::new(), sets: Vec::new(), ipv6: false }, Operation::Cleanup)
 }
 
 fn ruleset(cfg: &CaptureConfig) -> Ruleset {
@@ -127,7 +127,7 @@ fn jumps_to_a_missing_chain() -> Ruleset {
         matches: vec![],
         action: Action::Jump(Chain::Redirect),
     };
-    Ruleset { rules: vec![rule], ipv6: false }
+    Ruleset { rules: vec![rule], sets: Vec::new(), ipv6: false }
 }
 
 #[test]
