@@ -19,7 +19,7 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::process::{Output, Stdio};
 
-use capture_tests::{istio_iptables, link, release_bin, require_netns, serve_peer_address, stderr, Pod};
+use capture_tests::{istio_iptables, link, release_bin, require_netns, run_ok, serve_peer_address, stderr, Pod};
 
 const IPTABLES: &[&str] = &[];
 const NATIVE: &[&str] = &["--native-nftables"];
@@ -442,19 +442,19 @@ fn verdict(answer: &str, proxy: &str, destination: &str) -> Option<Verdict> {
     (by(proxy) || by(destination)).then(|| if by(proxy) { Verdict::Captured } else { Verdict::NotCaptured })
 }
 
-/// Probes whose answers in either form differ from what the lists say, one line each.
+/// One line for each probe that some form decided otherwise than the lists say; `forms` holds
+/// each form's name and answers.
 fn wrong_decisions(
-    expected: impl Iterator<Item = Verdict>,
+    expected: &[Verdict],
     probes: &[SocketAddr],
-    (by_rules, by_sets): (&[String], &[String]),
+    forms: &[(&str, &[String])],
     (proxy, destination): (&str, &str),
 ) -> Vec<String> {
-    let rows = expected.zip(probes).zip(by_rules.iter().zip(by_sets));
-    let wrong = rows.filter(|((want, _), (rule, set))| {
-        verdict(rule, proxy, destination) != Some(*want) || verdict(set, proxy, destination) != Some(*want)
-    });
-    wrong
-        .map(|((want, probe), (rule, set))| format!("{probe}: the lists say {want:?}; rule form: {rule}; set form: {set}"))
+    let wrong = |i: usize| forms.iter().any(|(_, answers)| verdict(&answers[i], proxy, destination) != Some(expected[i]));
+    let answers = |i: usize| forms.iter().map(|(form, answers)| format!("; {form}: {}", answers[i])).collect::<String>();
+    (0..probes.len())
+        .filter(|&i| wrong(i))
+        .map(|i| format!("{}: the lists say {:?}{}", probes[i], expected[i], answers(i)))
         .collect()
 }
 
@@ -467,17 +467,17 @@ fn kernel_state(pod: &Pod) -> String {
     format!("{}{}{}{ipsets}", pod.nft_ruleset_with_handles(), pod.iptables_save(false), pod.iptables_save(true))
 }
 
-/// Fails with the lines only one state has (the states of 5,000 rules are too long to show whole).
-fn assert_same_state(got: &str, want: &str, what: &str) {
-    if got == want {
-        return;
+/// `Err` with the lines only one of two states has (a state of 5,000 rules is too long to show whole).
+fn same_state(now: &str, before: &str) -> Result<(), String> {
+    if now == before {
+        return Ok(());
     }
     let only = |a: &str, b: &str| -> String {
         let lines: BTreeSet<&str> = b.lines().collect();
         let extra: Vec<&str> = a.lines().filter(|l| !lines.contains(l)).collect();
-        format!("{} lines, the first: {:#?}", extra.len(), &extra[..extra.len().min(15)])
+        format!("{} lines, the first: {:#?}", extra.len(), &extra[..extra.len().min(8)])
     };
-    panic!("{what}\nonly now: {}\nonly before: {}", only(got, want), only(want, got));
+    Err(format!("only now: {}\nonly before: {}", only(now, before), only(before, now)))
 }
 
 fn backend_name(backend: &[&str]) -> &'static str {
@@ -488,26 +488,31 @@ fn backend_name(backend: &[&str]) -> &'static str {
     }
 }
 
-fn assert_ok(out: &Output, what: &str) {
-    assert!(out.status.success(), "{what}: istio-iptables failed ({}): {}", out.status, stderr(out));
+/// What a run said, without the settings it logs first.
+fn said(out: &Output) -> String {
+    let text = stderr(out);
+    let kept = text.lines().filter(|l| !l.contains("\tinfo\t") && !l.split_once('=').is_some_and(|(k, _)| is_setting(k)));
+    kept.collect::<Vec<_>>().join("\n")
+}
+
+fn is_setting(key: &str) -> bool {
+    !key.is_empty() && key.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
 }
 
 fn tool(pod: &Pod, args: &[String]) -> Output {
     istio_iptables(pod, &args.iter().map(String::as_str).collect::<Vec<_>>(), &[])
 }
 
-/// Adds `element` to our set `set` behind the tool's back.
-fn add_element(pod: &Pod, backend: &[&str], set: &str, element: &str) {
+/// Adds `element` to our set `set` behind the tool's back; `Err` when there is no such set.
+fn add_element(pod: &Pod, backend: &[&str], set: &str, element: &str) -> Result<(), String> {
     let mut cmd = if backend == NATIVE {
-        let listing = capture_tests::run_ok(pod.cmd("nft").args(["-j", "list", "sets"]));
+        let listing = run_ok(pod.cmd("nft").args(["-j", "list", "sets"]));
         let listing: serde_json::Value = serde_json::from_slice(&listing.stdout).unwrap();
         let items = listing["nftables"].as_array().cloned().unwrap_or_default();
-        let (family, table) = items
-            .iter()
-            .map(|item| &item["set"])
-            .find(|s| s["name"] == set)
+        let found = items.iter().map(|item| &item["set"]).find(|s| s["name"] == set);
+        let (family, table) = found
             .map(|s| (s["family"].as_str().unwrap().to_string(), s["table"].as_str().unwrap().to_string()))
-            .unwrap_or_else(|| panic!("no nftables set {set} in:\n{}", pod.nft_ruleset()));
+            .ok_or_else(|| format!("no nftables set {set} in:\n{}", pod.nft_ruleset()))?;
         let mut cmd = pod.cmd("nft");
         cmd.args(["add", "element", &family, &table, set, &format!("{{ {element} }}")]);
         cmd
@@ -516,75 +521,93 @@ fn add_element(pod: &Pod, backend: &[&str], set: &str, element: &str) {
         cmd.args(["add", set, element]);
         cmd
     };
-    capture_tests::run_ok(&mut cmd);
+    let out = cmd.output().unwrap();
+    out.status.success().then_some(()).ok_or_else(|| format!("{cmd:?} failed: {}", stderr(&out)))
+}
+
+/// `args` applied, or what the tool said.
+fn applied(pod: &Pod, args: &[String]) -> Result<(), String> {
+    let out = tool(pod, args);
+    out.status.success().then_some(()).ok_or_else(|| format!("istio-iptables failed ({}): {}", out.status, said(&out)))
+}
+
+/// Whether running `args` again, with them in place, exits 0, says so and changes nothing.
+fn rerun_is_a_no_op(pod: &Pod, args: &[String]) -> Result<(), String> {
+    let before = kernel_state(pod);
+    let out = tool(pod, args);
+    if !out.status.success() || !stderr(&out).contains("already in place") {
+        return Err(format!("a re-run exited {} saying: {}", out.status, said(&out)));
+    }
+    same_state(&kernel_state(pod), &before).map_err(|diff| format!("a re-run changed the kernel's state:\n{diff}"))
+}
+
+/// Whether, with an element added to one of the sets behind the tool's back, running `args`
+/// again fails naming that set, and changes nothing.
+fn drift_is_refused(pod: &Pod, backend: &[&str], lists: &Lists, args: &[String]) -> Result<(), String> {
+    let (set, element) = lists.drift();
+    add_element(pod, backend, &set, &element)?;
+    let drifted = kernel_state(pod);
+    let out = tool(pod, args);
+    if out.status.success() || !stderr(&out).contains(&set) {
+        return Err(format!("with {element} added to {set}, a re-run exited {} saying: {}", out.status, said(&out)));
+    }
+    same_state(&kernel_state(pod), &drifted).map_err(|diff| format!("the refused re-run changed the kernel's state:\n{diff}"))
+}
+
+/// Runs `cleanup` and fails the test unless the namespace is back to `untouched` (the next case
+/// starts from it).
+fn assert_cleaned_up(pod: &Pod, cleanup: &[String], untouched: &str, what: &str) {
+    applied(pod, cleanup).unwrap_or_else(|e| panic!("{what}: --cleanup-only: {e}"));
+    if let Err(diff) = same_state(&kernel_state(pod), untouched) {
+        panic!("{what}: cleanup left the namespace otherwise than it found it:\n{diff}");
+    }
 }
 
 /// One case with one backend: the rule form, then the set form, decide every probe as the lists
-/// say; then, in the set form, a re-run is a no-op, drift is refused, and cleanup leaves nothing.
-fn check(top: &Topology, backend: &[&str], case: &Case) {
+/// say, and a re-run of either is a no-op; in the set form, drift is refused; cleanup leaves
+/// nothing. Returns what went otherwise.
+fn check(top: &Topology, backend: &[&str], case: &Case) -> Vec<String> {
     let (pod, lists) = (&top.pod, &case.lists);
     let what = format!("{} with {}", case.name, backend_name(backend));
     let (outbound, inbound) = (lists.outbound_probes(), lists.inbound_probes());
-    let rule_form: Vec<String> = [BASE, backend].concat().into_iter().map(str::to_string).chain(lists.args()).collect();
-    let set_form: Vec<String> = rule_form.iter().cloned().chain(["--use-ip-sets".to_string()]).collect();
-    let cleanup: Vec<String> = [backend, &["--cleanup-only"]].concat().into_iter().map(str::to_string).collect();
-    let expected: BTreeSet<Verdict> =
-        outbound.iter().map(|&p| lists.outbound(p)).chain(inbound.iter().map(|p| lists.inbound(p.port()))).collect();
-    assert_eq!(expected.len(), 2, "{what}: the probes must include connections captured and connections not");
+    let expected_out: Vec<Verdict> = outbound.iter().map(|&p| lists.outbound(p)).collect();
+    let expected_in: Vec<Verdict> = inbound.iter().map(|p| lists.inbound(p.port())).collect();
+    let kinds: BTreeSet<&Verdict> = expected_out.iter().chain(&expected_in).collect();
+    assert_eq!(kinds.len(), 2, "{what}: the probes must include connections captured and connections not");
+    let strings = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let rule_form: Vec<String> = strings(&[BASE, backend].concat()).into_iter().chain(lists.args()).collect();
+    let set_form: Vec<String> = rule_form.iter().cloned().chain(strings(&["--use-ip-sets"])).collect();
+    let cleanup = strings(&[backend, &["--cleanup-only"]].concat());
     let untouched = kernel_state(pod);
+    let mut problems = Vec::new();
 
-    assert_ok(&tool(pod, &rule_form), &format!("{what}, rule form"));
-    let by_rules = top.answers(&outbound, &inbound);
-    assert_ok(&tool(pod, &cleanup), &format!("{what}, rule form's cleanup"));
-    assert_same_state(&kernel_state(pod), &untouched, &format!("{what}: the rule form's cleanup left something"));
-
-    assert_ok(&tool(pod, &set_form), &format!("{what}, set form"));
-    let by_sets = top.answers(&outbound, &inbound);
-    let mut wrong = wrong_decisions(
-        outbound.iter().map(|&p| lists.outbound(p)),
-        &outbound,
-        (&by_rules.0, &by_sets.0),
-        ("outbound proxy", "peer"),
-    );
-    let inbound_expected = inbound.iter().map(|p| lists.inbound(p.port()));
-    wrong.extend(wrong_decisions(inbound_expected, &inbound, (&by_rules.1, &by_sets.1), ("inbound proxy", "app")));
-    assert!(
-        wrong.is_empty(),
-        "{what}: {} of {} probes decided otherwise:\n{}",
-        wrong.len(),
-        outbound.len() + inbound.len(),
-        wrong[..wrong.len().min(25)].join("\n")
-    );
-
-    let applied = kernel_state(pod);
-    let again = tool(pod, &set_form);
-    assert_ok(&again, &format!("{what}, set form re-run"));
-    assert!(stderr(&again).contains("already in place"), "{what}: a re-run did something: {}", stderr(&again));
-    assert_same_state(&kernel_state(pod), &applied, &format!("{what}: a re-run of the set form changed the kernel's state"));
-
-    let (set, element) = lists.drift();
-    add_element(pod, backend, &set, &element);
-    let drifted = kernel_state(pod);
-    let refused = tool(pod, &set_form);
-    assert!(
-        !refused.status.success() && stderr(&refused).contains(&set),
-        "{what}: with {element} added to {set}, a re-run exited {} saying: {}",
-        refused.status,
-        stderr(&refused)
-    );
-    assert_same_state(&kernel_state(pod), &drifted, &format!("{what}: the refused re-run changed the kernel's state"));
-
-    assert_ok(&tool(pod, &cleanup), &format!("{what}, set form's cleanup"));
-    assert_same_state(&kernel_state(pod), &untouched, &format!("{what}: the set form's cleanup left something"));
+    let mut forms = Vec::new();
+    for (form, args) in [("rule form", &rule_form), ("set form", &set_form)] {
+        let answers = applied(pod, args).map(|()| top.answers(&outbound, &inbound));
+        let checks = answers.as_ref().map_err(String::clone).and_then(|_| rerun_is_a_no_op(pod, args));
+        let checks = checks.and_then(|()| if form == "set form" { drift_is_refused(pod, backend, lists, args) } else { Ok(()) });
+        problems.extend(checks.err().map(|e| format!("{form}: {e}")));
+        assert_cleaned_up(pod, &cleanup, &untouched, &format!("{what}, {form}"));
+        forms.extend(answers.ok().map(|answers| (form, answers)));
+    }
+    let outbound_answers: Vec<(&str, &[String])> = forms.iter().map(|(form, (out, _))| (*form, &out[..])).collect();
+    let inbound_answers: Vec<(&str, &[String])> = forms.iter().map(|(form, (_, inb))| (*form, &inb[..])).collect();
+    let mut wrong = wrong_decisions(&expected_out, &outbound, &outbound_answers, ("outbound proxy", "peer"));
+    wrong.extend(wrong_decisions(&expected_in, &inbound, &inbound_answers, ("inbound proxy", "app")));
+    if !wrong.is_empty() {
+        let total = outbound.len() + inbound.len();
+        let shown = wrong[..wrong.len().min(10)].join("\n  ");
+        problems.push(format!("{} of {total} probes decided otherwise than the lists say, such as:\n  {shown}", wrong.len()));
+    }
+    problems.into_iter().map(|p| format!("{what}: {p}")).collect()
 }
 
 /// Every case of `cases` with `backend`, in one topology (each case leaves it as it found it).
 fn check_all(backend: &[&str], cases: &[Case]) {
     require_netns!();
     let top = Topology::new(cases);
-    for case in cases {
-        check(&top, backend, case);
-    }
+    let problems: Vec<String> = cases.iter().flat_map(|case| check(&top, backend, case)).collect();
+    assert!(problems.is_empty(), "{} problems:\n\n{}", problems.len(), problems.join("\n\n"));
 }
 
 #[test]
