@@ -262,14 +262,10 @@ fn neighbours(listed: &[u16]) -> BTreeSet<u16> {
     near.filter(|p| *p != 0 && !RESERVED.contains(p)).collect()
 }
 
-fn unique<T: PartialEq>(items: impl Iterator<Item = T>) -> Vec<T> {
-    let mut kept = Vec::new();
-    for item in items {
-        if !kept.contains(&item) {
-            kept.push(item);
-        }
-    }
-    kept
+/// `items` without repeats, in their order.
+fn unique<T: Ord + Copy>(items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut seen = BTreeSet::new();
+    items.filter(|&item| seen.insert(item)).collect()
 }
 
 /// `most` of `items` picked at random (the same each run), in their order.
