@@ -19,9 +19,6 @@ pub enum Kind {
     RuleMissing,
     UnexpectedRule,
     RuleDiffers,
-    SetMissing,
-    UnexpectedSet,
-    SetDiffers,
 }
 
 impl Kind {
@@ -39,9 +36,6 @@ impl Kind {
             Kind::RuleMissing => "rule missing",
             Kind::UnexpectedRule => "unexpected rule",
             Kind::RuleDiffers => "rule differs",
-            Kind::SetMissing => "set missing",
-            Kind::UnexpectedSet => "unexpected set",
-            Kind::SetDiffers => "set differs",
         }
     }
 }
