@@ -216,7 +216,9 @@ impl Lists {
         let mut to = neighbours(&[ports(&self.ports_exclude), ports(&self.ports_include)].concat());
         to.insert(WEB);
         let probes: Vec<SocketAddr> = addrs.iter().flat_map(|&a| to.iter().map(move |&p| SocketAddr::new(a, p))).collect();
-        sample(probes, MOST_PROBES)
+        let mut probes = sample(probes, MOST_PROBES);
+        probes.extend(self.drift_probe(false).filter(|p| !probes.contains(p)));
+        probes
     }
 
     /// Inbound probes: both pod addresses, to each inbound port a list names and its neighbours.
@@ -224,7 +226,23 @@ impl Lists {
         let listed = if self.inbound == "*" { &self.inbound_exclude } else { &self.inbound };
         let to = neighbours(&ports(listed));
         let pod = [IpAddr::V4(POD_V4), IpAddr::V6(POD_V6)];
-        pod.iter().flat_map(|&a| to.iter().map(move |&p| SocketAddr::new(a, p))).collect()
+        let mut probes: Vec<SocketAddr> = pod.iter().flat_map(|&a| to.iter().map(move |&p| SocketAddr::new(a, p))).collect();
+        probes.extend(self.drift_probe(true).filter(|p| !probes.contains(p)));
+        probes
+    }
+
+    /// The probe, inbound or not, that sees whether the element [`Lists::drift`] adds is in its
+    /// set: a connection to that address, or to that port.
+    fn drift_probe(&self, inbound: bool) -> Option<SocketAddr> {
+        let (set, element) = self.drift();
+        let probe = if set.starts_with("istio-out-cidrs-") {
+            SocketAddr::new(element.parse().unwrap(), WEB)
+        } else if set.starts_with("istio-in-") {
+            SocketAddr::new(IpAddr::V4(POD_V4), element.parse().unwrap())
+        } else {
+            SocketAddr::new(ELSEWHERE[0].parse().unwrap(), element.parse().unwrap())
+        };
+        (set.starts_with("istio-in-") == inbound).then_some(probe)
     }
 
     /// A set of this run's set form, and an element it lacks: the first range list with a family it
@@ -560,8 +578,8 @@ fn assert_cleaned_up(pod: &Pod, cleanup: &[String], untouched: &str, what: &str)
 }
 
 /// One case with one backend: the rule form, then the set form, decide every probe as the lists
-/// say, and a re-run of either is a no-op; in the set form, drift is refused; cleanup leaves
-/// nothing. Returns what went otherwise.
+/// say, and a re-run of either is a no-op; in the set form, drift is refused, and `--reconcile`
+/// then puts back the lists' decisions for good; cleanup leaves nothing. Returns what went otherwise.
 fn check(top: &Topology, backend: &[&str], case: &Case) -> Vec<String> {
     let (pod, lists) = (&top.pod, &case.lists);
     let what = format!("{} with {}", case.name, backend_name(backend));
@@ -573,19 +591,33 @@ fn check(top: &Topology, backend: &[&str], case: &Case) -> Vec<String> {
     let strings = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
     let rule_form: Vec<String> = strings(&[BASE, backend].concat()).into_iter().chain(lists.args()).collect();
     let set_form: Vec<String> = rule_form.iter().cloned().chain(strings(&["--use-ip-sets"])).collect();
+    let reconcile: Vec<String> = set_form.iter().cloned().chain(strings(&["--reconcile"])).collect();
     let cleanup = strings(&[backend, &["--cleanup-only"]].concat());
     let untouched = kernel_state(pod);
     let mut problems = Vec::new();
 
+    // Each form's answers to the probes, by name.
     let mut forms = Vec::new();
-    for (form, args) in [("rule form", &rule_form), ("set form", &set_form)] {
-        let answers = applied(pod, args).map(|()| top.answers(&outbound, &inbound));
-        let checks = answers.as_ref().map_err(String::clone).and_then(|_| rerun_is_a_no_op(pod, args));
-        let checks = checks.and_then(|()| if form == "set form" { drift_is_refused(pod, backend, lists, args) } else { Ok(()) });
-        problems.extend(checks.err().map(|e| format!("{form}: {e}")));
-        assert_cleaned_up(pod, &cleanup, &untouched, &format!("{what}, {form}"));
-        forms.extend(answers.ok().map(|answers| (form, answers)));
+    match applied(pod, &rule_form) {
+        Ok(()) => {
+            forms.push(("rule form", top.answers(&outbound, &inbound)));
+            problems.extend(rerun_is_a_no_op(pod, &rule_form).err().map(|e| format!("rule form: {e}")));
+        }
+        Err(e) => problems.push(format!("rule form: {e}")),
     }
+    assert_cleaned_up(pod, &cleanup, &untouched, &format!("{what}, rule form"));
+
+    let set_form_checks = applied(pod, &set_form).and_then(|()| {
+        forms.push(("set form", top.answers(&outbound, &inbound)));
+        rerun_is_a_no_op(pod, &set_form)?;
+        drift_is_refused(pod, backend, lists, &set_form)?;
+        applied(pod, &reconcile).map_err(|e| format!("--reconcile after the drift: {e}"))?;
+        forms.push(("set form after --reconcile", top.answers(&outbound, &inbound)));
+        rerun_is_a_no_op(pod, &set_form).map_err(|e| format!("after --reconcile: {e}"))
+    });
+    problems.extend(set_form_checks.err().map(|e| format!("set form: {e}")));
+    assert_cleaned_up(pod, &cleanup, &untouched, &format!("{what}, set form"));
+
     let outbound_answers: Vec<(&str, &[String])> = forms.iter().map(|(form, (out, _))| (*form, &out[..])).collect();
     let inbound_answers: Vec<(&str, &[String])> = forms.iter().map(|(form, (_, inb))| (*form, &inb[..])).collect();
     let mut wrong = wrong_decisions(&expected_out, &outbound, &outbound_answers, ("outbound proxy", "peer"));
