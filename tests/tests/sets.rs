@@ -423,8 +423,8 @@ impl Topology {
     }
 
     /// What answered each outbound probe (from the pod) and each inbound one (from the peer).
-    fn answers(&self, outbound: &[SocketAddr], inbound: &[SocketAddr]) -> (Vec<String>, Vec<String>) {
-        (http_probe(&self.pod, outbound), http_probe(&self.peer, inbound))
+    fn answers(&self, probes: &Probes) -> Answers {
+        Answers { outbound: http_probe(&self.pod, &probes.outbound), inbound: http_probe(&self.peer, &probes.inbound) }
     }
 }
 
@@ -456,8 +456,49 @@ fn verdict(answer: &str, proxy: &str, destination: &str) -> Option<Verdict> {
     (by(proxy) || by(destination)).then(|| if by(proxy) { Verdict::Captured } else { Verdict::NotCaptured })
 }
 
-/// One line for each probe that some form decided otherwise than the lists say; `forms` holds
-/// each form's name and answers.
+/// The connections a case makes, and what the lists say of each.
+struct Probes {
+    outbound: Vec<SocketAddr>,
+    inbound: Vec<SocketAddr>,
+    expected_outbound: Vec<Verdict>,
+    expected_inbound: Vec<Verdict>,
+}
+
+impl Probes {
+    fn of(lists: &Lists) -> Probes {
+        let (outbound, inbound) = (lists.outbound_probes(), lists.inbound_probes());
+        let expected_outbound = outbound.iter().map(|&p| lists.outbound(p)).collect();
+        let expected_inbound = inbound.iter().map(|p| lists.inbound(p.port())).collect();
+        Probes { outbound, inbound, expected_outbound, expected_inbound }
+    }
+
+    /// Whether some probes are captured and some not (else the case shows nothing).
+    fn both_verdicts(&self) -> bool {
+        self.expected_outbound.iter().chain(&self.expected_inbound).collect::<BTreeSet<_>>().len() == 2
+    }
+
+    /// What went otherwise than the lists say in the forms' answers (each form's name and answers),
+    /// one line a probe.
+    fn wrong(&self, forms: &[(&str, Answers)]) -> Option<String> {
+        let outbound: Vec<(&str, &[String])> = forms.iter().map(|(form, a)| (*form, &a.outbound[..])).collect();
+        let inbound: Vec<(&str, &[String])> = forms.iter().map(|(form, a)| (*form, &a.inbound[..])).collect();
+        let mut wrong = wrong_decisions(&self.expected_outbound, &self.outbound, &outbound, ("outbound proxy", "peer"));
+        wrong.extend(wrong_decisions(&self.expected_inbound, &self.inbound, &inbound, ("inbound proxy", "app")));
+        let total = self.outbound.len() + self.inbound.len();
+        let shown = wrong[..wrong.len().min(10)].join("\n  ");
+        (!wrong.is_empty())
+            .then(|| format!("{} of {total} probes decided otherwise than the lists say, such as:\n  {shown}", wrong.len()))
+    }
+}
+
+/// What answered each probe.
+struct Answers {
+    outbound: Vec<String>,
+    inbound: Vec<String>,
+}
+
+/// One line for each probe that some form decided otherwise than `expected`; `forms` holds each
+/// form's name and answers.
 fn wrong_decisions(
     expected: &[Verdict],
     probes: &[SocketAddr],
@@ -470,6 +511,25 @@ fn wrong_decisions(
         .filter(|&i| wrong(i))
         .map(|i| format!("{}: the lists say {:?}{}", probes[i], expected[i], answers(i)))
         .collect()
+}
+
+/// The runs of one case with one backend.
+struct Runs {
+    rule_form: Vec<String>,
+    set_form: Vec<String>,
+    /// The set form with `--reconcile`.
+    reconcile: Vec<String>,
+    cleanup: Vec<String>,
+}
+
+impl Runs {
+    fn new(backend: &[&str], lists: &Lists) -> Runs {
+        let strings = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let rule_form: Vec<String> = strings(&[BASE, backend].concat()).into_iter().chain(lists.args()).collect();
+        let set_form: Vec<String> = rule_form.iter().cloned().chain(strings(&["--use-ip-sets"])).collect();
+        let reconcile = set_form.iter().cloned().chain(strings(&["--reconcile"])).collect();
+        Runs { rule_form, set_form, reconcile, cleanup: strings(&[backend, &["--cleanup-only"]].concat()) }
+    }
 }
 
 /// Everything a capture may leave in the namespace, byte for byte: nftables (with handles, so
@@ -583,50 +643,35 @@ fn assert_cleaned_up(pod: &Pod, cleanup: &[String], untouched: &str, what: &str)
 fn check(top: &Topology, backend: &[&str], case: &Case) -> Vec<String> {
     let (pod, lists) = (&top.pod, &case.lists);
     let what = format!("{} with {}", case.name, backend_name(backend));
-    let (outbound, inbound) = (lists.outbound_probes(), lists.inbound_probes());
-    let expected_out: Vec<Verdict> = outbound.iter().map(|&p| lists.outbound(p)).collect();
-    let expected_in: Vec<Verdict> = inbound.iter().map(|p| lists.inbound(p.port())).collect();
-    let kinds: BTreeSet<&Verdict> = expected_out.iter().chain(&expected_in).collect();
-    assert_eq!(kinds.len(), 2, "{what}: the probes must include connections captured and connections not");
-    let strings = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
-    let rule_form: Vec<String> = strings(&[BASE, backend].concat()).into_iter().chain(lists.args()).collect();
-    let set_form: Vec<String> = rule_form.iter().cloned().chain(strings(&["--use-ip-sets"])).collect();
-    let reconcile: Vec<String> = set_form.iter().cloned().chain(strings(&["--reconcile"])).collect();
-    let cleanup = strings(&[backend, &["--cleanup-only"]].concat());
+    let probes = Probes::of(lists);
+    assert!(probes.both_verdicts(), "{what}: the probes must include connections captured and connections not");
+    let runs = Runs::new(backend, lists);
     let untouched = kernel_state(pod);
     let mut problems = Vec::new();
 
     // Each form's answers to the probes, by name.
     let mut forms = Vec::new();
-    match applied(pod, &rule_form) {
+    match applied(pod, &runs.rule_form) {
         Ok(()) => {
-            forms.push(("rule form", top.answers(&outbound, &inbound)));
-            problems.extend(rerun_is_a_no_op(pod, &rule_form).err().map(|e| format!("rule form: {e}")));
+            forms.push(("rule form", top.answers(&probes)));
+            problems.extend(rerun_is_a_no_op(pod, &runs.rule_form).err().map(|e| format!("rule form: {e}")));
         }
         Err(e) => problems.push(format!("rule form: {e}")),
     }
-    assert_cleaned_up(pod, &cleanup, &untouched, &format!("{what}, rule form"));
+    assert_cleaned_up(pod, &runs.cleanup, &untouched, &format!("{what}, rule form"));
 
-    let set_form_checks = applied(pod, &set_form).and_then(|()| {
-        forms.push(("set form", top.answers(&outbound, &inbound)));
-        rerun_is_a_no_op(pod, &set_form)?;
-        drift_is_refused(pod, backend, lists, &set_form)?;
-        applied(pod, &reconcile).map_err(|e| format!("--reconcile after the drift: {e}"))?;
-        forms.push(("set form after --reconcile", top.answers(&outbound, &inbound)));
-        rerun_is_a_no_op(pod, &set_form).map_err(|e| format!("after --reconcile: {e}"))
+    let set_form_checks = applied(pod, &runs.set_form).and_then(|()| {
+        forms.push(("set form", top.answers(&probes)));
+        rerun_is_a_no_op(pod, &runs.set_form)?;
+        drift_is_refused(pod, backend, lists, &runs.set_form)?;
+        applied(pod, &runs.reconcile).map_err(|e| format!("--reconcile after the drift: {e}"))?;
+        forms.push(("set form after --reconcile", top.answers(&probes)));
+        rerun_is_a_no_op(pod, &runs.set_form).map_err(|e| format!("after --reconcile: {e}"))
     });
     problems.extend(set_form_checks.err().map(|e| format!("set form: {e}")));
-    assert_cleaned_up(pod, &cleanup, &untouched, &format!("{what}, set form"));
+    assert_cleaned_up(pod, &runs.cleanup, &untouched, &format!("{what}, set form"));
 
-    let outbound_answers: Vec<(&str, &[String])> = forms.iter().map(|(form, (out, _))| (*form, &out[..])).collect();
-    let inbound_answers: Vec<(&str, &[String])> = forms.iter().map(|(form, (_, inb))| (*form, &inb[..])).collect();
-    let mut wrong = wrong_decisions(&expected_out, &outbound, &outbound_answers, ("outbound proxy", "peer"));
-    wrong.extend(wrong_decisions(&expected_in, &inbound, &inbound_answers, ("inbound proxy", "app")));
-    if !wrong.is_empty() {
-        let total = outbound.len() + inbound.len();
-        let shown = wrong[..wrong.len().min(10)].join("\n  ");
-        problems.push(format!("{} of {total} probes decided otherwise than the lists say, such as:\n  {shown}", wrong.len()));
-    }
+    problems.extend(probes.wrong(&forms));
     problems.into_iter().map(|p| format!("{what}: {p}")).collect()
 }
 
@@ -636,6 +681,45 @@ fn check_all(backend: &[&str], cases: &[Case]) {
     let top = Topology::new(cases);
     let problems: Vec<String> = cases.iter().flat_map(|case| check(&top, backend, case)).collect();
     assert!(problems.is_empty(), "{} problems:\n\n{}", problems.len(), problems.join("\n\n"));
+}
+
+/// The set form reconciled from each case's lists straight into the next's, so that sets are
+/// created, replaced and destroyed on the way: every probe is decided as the lists in place say,
+/// and a re-run is a no-op; cleanup at the end leaves nothing.
+fn check_reconciles_from_case_to_case(backend: &[&str], cases: &[Case]) {
+    require_netns!();
+    let top = Topology::new(cases);
+    let untouched = kernel_state(&top.pod);
+    let mut problems = Vec::new();
+    for case in cases {
+        let (runs, probes) = (Runs::new(backend, &case.lists), Probes::of(&case.lists));
+        let mut wrong = None;
+        let checks = applied(&top.pod, &runs.reconcile).and_then(|()| {
+            wrong = probes.wrong(&[("set form", top.answers(&probes))]);
+            rerun_is_a_no_op(&top.pod, &runs.set_form)
+        });
+        let what = format!("{} with {}", case.name, backend_name(backend));
+        problems.extend(wrong.into_iter().chain(checks.err()).map(|p| format!("{what}: {p}")));
+    }
+    assert_cleaned_up(&top.pod, &Runs::new(backend, &cases[0].lists).cleanup, &untouched, "after the last case");
+    assert!(problems.is_empty(), "{} problems:\n\n{}", problems.len(), problems.join("\n\n"));
+}
+
+/// Every case, in an order where each list differs from the one before.
+fn all_cases() -> Vec<Case> {
+    [five_thousand(), excluded_ranges(), included_ranges(), port_lists()].into_iter().flatten().collect()
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn set_form_reconciled_from_list_to_list_decides_as_each_says_with_iptables() {
+    check_reconciles_from_case_to_case(IPTABLES, &all_cases());
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn set_form_reconciled_from_list_to_list_decides_as_each_says_with_native_nftables() {
+    check_reconciles_from_case_to_case(NATIVE, &all_cases());
 }
 
 #[test]
