@@ -156,6 +156,16 @@ enum Verdict {
     NotCaptured,
 }
 
+impl Verdict {
+    fn captured_if(captured: bool) -> Verdict {
+        if captured {
+            Verdict::Captured
+        } else {
+            Verdict::NotCaptured
+        }
+    }
+}
+
 impl Lists {
     fn excluding(cidrs: &str) -> Lists {
         Lists { exclude: cidrs.into(), ..Lists::default() }
@@ -181,29 +191,21 @@ impl Lists {
     /// excluded ports, excluded ranges, included ports, included ranges.
     fn outbound(&self, dest: SocketAddr) -> Verdict {
         let (addr, port) = (dest.ip(), dest.port());
-        let captured = !ports(&self.ports_exclude).contains(&port)
-            && !nets(&self.exclude).iter().any(|n| n.contains(addr))
-            && (ports(&self.ports_include).contains(&port)
-                || self.include == "*"
-                || nets(&self.include).iter().any(|n| n.contains(addr)));
-        if captured {
-            Verdict::Captured
-        } else {
-            Verdict::NotCaptured
-        }
+        Verdict::captured_if(
+            !ports(&self.ports_exclude).contains(&port)
+                && !nets(&self.exclude).iter().any(|n| n.contains(addr))
+                && (ports(&self.ports_include).contains(&port)
+                    || self.include == "*"
+                    || nets(&self.include).iter().any(|n| n.contains(addr))),
+        )
     }
 
     /// What they decide for an inbound TCP connection to `port` (never a reserved one).
     fn inbound(&self, port: u16) -> Verdict {
-        let captured = match self.inbound.as_str() {
+        Verdict::captured_if(match self.inbound.as_str() {
             "*" => !ports(&self.inbound_exclude).contains(&port),
             only => ports(only).contains(&port),
-        };
-        if captured {
-            Verdict::Captured
-        } else {
-            Verdict::NotCaptured
-        }
+        })
     }
 
     /// Outbound probes: every edge of every listed range and a few addresses elsewhere, to each port
@@ -453,7 +455,7 @@ fn http_probe(pod: &Pod, probes: &[SocketAddr]) -> Vec<String> {
 /// The verdict an answer means: the proxy's listener answered, or the one the connection was for.
 fn verdict(answer: &str, proxy: &str, destination: &str) -> Option<Verdict> {
     let by = |who: &str| answer.starts_with(&format!("{who} saw "));
-    (by(proxy) || by(destination)).then(|| if by(proxy) { Verdict::Captured } else { Verdict::NotCaptured })
+    (by(proxy) || by(destination)).then(|| Verdict::captured_if(by(proxy)))
 }
 
 /// The connections a case makes, and what the lists say of each.
