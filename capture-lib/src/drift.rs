@@ -1,6 +1,7 @@
 //! How the capture found in a namespace differs from the one requested, in one shape for both
-//! backends: the kind of difference, its place (table, chain, position), and the expected and
-//! the found, each in its backend's own language (iptables-save lines, nft rules).
+//! backends: the kind of difference, its place (table, chain, position, or set), and the
+//! expected and the found, each in its backend's own language (iptables-save lines, nft
+//! rules, ip set members).
 
 use std::fmt;
 
@@ -12,6 +13,9 @@ pub enum Kind {
     ChainMissing,
     UnexpectedChain,
     ChainDiffers,
+    SetMissing,
+    UnexpectedSet,
+    SetDiffers,
     RuleMissing,
     UnexpectedRule,
     RuleDiffers,
@@ -26,6 +30,9 @@ impl Kind {
             Kind::ChainMissing => "chain missing",
             Kind::UnexpectedChain => "unexpected chain",
             Kind::ChainDiffers => "chain differs",
+            Kind::SetMissing => "set missing",
+            Kind::UnexpectedSet => "unexpected set",
+            Kind::SetDiffers => "set differs",
             Kind::RuleMissing => "rule missing",
             Kind::UnexpectedRule => "unexpected rule",
             Kind::RuleDiffers => "rule differs",

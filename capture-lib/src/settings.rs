@@ -245,6 +245,13 @@ declare_settings! {
         .flag(None, "--native-nftables")
         .env("NATIVE_NFTABLES")
         .cni("nativeNftables");
+    UseIpSets = Declaration::bool(
+        "Match the port and CIDR lists through kernel sets (nftables sets, or ip sets with iptables), one rule per \
+         list instead of one per entry: the same decisions, at a cost per connection that does not grow with the lists",
+    )
+        .flag(None, "--use-ip-sets")
+        .env("USE_IP_SETS")
+        .cni("useIPSets");
     IptablesVariant = Declaration::text(
         "VARIANT",
         "",
@@ -439,6 +446,7 @@ impl Settings {
             owner_groups,
             dns: if self.flag(S::RedirectDns)? && self.flag(S::CaptureAllDns)? { DnsCapture::All } else { DnsCapture::Off },
             drop_invalid: self.flag(S::DropInvalid)?,
+            use_sets: self.flag(S::UseIpSets)?,
             ipv6: false,
             host_ipv4_loopback,
         })
@@ -478,6 +486,8 @@ pub struct CaptureConfig {
     pub owner_groups: OwnerGroups,
     pub dns: DnsCapture,
     pub drop_invalid: bool,
+    /// Match the lists through sets (`--use-ip-sets`), not one rule per entry.
+    pub use_sets: bool,
     /// Program IPv6 too (derived from the pod's addresses).
     pub ipv6: bool,
     /// What counts as "local" for IPv4 (`ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR`).

@@ -181,7 +181,17 @@ impl Pod {
 
     /// `nft list ruleset`, counters zeroed.
     pub fn nft_ruleset(&self) -> String {
-        let out = run_ok(self.cmd("nft").args(["list", "ruleset"]));
+        self.nft_listing(&["list", "ruleset"])
+    }
+
+    /// As [`Pod::nft_ruleset`], with every object's handle: the same handles mean nothing was re-created.
+    pub fn nft_ruleset_with_handles(&self) -> String {
+        self.nft_listing(&["-a", "list", "ruleset"])
+    }
+
+    /// `nft ARGS`, counters zeroed.
+    fn nft_listing(&self, args: &[&str]) -> String {
+        let out = run_ok(self.cmd("nft").args(args));
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| {
@@ -295,6 +305,46 @@ pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(String, String)> {
 pub fn process_running(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+}
+
+/// Fault injection for the IPv6 half of a restore: a directory to put first on `PATH`, whose
+/// `ip6tables-nft-restore` refuses any `--noflush` input as a kernel without ip6table_nat
+/// would (and runs the real one otherwise). Removed on drop.
+pub struct RefusingIp6tablesRestore {
+    dir: PathBuf,
+}
+
+impl RefusingIp6tablesRestore {
+    pub fn new() -> RefusingIp6tablesRestore {
+        let dir = std::env::temp_dir().join(unique("capt"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let real = run_ok(Command::new("sh").args(["-c", "command -v ip6tables-nft-restore"])).stdout;
+        let script = format!(
+            "#!/bin/sh\ncase \"$*\" in *--noflush*) cat >/dev/null; echo 'ip6tables-restore: line 2 failed: unable to initialize \
+             table' >&2; exit 1;; esac\nexec {} \"$@\"\n",
+            String::from_utf8(real).unwrap().trim()
+        );
+        std::fs::write(dir.join("ip6tables-nft-restore"), script).unwrap();
+        run_ok(Command::new("chmod").arg("+x").arg(dir.join("ip6tables-nft-restore")));
+        RefusingIp6tablesRestore { dir }
+    }
+
+    /// `PATH` with the refusing program first.
+    pub fn path(&self) -> String {
+        format!("{}:{}", self.dir.display(), std::env::var("PATH").unwrap_or_default())
+    }
+}
+
+impl Default for RefusingIp6tablesRestore {
+    fn default() -> Self {
+        RefusingIp6tablesRestore::new()
+    }
+}
+
+impl Drop for RefusingIp6tablesRestore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Runs a command and panics with its output when it fails.

@@ -61,7 +61,7 @@ fn print_rank(m: &Match) -> u8 {
         Match::OutInterface(_) => 3,
         Match::Protocol(_) => 4,
         Match::DestPort { .. } | Match::SourcePort(_) => 5,
-        Match::DestPortNotIn(_) => 6,
+        Match::DestPortNotIn(_) | Match::DestinationInSet(_) | Match::DestPortInSet(_) => 6,
         Match::Owner { .. } => 7,
         Match::CtState(_) => 8,
         Match::Mark { .. } => 9,
@@ -82,6 +82,8 @@ pub fn rule_spec(rule: &Rule) -> String {
         // Writing to a String cannot fail.
         let _ = match m {
             Match::Source(c) => write!(out, "-s {c} "),
+            // iptables-save prints no match for the whole address space (`-d 0.0.0.0/0`, `-d ::/0`).
+            Match::Destination { cidr, negated: false } if cidr.prefix() == 0 => Ok(()),
             Match::Destination { cidr, negated } => write!(out, "{}-d {cidr} ", not(*negated)),
             Match::InInterface(i) => write!(out, "-i {i} "),
             Match::OutInterface(i) => write!(out, "-o {i} "),
@@ -94,6 +96,8 @@ pub fn rule_spec(rule: &Rule) -> String {
                 let list: Vec<String> = ports.iter().map(u16::to_string).collect();
                 write!(out, "-m multiport ! --dports {} ", list.join(","))
             }
+            // An address set matches the destination address, a port set (bitmap:port) the destination port.
+            Match::DestinationInSet(list) | Match::DestPortInSet(list) => write!(out, "-m set --match-set {} dst ", list.name()),
             Match::Owner { kind, id, negated } => {
                 let opt = match kind {
                     OwnerKind::Uid => "--uid-owner",
@@ -168,6 +172,28 @@ mod tests {
     }
 
     #[test]
+    fn set_matches_render_as_iptables_save_prints_them() {
+        let cfg = CaptureConfig {
+            use_sets: true,
+            ipv6: true,
+            inbound_ports: crate::config::InboundPorts::Only(vec![80, 443]),
+            outbound_ranges_exclude: crate::config::parse_cidrs("-x", "10.0.0.0/8,fd00::/8").unwrap(),
+            outbound_ports_exclude: vec![9000],
+            ..CaptureConfig::default()
+        };
+        let (v4, v6) = (lines(&cfg, IpFamily::V4), lines(&cfg, IpFamily::V6));
+        for want in [
+            "-A ISTIO_INBOUND -p tcp -m set --match-set istio-in-ports-include dst -j ISTIO_IN_REDIRECT",
+            "-A ISTIO_OUTPUT -p udp -m set --match-set istio-out-ports-exclude dst -j RETURN",
+            "-A ISTIO_OUTPUT -m set --match-set istio-out-cidrs-exclude-v4 dst -j RETURN",
+        ] {
+            assert!(v4.contains(&want.to_string()), "{want}: {v4:#?}");
+        }
+        assert!(v6.contains(&"-A ISTIO_OUTPUT -m set --match-set istio-out-cidrs-exclude-v6 dst -j RETURN".to_string()));
+        assert!(!v4.iter().any(|l| l.contains("-v6 ")) && !v6.iter().any(|l| l.contains("-v4 ")));
+    }
+
+    #[test]
     fn tproxy_targets_use_hex_marks_and_family_any_address() {
         let cfg = CaptureConfig {
             mode: crate::config::InterceptionMode::Tproxy,
@@ -188,5 +214,18 @@ mod tests {
             &"-A PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff"
                 .to_string()
         ));
+    }
+
+    #[test]
+    fn the_whole_address_space_is_no_match_as_iptables_save_prints_it() {
+        let cfg = CaptureConfig {
+            outbound_ranges: crate::config::OutboundRanges::All,
+            outbound_ranges_exclude: crate::config::parse_cidrs("-x", "0.0.0.0/0,::/0").unwrap(),
+            ipv6: true,
+            ..CaptureConfig::default()
+        };
+        for family in IpFamily::ALL {
+            assert!(lines(&cfg, family).contains(&"-A ISTIO_OUTPUT -j RETURN".to_string()), "{family}");
+        }
     }
 }

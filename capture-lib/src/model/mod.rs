@@ -5,6 +5,9 @@
 //! knows iptables syntax or netlink; the backends render what this module decides.
 //!
 //! The step numbers in comments follow `shared/reference/istio-capture-behaviour.md` §2.3.
+//! With `--use-ip-sets`, the lists are matched through sets ([`sets`]): same decisions.
+
+pub mod sets;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -14,6 +17,7 @@ use crate::config::{
 };
 use crate::family::IpFamily;
 use crate::settings::CaptureConfig;
+use sets::{Set, SetList};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Table {
@@ -105,6 +109,10 @@ pub enum Match {
     SourcePort(u16),
     /// Destination port is none of these.
     DestPortNotIn(Vec<u16>),
+    /// Destination address is in the set of this list (set form).
+    DestinationInSet(SetList),
+    /// Layer-4 destination port is in the set of this list (set form).
+    DestPortInSet(SetList),
     Owner {
         kind: OwnerKind,
         id: u32,
@@ -154,6 +162,7 @@ impl Rule {
     pub fn address_family(&self) -> Option<IpFamily> {
         self.matches.iter().find_map(|m| match m {
             Match::Source(c) | Match::Destination { cidr: c, .. } => Some(IpFamily::of(c.addr())),
+            Match::DestinationInSet(list) => list.family(),
             _ => None,
         })
     }
@@ -166,10 +175,12 @@ pub enum Dialect {
     Nftables,
 }
 
-/// The rules, in the order Istio's tool emits them.
+/// The rules, in the order Istio's tool emits them, and the sets they match (set form only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ruleset {
     pub rules: Vec<Rule>,
+    /// The set form's sets, each non-empty and used by at least one rule, in order of first use.
+    pub sets: Vec<Set>,
     /// Whether IPv6 rules are programmed at all.
     pub ipv6: bool,
 }
@@ -279,6 +290,7 @@ struct Emitter<'a> {
     dialect: Dialect,
     dns: Dns<'a>,
     rules: Vec<Rule>,
+    sets: Vec<Set>,
 }
 
 /// A rule being written: its place (by default appended, for both families), then its
@@ -418,11 +430,36 @@ fn proxy_owners(cfg: &CaptureConfig) -> impl Iterator<Item = (OwnerKind, u32)> +
 
 impl<'a> Emitter<'a> {
     fn new(cfg: &'a CaptureConfig, dialect: Dialect) -> Self {
-        Emitter { cfg, dialect, dns: Dns::of(cfg), rules: Vec::new() }
+        Emitter { cfg, dialect, dns: Dns::of(cfg), rules: Vec::new(), sets: Vec::new() }
     }
 
     fn finish(self) -> Ruleset {
-        Ruleset { rules: self.rules, ipv6: self.cfg.ipv6 }
+        Ruleset { rules: self.rules, sets: self.sets, ipv6: self.cfg.ipv6 }
+    }
+
+    /// Set form: the condition "destination port in `ports`", its set kept for `table`.
+    /// `None` in the rule form and for an empty list: the caller writes a rule per port.
+    fn port_set(&mut self, list: SetList, table: Table, ports: &[u16]) -> Option<Match> {
+        if !self.cfg.use_sets || ports.is_empty() {
+            return None;
+        }
+        self.sets.push(Set::ports(list, table, ports));
+        Some(Match::DestPortInSet(list))
+    }
+
+    /// Set form: for each family programmed with entries in `cidrs`, that family and the
+    /// condition "destination in its set" (kept for nat, where every range rule lives).
+    /// `None` in the rule form: the caller writes a rule per range.
+    fn range_sets(&mut self, list: fn(IpFamily) -> SetList, cidrs: &[Cidr]) -> Option<Vec<(IpFamily, Match)>> {
+        if !self.cfg.use_sets {
+            return None;
+        }
+        let families = IpFamily::ALL.into_iter().filter(|&f| f == IpFamily::V4 || self.cfg.ipv6);
+        let sets: Vec<Set> = families.map(|f| Set::ranges(list(f), Table::Nat, cidrs)).filter(|s| !s.is_empty()).collect();
+        let conditions = sets.iter().map(|s| (s.list.family().expect("an address list"), Match::DestinationInSet(s.list)));
+        let conditions = conditions.collect();
+        self.sets.extend(sets);
+        Some(conditions)
     }
 
     fn tproxy(&self) -> bool {
@@ -502,14 +539,22 @@ impl<'a> Emitter<'a> {
         match &self.cfg.inbound_ports {
             InboundPorts::None => {}
             InboundPorts::All { except } => {
-                for &port in except {
-                    self.add(Draft::new(table, Chain::Inbound).tcp().dport(port).then(Action::Return));
+                if let Some(excluded) = self.port_set(SetList::InboundPortsExclude, table, except) {
+                    self.add(Draft::new(table, Chain::Inbound).tcp().with(excluded).then(Action::Return));
+                } else {
+                    for &port in except {
+                        self.add(Draft::new(table, Chain::Inbound).tcp().dport(port).then(Action::Return));
+                    }
                 }
                 self.capture_inbound(Draft::new(table, Chain::Inbound).tcp());
             }
             InboundPorts::Only(ports) => {
-                for &port in ports {
-                    self.capture_inbound(Draft::new(table, Chain::Inbound).tcp().dport(port));
+                if let Some(included) = self.port_set(SetList::InboundPortsInclude, table, ports) {
+                    self.capture_inbound(Draft::new(table, Chain::Inbound).tcp().with(included));
+                } else {
+                    for &port in ports {
+                        self.capture_inbound(Draft::new(table, Chain::Inbound).tcp().dport(port));
+                    }
                 }
             }
         }
@@ -548,6 +593,11 @@ impl<'a> Emitter<'a> {
 
     /// Step 8: Outbound ports never captured, TCP and UDP.
     fn outbound_ports_exclude(&mut self) {
+        if let Some(excluded) = self.port_set(SetList::OutboundPortsExclude, Table::Nat, &self.cfg.outbound_ports_exclude) {
+            self.add(nat(Chain::IstioOutput).tcp().with(excluded.clone()).then(Action::Return));
+            self.add(nat(Chain::IstioOutput).udp().with(excluded).then(Action::Return));
+            return;
+        }
         for &port in &self.cfg.outbound_ports_exclude {
             self.add(nat(Chain::IstioOutput).tcp().dport(port).then(Action::Return));
             self.add(nat(Chain::IstioOutput).udp().dport(port).then(Action::Return));
@@ -677,6 +727,12 @@ impl<'a> Emitter<'a> {
 
     /// Step 15: Excluded destinations.
     fn outbound_ranges_exclude(&mut self) {
+        if let Some(sets) = self.range_sets(SetList::OutboundRangesExclude, &self.cfg.outbound_ranges_exclude) {
+            for (family, excluded) in sets {
+                self.add(nat(Chain::IstioOutput).family(Some(family)).with(excluded).then(Action::Return));
+            }
+            return;
+        }
         for &cidr in &self.cfg.outbound_ranges_exclude {
             self.add(nat(Chain::IstioOutput).family_of(cidr).dst(cidr).then(Action::Return));
         }
@@ -684,6 +740,10 @@ impl<'a> Emitter<'a> {
 
     /// Step 16: Ports always captured.
     fn outbound_ports_include(&mut self) {
+        if let Some(included) = self.port_set(SetList::OutboundPortsInclude, Table::Nat, &self.cfg.outbound_ports_include) {
+            self.add(nat(Chain::IstioOutput).tcp().with(included).then(Action::Jump(Chain::Redirect)));
+            return;
+        }
         for &port in &self.cfg.outbound_ports_include {
             self.add(nat(Chain::IstioOutput).tcp().dport(port).then(Action::Jump(Chain::Redirect)));
         }
@@ -703,6 +763,16 @@ impl<'a> Emitter<'a> {
                 }
             }
             OutboundRanges::Only(cidrs) => {
+                if let Some(sets) = self.range_sets(SetList::OutboundRangesInclude, cidrs) {
+                    for (family, included) in sets {
+                        for nic in &cfg.kube_virt_interfaces {
+                            let rule = nat(Chain::Prerouting).family(Some(family)).inserted_at(0).iif(nic.as_str());
+                            self.add(rule.with(included.clone()).then(to_proxy.clone()));
+                        }
+                        self.add(nat(Chain::IstioOutput).family(Some(family)).with(included).then(to_proxy.clone()));
+                    }
+                    return;
+                }
                 let ordered = cidrs.iter().filter(|c| c.is_ipv4()).chain(cidrs.iter().filter(|c| !c.is_ipv4()));
                 for &cidr in ordered {
                     for nic in &cfg.kube_virt_interfaces {
@@ -848,5 +918,49 @@ mod tests {
         let find = |rs: &Ruleset| rs.rules.iter().find(|r| r.action == Action::Jump(Chain::Drop)).unwrap().matches.clone();
         assert_eq!(find(&ipt), vec![Match::CtState(CtState::Invalid)]);
         assert_eq!(find(&nft), vec![Match::Protocol(Protocol::Tcp), Match::CtState(CtState::Invalid)]);
+    }
+
+    #[test]
+    fn set_form_has_one_rule_per_list_and_family() {
+        let cfg = CaptureConfig {
+            use_sets: true,
+            ipv6: true,
+            inbound_ports: InboundPorts::All { except: vec![15090, 15021, 15020] },
+            outbound_ranges: OutboundRanges::Only(parse_cidrs("-i", "10.0.0.0/8,10.1.0.0/16,fd00::/8").unwrap()),
+            outbound_ranges_exclude: parse_cidrs("-x", "192.168.0.0/16,192.168.1.0/24").unwrap(),
+            outbound_ports_exclude: vec![15020, 9090],
+            kube_virt_interfaces: vec![Interface::parse("-k", "eth1").unwrap()],
+            ..CaptureConfig::default()
+        };
+        let rs = build(&cfg, Dialect::Iptables);
+        let lists: Vec<SetList> = rs.sets.iter().map(|s| s.list).collect();
+        assert_eq!(
+            lists,
+            [
+                SetList::InboundPortsExclude,
+                SetList::OutboundPortsExclude,
+                SetList::OutboundRangesExclude(IpFamily::V4),
+                SetList::OutboundRangesInclude(IpFamily::V4),
+                SetList::OutboundRangesInclude(IpFamily::V6),
+            ]
+        );
+        let users = |list: SetList| {
+            rs.rules
+                .iter()
+                .filter(|r| {
+                    r.matches.iter().any(|m| matches!(m, Match::DestinationInSet(l) | Match::DestPortInSet(l) if *l == list))
+                })
+                .count()
+        };
+        assert_eq!(users(SetList::InboundPortsExclude), 1);
+        assert_eq!(users(SetList::OutboundPortsExclude), 2, "TCP and UDP");
+        assert_eq!(users(SetList::OutboundRangesInclude(IpFamily::V4)), 2, "ISTIO_OUTPUT and the KubeVirt interface");
+        assert!(rs
+            .rules
+            .iter()
+            .all(|r| !r.matches.iter().any(|m| matches!(m, Match::Destination { cidr, negated: false } if !cidr.is_loopback()))));
+        let v4_only = build(&CaptureConfig { ipv6: false, ..cfg.clone() }, Dialect::Iptables);
+        assert!(v4_only.sets.iter().all(|s| s.list.family() != Some(IpFamily::V6)));
+        assert!(build(&CaptureConfig { use_sets: false, ..cfg }, Dialect::Iptables).sets.is_empty());
     }
 }
