@@ -13,9 +13,22 @@
 # The latency and connection probes take turns over the paths within one run (loadgen), so that
 # the machine's background load falls on every path alike.
 #
+# Latency is measured twice per round. Pinned (the controlled experiment, and the one the target is
+# judged on): a second pod per path, whose application and proxy (capture-proxy with one worker
+# thread, HAProxy with nbthread 1) run, like the client, on CPU LATENCY_PIN only and under
+# SCHED_FIFO priority LATENCY_FIFO, so that client, proxy and application take turns on one CPU and
+# nothing else on the machine preempts them: every hop is then one wake-up and one context switch
+# on that CPU, and the figure is the proxy's own work. Unpinned: the usual pods, every process free
+# to run on any CPU among the machine's other work, as in a pod; there a wake-up that lands on the
+# other CPU costs tens of µs more in a VM (the host must wake an idle vCPU or preempt a busy one),
+# and which hops do is the scheduler's choice, so that figure is reported beside the pinned one
+# but decided by the scheduler (BENCHMARKS-proxy.md: the placements tried).
+#
 # Run as root from the repository root, after scripts/build.sh:
 #   bench/proxy-bench.sh     (ROUNDS=5 SECONDS_PER_TEST=5 LATENCY_COUNT=20000 RATE_THREADS=4
-#                             SYSCALL_COUNT=5000 IDLE_COUNTS="1000 10000" by default)
+#                             SYSCALL_COUNT=5000 IDLE_COUNTS="1000 10000" LATENCY_PIN=1
+#                             LATENCY_FIFO=50 by default; LATENCY_PIN=off measures latency unpinned
+#                             only, LATENCY_FIFO=off pins without SCHED_FIFO)
 # Idle connections take two descriptors in the proxy: the larger count is cut to what the
 # RLIMIT_NOFILE hard limit allows (raising it needs CAP_SYS_RESOURCE), and the table says so.
 # Everything stays inside the namespaces this script creates; it removes them on exit.
@@ -27,6 +40,14 @@ latency_count=${LATENCY_COUNT:-20000}
 rounds=${ROUNDS:-5}
 rate_threads=${RATE_THREADS:-4}
 syscall_count=${SYSCALL_COUNT:-5000}
+pin_cpu=${LATENCY_PIN:-1}
+pin_fifo=${LATENCY_FIFO:-50}
+# What runs a process of the pinned latency probe: on CPU LATENCY_PIN, under SCHED_FIFO unless off.
+pinned=()
+if [ "$pin_cpu" != off ]; then
+  pinned=(taskset -c "$pin_cpu")
+  [ "$pin_fifo" = off ] || pinned+=(chrt -f "$pin_fifo")
+fi
 # Each idle relayed connection holds two of the proxy's descriptors; keep 400 for the rest.
 fd_limit=$(ulimit -Hn)
 idle_counts=""
@@ -50,10 +71,13 @@ istio_iptables=$(realpath "$release/istio-iptables")
 tag=pb$$
 client=${tag}c
 paths=(direct splice copy haproxy)
+# A pod per path, and a second one per path for the pinned latency probe.
+pods=("${paths[@]}")
+[ "$pin_cpu" = off ] || pods+=("${paths[@]/#/pinned-}")
 work=$(mktemp -d)
 chmod 755 "$work"
 cleanup() {
-  for ns in "$client" "${paths[@]/#/$tag}"; do
+  for ns in "$client" "${pods[@]/#/$tag}"; do
     for pid in $(ip netns pids "$ns" 2>/dev/null); do kill "$pid" 2>/dev/null || true; done
     ip netns del "$ns" 2>/dev/null || true
   done
@@ -78,14 +102,21 @@ frontend virtual_inbound
 backend original_destination
     server s 0.0.0.0:0 source 127.0.0.6
 CFG
+sed 's/^global$/global\n    nbthread 1/' "$work/haproxy.cfg" >"$work/haproxy-pinned.cfg"
 
-# Starts the proxy of path $1 (splice, copy or haproxy) in its pod, as uid 1337. Its stdout is
-# not the caller's: a measurement's output pipe must close when the measurement ends.
+# Starts the proxy of pod $1 (splice, copy or haproxy; pinned-splice... for the pinned latency
+# probe, with one thread) in that pod, as uid 1337. Its stdout is not the caller's: a
+# measurement's output pipe must close when the measurement ends.
 start_proxy() {
-  local as_proxy=(ip netns exec "$tag$1" setpriv --reuid=1337 --regid=1337 --clear-groups)
-  case $1 in
-    splice | copy) RUST_LOG=warn "${as_proxy[@]}" "$capture_proxy" --relay "$1" >/dev/null 2>>"$work/proxy-$1.log" & ;;
-    haproxy) "${as_proxy[@]}" haproxy -f "$work/haproxy.cfg" -db >/dev/null 2>>"$work/haproxy.log" & ;;
+  local as_proxy=(ip netns exec "$tag$1" setpriv --reuid=1337 --regid=1337 --clear-groups) threads=() config=haproxy
+  if [[ $1 == pinned-* ]]; then
+    as_proxy=("${pinned[@]}" "${as_proxy[@]}") threads=(--worker-threads 1) config=haproxy-pinned
+  fi
+  case ${1#pinned-} in
+    splice | copy)
+      RUST_LOG=warn "${as_proxy[@]}" "$capture_proxy" --relay "${1#pinned-}" "${threads[@]}" >/dev/null 2>>"$work/proxy-$1.log" &
+      ;;
+    haproxy) "${as_proxy[@]}" haproxy -f "$work/$config.cfg" -db >/dev/null 2>>"$work/$1.log" & ;;
   esac
 }
 
@@ -108,31 +139,37 @@ restart_proxy() {
 ip netns add "$client"
 ip -n "$client" link set lo up
 ip netns exec "$client" sysctl -qw net.ipv4.ip_local_port_range="1024 65535" net.ipv4.tcp_tw_reuse=1
+# Pod number i (in the order of pods) is at 10.55.i.2.
 i=0
-for path in "${paths[@]}"; do
+for pod in "${pods[@]}"; do
   i=$((i + 1))
-  pod=$tag$path
-  ip netns add "$pod"
-  ip -n "$pod" link set lo up
+  ns=$tag$pod
+  ip netns add "$ns"
+  ip -n "$ns" link set lo up
   ip link add "${tag}a$i" type veth peer name "${tag}b$i"
   ip link set "${tag}a$i" netns "$client"
-  ip link set "${tag}b$i" netns "$pod"
+  ip link set "${tag}b$i" netns "$ns"
   ip -n "$client" addr add "10.55.$i.1/24" dev "${tag}a$i"
   ip -n "$client" link set "${tag}a$i" up
-  ip -n "$pod" addr add "10.55.$i.2/24" dev "${tag}b$i"
-  ip -n "$pod" link set "${tag}b$i" up
-  ip netns exec "$pod" sysctl -qw net.ipv4.ip_local_port_range="1024 65535" net.ipv4.tcp_tw_reuse=1
-  # The application: an iperf3 server and the 1-byte echo server.
-  ip netns exec "$pod" iperf3 -s -p 5201 -D --logfile "$work/iperf3-$path.log"
-  ip netns exec "$pod" "$loadgen" serve 8080 &
-  [ "$path" = direct ] && continue
-  ip netns exec "$pod" "$istio_iptables" -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' \
+  ip -n "$ns" addr add "10.55.$i.2/24" dev "${tag}b$i"
+  ip -n "$ns" link set "${tag}b$i" up
+  ip netns exec "$ns" sysctl -qw net.ipv4.ip_local_port_range="1024 65535" net.ipv4.tcp_tw_reuse=1
+  # The application: the 1-byte echo server (pinned like the proxy in a pinned pod), and an
+  # iperf3 server.
+  if [[ $pod == pinned-* ]]; then
+    "${pinned[@]}" ip netns exec "$ns" "$loadgen" serve 8080 &
+  else
+    ip netns exec "$ns" "$loadgen" serve 8080 &
+    ip netns exec "$ns" iperf3 -s -p 5201 -D --logfile "$work/iperf3-$pod.log"
+  fi
+  [ "${pod#pinned-}" = direct ] && continue
+  ip netns exec "$ns" "$istio_iptables" -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -x "" -b '*' \
     -d 15090,15021,15020 >/dev/null
-  start_proxy "$path"
+  start_proxy "$pod"
 done
 sleep 1
 
-# The pid of the proxy under test in the pod of path $1; empty on the direct path.
+# The pid of the proxy under test in pod $1; empty on a direct path.
 proxy_pid() {
   local pid
   for pid in $(ip netns pids "$tag$1"); do
@@ -145,6 +182,11 @@ proxy_pid() {
 # CPU time (user + system, in clock ticks) process $1 has used so far.
 cpu_ticks() {
   awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
+# Nanoseconds process $1 has spent on a CPU so far, all its threads.
+cpu_ns() {
+  cat /proc/"$1"/task/*/schedstat | awk '{ ns += $1 } END { printf "%.0f\n", ns }'
 }
 
 rss_kib() {
@@ -182,14 +224,40 @@ idle_bytes_per_connection() {
   echo "${figures[@]}"
 }
 
+# The pinned latency probe over every path's pinned pod (pinned pod i at 10.55.(i + paths).2):
+# one line per path, "p50_us p99_us proxy_cpu_us_per_round_trip" (the last 0 on the direct path);
+# "0 0 0" lines with LATENCY_PIN=off.
+pinned_latency() {
+  local i addrs="" pids=() cpu_before=() latency
+  if [ "$pin_cpu" = off ]; then
+    printf '0 0 0\n%.0s' "${paths[@]}"
+    return
+  fi
+  for i in "${!paths[@]}"; do
+    addrs+="${addrs:+,}10.55.$((i + 1 + ${#paths[@]})).2:8080"
+    pids+=("$(proxy_pid "pinned-${paths[$i]}")")
+    cpu_before+=("$(if [ -n "${pids[$i]}" ]; then cpu_ns "${pids[$i]}"; fi)")
+  done
+  mapfile -t latency < <("${pinned[@]}" ip netns exec "$client" "$loadgen" latency "$addrs" "$latency_count")
+  for i in "${!paths[@]}"; do
+    if [ -n "${pids[$i]}" ]; then
+      echo "${latency[$i]} $(python3 -c "print('%.2f' % (($(cpu_ns "${pids[$i]}") - ${cpu_before[$i]}) / 1e3 / $((latency_count + latency_count / 10))))")"
+    else
+      echo "${latency[$i]} 0"
+    fi
+  done
+}
+
 # One round: a measurement of each kind against every path, appended to $work/results-PATH as
-# "gbps p50_us p99_us connections_per_s failed cpu_us_per_connection syscalls_per_rtt idle_bytes..."
-# (the last three 0 on the direct path). Path number i is at 10.55.i.2. The latency and connection
-# probes take turns over all paths in one run (loadgen), so that a burst of background load falls
-# on each path alike and the figures of one round compare; throughput, syscalls and idle memory
-# are measured one path after the other.
+# "gbps p50_us p99_us connections_per_s failed cpu_us_per_connection syscalls_per_rtt idle_bytes...
+# pinned_p50_us pinned_p99_us pinned_cpu_us_per_round_trip" (the proxy's figures 0 on the direct
+# path; p50_us and p99_us are the unpinned probe's). Path number i is at 10.55.i.2. The latency
+# and connection probes take turns over all paths in one run (loadgen), so that a burst of
+# background load falls on each path alike and the figures of one round compare; throughput,
+# syscalls and idle memory are measured one path after the other.
 measure_round() {
-  local i path addrs="" pids=() gbps=() latency rate cpu_before=() proxy_figures
+  local i path addrs="" pids=() gbps=() latency pinned_figures rate cpu_before=() proxy_figures
+  cut -d' ' -f1 /proc/loadavg >>"$work/load"
   i=0
   for path in "${paths[@]}"; do
     i=$((i + 1))
@@ -198,6 +266,7 @@ measure_round() {
     gbps+=("$(ip netns exec "$client" iperf3 -c "10.55.$i.2" -p 5201 -t "$seconds" -J |
       python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))')")
   done
+  mapfile -t pinned_figures < <(pinned_latency)
   mapfile -t latency < <(ip netns exec "$client" "$loadgen" latency "$addrs" "$latency_count")
   for i in "${!paths[@]}"; do cpu_before+=("$(if [ -n "${pids[$i]}" ]; then cpu_ticks "${pids[$i]}"; fi)"); done
   mapfile -t rate < <(ip netns exec "$client" "$loadgen" rate "$addrs" "$seconds" "$rate_threads")
@@ -211,7 +280,7 @@ measure_round() {
     else
       proxy_figures="0 0 $(echo "$idle_counts" | sed 's/[0-9]*/0/g')"
     fi
-    echo "${gbps[$i]} ${latency[$i]} ${rate[$i]} $proxy_figures" | tee -a "$work/results-$path" | sed "s/^/round $1 $path: /" >&2
+    echo "${gbps[$i]} ${latency[$i]} ${rate[$i]} $proxy_figures ${pinned_figures[$i]}" | tee -a "$work/results-$path" | sed "s/^/round $1 $path: /" >&2
   done
 }
 
@@ -223,15 +292,17 @@ done
 # The tables: each path's median (lowest–highest) over the rounds, and the ratios of
 # capture-proxy (default relay) to HAProxy, taken within each round.
 report() {
-  WORK=$work ROUNDS=$rounds SECONDS_PER_TEST=$seconds RATE_THREADS=$rate_threads LATENCY_COUNT=$latency_count \
-    SYSCALL_COUNT=$syscall_count IDLE_COUNTS=$idle_counts FD_LIMIT=$fd_limit python3 - <<'PY'
+  WORK=$work IDLE_COUNTS=$idle_counts PINNED=$([ "$pin_cpu" = off ] && echo no || echo yes) python3 - <<'PY'
 import os, statistics
 env = os.environ
-work, idle_counts = env["WORK"], env["IDLE_COUNTS"].split()
+work, idle_counts, pinned = env["WORK"], env["IDLE_COUNTS"].split(), env["PINNED"] == "yes"
 def rows(path):
     return [list(map(float, line.split())) for line in open(f"{work}/results-{path}")]
 results = {p: rows(p) for p in ["direct", "splice", "copy", "haproxy"]}
 direct = results["direct"]
+# Where each figure is in a results line.
+GBPS, P50, P99, RATE, FAILED, CPU_CONN, SYSCALLS, IDLE = range(8)
+PIN_P50, PIN_P99, PIN_CPU_RTT = (IDLE + len(idle_counts) + k for k in range(3))
 def cell(values, fmt):
     med = fmt % statistics.median(values)
     return f"{med} ({fmt % min(values)}–{fmt % max(values)})" if len(values) > 1 else med
@@ -239,32 +310,48 @@ def column(path, i):
     return [row[i] for row in results[path]]
 def added(path, i):
     return [row[i] - d[i] for row, d in zip(results[path], direct)]
+def table(heads, cells_of):
+    print("| path | " + " | ".join(heads) + " |")
+    print("|---" * (1 + len(heads)) + "|")
+    for label, path in labels:
+        print(f"| {label} | " + " | ".join(cells_of(path, path != "direct")) + " |")
+    print()
 labels = [("direct (no capture)", "direct"), ("capture-proxy, splice relay (default)", "splice"),
           ("capture-proxy, copy relay (`--relay copy`)", "copy"), ("HAProxy 2.6 (`option splice-auto`)", "haproxy")]
-idle_heads = " | ".join(f"idle RSS per connection at {n} (bytes)" for n in idle_counts)
-print(f"| path | throughput (Gbit/s) | 1-byte RTT p50 (µs) | p99 (µs) | added p50 (µs) | added p99 (µs) | new connections/s | failed | proxy CPU per connection (µs) | proxy syscalls per round trip | {idle_heads} |")
-print("|---" * (10 + len(idle_counts)) + "|")
-for label, path in labels:
-    proxied = path != "direct"
-    cells = [cell(column(path, 0), "%.2f"), cell(column(path, 1), "%.1f"), cell(column(path, 2), "%.1f"),
-             cell(added(path, 1), "%+.1f") if proxied else "–", cell(added(path, 2), "%+.1f") if proxied else "–",
-             cell(column(path, 3), "%.0f"), "%d" % sum(column(path, 4)),
-             cell(column(path, 5), "%.1f") if proxied else "–", cell(column(path, 6), "%.2f") if proxied else "–"]
-    cells += [cell(column(path, 7 + k), "%.0f") if proxied else "–" for k in range(len(idle_counts))]
-    print(f"| {label} | " + " | ".join(cells) + " |")
-print()
-ours, theirs = results["splice"], results["haproxy"]
+def latency_cells(path, proxied, p50, p99):
+    return [cell(column(path, p50), "%.1f"), cell(column(path, p99), "%.1f"),
+            cell(added(path, p50), "%+.1f") if proxied else "–", cell(added(path, p99), "%+.1f") if proxied else "–"]
+heads = ["RTT p50 (µs)", "RTT p99 (µs)", "added p50 (µs)", "added p99 (µs)"]
+if pinned:
+    table([f"pinned: {h}" for h in heads] + ["pinned: proxy CPU per round trip (µs)"] + [f"unpinned: {h}" for h in heads],
+          lambda path, proxied: latency_cells(path, proxied, PIN_P50, PIN_P99)
+          + [cell(column(path, PIN_CPU_RTT), "%.2f") if proxied else "–"] + latency_cells(path, proxied, P50, P99))
+else:
+    table([f"unpinned: {h}" for h in heads], lambda path, proxied: latency_cells(path, proxied, P50, P99))
+table(["throughput (Gbit/s)", "new connections/s", "failed", "proxy CPU per connection (µs)", "proxy syscalls per round trip"]
+      + [f"idle RSS per connection at {n} (bytes)" for n in idle_counts],
+      lambda path, proxied: [cell(column(path, GBPS), "%.2f"), cell(column(path, RATE), "%.0f"), "%d" % sum(column(path, FAILED)),
+                             cell(column(path, CPU_CONN), "%.1f") if proxied else "–",
+                             cell(column(path, SYSCALLS), "%.2f") if proxied else "–"]
+      + [cell(column(path, IDLE + k), "%.0f") if proxied else "–" for k in range(len(idle_counts))])
 def ratio(values_ours, values_theirs):
     return [a / b for a, b in zip(values_ours, values_theirs)]
-measures = [
-    ("throughput", ratio(column("splice", 0), column("haproxy", 0)), "≥ 1", lambda r: r >= 1),
-    ("added p50 latency", ratio(added("splice", 1), added("haproxy", 1)), "≤ 0.8", lambda r: r <= 0.8),
-    ("added p99 latency", ratio(added("splice", 2), added("haproxy", 2)), "≤ 0.8", lambda r: r <= 0.8),
-    ("new connections/s", ratio(column("splice", 3), column("haproxy", 3)), "≥ 1", lambda r: r >= 1),
-    ("CPU per connection", ratio(column("splice", 5), column("haproxy", 5)), "(reported)", None),
-    ("syscalls per round trip", ratio(column("splice", 6), column("haproxy", 6)), "(reported)", None),
-] + [(f"idle RSS per connection at {n}", ratio(column("splice", 7 + k), column("haproxy", 7 + k)), "≤ 1", lambda r: r <= 1)
-     for k, n in enumerate(idle_counts)]
+def of(i, figures=column):
+    return ratio(figures("splice", i), figures("haproxy", i))
+at_most_0_8 = ("≤ 0.8", lambda r: r <= 0.8)
+measures = []
+if pinned:
+    measures += [("added p50 latency, pinned", of(PIN_P50, added), *at_most_0_8),
+                 ("added p99 latency, pinned", of(PIN_P99, added), *at_most_0_8),
+                 ("proxy CPU per round trip, pinned", of(PIN_CPU_RTT), "(reported)", None)]
+measures += [
+    ("added p50 latency, unpinned", of(P50, added), *at_most_0_8),
+    ("added p99 latency, unpinned", of(P99, added), *at_most_0_8),
+    ("throughput", of(GBPS), "≥ 1", lambda r: r >= 1),
+    ("new connections/s", of(RATE), "≥ 1", lambda r: r >= 1),
+    ("CPU per connection", of(CPU_CONN), "(reported)", None),
+    ("syscalls per round trip", of(SYSCALLS), "(reported)", None),
+] + [(f"idle RSS per connection at {n}", of(IDLE + k), "≤ 1", lambda r: r <= 1) for k, n in enumerate(idle_counts)]
 print("| capture-proxy (default) ÷ HAProxy | median ratio (lowest–highest) | target | met by the median | met in every round |")
 print("|---|---|---|---|---|")
 for name, values, target, ok in measures:
@@ -278,9 +365,17 @@ PY
   echo "Measured by \`bench/proxy-bench.sh\` on $(date -u +%Y-%m-%d): $(nproc) CPUs"
   echo "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r),"
   echo "$(haproxy -v | head -1 | cut -d' ' -f1-3), iperf3 $(iperf3 -v | head -1 | cut -d' ' -f2)."
-  echo "Load average when the run started: $load_before; when it ended: $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "(other work shared the machine: expect noise, hence the ranges)."
-  echo "Client and pod are network namespaces joined by a veth pair; every process shares the same CPUs."
+  echo "Load average when the run started: $load_before; when it ended: $(cut -d' ' -f1-3 /proc/loadavg);"
+  echo "over the last minute at each round's start: $(paste -sd' ' "$work/load" | sed 's/ /, /g')."
+  echo "Client and pod are network namespaces joined by a veth pair. Every process shares the same CPUs,"
+  if [ "$pin_cpu" = off ]; then
+    echo "in every test."
+  else
+    echo "except in the pinned latency probe: there the client, and in a second pod per path the application"
+    echo "and the proxy (capture-proxy \`--worker-threads 1\`, HAProxy \`nbthread 1\`), run on CPU $pin_cpu only$(
+      [ "$pin_fifo" = off ] && echo "." || echo ", under")"
+    [ "$pin_fifo" = off ] || echo "SCHED_FIFO priority $pin_fifo, so that no other work on the machine preempts them."
+  fi
   echo "The pod holds our \`istio-iptables\` REDIRECT rules (\`-b '*'\`), except on the direct path; the"
   echo "proxy under test runs as uid 1337 and dials the application from 127.0.0.6."
   echo
@@ -291,7 +386,9 @@ PY
   echo "Throughput: iperf3, ${seconds} s, one stream, one path after the other."
   echo "Latency: ${latency_count} sequential 1-byte round trips on one connection per path after $((latency_count / 10))"
   echo "warm-up trips, the paths taking turns in batches of 100 within one run; \"added\" is the path's figure"
-  echo "minus the direct path's in that run. Connections: ${rate_threads} client threads, ${seconds} s per path, the"
+  echo "minus the direct path's in that run. The pinned probe runs first, then the unpinned one; proxy CPU per"
+  echo "round trip is the CPU time of the pinned proxy's threads (schedstat) during the pinned run, divided by"
+  echo "its round trips, warm-up included. Connections: ${rate_threads} client threads, ${seconds} s per path, the"
   echo "paths taking turns every 200 ms within one run; each connection sends one byte, reads the echo and"
   echo "the server's close. Proxy CPU per connection: user + system time of the proxy process during that"
   echo "run, divided by its connections. Syscalls: every system call the proxy process entered"
