@@ -54,6 +54,10 @@ pub enum NftError {
         details.join("\n  ")
     )]
     Drift { details: Vec<String> },
+    #[error(
+        "the tables this run replaced cannot be put back (the kernel keeps no copy of them): the requested ones are in place"
+    )]
+    ReplacedNotRestorable,
 }
 
 /// The nft script of a fresh install (what `--dry-run` prints): what a plan sends to a
@@ -183,12 +187,15 @@ impl RulePlan for Plan {
     /// Deletes the tables a fresh install created. A replacement is not taken back: what it
     /// replaced was not as requested.
     fn undo(&self) -> Result<(), CaptureError> {
-        if self.change == Change::Create {
-            let mut tx = TransactionBuilder::new();
-            self.tables.iter().for_each(|table| tx.delete(table.table));
-            send(&tx.finish())?;
+        match self.change {
+            Change::Create => {
+                let mut tx = TransactionBuilder::new();
+                self.tables.iter().for_each(|table| tx.delete(table.table));
+                Ok(send(&tx.finish())?)
+            }
+            Change::Replace { .. } => Err(NftError::ReplacedNotRestorable.into()),
+            Change::Keep | Change::Delete(_) => Ok(()),
         }
-        Ok(())
     }
 
     fn sent(&self) -> Vec<Sent> {
