@@ -10,7 +10,7 @@ use capture_lib::model::{self, Action, Chain, Dialect, Position, Rule, Ruleset, 
 use capture_lib::nftables::{self, NftError, Nftables};
 use capture_lib::settings::CaptureConfig;
 use capture_lib::Outcome;
-use capture_tests::{require_netns, run_ok, unique, Pod};
+use capture_tests::{istio_iptables, require_netns, run_ok, stderr, unique, Pod};
 
 /// Plans `operation` and applies the plan, as a run does. The backend acts on the calling
 /// thread's namespace, so it runs on a thread in the pod's.
@@ -26,7 +26,7 @@ fn apply(pod: &Pod, ruleset: &Ruleset, reconcile: bool) -> Result<Outcome, NftEr
 }
 
 fn cleanup(pod: &Pod) -> Result<Outcome, NftError> {
-    run(pod, &Ruleset { rules: Vec::new(), ipv6: false }, Operation::Cleanup)
+    run(pod, &Ruleset { rules: Vec::new(), sets: Vec::new(), ipv6: false }, Operation::Cleanup)
 }
 
 fn ruleset(cfg: &CaptureConfig) -> Ruleset {
@@ -89,19 +89,25 @@ fn with_handles(pod: &Pod) -> String {
     pod.sh("nft -a list ruleset")
 }
 
+/// Applies `rules` to a new pod and checks the result against `nft -f` of their script (the
+/// dry run's) in another: the same listing, the same bytecode. Returns the pod and its listing.
+fn applied_as_its_script_loads(rules: &Ruleset) -> (Pod, String) {
+    let pod = Pod::new();
+    assert_eq!(apply(&pod, rules, false).unwrap(), Outcome::Applied);
+    let reference = Pod::new();
+    nft_load(&reference, &nftables::script(rules));
+    let installed = pod.nft_ruleset();
+    assert_eq!(installed, reference.nft_ruleset(), "the batch and `nft -f` of its script differ");
+    assert_eq!(bytecode(&pod), bytecode(&reference), "same text, different bytecode");
+    (pod, installed)
+}
+
 #[test]
 #[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
 fn apply_matches_its_own_script_and_a_second_apply_sends_nothing() {
     require_netns!();
     let rules = largest();
-    let pod = Pod::new();
-    assert_eq!(apply(&pod, &rules, false).unwrap(), Outcome::Applied);
-
-    let reference = Pod::new();
-    nft_load(&reference, &nftables::script(&rules));
-    let installed = pod.nft_ruleset();
-    assert_eq!(installed, reference.nft_ruleset(), "the batch and `nft -f` of its script differ");
-    assert_eq!(bytecode(&pod), bytecode(&reference), "same text, different bytecode");
+    let (pod, installed) = applied_as_its_script_loads(&rules);
     for expected in ["tproxy ip6 to :15006", "tcp dport != { 53, 15008 }", "ct zone set 2", "type route hook output"] {
         assert!(installed.contains(expected), "{expected:?} missing from:\n{installed}");
     }
@@ -127,7 +133,7 @@ fn jumps_to_a_missing_chain() -> Ruleset {
         matches: vec![],
         action: Action::Jump(Chain::Redirect),
     };
-    Ruleset { rules: vec![rule], ipv6: false }
+    Ruleset { rules: vec![rule], sets: Vec::new(), ipv6: false }
 }
 
 #[test]
@@ -282,4 +288,175 @@ fn a_batch_of_several_pages_commits_whole_and_reads_back() {
     assert_eq!(apply(&pod, &rules, false).unwrap(), Outcome::Applied);
     assert_eq!(pod.nft_ruleset().matches("jump istio-redirect").count(), 3000);
     assert_eq!(apply(&pod, &rules, false).unwrap(), Outcome::Unchanged);
+}
+
+/// The set form of every list, in both layouts: REDIRECT with inbound ports excluded (sets in
+/// nat, a KubeVirt interface's PREROUTING rule too), and TPROXY with only some inbound ports
+/// captured (that set in mangle). The ranges hold a single address, a range that is no prefix
+/// (two merged prefixes), one reaching the end of the address space, and in each family a first
+/// range above the zero address (nft's leading element).
+fn set_forms() -> [Ruleset; 2] {
+    let redirect = CaptureConfig {
+        use_sets: true,
+        ipv6: true,
+        inbound_ports: InboundPorts::All { except: vec![15090, 15021, 15020] },
+        outbound_ranges: OutboundRanges::Only(parse_cidrs("-i", "10.0.0.0/8,172.16.0.0/12,fd00::/8").unwrap()),
+        outbound_ranges_exclude: parse_cidrs(
+            "-x",
+            "10.96.0.0/12,192.168.1.1/32,1.2.3.4/30,1.2.3.8/31,240.0.0.0/4,fd00:96::/108,::1/128,ffff::/16",
+        )
+        .unwrap(),
+        outbound_ports_include: vec![3306, 6379],
+        outbound_ports_exclude: vec![5432, 53],
+        kube_virt_interfaces: vec![Interface::parse("-k", "veth-a.1").unwrap()],
+        ..CaptureConfig::default()
+    };
+    let tproxy = CaptureConfig {
+        mode: InterceptionMode::Tproxy,
+        inbound_ports: InboundPorts::Only(vec![8080, 9090]),
+        outbound_ranges: OutboundRanges::All,
+        ..redirect.clone()
+    };
+    [ruleset(&redirect), ruleset(&tproxy)]
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn the_set_form_is_what_nft_makes_of_its_script_and_a_second_apply_sends_nothing() {
+    require_netns!();
+    for rules in set_forms() {
+        let (pod, installed) = applied_as_its_script_loads(&rules);
+        let v4 = "\tset istio-out-cidrs-exclude-v4 {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 1.2.3.4-1.2.3.9, 10.96.0.0/12,\n\t\t\t     192.168.1.1, 240.0.0.0/4 }\n";
+        assert!(installed.contains(v4), "{installed}");
+        let expected = [
+            "\t\telements = { ::1,\n\t\t\t     fd00:96::/108,\n\t\t\t     ffff::/16 }\n",
+            "\tset istio-out-ports-exclude {\n\t\ttype inet_service\n\t\telements = { 53, 5432 }\n",
+            "ip daddr @istio-out-cidrs-exclude-v4 counter return\n",
+            "ip6 daddr @istio-out-cidrs-exclude-v6 counter return\n",
+            "udp dport @istio-out-ports-exclude counter return\n",
+            "tcp dport @istio-out-ports-include counter jump istio-redirect\n",
+        ];
+        for expected in expected {
+            assert!(installed.contains(expected), "{expected:?} missing from:\n{installed}");
+        }
+
+        let before = with_handles(&pod);
+        assert_eq!(apply(&pod, &rules, false).unwrap(), Outcome::Unchanged);
+        assert_eq!(with_handles(&pod), before, "an unchanged apply re-created rules or sets");
+        assert_eq!(cleanup(&pod).unwrap(), Outcome::Removed);
+        assert_eq!(pod.nft_ruleset(), "", "a set outlived cleanup");
+    }
+    let [redirect, tproxy] = &set_forms();
+    let kube_virt = "add rule inet istio-proxy-nat prerouting iifname \"veth-a.1\" ip6 daddr @istio-out-cidrs-include-v6 counter jump istio-redirect\n";
+    assert!(nftables::script(redirect).contains(kube_virt));
+    let script = nftables::script(tproxy);
+    assert!(script.contains("add set inet istio-proxy-mangle istio-in-ports-include { type inet_service; }\n"), "{script}");
+    assert!(script.contains("add element inet istio-proxy-mangle istio-in-ports-include { 8080, 9090 }\n"), "{script}");
+    assert!(
+        script.contains(
+            "meta l4proto tcp ct state related,established tcp dport @istio-in-ports-include counter jump istio-divert\n"
+        ),
+        "{script}"
+    );
+}
+
+/// istio-iptables with the set form over the native backend.
+const SET_FORM: &[&str] = &[
+    "--native-nftables",
+    "--use-ip-sets",
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "10.96.0.0/12,192.168.1.1/32",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn changed_set_elements_and_a_foreign_set_are_drift_refused_until_reconciled() {
+    require_netns!();
+    let pod = Pod::with_address("10.44.0.5/24");
+    let run = |extra: &[&str]| istio_iptables(&pod, &[SET_FORM, extra].concat(), &[]);
+    assert!(run(&[]).status.success());
+    let fresh = pod.nft_ruleset();
+    let set = "table inet istio-proxy-nat, set istio-out-cidrs-exclude-v4";
+    let tampering = [
+        (
+            "nft add element inet istio-proxy-nat istio-out-cidrs-exclude-v4 { 1.2.3.4 }",
+            "found:    3 elements; 1 unexpected: 1.2.3.4",
+        ),
+        (
+            "nft delete element inet istio-proxy-nat istio-out-cidrs-exclude-v4 { 10.96.0.0/12 }",
+            "found:    1 element; 1 missing: 10.96.0.0/12",
+        ),
+    ];
+    for (tamper, found) in tampering {
+        pod.sh(tamper);
+        let tampered = with_handles(&pod);
+        let out = run(&[]);
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let expected = format!("set differs: {set}\n    expected: 2 elements\n    {found}\n");
+        assert!(stderr(&out).contains(&expected) && stderr(&out).contains("--reconcile"), "{}", stderr(&out));
+        assert_eq!(with_handles(&pod), tampered, "a refused run changed the ruleset");
+        assert!(run(&["--reconcile"]).status.success());
+        assert_eq!(pod.nft_ruleset(), fresh);
+    }
+
+    // A set of a name not ours in our table is drift too, as a chain is.
+    pod.sh("nft add set inet istio-proxy-nat mine '{ type ipv4_addr; flags interval; }' && \
+            nft add element inet istio-proxy-nat mine '{ 10.0.0.0/8 }'");
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let unexpected =
+        "unexpected set: table inet istio-proxy-nat, set mine\n    found:    type ipv4_addr; flags interval; 1 element\n";
+    assert!(stderr(&out).contains(unexpected), "{}", stderr(&out));
+    assert!(run(&["--reconcile"]).status.success());
+    assert_eq!(pod.nft_ruleset(), fresh);
+    assert!(stderr(&run(&[])).contains("already in place"));
+
+    assert!(run(&["--cleanup-only"]).status.success());
+    assert_eq!(pod.nft_ruleset(), "", "cleanup left a table or set");
+}
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn five_thousand_cidrs_of_each_family_go_in_sets_and_read_back() {
+    require_netns!();
+    // Disjoint, non-adjacent prefixes: 10,000 ranges, 20,000 kernel elements over several
+    // element messages and dump parts.
+    let v4 = (0..5000).map(|i| format!("10.{}.{}.0/25", i / 256, i % 256));
+    let v6 = (0..5000).map(|i| format!("fd00:{i:x}::/64"));
+    let cidrs: Vec<String> = v4.chain(v6).collect();
+    let rules = ruleset(&CaptureConfig {
+        use_sets: true,
+        ipv6: true,
+        outbound_ranges: OutboundRanges::All,
+        outbound_ranges_exclude: parse_cidrs("-x", &cidrs.join(",")).unwrap(),
+        ..CaptureConfig::default()
+    });
+    let (pod, installed) = applied_as_its_script_loads(&rules);
+    assert_eq!(apply(&pod, &rules, false).unwrap(), Outcome::Unchanged);
+
+    // A big set's drift shows counts and the first few elements.
+    pod.sh("nft delete element inet istio-proxy-nat istio-out-cidrs-exclude-v6 \
+            '{ fd00::/64, fd00:1::/64, fd00:2::/64, fd00:3::/64, fd00:4::/64, fd00:5::/64, fd00:6::/64 }'");
+    let err = apply(&pod, &rules, false).unwrap_err();
+    let NftError::Drift { details } = &err else { panic!("expected drift, got {err}") };
+    let expected = "set differs: table inet istio-proxy-nat, set istio-out-cidrs-exclude-v6\n    \
+                    expected: 5000 elements\n    \
+                    found:    4993 elements; 7 missing: fd00::/64, fd00:1::/64, fd00:2::/64, fd00:3::/64, fd00:4::/64 and 2 more";
+    assert_eq!(details, &[expected.to_string()]);
+    assert_eq!(apply(&pod, &rules, true).unwrap(), Outcome::Reconciled);
+    assert_eq!(pod.nft_ruleset(), installed);
 }

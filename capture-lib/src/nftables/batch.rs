@@ -2,15 +2,19 @@
 //! each message remembered so a kernel error can name, in nft syntax, what it refused.
 
 use std::ffi::CString;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use nftnl::set::Set;
 use nftnl::{Batch, FinalizedBatch, MsgType, NlMsg, ProtoFamily};
 
-use super::expr::{add_terms, port_set_userdata, Port, PortSet};
-use super::raw::{describe_anonymous_set, NonRecursive, Unacknowledged, ANONYMOUS_SET};
-use super::render::{add_chain_line, add_rule_line, nft_family, ChainPlan, NftRule, TablePlan, Term};
+use super::expr::{
+    add_terms, named_set_userdata, open_interval_userdata, port_set_userdata, set_elements, Port, PortSet, RuleSets,
+};
+use super::raw::{add_element, describe_set, NonRecursive, Unacknowledged, ANONYMOUS_SET};
+use super::render::{add_chain_line, add_rule_line, add_set_line, nft_family, ChainPlan, NftRule, TablePlan, Term};
 use super::schema::{chain_name, table_name, ChainType, Hook};
 use crate::family::IpFamily;
+use crate::model::sets::{Set as PlannedSet, SetElements, SetList};
 use crate::model::{Chain, Table};
 
 /// What one message of the batch does. Described only when the kernel refuses it: the
@@ -23,6 +27,10 @@ pub(super) enum Message<'p> {
     AddRule(Table, Chain, &'p NftRule),
     /// The anonymous set (or its elements) a rule's port list needs.
     AddPortSet(Table, Chain, &'p NftRule),
+    /// A named set of the set form.
+    AddSet(Table, &'p PlannedSet),
+    /// Its elements (one message of those that carry them).
+    AddElements(Table, &'p PlannedSet),
     /// An empty table or chain of iptables-nft's (`family` is `ip` or `ip6`).
     DeleteEmpty {
         family: &'static str,
@@ -40,6 +48,14 @@ impl Message<'_> {
             Message::AddChain(table, chain) => add_chain_line(table, chain),
             Message::AddRule(table, chain, rule) => add_rule_line(table, chain, rule),
             Message::AddPortSet(table, chain, rule) => format!("{} (its port set)", add_rule_line(table, chain, rule)),
+            Message::AddSet(table, set) => add_set_line(table, set),
+            Message::AddElements(table, set) => {
+                let count = match &set.elements {
+                    SetElements::Ports(ports) => ports.len(),
+                    SetElements::Ranges(ranges) => ranges.len(),
+                };
+                format!("add element inet {} {} {{ .. }} (of its {count} elements)", table_name(table), set.list.name())
+            }
             Message::DeleteEmpty { family, table, chain: Some(chain) } => format!("delete chain {family} {table} {chain}"),
             Message::DeleteEmpty { family, table, chain: None } => format!("delete table {family} {table}"),
         }
@@ -105,11 +121,14 @@ impl<'p> TransactionBuilder<'p> {
     pub(super) fn create(&mut self, plan: &'p TablePlan) {
         let table = nftnl::Table::new(c_name(table_name(plan.table)), ProtoFamily::Inet);
         self.push(&table, MsgType::Add, Message::AddTable(plan.table));
+        // The sets, filled, before the rules that look them up.
+        let named: Vec<(SetList, u32)> =
+            plan.sets.iter().map(|set| (set.list, self.add_named_set(&table, plan.table, set))).collect();
         // Every chain exists before any rule, so jumps to later chains resolve.
         let chains: Vec<nftnl::Chain> = plan.chains.iter().map(|c| self.add_chain(&table, plan.table, c)).collect();
         for (chain_plan, chain) in plan.chains.iter().zip(&chains) {
             for rule in &chain_plan.rules {
-                self.add_rule(&table, chain, plan.table, chain_plan.chain, rule);
+                self.add_rule(&table, chain, (plan.table, chain_plan.chain), rule, &named);
             }
         }
     }
@@ -132,7 +151,15 @@ impl<'p> TransactionBuilder<'p> {
         chain
     }
 
-    fn add_rule(&mut self, table: &nftnl::Table, chain: &nftnl::Chain, owner: Table, in_chain: Chain, rule: &'p NftRule) {
+    /// `(owner, in_chain)`: where the rule goes; `named`: the sets of its table.
+    fn add_rule(
+        &mut self,
+        table: &nftnl::Table,
+        chain: &nftnl::Chain,
+        (owner, in_chain): (Table, Chain),
+        rule: &'p NftRule,
+        named: &[(SetList, u32)],
+    ) {
         let mut sets = Vec::new();
         for term in &rule.terms {
             if let Term::PortNotIn { proto, ports } = term {
@@ -143,7 +170,7 @@ impl<'p> TransactionBuilder<'p> {
             }
         }
         let mut nft_rule = nftnl::Rule::new(chain);
-        add_terms(&mut nft_rule, &rule.terms, &sets);
+        add_terms(&mut nft_rule, &rule.terms, &RuleSets { anonymous: &sets, named });
         self.push(&nft_rule, MsgType::Add, Message::AddRule(owner, in_chain, rule));
     }
 
@@ -153,10 +180,45 @@ impl<'p> TransactionBuilder<'p> {
         for &port in &port_set.ports {
             set.add(&Port(port));
         }
-        describe_anonymous_set(&set, port_set.ports.len() as u32, &port_set_userdata(port_set.proto));
-        self.push(&set, MsgType::Add, message);
+        describe_set(&set, None, Some(port_set.ports.len() as u32), &port_set_userdata(port_set.proto));
+        self.push_set(&set, message, message);
+    }
+
+    /// A named set and its elements, as nft creates one from `add set` and `add element`;
+    /// returns its id in the batch.
+    fn add_named_set(&mut self, table: &nftnl::Table, owner: Table, plan: &'p PlannedSet) -> u32 {
+        let id = self.next_set_id;
+        self.next_set_id += 1;
+        let name = c_name(plan.list.name());
+        match plan.list.family() {
+            Some(IpFamily::V4) => {
+                self.push_named_set(Set::<Ipv4Addr>::new_named(&name, id, table, ProtoFamily::Inet), owner, plan)
+            }
+            Some(IpFamily::V6) => {
+                self.push_named_set(Set::<Ipv6Addr>::new_named(&name, id, table, ProtoFamily::Inet), owner, plan)
+            }
+            None => self.push_named_set(Set::<Port>::new_named(&name, id, table, ProtoFamily::Inet), owner, plan),
+        }
+        id
+    }
+
+    fn push_named_set<K>(&mut self, mut set: Set<'_, K>, owner: Table, plan: &'p PlannedSet) {
+        let interval = plan.list.family().is_some();
+        let flags = if interval { libc::NFT_SET_INTERVAL as u32 } else { 0 };
+        describe_set(&set, Some(flags), None, &named_set_userdata());
+        let open = open_interval_userdata();
+        for element in set_elements(&plan.elements) {
+            add_element(&mut set, &element.key, element.flags, element.open.then_some(&open[..]));
+        }
+        self.push_set(&set, Message::AddSet(owner, plan), Message::AddElements(owner, plan));
+    }
+
+    /// The set, then its elements in as many messages as they need (an attribute holds at most
+    /// 64 KiB).
+    fn push_set<K>(&mut self, set: &Set<'_, K>, message: Message<'p>, elements_message: Message<'p>) {
+        self.push(set, MsgType::Add, message);
         for elements in set.elems_iter() {
-            self.push(&elements, MsgType::Add, message);
+            self.push(&elements, MsgType::Add, elements_message);
         }
     }
 

@@ -6,8 +6,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::raw::{Expr, ExprObject};
+use super::raw::{Expr, ExprObject, SetElement};
+use super::render::NftRange;
+use super::state::SetState;
 use crate::config::Cidr;
+use crate::model::sets::AddrRange;
 
 /// `NF_NAT_RANGE_MAP_IPS` and `NF_NAT_RANGE_PROTO_SPECIFIED`: the flags an address or port says.
 const NAT_RANGE_IMPLIED: u32 = 1 | 2;
@@ -38,15 +41,75 @@ struct Loaded {
     raw: Vec<String>,
 }
 
-/// The rule made of `exprs`; `sets` holds the elements of each set the rule looks up, in order
-/// (`None`: the set was not found).
-pub(super) fn decompile(exprs: &[ExprObject], sets: &[Option<Vec<Vec<u8>>>]) -> String {
+/// A set a rule looks up, as found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum LookedUp {
+    /// An anonymous set, shown by its elements (keys).
+    Elements(Vec<Vec<u8>>),
+    /// A named set, shown by its name.
+    Named(String),
+}
+
+/// The rule made of `exprs`; `sets` holds each set the rule looks up, in order (`None`: the
+/// set was not found).
+pub(super) fn decompile(exprs: &[ExprObject], sets: &[Option<LookedUp>]) -> String {
     let mut decompiler = Decompiler::default();
     let mut sets = sets.iter();
     for expr in exprs {
         decompiler.expr(expr, &mut sets);
     }
     decompiler.finish()
+}
+
+/// A named set's elements in nft syntax, as `nft list` prints them: ports; addresses; in an
+/// interval set, each interval from an element to the next interval end (or to the end of the
+/// address space) as one address, a prefix or a range. A key of another type shows in hex.
+pub(super) fn set_element_words(set: &SetState) -> Vec<String> {
+    let hex = |key: &[u8]| key.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let keys = || set.elements.iter().map(|e| e.key.as_slice());
+    match (set.key_type, set.key_len) {
+        (13, 2) => return keys().map(|k| port(k).map_or_else(|| hex(k), |p| p.to_string())).collect(),
+        (7, 4) | (8, 16) if set.is_interval() => {}
+        (7, 4) | (8, 16) => return keys().map(|k| address(k).map_or_else(|| hex(k), |a| a.to_string())).collect(),
+        _ => return keys().map(hex).collect(),
+    }
+    // At one key, an interval's end comes before the next one's start.
+    let mut elements: Vec<&SetElement> = set.elements.iter().collect();
+    elements.sort_by(|a, b| a.key.cmp(&b.key).then(b.flags.cmp(&a.flags)));
+    let mut words = Vec::new();
+    let mut start: Option<IpAddr> = None;
+    let mut close = |start: IpAddr, last: Option<IpAddr>| {
+        if let Some(last) = last {
+            words.push(NftRange(&AddrRange { first: start, last }).to_string());
+        }
+    };
+    for element in elements {
+        let Some(addr) = address(&element.key) else { continue };
+        let before = previous_address(addr);
+        if element.flags & libc::NFT_SET_ELEM_INTERVAL_END as u32 != 0 {
+            // An end with no interval open is nft's leading element at the zero address.
+            if let Some(open) = start.take() {
+                close(open, before);
+            }
+        } else if let Some(open) = start.replace(addr) {
+            close(open, before);
+        }
+    }
+    if let Some(open) = start {
+        let last = match open {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::BROADCAST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(u128::MAX)),
+        };
+        close(open, Some(last));
+    }
+    words
+}
+
+fn previous_address(addr: IpAddr) -> Option<IpAddr> {
+    match addr {
+        IpAddr::V4(a) => u32::from(a).checked_sub(1).map(|n| IpAddr::V4(n.into())),
+        IpAddr::V6(a) => u128::from(a).checked_sub(1).map(|n| IpAddr::V6(n.into())),
+    }
 }
 
 #[derive(Default)]
@@ -164,14 +227,14 @@ impl Decompiler {
         }
     }
 
-    fn expr<'s>(&mut self, expr: &ExprObject, sets: &mut impl Iterator<Item = &'s Option<Vec<Vec<u8>>>>) {
+    fn expr<'s>(&mut self, expr: &ExprObject, sets: &mut impl Iterator<Item = &'s Option<LookedUp>>) {
         match expr {
             ExprObject::Counter => self.terms.push("counter".to_string()),
             ExprObject::Lookup { sreg, flags, .. } => {
-                let elements = sets.next().and_then(Option::as_ref);
+                let set = sets.next().and_then(Option::as_ref);
                 let text = bracketed(&format!("lookup reg {sreg} flags {flags:#x}"));
                 let lhs = self.take(*sreg);
-                let term = lhs.as_ref().and_then(|lhs| self.membership(&lhs.value, *flags, elements?));
+                let term = lhs.as_ref().and_then(|lhs| self.membership(&lhs.value, *flags, set?));
                 self.write(term, lhs.into_iter().collect(), text);
             }
             ExprObject::Other { text, fields: None } => self.terms.push(bracketed(text)),
@@ -370,18 +433,30 @@ impl Decompiler {
         }
     }
 
+    /// `ip|ip6 saddr|daddr` and its width in bytes, for a load at `offset` of the network header.
+    fn address_field(&self, offset: u32) -> Option<(&'static str, usize)> {
+        let ipv4 = self.nfproto != Some(libc::NFPROTO_IPV6 as u8);
+        let ipv6 = self.nfproto != Some(libc::NFPROTO_IPV4 as u8);
+        Some(match offset {
+            12 if ipv4 => ("ip saddr", 4),
+            16 if ipv4 => ("ip daddr", 4),
+            8 if ipv6 => ("ip6 saddr", 16),
+            24 if ipv6 => ("ip6 daddr", 16),
+            _ => return None,
+        })
+    }
+
+    /// Drops nft's own `meta nfproto` check when it came right before an address match.
+    fn drop_nfproto_check(&mut self) {
+        if self.nfproto_term.is_some_and(|i| i + 1 == self.terms.len()) {
+            self.terms.pop();
+        }
+    }
+
     /// `ip|ip6 saddr|daddr [!=] ADDR/LEN`, from a load at `offset` of the network header
     /// (`data` the loaded bytes, `mask` the prefix's mask when it does not end on a byte).
     fn address_condition(&mut self, offset: u32, data: &[u8], mask: Option<&[u8]>, not: &str) -> Option<String> {
-        let ipv4 = self.nfproto != Some(libc::NFPROTO_IPV6 as u8);
-        let ipv6 = self.nfproto != Some(libc::NFPROTO_IPV4 as u8);
-        let (family, field, width) = match offset {
-            12 if ipv4 => ("ip", "saddr", 4),
-            16 if ipv4 => ("ip", "daddr", 4),
-            8 if ipv6 => ("ip6", "saddr", 16),
-            24 if ipv6 => ("ip6", "daddr", 16),
-            _ => return None,
-        };
+        let (field, width) = self.address_field(offset)?;
         if data.len() > width {
             return None;
         }
@@ -395,10 +470,8 @@ impl Decompiler {
         let cidr = Cidr::new(addr, u8::try_from(prefix).ok()?)?;
         // Host bits set would make the shown prefix say something else than the rule.
         (cidr.addr() == addr).then_some(())?;
-        if self.nfproto_term.is_some_and(|i| i + 1 == self.terms.len()) {
-            self.terms.pop();
-        }
-        Some(format!("{family} {field} {not}{cidr}"))
+        self.drop_nfproto_check();
+        Some(format!("{field} {not}{cidr}"))
     }
 
     fn port_field(&self, offset: u32) -> Option<String> {
@@ -415,19 +488,33 @@ impl Decompiler {
         Some(format!("{proto} {field}"))
     }
 
-    /// `lhs [!=] { a, b }`: a lookup of a port in a set.
-    fn membership(&self, lhs: &Value, flags: u32, elements: &[Vec<u8>]) -> Option<String> {
-        let Value::Payload { base, offset, len: 2 } = lhs else { return None };
-        (*base as i32 == libc::NFT_PAYLOAD_TRANSPORT_HEADER).then_some(())?;
-        let mut ports: Vec<u16> = elements.iter().map(|e| port(e)).collect::<Option<_>>()?;
-        ports.sort_unstable();
+    /// `lhs [!=] { a, b }` (a port in an anonymous set) or `lhs [!=] @NAME` (a port or a
+    /// destination in a named set).
+    fn membership(&mut self, lhs: &Value, flags: u32, set: &LookedUp) -> Option<String> {
+        let Value::Payload { base, offset, len } = *lhs else { return None };
         let not = match flags as i32 {
             0 => "",
             libc::NFT_LOOKUP_F_INV => "!= ",
             _ => return None,
         };
-        let list: Vec<String> = ports.iter().map(u16::to_string).collect();
-        Some(format!("{} {not}{{ {} }}", self.port_field(*offset)?, list.join(", ")))
+        match (set, base as i32, len) {
+            (LookedUp::Elements(elements), libc::NFT_PAYLOAD_TRANSPORT_HEADER, 2) => {
+                let mut ports: Vec<u16> = elements.iter().map(|e| port(e)).collect::<Option<_>>()?;
+                ports.sort_unstable();
+                let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+                Some(format!("{} {not}{{ {} }}", self.port_field(offset)?, list.join(", ")))
+            }
+            (LookedUp::Named(name), libc::NFT_PAYLOAD_TRANSPORT_HEADER, 2) => {
+                Some(format!("{} {not}@{name}", self.port_field(offset)?))
+            }
+            (LookedUp::Named(name), libc::NFT_PAYLOAD_NETWORK_HEADER, _) => {
+                let (field, width) = self.address_field(offset)?;
+                (len as usize == width).then_some(())?;
+                self.drop_nfproto_check();
+                Some(format!("{field} {not}@{name}"))
+            }
+            _ => None,
+        }
     }
 
     fn finish(mut self) -> String {
@@ -459,8 +546,9 @@ mod tests {
 
     use super::*;
     use crate::config::{parse_cidrs, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups};
+    use crate::model::sets::SetElements;
     use crate::model::{build, Dialect};
-    use crate::nftables::render::{plan, Term};
+    use crate::nftables::render::{plan, NftRange, Term};
     use crate::nftables::state::planned;
     use crate::settings::CaptureConfig;
 
@@ -507,6 +595,18 @@ mod tests {
         }
     }
 
+    /// Every list of [`every_other_form`] in the set form, REDIRECT: addresses and ports in
+    /// named sets.
+    fn set_form() -> CaptureConfig {
+        let cfg = every_other_form();
+        CaptureConfig {
+            use_sets: true,
+            mode: InterceptionMode::Redirect,
+            inbound_ports: InboundPorts::All { except: vec![15090, 15021] },
+            ..cfg
+        }
+    }
+
     /// Renders `cfg`, builds the batch, parses it back and decompiles every rule: each must
     /// read exactly as rendered. Returns the rendered terms, to see what was covered.
     fn assert_round_trip(cfg: &CaptureConfig) -> Vec<Term> {
@@ -536,10 +636,11 @@ mod tests {
 
     #[test]
     fn every_term_we_generate_reads_back_as_rendered() {
-        let terms: Vec<Term> = [istio_default(), istio_tproxy(), every_other_form()].iter().flat_map(assert_round_trip).collect();
+        let configs = [istio_default(), istio_tproxy(), every_other_form(), set_form()];
+        let terms: Vec<Term> = configs.iter().flat_map(assert_round_trip).collect();
         // Each kind of term, in each of its forms, was among them.
         let seen = |wanted: &dyn Fn(&Term) -> bool| terms.iter().any(wanted);
-        let forms: [(&str, TermTest); 24] = [
+        let forms: [(&str, TermTest); 27] = [
             ("iifname", &|t| matches!(t, Term::InInterface(_))),
             ("oifname", &|t| matches!(t, Term::OutInterface(_))),
             ("meta l4proto", &|t| matches!(t, Term::L4Proto(_))),
@@ -551,6 +652,9 @@ mod tests {
             ("sport", &|t| matches!(t, Term::Port { direction: super::super::render::Direction::Source, .. })),
             ("negated port", &|t| matches!(t, Term::Port { negated: true, .. })),
             ("port set", &|t| matches!(t, Term::PortNotIn { .. })),
+            ("ip address set", &|t| matches!(t, Term::AddressInSet { family: crate::family::IpFamily::V4, .. })),
+            ("ip6 address set", &|t| matches!(t, Term::AddressInSet { family: crate::family::IpFamily::V6, .. })),
+            ("named port set", &|t| matches!(t, Term::PortInSet { proto: Some(crate::model::Protocol::Udp), .. })),
             ("ct state", &|t| matches!(t, Term::CtState(_))),
             ("meta mark", &|t| matches!(t, Term::Mark { negated: false, .. })),
             ("meta mark !=", &|t| matches!(t, Term::Mark { negated: true, .. })),
@@ -568,6 +672,38 @@ mod tests {
         for (name, wanted) in forms {
             assert!(seen(wanted), "no {name} term was rendered");
         }
+    }
+
+    #[test]
+    fn named_sets_read_back_as_nft_prints_their_elements() {
+        let plan = plan(&build(&set_form(), Dialect::Nftables));
+        let read = planned(&plan);
+        let mut lists = Vec::new();
+        for table in &plan {
+            let read = &read[&table.table].sets;
+            assert_eq!(read.len(), table.sets.len());
+            for set in &table.sets {
+                let read = read.iter().find(|r| r.name == set.list.name()).unwrap();
+                let rendered: Vec<String> = match &set.elements {
+                    SetElements::Ports(ports) => ports.iter().map(u16::to_string).collect(),
+                    SetElements::Ranges(ranges) => ranges.iter().map(|r| NftRange(r).to_string()).collect(),
+                };
+                assert_eq!(read.words(), rendered, "{}", read.name);
+                lists.push(set.list);
+            }
+        }
+        assert_eq!(lists.len(), 7, "every list but the inbound ports included: {lists:?}");
+        // An interval end with no interval open (nft's leading element) shows nothing; two
+        // starts in a row are two intervals.
+        let element = |key: [u8; 4], flags: u32| SetElement { key: key.to_vec(), flags };
+        let set = SetState {
+            name: "x".into(),
+            key_type: 7,
+            key_len: 4,
+            flags: libc::NFT_SET_INTERVAL as u32,
+            elements: vec![element([0; 4], 1), element([10, 0, 0, 0], 0), element([10, 0, 0, 4], 0), element([10, 0, 0, 8], 1)],
+        };
+        assert_eq!(set.words(), ["10.0.0.0/30", "10.0.0.4/30"]);
     }
 
     fn other(fields: Expr) -> ExprObject {

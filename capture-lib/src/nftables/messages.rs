@@ -2,7 +2,7 @@
 //! batches, read back. The exchange itself is [`crate::netlink`]'s.
 
 use super::batch::Transaction;
-use super::raw::{self, ElementsObject, Object, ObjectKind, SetRef};
+use super::raw::{self, ElementsObject, Object, ObjectKind, SetElement, SetRef};
 use crate::family::IpFamily;
 use crate::netlink::{self, Header, NetlinkError, Protocol, Refusal, Socket};
 
@@ -16,6 +16,7 @@ const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
 const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_DATA_VALUE: u16 = 1;
 /// An attribute type without its nested / byte-order flags.
 const NLA_TYPE_MASK: u16 = 0x3fff;
@@ -70,13 +71,15 @@ fn elements(msg: &[u8]) -> Result<ElementsObject, NetlinkError> {
         (None, Some(name)) => SetRef::Name(c_string(name)),
         (None, None) => return Err(malformed()),
     };
-    let keys = attributes(attribute(attrs, NFTA_SET_ELEM_LIST_ELEMENTS).unwrap_or_default())
-        .filter_map(|(_, element)| attribute(element, NFTA_SET_ELEM_KEY))
-        .filter_map(|key| attribute(key, NFTA_DATA_VALUE))
-        .map(<[u8]>::to_vec)
+    let elements = attributes(attribute(attrs, NFTA_SET_ELEM_LIST_ELEMENTS).unwrap_or_default())
+        .filter_map(|(_, element)| {
+            let key = attribute(attribute(element, NFTA_SET_ELEM_KEY)?, NFTA_DATA_VALUE)?.to_vec();
+            let flags = attribute(element, NFTA_SET_ELEM_FLAGS).and_then(|f| f.try_into().ok()).map_or(0, u32::from_be_bytes);
+            Some(SetElement { key, flags })
+        })
         .collect();
     let table = attribute(attrs, NFTA_SET_ELEM_LIST_TABLE).map(c_string).unwrap_or_default();
-    Ok(ElementsObject { table, set, keys })
+    Ok(ElementsObject { table, set, elements })
 }
 
 /// Every message of a finished batch, begin and end markers included.

@@ -3,7 +3,9 @@
 //!
 //! Each model rule becomes one rule of an `inet` table (`istio-proxy-nat`, `-mangle`,
 //! `-raw`), compiled to the same bytecode `nft -f` makes of Istio's own rule text, so
-//! `nft list ruleset` prints exactly what Istio's tool leaves behind.
+//! `nft list ruleset` prints exactly what Istio's tool leaves behind. In the set form each
+//! list is a named set of the table of the rules that use it, created and filled in the same
+//! transaction, with the elements `nft -f` sends for it.
 //!
 //! A plan first reads our tables back and compares them with what it would send (both parsed
 //! and printed by libnftnl): equal means nothing is sent (unless forced); none of ours means a

@@ -1,12 +1,12 @@
 //! What we need from libnftnl beyond the `nftnl` crate's safe API: four expressions it lacks
-//! (`redir`, `tproxy`, `ct zone set`, inverted `lookup`), two attributes of anonymous sets,
-//! messages without the acknowledgement flag, and parsing nf_tables messages (the kernel's
-//! dumps and our own batch) into plain values, rule expressions included (their fields, for
-//! `decompile.rs`).
+//! (`redir`, `tproxy`, `ct zone set`, `lookup` of a set made in the same batch), the set
+//! attributes and interval elements nft sends, messages without the acknowledgement flag, and
+//! parsing nf_tables messages (the kernel's dumps and our own batch) into plain values, rule
+//! expressions included (their fields, for `decompile.rs`).
 //!
 //! This is the only module of the crate with `unsafe` code. Every libnftnl object made here
 //! is either handed over to the `nftnl` crate (an expression belongs to its rule from then
-//! on) or freed exactly once, on every path, by the `Owned` guard below.
+//! on, an element to its set) or freed exactly once, on every path, by the `Owned` guard below.
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, CStr};
@@ -86,37 +86,63 @@ impl Expression for CtZoneSet {
 /// The name nft gives an anonymous set; the kernel replaces `%d` with a free number.
 pub(super) const ANONYMOUS_SET: &CStr = c"__set%d";
 
-/// `!= @set`: register 1 is not in the anonymous set created earlier in the same batch
-/// with this id.
-pub(super) struct NotInSet {
+/// `[!=] @set`: register 1 is (not) in the set of this name created earlier in the same batch
+/// with this id (an anonymous set's name is [`ANONYMOUS_SET`], the kernel numbers it).
+pub(super) struct Lookup<'n> {
+    pub name: &'n CStr,
     pub set_id: u32,
+    pub inverted: bool,
 }
 
-impl Expression for NotInSet {
+impl Expression for Lookup<'_> {
     fn to_expr(&self, _rule: &Rule) -> NonNull<sys::nftnl_expr> {
-        let expr = expr_with(
-            c"lookup",
-            &[
-                (sys::NFTNL_EXPR_LOOKUP_SREG, Register::Reg1.to_raw()),
-                (sys::NFTNL_EXPR_LOOKUP_SET_ID, self.set_id),
-                (sys::NFTNL_EXPR_LOOKUP_FLAGS, libc::NFT_LOOKUP_F_INV as u32),
-            ],
-        );
+        let mut attrs =
+            vec![(sys::NFTNL_EXPR_LOOKUP_SREG, Register::Reg1.to_raw()), (sys::NFTNL_EXPR_LOOKUP_SET_ID, self.set_id)];
+        // nft sends the flags only to invert.
+        if self.inverted {
+            attrs.push((sys::NFTNL_EXPR_LOOKUP_FLAGS, libc::NFT_LOOKUP_F_INV as u32));
+        }
+        let expr = expr_with(c"lookup", &attrs);
         // SAFETY: `expr` is live; libnftnl copies the NUL-terminated name.
-        unsafe { sys::nftnl_expr_set_str(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET as u16, ANONYMOUS_SET.as_ptr()) };
+        unsafe { sys::nftnl_expr_set_str(expr.as_ptr(), sys::NFTNL_EXPR_LOOKUP_SET as u16, self.name.as_ptr()) };
         expr
     }
 }
 
-/// The two attributes nft gives an anonymous set that `nftnl::set::Set` cannot: the number
-/// of elements (the kernel sizes the set by it) and the user data nft reads back to print it.
-pub(super) fn describe_anonymous_set<K>(set: &Set<'_, K>, size: u32, userdata: &[u8]) {
+/// What nft gives a set beyond what `nftnl::set::Set` sets: its flags (a named set's: interval
+/// or none), the number of elements (an anonymous set's: the kernel sizes it by that), and the
+/// user data nft reads back to print it.
+pub(super) fn describe_set<K>(set: &Set<'_, K>, flags: Option<u32>, size: Option<u32>, userdata: &[u8]) {
     let set = set.as_ptr().as_ptr();
     // SAFETY: `set` is owned by the live `Set` borrowed for this call; libnftnl copies the
     // `userdata.len()` bytes it is given.
     unsafe {
-        sys::nftnl_set_set_u32(set, sys::NFTNL_SET_DESC_SIZE as u16, size);
+        if let Some(flags) = flags {
+            sys::nftnl_set_set_u32(set, sys::NFTNL_SET_FLAGS as u16, flags);
+        }
+        if let Some(size) = size {
+            sys::nftnl_set_set_u32(set, sys::NFTNL_SET_DESC_SIZE as u16, size);
+        }
         sys::nftnl_set_set_data(set, sys::NFTNL_SET_USERDATA as u16, userdata.as_ptr().cast(), userdata.len() as u32);
+    }
+}
+
+/// Adds an element to the set's list (sent by `Set::elems_iter`): its key, its flags (an
+/// interval's end) and its user data (`None`: none), as nft builds interval elements, which
+/// `Set::add` cannot.
+pub(super) fn add_element<K>(set: &mut Set<'_, K>, key: &[u8], flags: u32, userdata: Option<&[u8]>) {
+    // SAFETY: the allocator returns NULL or a new element, which `nftnl_set_elem_add` below
+    // hands to the set (it frees it with itself); the setters copy `key` and `userdata`.
+    unsafe {
+        let elem = NonNull::new(sys::nftnl_set_elem_alloc()).expect("libnftnl: out of memory").as_ptr();
+        sys::nftnl_set_elem_set(elem, sys::NFTNL_SET_ELEM_KEY as u16, key.as_ptr().cast(), key.len() as u32);
+        if flags != 0 {
+            sys::nftnl_set_elem_set_u32(elem, sys::NFTNL_SET_ELEM_FLAGS as u16, flags);
+        }
+        if let Some(data) = userdata {
+            sys::nftnl_set_elem_set(elem, sys::NFTNL_SET_ELEM_USERDATA as u16, data.as_ptr().cast(), data.len() as u32);
+        }
+        sys::nftnl_set_elem_add(set.as_ptr().as_ptr(), elem);
     }
 }
 
@@ -281,17 +307,27 @@ pub(super) struct RuleObject {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct SetObject {
     pub table: String,
+    /// How lookups and element lists name it (our batch: by id).
     pub set: SetRef,
+    /// Its name (an anonymous set's, in our batch, is [`ANONYMOUS_SET`]).
+    pub name: String,
     pub flags: u32,
     pub key_type: u32,
     pub key_len: u32,
+}
+
+/// One element: its key and flags (`NFT_SET_ELEM_INTERVAL_END` ends an interval).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) struct SetElement {
+    pub key: Vec<u8>,
+    pub flags: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct ElementsObject {
     pub table: String,
     pub set: SetRef,
-    pub keys: Vec<Vec<u8>>,
+    pub elements: Vec<SetElement>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -585,6 +621,7 @@ unsafe fn parse_set(nlh: *const libc::nlmsghdr) -> Option<SetObject> {
         Some(SetObject {
             table: string(sys::nftnl_set_get_str(s, sys::NFTNL_SET_TABLE as u16)),
             set: set_ref(s),
+            name: string(sys::nftnl_set_get_str(s, sys::NFTNL_SET_NAME as u16)),
             flags: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_FLAGS as u16),
             key_type: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_KEY_TYPE as u16),
             key_len: sys::nftnl_set_get_u32(s, sys::NFTNL_SET_KEY_LEN as u16),

@@ -14,12 +14,15 @@ use std::fmt::{self, Write};
 use super::schema::{base_chain, chain_name, chain_rank, table_name, BaseChain, TABLE_ORDER};
 use crate::config::Cidr;
 use crate::family::IpFamily;
+use crate::model::sets::{AddrRange, Set, SetElements, SetList};
 use crate::model::{Action, Chain, CtState, Match, OwnerKind, Protocol, Rule, Ruleset, Table};
 
-/// One of our tables with its chains in creation order; only chains that hold rules exist.
+/// One of our tables with its named sets (set form) and its chains in creation order; only
+/// chains that hold rules exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct TablePlan {
     pub table: Table,
+    pub sets: Vec<Set>,
     pub chains: Vec<ChainPlan>,
 }
 
@@ -63,6 +66,16 @@ pub(super) enum Term {
     PortNotIn {
         proto: Option<Protocol>,
         ports: Vec<u16>,
+    },
+    /// `ip|ip6 daddr @NAME`: the destination is in a named set of this table.
+    AddressInSet {
+        family: IpFamily,
+        list: SetList,
+    },
+    /// `tcp|udp dport @NAME`
+    PortInSet {
+        proto: Option<Protocol>,
+        list: SetList,
     },
     CtState(CtState),
     Mark {
@@ -113,7 +126,8 @@ pub(super) fn plan(ruleset: &Ruleset) -> Vec<TablePlan> {
                     rules: c.rules.iter().map(|r| nft_rule(r)).collect(),
                 })
                 .collect();
-            Some(TablePlan { table, chains })
+            let sets = ruleset.sets.iter().filter(|s| s.table == table).cloned().collect();
+            Some(TablePlan { table, sets, chains })
         })
         .collect()
 }
@@ -140,9 +154,9 @@ impl Style {
         let kind = match term {
             Term::InInterface(_) | Term::OutInterface(_) => 0,
             Term::L4Proto(_) => 1,
-            Term::Address { .. } => 2,
+            Term::Address { .. } | Term::AddressInSet { .. } => 2,
             Term::CtState(_) => 3,
-            Term::Port { .. } | Term::PortNotIn { .. } => 4,
+            Term::Port { .. } | Term::PortNotIn { .. } | Term::PortInSet { .. } => 4,
             Term::Mark { .. } | Term::ConnMark(_) => 5,
             _ => 6,
         };
@@ -183,7 +197,10 @@ fn condition(m: &Match, proto: Option<Protocol>) -> Term {
         }
         Match::SourcePort(port) => Term::Port { proto, direction: Direction::Source, port: *port, negated: false },
         Match::DestPortNotIn(ports) => Term::PortNotIn { proto, ports: ports.clone() },
-        Match::DestinationInSet(_) | Match::DestPortInSet(_) => todo!("nftables named sets (set form)"),
+        Match::DestinationInSet(list) => {
+            Term::AddressInSet { family: list.family().expect("an address list has a family"), list: *list }
+        }
+        Match::DestPortInSet(list) => Term::PortInSet { proto, list: *list },
         Match::Owner { kind, id, negated } => Term::Owner { kind: *kind, id: *id, negated: *negated },
         Match::Mark { mark, negated } => Term::Mark { mark: *mark, negated: *negated },
         Match::ConnMark(mark) => Term::ConnMark(*mark),
@@ -261,6 +278,8 @@ impl fmt::Display for Term {
                 let list: Vec<String> = ports.iter().map(u16::to_string).collect();
                 write!(f, "{} dport != {{ {} }}", proto_name(*proto), list.join(", "))
             }
+            Term::AddressInSet { family, list } => write!(f, "{} daddr @{}", nft_family(*family), list.name()),
+            Term::PortInSet { proto, list } => write!(f, "{} dport @{}", proto_name(*proto), list.name()),
             Term::CtState(CtState::Invalid) => f.write_str("ct state invalid"),
             Term::CtState(CtState::RelatedEstablished) => f.write_str("ct state related,established"),
             Term::Mark { mark, negated } => write!(f, "meta mark {}{mark}", not(*negated)),
@@ -328,12 +347,80 @@ fn write_rule_line(out: &mut impl fmt::Write, table: Table, chain: Chain, rule: 
     write!(out, "add rule inet {} {} {rule}", table_name(table), chain_name(chain))
 }
 
-/// The script of a fresh install: the same tables, chains and rules, in the same order, as
-/// the netlink batch `apply` sends to a namespace holding nothing of ours.
+/// A named set's type and flags in nft's words: addresses are interval sets (a range or a
+/// prefix is one element), ports a plain set.
+pub(super) fn set_type(list: SetList) -> &'static str {
+    match list.family() {
+        Some(IpFamily::V4) => "type ipv4_addr; flags interval;",
+        Some(IpFamily::V6) => "type ipv6_addr; flags interval;",
+        None => "type inet_service;",
+    }
+}
+
+/// `add set inet T NAME { type ..; flags ..; }`
+pub(super) fn add_set_line(table: Table, set: &Set) -> String {
+    format!("add set inet {} {} {{ {} }}", table_name(table), set.list.name(), set_type(set.list))
+}
+
+/// `add element inet T NAME { a, b, .. }`, the elements written as nft prints them.
+fn write_element_line(out: &mut impl fmt::Write, table: Table, set: &Set) -> fmt::Result {
+    write!(out, "add element inet {} {} {{ ", table_name(table), set.list.name())?;
+    match &set.elements {
+        SetElements::Ports(ports) => write_list(out, ports.iter()),
+        SetElements::Ranges(ranges) => write_list(out, ranges.iter().map(NftRange)),
+    }?;
+    out.write_str(" }")
+}
+
+fn write_list<T: fmt::Display>(out: &mut impl fmt::Write, items: impl Iterator<Item = T>) -> fmt::Result {
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            out.write_str(", ")?;
+        }
+        write!(out, "{item}")?;
+    }
+    Ok(())
+}
+
+/// An address range as nft prints a set element: `A` for one address, `A/N` for a prefix,
+/// `A-B` for any other range.
+pub(super) struct NftRange<'r>(pub &'r AddrRange);
+
+impl fmt::Display for NftRange<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let AddrRange { first, last } = *self.0;
+        let number = |addr: std::net::IpAddr| match addr {
+            std::net::IpAddr::V4(a) => u128::from(u32::from(a)),
+            std::net::IpAddr::V6(a) => u128::from(a),
+        };
+        let (low, high) = (number(first), number(last));
+        let width = if first.is_ipv4() { 32 } else { 128 };
+        // The range is one prefix when its size is a power of two and `first` is aligned to it
+        // (the whole space included, whose size overflows).
+        let host_bits =
+            (high - low).checked_add(1).map_or(128, |size| if size.is_power_of_two() { size.trailing_zeros() } else { 129 });
+        if first == last {
+            write!(f, "{first}")
+        } else if host_bits <= width && low.trailing_zeros() >= host_bits {
+            write!(f, "{first}/{}", width - host_bits)
+        } else {
+            write!(f, "{first}-{last}")
+        }
+    }
+}
+
+/// The script of a fresh install: the same tables, sets, chains and rules, in the same order,
+/// as the netlink batch `apply` sends to a namespace holding nothing of ours.
 pub(super) fn script(plan: &[TablePlan]) -> String {
     let mut out = String::with_capacity(8192);
     for table in plan {
         let _ = writeln!(out, "add table inet {}", table_name(table.table));
+        for set in &table.sets {
+            out += &add_set_line(table.table, set);
+            out.push('\n');
+            let _ = write_element_line(&mut out, table.table, set);
+            out.push('\n');
+        }
         for chain in &table.chains {
             let _ = write_chain_line(&mut out, table.table, chain);
             out.push('\n');
@@ -427,5 +514,56 @@ add chain inet istio-proxy-nat istio-output
         let inbound: Vec<&str> = text.lines().filter(|l| l.starts_with(&format!("{m} istio-inbound "))).collect();
         assert_eq!(inbound[0], format!("{m} istio-inbound meta l4proto tcp meta mark 1337 counter return"));
         assert!(inbound[1].contains("ip6 saddr ::6/128"), "{inbound:?}");
+    }
+
+    #[test]
+    fn the_set_form_declares_and_fills_each_set_before_the_chains() {
+        let cfg = CaptureConfig {
+            use_sets: true,
+            outbound_ranges: OutboundRanges::All,
+            outbound_ranges_exclude: parse_cidrs("-x", "10.96.0.0/12,1.2.3.4/30,1.2.3.8/31,192.168.1.1/32,fd00::/8").unwrap(),
+            outbound_ports_exclude: vec![5432, 53],
+            ..CaptureConfig::default()
+        };
+        let text = script_of(&cfg);
+        let head: Vec<&str> = text.lines().take(6).collect();
+        assert_eq!(
+            head,
+            [
+                "add table inet istio-proxy-nat",
+                "add set inet istio-proxy-nat istio-out-ports-exclude { type inet_service; }",
+                "add element inet istio-proxy-nat istio-out-ports-exclude { 53, 5432 }",
+                "add set inet istio-proxy-nat istio-out-cidrs-exclude-v4 { type ipv4_addr; flags interval; }",
+                "add element inet istio-proxy-nat istio-out-cidrs-exclude-v4 { 1.2.3.4-1.2.3.9, 10.96.0.0/12, 192.168.1.1 }",
+                "add chain inet istio-proxy-nat output { type nat hook output priority -100 ; }",
+            ]
+        );
+        // IPv6 is not programmed: no set of that family.
+        assert!(!text.contains("-v6"), "{text}");
+        let n = "add rule inet istio-proxy-nat istio-output";
+        for rule in [
+            format!("{n} meta l4proto tcp tcp dport @istio-out-ports-exclude counter return"),
+            format!("{n} meta l4proto udp udp dport @istio-out-ports-exclude counter return"),
+            format!("{n} ip daddr @istio-out-cidrs-exclude-v4 counter return"),
+        ] {
+            assert!(text.contains(&format!("{rule}\n")), "{rule} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn ranges_print_as_nft_prints_set_elements() {
+        let shown = |first: &str, last: &str| {
+            NftRange(&AddrRange { first: first.parse().unwrap(), last: last.parse().unwrap() }).to_string()
+        };
+        assert_eq!(shown("10.0.0.1", "10.0.0.1"), "10.0.0.1");
+        assert_eq!(shown("10.0.0.0", "10.0.1.255"), "10.0.0.0/23");
+        assert_eq!(shown("10.0.0.1", "10.0.0.2"), "10.0.0.1-10.0.0.2");
+        assert_eq!(shown("10.0.0.0", "10.0.2.255"), "10.0.0.0-10.0.2.255");
+        assert_eq!(shown("0.0.0.0", "255.255.255.255"), "0.0.0.0/0");
+        assert_eq!(shown("240.0.0.0", "255.255.255.255"), "240.0.0.0/4");
+        assert_eq!(shown("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), "::/0");
+        assert_eq!(shown("::1", "::1"), "::1");
+        assert_eq!(shown("fd00::", "fdff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"), "fd00::/8");
+        assert_eq!(shown("fd00::1", "fd00::2"), "fd00::1-fd00::2");
     }
 }
