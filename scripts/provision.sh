@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   iptables nftables iproute2 util-linux iputils-ping  # what the tools program and the tests use
+  ipset                                                # the set-form tests check the kernel's ip sets with it
   libnftnl-dev libmnl-dev pkg-config gcc g++           # build: nftnl/mnl link libnftnl and libmnl; g++ for libFuzzer
   python3 python3-pip ca-certificates curl
   containernetworking-plugins                          # the CNI tests chain after the real bridge + host-local

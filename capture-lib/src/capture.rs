@@ -153,6 +153,8 @@ pub enum Sent {
     IptablesRestore { program: String, input: String },
     /// The nf_tables batch, as the nft script that makes the same change (`nft -f`).
     Nftables { script: String },
+    /// Changes to the kernel's ip sets, as the `ipset restore` input that makes them.
+    IpSets { script: String },
     /// The routing entries this run added, as `ip` commands.
     Routing { commands: Vec<String> },
 }
@@ -183,7 +185,7 @@ impl CaptureError {
     pub fn needs_reconcile(&self) -> bool {
         matches!(
             self,
-            CaptureError::Iptables(IptablesError::Drift { .. })
+            CaptureError::Iptables(IptablesError::Drift { .. } | IptablesError::SetDrift { .. })
                 | CaptureError::Nftables(NftError::Drift { .. })
                 | CaptureError::OtherBackend { .. }
         )

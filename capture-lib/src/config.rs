@@ -152,7 +152,7 @@ pub enum DnsCapture {
 }
 
 /// An address prefix, stored with its host bits cleared (as the kernel keeps it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Cidr {
     addr: IpAddr,
     prefix: u8,

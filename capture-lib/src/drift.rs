@@ -1,6 +1,7 @@
 //! How the capture found in a namespace differs from the one requested, in one shape for both
-//! backends: the kind of difference, its place (table, chain, position), and the expected and
-//! the found, each in its backend's own language (iptables-save lines, nft rules).
+//! backends: the kind of difference, its place (table, chain, position, or set), and the
+//! expected and the found, each in its backend's own language (iptables-save lines, nft
+//! rules, ip set members).
 
 use std::fmt;
 

@@ -14,6 +14,7 @@ pub mod capture;
 pub mod config;
 pub mod drift;
 pub mod family;
+pub mod ipset;
 pub mod iptables;
 pub mod log_level;
 pub mod model;

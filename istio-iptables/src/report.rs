@@ -86,6 +86,7 @@ pub fn log_report(log: &Logger, report: &Report) {
                 log.info(&format!("Running iptables restore with: {program} and the following input:\n{}", input.trim_end()))
             }
             Sent::Nftables { script } => log.info(&format!("nftables rules programmed:\n{}", script.trim_end())),
+            Sent::IpSets { script } => log.info(&format!("ip sets programmed (as ipset restore input):\n{}", script.trim_end())),
             Sent::Routing { commands } => log.info(&format!("Added the routing the capture relies on:\n{}", commands.join("\n"))),
         }
     }

@@ -297,6 +297,46 @@ pub fn process_running(pid: u32) -> bool {
         .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
 }
 
+/// Fault injection for the IPv6 half of a restore: a directory to put first on `PATH`, whose
+/// `ip6tables-nft-restore` refuses any `--noflush` input as a kernel without ip6table_nat
+/// would (and runs the real one otherwise). Removed on drop.
+pub struct RefusingIp6tablesRestore {
+    dir: PathBuf,
+}
+
+impl RefusingIp6tablesRestore {
+    pub fn new() -> RefusingIp6tablesRestore {
+        let dir = std::env::temp_dir().join(unique("capt"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let real = run_ok(Command::new("sh").args(["-c", "command -v ip6tables-nft-restore"])).stdout;
+        let script = format!(
+            "#!/bin/sh\ncase \"$*\" in *--noflush*) cat >/dev/null; echo 'ip6tables-restore: line 2 failed: unable to initialize \
+             table' >&2; exit 1;; esac\nexec {} \"$@\"\n",
+            String::from_utf8(real).unwrap().trim()
+        );
+        std::fs::write(dir.join("ip6tables-nft-restore"), script).unwrap();
+        run_ok(Command::new("chmod").arg("+x").arg(dir.join("ip6tables-nft-restore")));
+        RefusingIp6tablesRestore { dir }
+    }
+
+    /// `PATH` with the refusing program first.
+    pub fn path(&self) -> String {
+        format!("{}:{}", self.dir.display(), std::env::var("PATH").unwrap_or_default())
+    }
+}
+
+impl Default for RefusingIp6tablesRestore {
+    fn default() -> Self {
+        RefusingIp6tablesRestore::new()
+    }
+}
+
+impl Drop for RefusingIp6tablesRestore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Runs a command and panics with its output when it fails.
 /// The release `istio-iptables` run in `pod` with `args` and `env`, as a node agent would
 /// (`ISTIO_OUTBOUND_OWNER_GROUPS` from the test's own environment never leaks in).

@@ -2,7 +2,9 @@
 
 use std::process::Output;
 
-use capture_tests::{istio_iptables as tool, release_bin, require_netns, run_ok, stderr, Pod, SEED_ARGS as SEED};
+use capture_tests::{
+    istio_iptables as tool, release_bin, require_netns, run_ok, stderr, Pod, RefusingIp6tablesRestore, SEED_ARGS as SEED,
+};
 
 /// `nsenter -t PID -n iptables -t nat -S`, as a node agent would look (with the nft variant
 /// named, since the tool picks it in a fresh namespace even where plain iptables is legacy).
@@ -246,31 +248,13 @@ fn a_refused_ipv6_half_rolls_back_the_ipv4_half() {
     let pod = Pod::with_address("fd00:44::5/64");
     pod.sh("iptables-nft -t nat -A OUTPUT -p tcp --dport 123 -j ACCEPT");
     let before = pod.iptables_save(false);
-    // Fault injection: an ip6tables-nft-restore that refuses any --noflush input, as a kernel
-    // without ip6table_nat would; the IPv4 half is real and must be undone.
-    let dir = tempdir();
-    let real =
-        String::from_utf8(run_ok(std::process::Command::new("sh").args(["-c", "command -v ip6tables-nft-restore"])).stdout)
-            .unwrap();
-    std::fs::write(
-        dir.join("ip6tables-nft-restore"),
-        format!("#!/bin/sh\ncase \"$*\" in *--noflush*) cat >/dev/null; echo 'ip6tables-restore: line 2 failed: unable to initialize table' >&2; exit 1;; esac\nexec {} \"$@\"\n", real.trim()),
-    )
-    .unwrap();
-    run_ok(std::process::Command::new("chmod").arg("+x").arg(dir.join("ip6tables-nft-restore")));
-    let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap());
-    let out = pod.cmd(release_bin("istio-iptables")).args(SEED).env("PATH", path).output().unwrap();
+    // Fault injection: the IPv6 restore is refused; the IPv4 half is real and must be undone.
+    let refusing = RefusingIp6tablesRestore::new();
+    let out = pod.cmd(release_bin("istio-iptables")).args(SEED).env("PATH", refusing.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains("rolled back"), "{}", stderr(&out));
     assert!(stderr(&out).contains("modprobe"), "the hint names the fix: {}", stderr(&out));
     assert_eq!(pod.iptables_save(false), before, "IPv4 restored exactly, foreign rule included");
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(capture_tests::unique("capt"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 #[test]

@@ -179,7 +179,7 @@ fn restore_error(program: &str, payload: &str, stderr: &str) -> IptablesError {
     {
         Some(format!(
             "the kernel lacks a netfilter module; load it on the node (e.g. `modprobe iptable_nat iptable_mangle \
-             iptable_raw xt_owner xt_REDIRECT xt_TPROXY xt_conntrack xt_mark xt_connmark xt_CT xt_multiport`) or use \
+             iptable_raw xt_owner xt_REDIRECT xt_TPROXY xt_conntrack xt_mark xt_connmark xt_CT xt_multiport xt_set`) or use \
              native nftables ({})",
             Setting::NativeNftables.known_as()
         ))

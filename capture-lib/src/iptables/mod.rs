@@ -8,6 +8,7 @@
 
 mod exec;
 mod render;
+mod sets;
 mod shapes;
 mod state;
 
@@ -26,6 +27,7 @@ use state::{jump_target, parse_save, SaveState, TableState};
 use crate::capture::{CaptureError, Operation, RuleBackend, RulePlan, Sent};
 use crate::drift::{chain_rule_differences, count, Difference, Kind};
 use crate::family::IpFamily;
+use crate::ipset::IpsetError;
 use crate::model::{Dialect, Position, Ruleset};
 use crate::settings::Setting;
 use crate::Outcome;
@@ -55,6 +57,17 @@ pub enum IptablesError {
     NothingChanged { source: Box<IptablesError> },
     #[error("the {family} rules are in place, but removing the tables left empty failed: {source}")]
     Prune { family: IpFamily, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error(transparent)]
+    Ipset(#[from] IpsetError),
+    #[error("the capture's ip sets in this namespace differ from the requested ones:\n  {}", details.join("\n  "))]
+    SetDrift { details: Vec<String> },
+    #[error(
+        "ip set {set} is {found}, where the capture needs {wanted}; the kernel swaps only sets of one kind, and a rule \
+         matches this one: remove it (a cleanup run removes the capture with its sets), then run again"
+    )]
+    SetKind { set: String, found: String, wanted: String },
+    #[error("{}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    SetsLeft { errors: Vec<IpsetError> },
 }
 
 /// How to reach iptables.
@@ -105,11 +118,13 @@ impl Step {
     }
 }
 
-/// What [`Iptables::plan`] decided: a restore per family that changes anything.
+/// What [`Iptables::plan`] decided: a restore per family that changes anything, and the ip
+/// sets the rules match, made before the restores and removed after them.
 #[derive(Debug)]
 struct Plan {
     backend: Iptables,
     steps: Vec<Step>,
+    sets: sets::SetPlan,
     outcome: Outcome,
     /// What was read and decided, per family, for a debug log.
     families: Vec<FamilyPlan>,
@@ -160,14 +175,19 @@ impl RuleBackend for Iptables {
             let current = parse_save(&self.binaries(family).save()?);
             out.extend(Desired::new(ruleset, family).drift(&current, family).iter().map(ToString::to_string));
         }
+        let wanted = sets::wanted(ruleset);
+        let found = sets::read(!wanted.is_empty()).map_err(IptablesError::Ipset)?;
+        out.extend(sets::differences(&wanted, &found).iter().map(ToString::to_string));
         Ok(out)
     }
 
-    /// No table of either variant or family: reads two files and asks nf_tables twice.
+    /// No table of either variant or family, and no ip set of ours: reads two files, asks
+    /// nf_tables twice and lists the ip sets' names.
     fn holds_nothing(&self) -> bool {
         IpFamily::ALL
             .into_iter()
             .all(|family| exec::legacy_holds_tables(family) == Some(false) && self.nf_tables.holds_tables(family) == Some(false))
+            && sets::holds_none()
     }
 
     fn unavailable(&self, error: &CaptureError) -> Option<String> {
@@ -217,7 +237,19 @@ impl Iptables {
             }
             planned.push(FamilyPlan { family, read_with, state: current, decision: decided.why });
         }
-        Ok(Plan { backend: *self, steps, outcome, families: planned })
+        let sets = self.plan_sets(ruleset, op)?;
+        outcome = strongest(outcome, sets.outcome);
+        Ok(Plan { backend: *self, steps, sets, outcome, families: planned })
+    }
+
+    /// The ip sets' part of the plan. A cleanup that cannot read them still removes the rules.
+    fn plan_sets(&self, ruleset: &Ruleset, op: Operation) -> Result<sets::SetPlan, IptablesError> {
+        let wanted = if op == Operation::Cleanup { Vec::new() } else { sets::wanted(ruleset) };
+        match sets::read(!wanted.is_empty()) {
+            Ok(found) => sets::decide(&wanted, found, op),
+            Err(e) if op == Operation::Cleanup => Ok(sets::unreadable(e)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Each family's current state, read concurrently (two processes at most, none for a family
@@ -321,30 +353,43 @@ impl RulePlan for Plan {
         Ok(self.execute()?)
     }
 
-    /// Puts every table the plan touches back as it was before the plan was made.
+    /// Puts every table the plan touches back as it was before the plan was made, and the ip
+    /// sets: those the old rules match first, those only the new rules matched after.
     fn undo(&self) -> Result<(), CaptureError> {
-        Ok(undo_steps(&self.steps.iter().collect::<Vec<_>>(), self.backend.lock_wait)?)
+        self.sets.undo_before_rules().map_err(IptablesError::Ipset)?;
+        undo_steps(&self.steps.iter().collect::<Vec<_>>(), self.backend.lock_wait)?;
+        Ok(self.sets.undo_after_rules().map_err(IptablesError::Ipset)?)
     }
 
+    /// The ip sets made before the restores, the restores, the ip sets removed after them.
     fn sent(&self) -> Vec<Sent> {
+        let sets = |before| Some(self.sets.script(before)).filter(|s| !s.is_empty()).map(|script| Sent::IpSets { script });
         let restore = |step: &Step| Sent::IptablesRestore { program: step.bins.restore.clone(), input: step.payload.clone() };
-        self.steps.iter().map(restore).collect()
+        sets(true).into_iter().chain(self.steps.iter().map(restore)).chain(sets(false)).collect()
     }
 
-    /// The restores the plan would run.
+    /// The ip set changes (as `ipset restore` input) and the restores the plan would run.
     fn describe(&self) -> String {
         let mut text = String::new();
+        let before = self.sets.script(true);
+        if !before.is_empty() {
+            let _ = write!(text, "# ip sets, before the restores (ipset restore)\n{before}\n");
+        }
         if self.steps.is_empty() {
             text.push_str("# nothing to change in the rules: they are already as requested\n");
         }
         for step in &self.steps {
             let _ = writeln!(text, "# {}\n{}", step.command(), step.payload);
         }
+        let after = self.sets.script(false);
+        if !after.is_empty() {
+            let _ = write!(text, "# ip sets, after the restores (ipset restore)\n{after}\n");
+        }
         text
     }
 
     fn trace(&self) -> Vec<String> {
-        self.families.iter().map(FamilyPlan::describe).collect()
+        self.families.iter().map(FamilyPlan::describe).chain([self.sets.describe()]).collect()
     }
 }
 
@@ -354,6 +399,8 @@ impl Plan {
         if let Err(e) = self.steps.iter().try_for_each(|step| step.bins.check_lock()) {
             return Err(IptablesError::NothingChanged { source: Box::new(e) });
         }
+        // The sets the new rules match exist, filled, before any restore.
+        self.sets.prepare()?;
         let results: Vec<Result<(), IptablesError>> = std::thread::scope(|scope| {
             let restores: Vec<_> =
                 self.steps.iter().map(|step| scope.spawn(move || step.bins.restore(&step.payload, true, lock_wait))).collect();
@@ -373,14 +420,16 @@ impl Plan {
             }
         }
         let Some(err) = failure else {
-            // Every restore is in: what they emptied goes now (a failure here undoes nothing).
+            // Every restore is in: the sets no rule matches any more and what the restores
+            // emptied go now (a failure here undoes nothing).
+            let sets_finished = self.sets.finish();
             self.steps.iter().try_for_each(|step| step.bins.prune(self.backend.nf_tables, &step.emptied))?;
+            sets_finished?;
             return Ok(self.outcome);
         };
-        if touched.is_empty() {
-            return Err(IptablesError::NothingChanged { source: Box::new(err) });
-        }
-        Err(match undo_steps(&touched, lock_wait) {
+        let rolled_back = undo_steps(&touched, lock_wait).and_then(|()| Ok(self.sets.take_back()?));
+        Err(match rolled_back {
+            Ok(()) if touched.is_empty() => IptablesError::NothingChanged { source: Box::new(err) },
             Ok(()) => IptablesError::RolledBack { source: Box::new(err) },
             Err(rollback) => IptablesError::RollbackFailed { source: Box::new(err), rollback: Box::new(rollback) },
         })

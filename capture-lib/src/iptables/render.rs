@@ -170,6 +170,28 @@ mod tests {
     }
 
     #[test]
+    fn set_matches_render_as_iptables_save_prints_them() {
+        let cfg = CaptureConfig {
+            use_sets: true,
+            ipv6: true,
+            inbound_ports: crate::config::InboundPorts::Only(vec![80, 443]),
+            outbound_ranges_exclude: crate::config::parse_cidrs("-x", "10.0.0.0/8,fd00::/8").unwrap(),
+            outbound_ports_exclude: vec![9000],
+            ..CaptureConfig::default()
+        };
+        let (v4, v6) = (lines(&cfg, IpFamily::V4), lines(&cfg, IpFamily::V6));
+        for want in [
+            "-A ISTIO_INBOUND -p tcp -m set --match-set istio-in-ports-include dst -j ISTIO_IN_REDIRECT",
+            "-A ISTIO_OUTPUT -p udp -m set --match-set istio-out-ports-exclude dst -j RETURN",
+            "-A ISTIO_OUTPUT -m set --match-set istio-out-cidrs-exclude-v4 dst -j RETURN",
+        ] {
+            assert!(v4.contains(&want.to_string()), "{want}: {v4:#?}");
+        }
+        assert!(v6.contains(&"-A ISTIO_OUTPUT -m set --match-set istio-out-cidrs-exclude-v6 dst -j RETURN".to_string()));
+        assert!(!v4.iter().any(|l| l.contains("-v6 ")) && !v6.iter().any(|l| l.contains("-v4 ")));
+    }
+
+    #[test]
     fn tproxy_targets_use_hex_marks_and_family_any_address() {
         let cfg = CaptureConfig {
             mode: crate::config::InterceptionMode::Tproxy,

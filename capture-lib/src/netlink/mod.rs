@@ -12,6 +12,7 @@
 //!
 //! Everything acts on the network namespace the socket was opened in: the calling thread's.
 
+pub(crate) mod attr;
 pub(crate) mod route;
 
 use std::io;
