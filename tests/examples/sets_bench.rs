@@ -144,7 +144,7 @@ fn capture_args(backend: Backend, sets: bool, excluded: usize) -> Vec<String> {
 fn connection_rates(bin: &Path, rounds: usize, duration: Duration) {
     let mut cells: Vec<Cell> = [Backend::Iptables, Backend::Nftables]
         .into_iter()
-        .flat_map(|backend| [false].map(move |sets| (backend, sets)))
+        .flat_map(|backend| [false, true].map(move |sets| (backend, sets)))
         .flat_map(|(backend, sets)| LISTS.map(move |excluded| Cell { backend, sets, excluded, rates: vec![] }))
         .collect();
     let me = std::env::current_exe().unwrap();
