@@ -8,8 +8,10 @@
 //!    re-run as uid 1000 (`ip netns exec NS setpriv ... sets_bench connect ...`), listens on 15001
 //!    (accept and close, on a thread) and opens connections to 10.55.0.1:80 one after another
 //!    for a fixed time: every one walks the capture's output chain and lands on the listener
-//!    (counted there: a connection not captured fails the run). The cells take turns within a
-//!    round, forwards then backwards, so drift on the machine spreads evenly;
+//!    (a connection not captured fails the run). Before it, the capture is checked to have the
+//!    form asked for: a rule per CIDR, or one rule and a set the kernel lists with N members.
+//!    The cells take turns within a round, forwards then backwards, so drift on the machine
+//!    spreads evenly;
 //! 2. whole-process time to program the 5,000-CIDR capture into a fresh namespace: the set
 //!    form and the rule form with both backends, against `nft -f` of the rule form's nft script
 //!    and bare `iptables-nft-restore` of its restore payload (both printed by `--dry-run`).
@@ -25,6 +27,8 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use capture_lib::family::IpFamily;
+use capture_lib::model::sets::SetList;
 use capture_tests::bench::{
     linkage, options, print_times, restore_steps, sh, spread, time_alternating, time_commands, Contender, CpuTimes, Namespace,
 };
@@ -33,6 +37,8 @@ use socket2::{Domain, Socket, Type};
 /// Istio's REDIRECT sidecar capture, all outbound and inbound, before `-x LIST`.
 #[rustfmt::skip]
 const CAPTURE: [&str; 13] = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-b", "*", "-x"];
+/// The table of the native nftables backend's NAT chains.
+const NAT_TABLE: &str = "istio-proxy-nat";
 const LISTS: [usize; 3] = [0, 1_000, 5_000];
 /// Outbound, in none of the excluded CIDRs; routed through `eth0`, captured before it leaves.
 const DESTINATION: &str = "10.55.0.1:80";
@@ -64,7 +70,7 @@ impl Backend {
         }
     }
 
-    /// The rules of the capture's output chain in `pod`, as lines.
+    /// The rules of the capture's output chain in `pod`.
     fn output_rules(self, pod: &Namespace) -> usize {
         match self {
             Backend::Iptables => {
@@ -72,10 +78,43 @@ impl Backend {
                 save.lines().filter(|l| l.starts_with("-A ISTIO_OUTPUT ")).count()
             }
             Backend::Nftables => {
-                let chain = pod.run(Path::new("nft"), &["list", "chain", "inet", "istio-proxy-nat", "istio-output"]);
+                let chain = pod.run(Path::new("nft"), &["list", "chain", "inet", NAT_TABLE, "istio-output"]);
                 let body = chain.lines().map(str::trim).filter(|l| !l.is_empty());
                 body.filter(|l| !l.starts_with("table ") && !l.starts_with("chain ") && !l.starts_with('}')).count()
             }
+        }
+    }
+
+    /// The members of the set of excluded IPv4 ranges in `pod`, as the kernel reports them.
+    fn excluded_set_size(self, pod: &Namespace) -> usize {
+        let name = SetList::OutboundRangesExclude(IpFamily::V4).name();
+        match self {
+            Backend::Iptables => {
+                let header = pod.run(Path::new("ipset"), &["list", "-terse", name]);
+                let entries = header.lines().find_map(|l| l.strip_prefix("Number of entries: "));
+                entries.expect("ipset list: no number of entries").parse().unwrap()
+            }
+            Backend::Nftables => {
+                let set = pod.run(Path::new("nft"), &["list", "set", "inet", NAT_TABLE, name]);
+                let elements = set.split_once("elements = {").map_or("", |(_, rest)| rest.split('}').next().unwrap());
+                elements.split(',').filter(|e| !e.trim().is_empty()).count()
+            }
+        }
+    }
+
+    /// Checks that the capture in `pod` has the form asked for: a rule per excluded CIDR, or
+    /// one set holding them all and one rule matching it.
+    fn check_form(self, pod: &Namespace, sets: bool, excluded: usize) {
+        let rules = self.output_rules(pod);
+        let matching = if sets { excluded.min(1) } else { excluded };
+        // The owner, loopback and redirect rules of the output chain come on top.
+        assert!(
+            (matching..matching + 12).contains(&rules),
+            "{}, {excluded} CIDRs: {rules} rules in the output chain",
+            self.name()
+        );
+        if sets && excluded > 0 {
+            assert_eq!(self.excluded_set_size(pod), excluded, "{}: the set of excluded CIDRs", self.name());
         }
     }
 }
@@ -157,15 +196,7 @@ fn connection_rates(bin: &Path, rounds: usize, duration: Duration) {
             sh(&format!("ip -n {} route add default via 10.44.0.1 dev eth0", pod.name()));
             let args = capture_args(cell.backend, cell.sets, cell.excluded);
             pod.run(bin, &args.iter().map(String::as_str).collect::<Vec<_>>());
-            let rules = cell.backend.output_rules(&pod);
-            let expected = if cell.sets { cell.excluded.min(1) } else { cell.excluded };
-            assert!(
-                (expected..expected + 12).contains(&rules),
-                "{} {} form, {} CIDRs: {rules} rules in the output chain",
-                cell.backend.name(),
-                cell.form(),
-                cell.excluded
-            );
+            cell.backend.check_form(&pod, cell.sets, cell.excluded);
             let client: Vec<&str> =
                 CLIENT.iter().copied().chain([me.to_str().unwrap(), "connect", DESTINATION, &millis]).collect();
             let out = pod.run(Path::new("setpriv"), &client);
