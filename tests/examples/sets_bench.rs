@@ -6,9 +6,9 @@
 //!    Each measurement gets a fresh pod namespace (`eth0` with a default route) captured with
 //!    `-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*' -x LIST`, in which this same program,
 //!    re-run as uid 1000 (`ip netns exec NS setpriv ... sets_bench connect ...`), listens on 15001
-//!    (accept and close, on a thread) and opens connections to 10.55.0.1:80 one after another
-//!    for a fixed time: every one walks the capture's output chain and lands on the listener
-//!    (a connection not captured fails the run). Before it, the capture is checked to have the
+//!    and, on one thread, opens a connection to 10.55.0.1:80, accepts it and closes both, again
+//!    and again for a fixed time: every connection walks the capture's output chain and lands on
+//!    the listener (a connection not captured fails the run). Before it, the capture is checked to have the
 //!    form asked for: a rule per CIDR, or one rule and a set the kernel lists with N members.
 //!    The cells take turns within a round, forwards then backwards, so drift on the machine
 //!    spreads evenly;
