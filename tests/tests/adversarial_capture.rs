@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use capture_tests::{istio_iptables as tool, release_bin, require_netns, run_ok, stderr, unique, Pod, SEED_ARGS as SEED};
+use capture_tests::{
+    istio_iptables as tool, release_bin, require_netns, run_ok, stderr, unique, Pod, RefusingIp6tablesRestore, SEED_ARGS as SEED,
+};
 
 const NATIVE: &[&str] = &["--native-nftables"];
 const IPTABLES: &[&str] = &[];
@@ -240,15 +242,8 @@ fn reconcile_and_rollback_leave_no_table_or_base_chain_they_no_longer_need() {
     // And so do those a rolled-back run had made: here the IPv6 restore is refused.
     let pod = Pod::with_address("fd00:44::5/64");
     let before = pod.nft_ruleset();
-    let refusing = TempDir::new();
-    let real = String::from_utf8(run_ok(Command::new("sh").args(["-c", "command -v ip6tables-nft-restore"])).stdout).unwrap();
-    let wrapper = format!(
-        "#!/bin/sh\ncase \"$*\" in *--noflush*) cat >/dev/null; echo 'line 2 failed' >&2; exit 1;; esac\nexec {} \"$@\"\n",
-        real.trim()
-    );
-    std::fs::write(refusing.0.join("ip6tables-nft-restore"), wrapper).unwrap();
-    run_ok(Command::new("chmod").arg("+x").arg(refusing.0.join("ip6tables-nft-restore")));
-    let path = format!("PATH={}:{}", refusing.0.display(), std::env::var("PATH").unwrap());
+    let refusing = RefusingIp6tablesRestore::new();
+    let path = format!("PATH={}", refusing.path());
     let full = [SEED, &["-m", "TPROXY", "--redirect-dns", "--capture-all-dns", "--drop-invalid"]].concat();
     let out = pod.cmd("env").arg(path).arg(release_bin("istio-iptables")).args(&full).output().unwrap();
     assert!(stderr(&out).contains("rolled back"), "{}", stderr(&out));

@@ -298,3 +298,20 @@ fn port_lists_beyond_multiports_fifteen_apply_in_both_forms_and_both_variants() 
         }
     }
 }
+
+#[test]
+#[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
+fn a_set_of_our_name_but_another_type_is_drift_and_replaced_while_no_rule_matches_it() {
+    require_netns!();
+    let pod = dual_stack_pod();
+    pod.sh("ipset create istio-out-cidrs-exclude-v6 hash:ip family inet6 && ipset add istio-out-cidrs-exclude-v6 fd00:1::1");
+    let out = run(&pod, &set_form(), "nft");
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("found:    hash:ip family inet6, 1 member"), "{log}");
+    assert!(ip_sets(&pod)["istio-out-cidrs-exclude-v6"].0 == "hash:ip family inet6" && pod.rules(false).is_empty());
+
+    let out = run(&pod, &[&set_form()[..], &["--reconcile"]].concat(), "nft");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(ip_sets(&pod), expected_sets());
+}

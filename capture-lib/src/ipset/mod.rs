@@ -48,6 +48,8 @@ pub enum IpsetError {
     NoIpSets,
     #[error("the kernel refused to {action} ip set {set}: {reason}")]
     Refused { action: &'static str, set: String, reason: String },
+    #[error("the kernel refused to list its ip sets: {reason}")]
+    ListRefused { reason: String },
     #[error(
         "ip set {set} is still in use ({}): a rule or set that is not this capture's refers to it, so it was left in place",
         count(*references as usize, "reference")
@@ -273,7 +275,10 @@ impl IpSets {
             Ok(listed) => Ok(listed.into_iter().map(|entry| entry.name).collect()),
             // nfnetlink's answer to a subsystem it does not have.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(IpsetError::NoIpSets),
-            Err(e) => Err(refusal(e, "list", "(every set)", None)),
+            Err(e) => Err(match e.raw_os_error() {
+                Some(errno) => IpsetError::ListRefused { reason: reason(errno, None) },
+                None => IpsetError::Netlink(e),
+            }),
         }
     }
 

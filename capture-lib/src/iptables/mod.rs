@@ -65,9 +65,9 @@ pub enum IptablesError {
         "ip set {set} is {found}, where the capture needs {wanted}; the kernel swaps only sets of one kind, and a rule \
          matches this one: remove it (a cleanup run removes the capture with its sets), then run again"
     )]
-    SetKind { set: String, found: String, wanted: String },
-    #[error("{}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
-    SetsLeft { errors: Vec<IpsetError> },
+    SetOfAnotherKind { set: String, found: String, wanted: String },
+    #[error("{}", errors.join("\n"))]
+    SetsLeft { errors: Vec<String> },
 }
 
 /// How to reach iptables.

@@ -82,6 +82,8 @@ pub fn rule_spec(rule: &Rule) -> String {
         // Writing to a String cannot fail.
         let _ = match m {
             Match::Source(c) => write!(out, "-s {c} "),
+            // iptables-save prints no match for the whole address space (`-d 0.0.0.0/0`, `-d ::/0`).
+            Match::Destination { cidr, negated: false } if cidr.prefix() == 0 => Ok(()),
             Match::Destination { cidr, negated } => write!(out, "{}-d {cidr} ", not(*negated)),
             Match::InInterface(i) => write!(out, "-i {i} "),
             Match::OutInterface(i) => write!(out, "-o {i} "),
@@ -212,5 +214,18 @@ mod tests {
             &"-A PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff"
                 .to_string()
         ));
+    }
+
+    #[test]
+    fn the_whole_address_space_is_no_match_as_iptables_save_prints_it() {
+        let cfg = CaptureConfig {
+            outbound_ranges: crate::config::OutboundRanges::All,
+            outbound_ranges_exclude: crate::config::parse_cidrs("-x", "0.0.0.0/0,::/0").unwrap(),
+            ipv6: true,
+            ..CaptureConfig::default()
+        };
+        for family in IpFamily::ALL {
+            assert!(lines(&cfg, family).contains(&"-A ISTIO_OUTPUT -j RETURN".to_string()), "{family}");
+        }
     }
 }

@@ -146,7 +146,7 @@ pub(super) struct SetPlan {
     /// After the restores: the temporaries (holding the old members), the sets no longer used.
     after: Vec<SetOp>,
     /// Why the sets could not be read; a cleanup removes the rules all the same, then says so.
-    unreadable: Option<IpsetError>,
+    unreadable: Option<String>,
     pub outcome: Outcome,
     decision: String,
 }
@@ -248,7 +248,7 @@ pub(super) fn decide(wanted: &[SetSpec], found: Vec<FoundSet>, op: Operation) ->
                 outcome = Outcome::Reconciled;
             }
             Some(have) => {
-                return Err(IptablesError::SetKind {
+                return Err(IptablesError::SetOfAnotherKind {
                     set: want.name.clone(),
                     found: have.describe_type(),
                     wanted: want.kind.to_string(),
@@ -277,7 +277,7 @@ pub(super) fn decide(wanted: &[SetSpec], found: Vec<FoundSet>, op: Operation) ->
 /// For a cleanup whose sets could not be read: the rules go all the same, then the error.
 pub(super) fn unreadable(error: IpsetError) -> SetPlan {
     let decision = format!("could not read them: {error}");
-    SetPlan { unreadable: Some(error), decision, ..SetPlan::new(Outcome::NothingToRemove) }
+    SetPlan { unreadable: Some(error.to_string()), decision, ..SetPlan::new(Outcome::NothingToRemove) }
 }
 
 impl SetPlan {
@@ -297,12 +297,8 @@ impl SetPlan {
 
     /// Sends the changes due after the restores, every one of them even after a failure.
     pub(super) fn finish(&self) -> Result<(), IptablesError> {
-        let mut errors = run_all(&self.after);
-        errors.extend(self.unreadable.as_ref().map(|e| IpsetError::Refused {
-            action: "list",
-            set: "(every set)".into(),
-            reason: e.to_string(),
-        }));
+        let mut errors: Vec<String> = run_all(&self.after).iter().map(ToString::to_string).collect();
+        errors.extend(self.unreadable.clone());
         if errors.is_empty() {
             Ok(())
         } else {
