@@ -181,7 +181,17 @@ impl Pod {
 
     /// `nft list ruleset`, counters zeroed.
     pub fn nft_ruleset(&self) -> String {
-        let out = run_ok(self.cmd("nft").args(["list", "ruleset"]));
+        self.nft_listing(&["list", "ruleset"])
+    }
+
+    /// As [`Pod::nft_ruleset`], with every object's handle: the same handles mean nothing was re-created.
+    pub fn nft_ruleset_with_handles(&self) -> String {
+        self.nft_listing(&["-a", "list", "ruleset"])
+    }
+
+    /// `nft ARGS`, counters zeroed.
+    fn nft_listing(&self, args: &[&str]) -> String {
+        let out = run_ok(self.cmd("nft").args(args));
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| {

@@ -291,7 +291,7 @@ const BROKEN_CONFS: [(&str, u32, &str); 6] = [
 ];
 
 /// DEL reads no configuration: with any of the broken ones above (which ADD refuses) it still
-/// removes the capture an earlier, good configuration programmed, whichever backend and mode,
+/// removes the capture an earlier, good configuration programmed, whichever backend, mode and form,
 /// and succeeds, so that the runtime goes on to tear down the rest of the chain.
 #[test]
 #[cfg_attr(netns_unavailable, ignore = "needs root and network namespaces")]
@@ -303,6 +303,10 @@ fn del_with_a_broken_configuration_removes_the_capture_and_succeeds() {
         json!({ "nativeNftables": true, "redirectDNS": true }),
         json!({ "interceptionMode": "TPROXY", "forceIptablesBinary": host_iptables_variant() }),
         json!({ "interceptionMode": "TPROXY", "tproxyMark": "1338", "tproxyRouteTable": "134", "nativeNftables": true }),
+        // The set form: nftables sets go with our tables, ip sets are found by their names.
+        json!({ "useIPSets": true, "excludeOutboundIPRanges": "10.0.0.0/8,192.168.0.0/16", "excludeOutboundPorts": "9000,9001",
+                "forceIptablesBinary": host_iptables_variant() }),
+        json!({ "useIPSets": true, "excludeOutboundIPRanges": "10.0.0.0/8", "nativeNftables": true }),
     ];
     for (i, (broken, code, key)) in BROKEN_CONFS.into_iter().enumerate() {
         let netns = format!("/var/run/netns/{}", pod.name);
@@ -319,6 +323,7 @@ fn del_with_a_broken_configuration_removes_the_capture_and_succeeds() {
         assert!(pod.rules(false).iter().all(|r| !r.contains("ISTIO")), "DEL with {broken} left {:?}", pod.rules(false));
         let routing = pod.sh("ip rule show; ip route show table all");
         assert!(!routing.contains("lookup 13") && !routing.contains("table 13"), "DEL with {broken} left:\n{routing}");
+        assert_eq!(pod.sh("ipset list -n"), "", "DEL with {broken} left ip sets after {capture}");
     }
 }
 
