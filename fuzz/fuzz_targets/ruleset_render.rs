@@ -88,6 +88,7 @@ fn config(u: &mut Unstructured) -> Result<CaptureConfig> {
             },
         },
         drop_invalid: u.arbitrary()?,
+        use_sets: u.arbitrary()?,
         ipv6: u.arbitrary()?,
         host_ipv4_loopback: Cidr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), u.int_in_range(8..=32)?).expect("loopback"),
     })
