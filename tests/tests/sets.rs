@@ -12,12 +12,14 @@
 //!
 //! The pod routes every destination to the peer, so an outbound connection is answered by the
 //! outbound proxy's port when captured and by the peer when not; an inbound one by the inbound
-//! proxy's port or by the app.
+//! proxy's port (a transparent listener, so that TPROXY cases work too) or by the app.
 
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
 use std::process::{Output, Stdio};
+
+use socket2::{Domain, Socket, Type};
 
 use capture_tests::{istio_iptables, link, release_bin, require_netns, run_ok, serve_peer_address, stderr, Pod};
 
@@ -26,7 +28,7 @@ const NATIVE: &[&str] = &["--native-nftables"];
 
 /// Every run's settings but the lists: Istio's sidecar capture in both families.
 #[rustfmt::skip]
-const BASE: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "--dual-stack"];
+const BASE: &[&str] = &["-p", "15001", "-z", "15006", "-u", "1337", "--dual-stack"];
 
 const POD_V4: Ipv4Addr = Ipv4Addr::new(100, 64, 0, 2);
 const POD_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xffff, 0, 0, 0, 0, 0, 2);
@@ -133,6 +135,8 @@ struct Lists {
     ports_include: String,
     inbound: String,
     inbound_exclude: String,
+    /// Inbound capture by TPROXY in mangle (`-m TPROXY`), not REDIRECT in nat.
+    tproxy: bool,
 }
 
 impl Default for Lists {
@@ -145,6 +149,7 @@ impl Default for Lists {
             ports_include: String::new(),
             inbound: "*".into(),
             inbound_exclude: "15090,15021,15020".into(),
+            tproxy: false,
         }
     }
 }
@@ -184,7 +189,9 @@ impl Lists {
             ("-b", &self.inbound),
             ("-d", &self.inbound_exclude),
         ];
-        pairs.into_iter().flat_map(|(flag, value)| [flag.to_string(), value.clone()]).collect()
+        let mode = if self.tproxy { "TPROXY" } else { "REDIRECT" };
+        let lists = pairs.into_iter().flat_map(|(flag, value)| [flag.to_string(), value.clone()]);
+        ["-m".to_string(), mode.to_string()].into_iter().chain(lists).collect()
     }
 
     /// What Istio's rules decide for an outbound TCP connection to `dest`, in their order:
@@ -378,6 +385,12 @@ fn port_lists() -> Vec<Case> {
                 ..Lists::default()
             },
         ),
+        // TPROXY: the inbound lists are matched in mangle, where the TPROXY rules are.
+        case("-m TPROXY -b '*' -d: 20 ports", Lists { inbound_exclude: port_run(8100, 3, 20), tproxy: true, ..Lists::default() }),
+        case(
+            "-m TPROXY -b: 20 ports",
+            Lists { inbound: port_run(9400, 7, 20), inbound_exclude: String::new(), tproxy: true, ..Lists::default() },
+        ),
     ]
 }
 
@@ -410,7 +423,7 @@ impl Topology {
         // link's own route is more specific, so replies to the pod's addresses leave the peer.
         peer.sh("ip route add local 0.0.0.0/0 dev lo table main && ip -6 route add local ::/0 dev lo table main");
         serve(&pod, 15001, "outbound proxy");
-        serve(&pod, 15006, "inbound proxy");
+        serve_transparent(&pod, 15006, "inbound proxy");
         let inbound: BTreeSet<u16> = cases.iter().flat_map(|c| c.lists.inbound_probes()).map(|a| a.port()).collect();
         for port in inbound {
             serve(&pod, port, "app");
@@ -433,6 +446,19 @@ impl Topology {
 /// A listener on `port` of every address in `pod` (one socket, both families), answering `who saw PEER`.
 fn serve(pod: &Pod, port: u16, who: &'static str) {
     let listener = pod.enter(|| TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)));
+    serve_peer_address(listener.unwrap_or_else(|e| panic!("{who} on :{port}: {e}")), who);
+}
+
+/// [`serve`], for TPROXY too: the kernel hands a TPROXY'd connection only to a transparent listener.
+fn serve_transparent(pod: &Pod, port: u16, who: &'static str) {
+    let listener = pod.enter(|| -> std::io::Result<TcpListener> {
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        socket.set_only_v6(false)?;
+        socket.set_ip_transparent_v6(true)?;
+        socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        socket.listen(128)?;
+        Ok(socket.into())
+    });
     serve_peer_address(listener.unwrap_or_else(|e| panic!("{who} on :{port}: {e}")), who);
 }
 
