@@ -9,7 +9,7 @@
 //!
 //! Adding a capture setting: one entry in `declare_settings!` below, its field in
 //! [`CaptureConfig`] and its line in [`Settings::capture_config`] (both in this file), its use
-//! in `model.rs`, and a test.
+//! in `model/mod.rs`, and a test.
 
 use crate::config::{
     self, Cidr, ConfigError, DnsCapture, InboundPorts, InterceptionMode, Interface, OutboundRanges, OwnerGroups,
