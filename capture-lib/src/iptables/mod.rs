@@ -181,13 +181,12 @@ impl RuleBackend for Iptables {
         Ok(out)
     }
 
-    /// No table of either variant or family, and no ip set of ours: reads two files, asks
-    /// nf_tables twice and lists the ip sets' names.
+    /// No table of either variant or family: reads two files and asks nf_tables twice. Ip sets
+    /// of ours without rules are no capture (nothing matches them); a cleanup still removes them.
     fn holds_nothing(&self) -> bool {
         IpFamily::ALL
             .into_iter()
             .all(|family| exec::legacy_holds_tables(family) == Some(false) && self.nf_tables.holds_tables(family) == Some(false))
-            && sets::holds_none()
     }
 
     fn unavailable(&self, error: &CaptureError) -> Option<String> {
@@ -237,14 +236,21 @@ impl Iptables {
             }
             planned.push(FamilyPlan { family, read_with, state: current, decision: decided.why });
         }
-        let sets = self.plan_sets(ruleset, op)?;
+        let held_nothing = planned.iter().all(|family| family.read_with.is_none());
+        let sets = self.plan_sets(ruleset, op, held_nothing)?;
         outcome = strongest(outcome, sets.outcome);
         Ok(Plan { backend: *self, steps, sets, outcome, families: planned })
     }
 
     /// The ip sets' part of the plan. A cleanup that cannot read them still removes the rules.
-    fn plan_sets(&self, ruleset: &Ruleset, op: Operation) -> Result<sets::SetPlan, IptablesError> {
+    /// A rule-form apply to a namespace that `held_nothing` of iptables lists no sets: no rule
+    /// can match one of ours there, and one a crash left behind is a cleanup's to remove, so the
+    /// common first run stays as fast as before the set form.
+    fn plan_sets(&self, ruleset: &Ruleset, op: Operation, held_nothing: bool) -> Result<sets::SetPlan, IptablesError> {
         let wanted = if op == Operation::Cleanup { Vec::new() } else { sets::wanted(ruleset) };
+        if wanted.is_empty() && op != Operation::Cleanup && held_nothing {
+            return sets::decide(&wanted, Vec::new(), op);
+        }
         match sets::read(!wanted.is_empty()) {
             Ok(found) => sets::decide(&wanted, found, op),
             Err(e) if op == Operation::Cleanup => Ok(sets::unreadable(e)),

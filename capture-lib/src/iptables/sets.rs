@@ -76,15 +76,6 @@ pub(super) fn read(needed: bool) -> Result<Vec<FoundSet>, IpsetError> {
     Ok(found)
 }
 
-/// Whether the namespace certainly holds no set of ours (one listing of names).
-pub(super) fn holds_none() -> bool {
-    let names = IpSets::open().and_then(|mut sets| sets.names());
-    match names {
-        Ok(names) => !names.iter().any(|name| is_ours(name)),
-        Err(e) => e.kernel_lacks_ip_sets(),
-    }
-}
-
 /// One change to the kernel's sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum SetOp {
