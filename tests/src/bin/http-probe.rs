@@ -3,7 +3,9 @@
 //! order, the answer's body, or `error: ...`. Tests run it inside a pod as an ordinary user to see
 //! where a capture sends that user's connections: the body says which server answered.
 //!
-//! Dials run 16 at a time, each given 1 s to connect and 2 s to answer.
+//! Dials run 16 at a time, each given 3 s to connect (time for one retransmitted SYN: a SYN can be
+//! lost to a TIME_WAIT socket of an earlier probe's 4-tuple, and TCP resends it after 1 s; a
+//! capture that black-holes a connection still fails it) and 2 s to answer.
 //!
 //! Usage: http-probe < ADDRESSES
 
@@ -43,7 +45,7 @@ fn main() {
 
 /// The body `GET /` on `addr` answers.
 fn get(addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
     let mut response = String::new();
