@@ -83,6 +83,20 @@ pub fn count(n: usize, noun: &str) -> String {
     format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
+/// How many of a differing set's elements a message shows; the rest are counted.
+const ELEMENTS_SHOWN: usize = 5;
+
+/// `8 missing: a, b, c, d, e and 3 more`: how many `items` there are and the first few, for a
+/// set that differs in both backends; `None` when there are none.
+pub fn some_elements<T: fmt::Display>(what: &str, items: &[T]) -> Option<String> {
+    if items.is_empty() {
+        return None;
+    }
+    let shown: Vec<String> = items.iter().take(ELEMENTS_SHOWN).map(ToString::to_string).collect();
+    let more = if items.len() > ELEMENTS_SHOWN { format!(" and {} more", items.len() - ELEMENTS_SHOWN) } else { String::new() };
+    Some(format!("{} {what}: {}{more}", items.len(), shown.join(", ")))
+}
+
 /// One step that turns a chain's found rules into the expected ones (0-based indices).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RuleChange {

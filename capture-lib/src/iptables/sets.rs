@@ -15,7 +15,7 @@
 use std::fmt::Write;
 
 use crate::capture::Operation;
-use crate::drift::{count, Difference, Kind};
+use crate::drift::{count, some_elements, Difference, Kind};
 use crate::ipset::{FoundSet, IpSets, IpsetError, Member, SetKind, SetSpec};
 use crate::model::sets::{Set, SetElements, SetList};
 use crate::model::Ruleset;
@@ -25,8 +25,6 @@ use super::IptablesError;
 
 /// What a set's name ends with while it is being filled, before it is swapped in.
 const TEMPORARY: &str = "-new";
-/// How many differing members a difference shows.
-const SHOWN_MEMBERS: usize = 3;
 
 /// The kernel set that holds `set`.
 fn spec(set: &Set) -> SetSpec {
@@ -149,12 +147,7 @@ fn describe(kind: &str, members: usize) -> String {
 
 /// ` (2 missing: 10.0.0.0/8, 10.1.0.0/16)`: the first few of `members`, or nothing.
 fn some_members(members: &[&Member], what: &str) -> String {
-    if members.is_empty() {
-        return String::new();
-    }
-    let shown: Vec<String> = members.iter().take(SHOWN_MEMBERS).map(ToString::to_string).collect();
-    let more = if members.len() > SHOWN_MEMBERS { ", ..." } else { "" };
-    format!(" ({} {what}: {}{more})", members.len(), shown.join(", "))
+    some_elements(what, members).map(|some| format!(" ({some})")).unwrap_or_default()
 }
 
 fn place(name: &str) -> String {

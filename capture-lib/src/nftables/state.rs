@@ -16,7 +16,7 @@ use super::messages::{self, batch_messages};
 use super::raw::{ChainHook, ExprObject, Object, SetElement, SetObject, SetRef};
 use super::render::TablePlan;
 use super::schema::{chain_name, table_name, table_named, TABLE_ORDER};
-use crate::drift::{chain_rule_differences, count, Difference, Kind};
+use crate::drift::{chain_rule_differences, count, some_elements, Difference, Kind};
 use crate::model::Table;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,19 +320,6 @@ fn describe_table(table: &TableState) -> String {
 /// A set in words: its type and flags, and how many elements it holds.
 fn describe_set(set: &SetState) -> String {
     format!("{} {}", set.kind(), count(set.words().len(), "element"))
-}
-
-/// How many elements of a differing set are shown; the rest are counted.
-const ELEMENTS_SHOWN: usize = 5;
-
-/// `N missing: a, b, c` (the first few), or nothing when there are none.
-fn some_elements(what: &str, words: &[&String]) -> Option<String> {
-    if words.is_empty() {
-        return None;
-    }
-    let shown: Vec<&str> = words.iter().take(ELEMENTS_SHOWN).map(|w| w.as_str()).collect();
-    let more = if words.len() > ELEMENTS_SHOWN { format!(" and {} more", words.len() - ELEMENTS_SHOWN) } else { String::new() };
-    Some(format!("{} {what}: {}{more}", words.len(), shown.join(", ")))
 }
 
 /// How our named sets differ: a set found but not planned (whatever its name) is unexpected,
