@@ -4,6 +4,7 @@
 use super::batch::Transaction;
 use super::raw::{self, ElementsObject, Object, ObjectKind, SetElement, SetRef};
 use crate::family::IpFamily;
+use crate::netlink::attr::{self, Attribute, Writer};
 use crate::netlink::{self, Header, NetlinkError, Protocol, Refusal, Socket};
 
 const NFNL_SUBSYS_NFTABLES: u16 = libc::NFNL_SUBSYS_NFTABLES as u16;
@@ -18,8 +19,6 @@ const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 const NFTA_SET_ELEM_FLAGS: u16 = 3;
 const NFTA_DATA_VALUE: u16 = 1;
-/// An attribute type without its nested / byte-order flags.
-const NLA_TYPE_MASK: u16 = 0x3fff;
 /// The netlink header and the nf_tables `nfgenmsg` before the first attribute.
 const NFT_HEADERS_LEN: usize = 20;
 
@@ -42,23 +41,9 @@ pub(super) fn parse(msg: &[u8]) -> Result<Option<Object>, NetlinkError> {
         .ok_or_else(|| NetlinkError::Unreadable("libnftnl could not parse an nf_tables message".into()))
 }
 
-/// The attributes in `data`: type (flags cleared) and value.
-fn attributes(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    std::iter::from_fn(move || {
-        let len = usize::from(u16::from_ne_bytes([*data.first()?, *data.get(1)?]));
-        let kind = u16::from_ne_bytes([*data.get(2)?, *data.get(3)?]) & NLA_TYPE_MASK;
-        let value = data.get(4..len)?;
-        data = data.get(len.next_multiple_of(4)..).unwrap_or_default();
-        Some((kind, value))
-    })
-}
-
-fn attribute(data: &[u8], kind: u16) -> Option<&[u8]> {
-    attributes(data).find(|&(k, _)| k == kind).map(|(_, v)| v)
-}
-
-fn c_string(value: &[u8]) -> String {
-    String::from_utf8_lossy(value.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
+/// The first attribute of `kind` in `data` (reading stops at a malformed one).
+fn attribute(data: &[u8], kind: u16) -> Option<Attribute<'_>> {
+    attr::attributes(data).map_while(Result::ok).find(|a| a.kind == kind)
 }
 
 /// A `NEWSETELEM` message. Read here rather than by libnftnl, which refuses the element
@@ -67,38 +52,26 @@ fn elements(msg: &[u8]) -> Result<ElementsObject, NetlinkError> {
     let malformed = || NetlinkError::Unreadable("malformed set element message".into());
     let attrs = msg.get(NFT_HEADERS_LEN..).ok_or_else(malformed)?;
     let set = match (attribute(attrs, NFTA_SET_ELEM_LIST_SET_ID), attribute(attrs, NFTA_SET_ELEM_LIST_SET)) {
-        (Some(id), _) => SetRef::Id(u32::from_be_bytes(id.try_into().map_err(|_| malformed())?)),
-        (None, Some(name)) => SetRef::Name(c_string(name)),
+        (Some(id), _) => SetRef::Id(id.be32().map_err(|_| malformed())?),
+        (None, Some(name)) => SetRef::Name(name.string()),
         (None, None) => return Err(malformed()),
     };
-    let elements = attributes(attribute(attrs, NFTA_SET_ELEM_LIST_ELEMENTS).unwrap_or_default())
-        .filter_map(|(_, element)| {
-            let key = attribute(attribute(element, NFTA_SET_ELEM_KEY)?, NFTA_DATA_VALUE)?.to_vec();
-            let flags = attribute(element, NFTA_SET_ELEM_FLAGS).and_then(|f| f.try_into().ok()).map_or(0, u32::from_be_bytes);
+    let list = attribute(attrs, NFTA_SET_ELEM_LIST_ELEMENTS).map_or(&[][..], |a| a.value);
+    let elements = attr::attributes(list)
+        .map_while(Result::ok)
+        .filter_map(|element| {
+            let key = attribute(attribute(element.value, NFTA_SET_ELEM_KEY)?.value, NFTA_DATA_VALUE)?.value.to_vec();
+            let flags = attribute(element.value, NFTA_SET_ELEM_FLAGS).and_then(|f| f.be32().ok()).unwrap_or(0);
             Some(SetElement { key, flags })
         })
         .collect();
-    let table = attribute(attrs, NFTA_SET_ELEM_LIST_TABLE).map(c_string).unwrap_or_default();
+    let table = attribute(attrs, NFTA_SET_ELEM_LIST_TABLE).map(|a| a.string()).unwrap_or_default();
     Ok(ElementsObject { table, set, elements })
 }
 
 /// Every message of a finished batch, begin and end markers included.
 pub(super) fn batch_messages<'t>(tx: &'t Transaction) -> impl Iterator<Item = &'t [u8]> {
     tx.batch.iter().flat_map(|page| netlink::messages(page).map(|m| m.expect("nftnl builds well-formed messages")))
-}
-
-/// A netlink attribute: length, type, value, padding to 4 bytes.
-fn push_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    buf.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(value);
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
-
-fn nul_terminated(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
 }
 
 /// What a dump asks for: the object kind, and the table (and set) it is limited to.
@@ -150,11 +123,11 @@ impl DumpRequest<'_> {
                 (libc::NFT_MSG_GETSETELEM, vec![(NFTA_SET_ELEM_LIST_TABLE, table), (NFTA_SET_ELEM_LIST_SET, set)])
             }
         };
-        let mut body = vec![family, libc::NFNETLINK_V0 as u8, 0, 0];
+        let mut body = Writer::new(&[family, libc::NFNETLINK_V0 as u8, 0, 0]);
         for (kind, value) in attrs {
-            push_attr(&mut body, kind, &nul_terminated(value));
+            body.put_str(kind, value);
         }
-        netlink::message((NFNL_SUBSYS_NFTABLES << 8) | msg as u16, &body)
+        netlink::message((NFNL_SUBSYS_NFTABLES << 8) | msg as u16, &body.into_bytes())
     }
 }
 
