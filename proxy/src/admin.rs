@@ -11,8 +11,7 @@ use tracing::debug;
 
 use crate::drain::Stop;
 use crate::metrics::Metrics;
-use crate::socket;
-use crate::timers::Timers;
+use crate::socket::{self, AcceptFailures};
 
 pub const READY_PATH: &str = "/healthz/ready";
 pub const METRICS_PATH: &str = "/stats/prometheus";
@@ -49,13 +48,22 @@ pub struct Response {
 
 /// Answers admin requests on `listener` until `stop`.
 pub async fn serve(listener: TcpListener, endpoint: Endpoint, state: Arc<State>, mut stop: Stop) {
-    let timers = Timers::current();
+    let mut failures = AcceptFailures::default();
     loop {
-        let (stream, _) = tokio::select! {
+        let accepted = tokio::select! {
             () = stop.stopped() => return,
-            accepted = socket::accept(&listener, endpoint.label(), &timers) => accepted,
+            accepted = listener.accept() => accepted,
         };
-        tokio::spawn(answer(stream, endpoint, state.clone()));
+        match accepted {
+            Ok((stream, _)) => {
+                failures.accepted(endpoint.label());
+                tokio::spawn(answer(stream, endpoint, state.clone()));
+            }
+            Err(error) => {
+                failures.failed(endpoint.label(), &error);
+                tokio::time::sleep(socket::ACCEPT_BACKOFF).await;
+            }
+        }
     }
 }
 

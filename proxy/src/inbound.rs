@@ -3,9 +3,7 @@
 //! rules let through, or from the client itself (TPROXY).
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-
-use tokio::net::TcpStream;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 
 use crate::config::InboundMode;
 use crate::metrics::Direction;
@@ -23,7 +21,9 @@ pub struct Inbound {
 }
 
 impl TrafficPath for Inbound {
-    const DIRECTION: Direction = Direction::Inbound;
+    fn direction(&self) -> Direction {
+        Direction::Inbound
+    }
 
     fn destination(&self, client: &TcpStream, ipv6: bool) -> io::Result<SocketAddr> {
         match self.mode {

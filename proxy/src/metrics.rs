@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Which listener a connection arrived on.
@@ -53,13 +54,6 @@ pub struct PathMetrics {
 }
 
 impl PathMetrics {
-    /// Counts an accepted connection; it stays active until the guard is dropped.
-    pub fn accepted(&self) -> ActiveGuard<'_> {
-        self.connections.fetch_add(1, Relaxed);
-        self.active.fetch_add(1, Relaxed);
-        ActiveGuard(&self.active)
-    }
-
     pub fn refused(&self, why: Refusal) {
         match why {
             Refusal::Loop => &self.refused_loop,
@@ -88,11 +82,14 @@ impl PathMetrics {
 }
 
 /// Decrements the active-connections gauge when the connection ends, however it ends.
-pub struct ActiveGuard<'a>(&'a AtomicU64);
+pub struct Active {
+    metrics: Arc<Metrics>,
+    direction: Direction,
+}
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for Active {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.metrics.path(self.direction).active.fetch_sub(1, Relaxed);
     }
 }
 
@@ -103,6 +100,14 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts an accepted connection; it stays active until the guard is dropped.
+    pub fn accepted(self: &Arc<Self>, direction: Direction) -> Active {
+        let path = self.path(direction);
+        path.connections.fetch_add(1, Relaxed);
+        path.active.fetch_add(1, Relaxed);
+        Active { metrics: self.clone(), direction }
+    }
+
     pub fn path(&self, direction: Direction) -> &PathMetrics {
         match direction {
             Direction::Inbound => &self.inbound,
@@ -189,10 +194,10 @@ mod tests {
 
     #[test]
     fn renders_counts_per_direction() {
-        let metrics = Metrics::default();
+        let metrics = Arc::new(Metrics::default());
+        let guard = metrics.accepted(Direction::Inbound);
+        drop(metrics.accepted(Direction::Inbound));
         let inbound = metrics.path(Direction::Inbound);
-        let guard = inbound.accepted();
-        drop(inbound.accepted());
         let (up, down) = inbound.byte_counters();
         up.fetch_add(10, Relaxed);
         down.fetch_add(32, Relaxed);

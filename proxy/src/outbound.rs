@@ -3,9 +3,7 @@
 //! plain connect does not come back.
 
 use std::io;
-use std::net::SocketAddr;
-
-use tokio::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 
 use crate::metrics::Direction;
 use crate::proxy::TrafficPath;
@@ -14,7 +12,9 @@ use crate::socket::{self, Source};
 pub struct Outbound;
 
 impl TrafficPath for Outbound {
-    const DIRECTION: Direction = Direction::Outbound;
+    fn direction(&self) -> Direction {
+        Direction::Outbound
+    }
 
     fn destination(&self, client: &TcpStream, ipv6: bool) -> io::Result<SocketAddr> {
         socket::original_destination(client, ipv6)

@@ -1,25 +1,23 @@
-//! What both traffic paths share: accept → find the original destination → dial → relay →
-//! account. `inbound.rs` and `outbound.rs` supply the two steps that differ.
+//! One connection's life, the same on both traffic paths: accept → find the original
+//! destination → dial → relay → account. `inbound.rs` and `outbound.rs` supply the two steps
+//! that differ; the worker (worker.rs) drives connections by what epoll reports.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use crate::config::{ProxyConfig, RelayMode};
-use crate::copy::{self, Close, Transferred};
-use crate::drain::{InFlight, Stop};
-use crate::metrics::{Direction, Metrics, PathMetrics, Refusal};
+use crate::drain::{InFlight, Slot};
+use crate::metrics::{Active, Direction, Metrics, Refusal};
+use crate::relay::{Close, Relay, Side, Socket, Step, Totals};
 use crate::socket::{self, Source};
-use crate::timers::Timers;
 
 /// One way into the pod or out of it.
-pub trait TrafficPath: Send + Sync + 'static {
-    const DIRECTION: Direction;
+pub trait TrafficPath: Send + Sync {
+    fn direction(&self) -> Direction;
 
     /// Where the client meant to go; `ipv6` is the family of the accepted socket.
     fn destination(&self, client: &TcpStream, ipv6: bool) -> io::Result<SocketAddr>;
@@ -30,17 +28,16 @@ pub trait TrafficPath: Send + Sync + 'static {
 
 /// Settings and state every connection of either path uses.
 pub struct Shared {
-    metrics: Arc<Metrics>,
+    pub metrics: Arc<Metrics>,
     in_flight: InFlight,
     capture_ports: [u16; 2],
     connect_timeout: Duration,
     idle_timeout: Duration,
     relay: RelayMode,
-    timers: Timers,
 }
 
 impl Shared {
-    pub fn new(config: &ProxyConfig, metrics: Arc<Metrics>, in_flight: InFlight, timers: Timers) -> Shared {
+    pub fn new(config: &ProxyConfig, metrics: Arc<Metrics>, in_flight: InFlight) -> Shared {
         Shared {
             metrics,
             in_flight,
@@ -48,59 +45,13 @@ impl Shared {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             relay: config.relay,
-            timers,
         }
     }
 }
 
-/// Accepts connections on `listener` until `stop`, each handled in its own task.
-pub async fn serve<P: TrafficPath>(listener: TcpListener, path: Arc<P>, shared: Arc<Shared>, mut stop: Stop) {
-    loop {
-        let (client, peer) = tokio::select! {
-            () = stop.stopped() => return,
-            accepted = socket::accept(&listener, P::DIRECTION.label(), &shared.timers) => accepted,
-        };
-        tokio::spawn(handle(client, peer, path.clone(), shared.clone()));
-    }
-}
-
-async fn handle<P: TrafficPath>(client: TcpStream, accepted_from: SocketAddr, path: Arc<P>, shared: Arc<Shared>) {
-    // accept() reports the peer in the socket's own family; logs and TPROXY want it plain.
-    let (ipv6, peer) = (accepted_from.is_ipv6(), socket::canonical(accepted_from));
-    let metrics = shared.metrics.path(P::DIRECTION);
-    let _active = metrics.accepted();
-    let direction = P::DIRECTION.label();
-    let Some(_slot) = shared.in_flight.admit() else {
-        metrics.refused(Refusal::Limit);
-        warn!(direction, src = %peer, "refused: --max-connections are already in flight");
-        return reset(&client);
-    };
-    let started = Instant::now();
-    match forward(&client, peer, ipv6, &*path, &shared, metrics).await {
-        Ok((dest, bytes, close)) => debug!(
-            direction,
-            src = %peer,
-            dst = %dest,
-            upstream_bytes = bytes.upstream,
-            downstream_bytes = bytes.downstream,
-            duration_ms = started.elapsed().as_millis() as u64,
-            close = %describe(&close),
-            "connection closed"
-        ),
-        Err(error) => {
-            if let ForwardError::Loop(_) = error {
-                warn!(direction, src = %peer, %error, "refused");
-            } else {
-                let duration_ms = started.elapsed().as_millis() as u64;
-                debug!(direction, src = %peer, duration_ms, close = %error, "connection closed");
-            }
-            reset(&client);
-        }
-    }
-}
-
+/// Why a connection ended before its relay began.
 #[derive(Debug, thiserror::Error)]
-enum ForwardError {
+pub enum ForwardError {
     #[error("no original destination: {0}")]
     NoDestination(io::Error),
     #[error("loop: {0} is the proxy's own listener")]
@@ -111,44 +62,186 @@ enum ForwardError {
     ConnectTimeout(SocketAddr, Duration),
 }
 
-async fn forward<P: TrafficPath>(
-    client: &TcpStream,
+/// How a connection ended.
+#[derive(Debug)]
+pub enum Ending {
+    Refused(ForwardError),
+    Relayed(Close),
+}
+
+/// An accepted connection and its upstream, from the dial on.
+pub struct Connection {
+    relay: Relay,
+    /// While the upstream's handshake is in flight: when it began.
+    dialing: Option<Instant>,
+    direction: Direction,
     peer: SocketAddr,
-    ipv6: bool,
-    path: &P,
-    shared: &Shared,
-    metrics: &PathMetrics,
-) -> Result<(SocketAddr, Transferred, Close), ForwardError> {
-    let dest = path.destination(client, ipv6).map_err(ForwardError::NoDestination)?;
-    if is_own_listener(dest, &shared.capture_ports, socket::is_local) {
-        metrics.refused(Refusal::Loop);
-        return Err(ForwardError::Loop(dest));
+    dest: SocketAddr,
+    started: Instant,
+    /// When the relay last read anything: the idle timeout counts from here.
+    last_moved: Instant,
+    _slot: Slot,
+    _active: Active,
+}
+
+impl Connection {
+    /// Dials the original destination of `client`, accepted on `path`. A connection that is
+    /// refused (over `--max-connections`, no destination, a loop, a failed connect) is counted,
+    /// logged and reset here, and None returned.
+    pub fn open(
+        client: TcpStream,
+        accepted_from: SocketAddr,
+        path: &dyn TrafficPath,
+        shared: &Shared,
+        now: Instant,
+    ) -> Option<Connection> {
+        // accept() reports the peer in the socket's own family; logs and TPROXY want it plain.
+        let (ipv6, peer) = (accepted_from.is_ipv6(), socket::canonical(accepted_from));
+        let direction = path.direction();
+        let active = shared.metrics.accepted(direction);
+        let metrics = shared.metrics.path(direction);
+        let Some(slot) = shared.in_flight.admit() else {
+            metrics.refused(Refusal::Limit);
+            warn!(direction = direction.label(), src = %peer, "refused: --max-connections are already in flight");
+            reset(&client);
+            return None;
+        };
+        let dialed = path.destination(&client, ipv6).map_err(ForwardError::NoDestination).and_then(|dest| {
+            if is_own_listener(dest, &shared.capture_ports, socket::is_local) {
+                metrics.refused(Refusal::Loop);
+                return Err(ForwardError::Loop(dest));
+            }
+            match socket::connect(dest, path.source(peer, dest)) {
+                Ok(dialed) => Ok((dest, dialed)),
+                Err(error) => {
+                    metrics.connect_failed();
+                    Err(ForwardError::Connect(dest, error))
+                }
+            }
+        });
+        let (dest, dialed) = match dialed {
+            Ok(dialed) => dialed,
+            Err(error) => {
+                log_refusal(direction, peer, &error, now);
+                reset(&client);
+                return None;
+            }
+        };
+        if dialed.connected {
+            metrics.connected_in(now.elapsed());
+        }
+        Some(Connection {
+            // The upstream has sent nothing yet; epoll says when it does.
+            relay: Relay::new(Socket::new(client, true, true), Socket::new(dialed.stream, false, dialed.connected), shared.relay),
+            dialing: (!dialed.connected).then_some(now),
+            direction,
+            peer,
+            dest,
+            started: now,
+            last_moved: now,
+            _slot: slot,
+            _active: active,
+        })
     }
 
-    let dialing = Instant::now();
-    let connecting = shared.timers.timeout(shared.connect_timeout, socket::connect(dest, path.source(peer, dest)));
-    let upstream = match connecting.await {
-        Ok(Ok(upstream)) => upstream,
-        Ok(Err(error)) => {
-            metrics.connect_failed();
-            return Err(ForwardError::Connect(dest, error));
-        }
-        Err(_) => {
-            metrics.connect_failed();
-            return Err(ForwardError::ConnectTimeout(dest, shared.connect_timeout));
-        }
-    };
-    metrics.connected_in(dialing.elapsed());
-
-    let (upstream_total, downstream_total) = metrics.byte_counters();
-    let totals = copy::Totals { upstream: upstream_total, downstream: downstream_total };
-    let (bytes, close) = copy::relay(client, &upstream, shared.relay, shared.idle_timeout, &shared.timers, totals).await;
-    if let Close::Failed(..) = close {
-        // Whichever side failed is gone; the other learns it with a reset, not a clean FIN.
-        reset(client);
-        reset(&upstream);
+    pub fn socket(&self, side: Side) -> &Socket {
+        self.relay.socket(side)
     }
-    Ok((dest, bytes, close))
+
+    /// Records what epoll reported for one of the two sockets.
+    pub fn note(&mut self, side: Side, events: nix::sys::epoll::EpollFlags) {
+        self.relay.socket_mut(side).note(events);
+    }
+
+    /// Moves the connection on as far as it can go now: finishes the dial once the upstream
+    /// reports, then relays.
+    pub fn step(&mut self, shared: &Shared, now: Instant) -> Result<Step, Ending> {
+        if let Some(began) = self.dialing {
+            if !self.relay.socket(Side::Upstream).writable() {
+                return Ok(Step::Waiting);
+            }
+            let metrics = shared.metrics.path(self.direction);
+            if let Err(error) = socket::connect_result(&self.relay.socket(Side::Upstream).stream) {
+                metrics.connect_failed();
+                return Err(Ending::Refused(ForwardError::Connect(self.dest, error)));
+            }
+            metrics.connected_in(now - began);
+            self.dialing = None;
+        }
+        let (upstream, downstream) = shared.metrics.path(self.direction).byte_counters();
+        let mut moved = false;
+        let step = self.relay.step(&Totals { upstream, downstream }, &mut moved);
+        if moved {
+            self.last_moved = now;
+        }
+        match step {
+            Step::Over(close) => Err(Ending::Relayed(close)),
+            step => Ok(step),
+        }
+    }
+
+    /// When [`Connection::expire`] is next due: the connect timeout while dialing, else the idle
+    /// timeout; None for a timeout past what the clock holds.
+    pub fn deadline(&self, shared: &Shared) -> Option<Instant> {
+        match self.dialing {
+            Some(began) => began.checked_add(shared.connect_timeout),
+            None => self.last_moved.checked_add(shared.idle_timeout),
+        }
+    }
+
+    /// A deadline of this connection has come: Ok with the next one if the connection lives on.
+    pub fn expire(&self, shared: &Shared, now: Instant) -> Result<Option<Instant>, Ending> {
+        match self.deadline(shared) {
+            Some(deadline) if deadline <= now => Err(match self.dialing {
+                Some(_) => {
+                    shared.metrics.path(self.direction).connect_failed();
+                    Ending::Refused(ForwardError::ConnectTimeout(self.dest, shared.connect_timeout))
+                }
+                None => Ending::Relayed(Close::Idle),
+            }),
+            next => Ok(next),
+        }
+    }
+
+    /// Logs how the connection ended and closes both sockets: a failure on either side reaches
+    /// the other as a reset, not as a clean FIN.
+    pub fn end(self, ending: Ending, now: Instant) {
+        let direction = self.direction.label();
+        let duration_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        match &ending {
+            Ending::Refused(error) => {
+                log_refusal(self.direction, self.peer, error, self.started);
+                reset(&self.relay.socket(Side::Client).stream);
+            }
+            Ending::Relayed(close) => {
+                let bytes = self.relay.transferred();
+                debug!(
+                    direction,
+                    src = %self.peer,
+                    dst = %self.dest,
+                    upstream_bytes = bytes.upstream,
+                    downstream_bytes = bytes.downstream,
+                    duration_ms,
+                    close = %describe(close),
+                    "connection closed"
+                );
+                if let Close::Failed(..) = close {
+                    reset(&self.relay.socket(Side::Client).stream);
+                    reset(&self.relay.socket(Side::Upstream).stream);
+                }
+            }
+        }
+    }
+}
+
+fn log_refusal(direction: Direction, peer: SocketAddr, error: &ForwardError, started: Instant) {
+    let direction = direction.label();
+    if let ForwardError::Loop(_) = error {
+        warn!(direction, src = %peer, %error, "refused");
+    } else {
+        let duration_ms = started.elapsed().as_millis() as u64;
+        debug!(direction, src = %peer, duration_ms, close = %error, "connection closed");
+    }
 }
 
 /// A connection to one of our own capture ports on this host would come straight back to us.
@@ -184,24 +277,18 @@ mod tests {
         assert!(!is_own_listener("10.44.0.5:15021".parse().unwrap(), &ports, local), "health is not captured");
     }
 
-    /// An idle relayed connection costs its task, two socket registrations and nothing else:
-    /// keep the task to a few hundred bytes (it was 1,680 with an async block per direction).
-    #[tokio::test]
-    async fn a_connection_task_stays_small() {
-        let config = ProxyConfig::parse_from(["capture-proxy"]).unwrap();
-        let shared = Arc::new(Shared::new(&config, Arc::default(), InFlight::new(1), Timers::current()));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let client = TcpStream::connect(addr).await.unwrap();
-        let task = handle(client, addr, Arc::new(crate::outbound::Outbound), shared);
-        let size = std::mem::size_of_val(&task);
-        assert!(size <= 1024, "a connection's task takes {size} bytes");
+    /// An idle relayed connection costs this and its two sockets: keep it to a few hundred bytes
+    /// (its tokio task was 856 bytes, plus two 256-byte socket registrations).
+    #[test]
+    fn a_connection_stays_small() {
+        let size = std::mem::size_of::<Connection>();
+        assert!(size <= 320, "a connection takes {size} bytes");
     }
 
     #[test]
     fn close_reasons_read_well_in_logs() {
         assert_eq!(describe(&Close::Finished), "finished");
         let reset = io::Error::from(io::ErrorKind::ConnectionReset);
-        assert_eq!(describe(&Close::Failed(copy::Side::Upstream, reset)), "upstream failed: connection reset");
+        assert_eq!(describe(&Close::Failed(Side::Upstream, reset)), "upstream failed: connection reset");
     }
 }

@@ -3,20 +3,18 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use std::net::TcpStream;
 use std::time::Duration;
 
 use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
-
-use crate::timers::Timers;
 
 /// Listening backlog, as Envoy's default.
 const BACKLOG: i32 = 1024;
 
 /// How long an accept loop waits after a failed accept before trying again.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// The IPv4 or IPv6 wildcard address with `port`.
 pub fn any(ipv6: bool, port: u16) -> SocketAddr {
@@ -45,24 +43,36 @@ pub fn listen(addr: SocketAddr, transparent: bool, per_worker: bool) -> io::Resu
     Ok(socket.into())
 }
 
-/// The next connection on `listener` (serving `role`). A failed accept (EMFILE or ENFILE at the
+/// The next connection on `listener`, non-blocking (WouldBlock when there is none yet), with
+/// its peer's address.
+pub fn accept(listener: &Socket) -> io::Result<(TcpStream, SocketAddr)> {
+    let (stream, peer) = listener.accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let peer = peer.as_socket().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "the peer is not an IP address"))?;
+    Ok((stream.into(), peer))
+}
+
+/// The failed accepts of one listener in a row. A failed accept (EMFILE or ENFILE at the
 /// descriptor limit, typically) leaves the connection in the backlog and the listener readable,
-/// so trying again at once would spin: wait a little first, and log the first failure of a run.
-pub async fn accept(listener: &TcpListener, role: &'static str, timers: &Timers) -> (TcpStream, SocketAddr) {
-    let mut failures = 0u64;
-    loop {
-        match listener.accept().await {
-            Ok(accepted) => {
-                if failures > 0 {
-                    info!(role, failures, "accepting again");
-                }
-                return accepted;
-            }
-            Err(error) if failures == 0 => warn!(role, %error, "accept failed; retrying every {ACCEPT_BACKOFF:?}"),
-            Err(error) => debug!(role, %error, "accept failed"),
+/// so trying again at once would spin: the caller waits [`ACCEPT_BACKOFF`] first. The first
+/// failure of a run is logged as a warning, the recovery as news.
+#[derive(Default)]
+pub struct AcceptFailures(u64);
+
+impl AcceptFailures {
+    pub fn failed(&mut self, role: &'static str, error: &io::Error) {
+        if self.0 == 0 {
+            warn!(role, %error, "accept failed; retrying every {ACCEPT_BACKOFF:?}");
+        } else {
+            debug!(role, %error, "accept failed");
         }
-        failures += 1;
-        timers.sleep(ACCEPT_BACKOFF).await;
+        self.0 += 1;
+    }
+
+    pub fn accepted(&mut self, role: &'static str) {
+        if self.0 > 0 {
+            info!(role, failures = self.0, "accepting again");
+            self.0 = 0;
+        }
     }
 }
 
@@ -122,8 +132,18 @@ pub enum Source {
     Spoofed { ip: IpAddr, mark: u32 },
 }
 
-/// Opens a TCP connection to `dest` from `source`.
-pub async fn connect(dest: SocketAddr, source: Source) -> io::Result<TcpStream> {
+/// A connection being opened.
+#[derive(Debug)]
+pub struct Dialed {
+    pub stream: TcpStream,
+    /// The handshake completed within connect(): to a local address (the inbound path's
+    /// upstream, always) it does, and the connection needs no wait for writability, no wake-up.
+    pub connected: bool,
+}
+
+/// Starts a non-blocking TCP connection to `dest` from `source`. A connection not `connected`
+/// at once is, once its socket is writable, established or failed: see [`connect_result`].
+pub fn connect(dest: SocketAddr, source: Source) -> io::Result<Dialed> {
     let socket = Socket::new(Domain::for_address(dest), Type::STREAM.nonblocking().cloexec(), None)?;
     socket.set_tcp_nodelay(true)?;
     let bind_ip = match source {
@@ -141,21 +161,19 @@ pub async fn connect(dest: SocketAddr, source: Source) -> io::Result<TcpStream> 
         setsockopt(&socket, sockopt::IpBindAddressNoPort, &true)?;
         socket.bind(&SocketAddr::new(ip, 0).into())?;
     }
-    match socket.connect(&dest.into()) {
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        other => other?,
+    let connected = match socket.connect(&dest.into()) {
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => socket.peer_addr().is_ok(),
+        other => other.map(|()| true)?,
+    };
+    Ok(Dialed { stream: socket.into(), connected })
+}
+
+/// How a connection that was in progress ended, once its socket reported writable or an error.
+pub fn connect_result(stream: &TcpStream) -> io::Result<()> {
+    match stream.take_error()? {
+        Some(error) => Err(error),
+        None => Ok(()),
     }
-    // To a local address (the inbound path's upstream, always) the handshake has completed
-    // within connect(): a connected socket needs no wait for writability, and no wake-up.
-    let connected = socket.peer_addr().is_ok();
-    let stream = TcpStream::from_std(socket.into())?;
-    if !connected {
-        stream.writable().await?;
-        if let Some(error) = stream.take_error()? {
-            return Err(error);
-        }
-    }
-    Ok(stream)
 }
 
 /// True when `ip` belongs to this network namespace: only local addresses can be bound.
@@ -180,7 +198,6 @@ fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::pin::pin;
 
     #[test]
     fn mapped_addresses_become_ipv4() {
@@ -195,45 +212,56 @@ mod tests {
         assert_eq!(canonical(compatible), compatible);
     }
 
-    #[tokio::test]
-    async fn accepted_connections_inherit_nodelay_from_the_listener() {
-        let listener = TcpListener::from_std(listen("127.0.0.1:0".parse().unwrap(), false, false).unwrap()).unwrap();
-        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
+    #[test]
+    fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let listener: Socket = listen("127.0.0.1:0".parse().unwrap(), false, false).unwrap().into();
+        let client = TcpStream::connect(listener.local_addr().unwrap().as_socket().unwrap()).unwrap();
+        let (accepted, peer) = accept(&listener).unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
         assert!(accepted.nodelay().unwrap(), "the accepted socket has Nagle's algorithm on");
         assert!(!client.nodelay().unwrap(), "a plain socket has it on by default: the check means something");
+        assert_eq!(accept(&listener).map_err(|e| e.kind()).err(), Some(io::ErrorKind::WouldBlock), "non-blocking");
     }
 
-    #[tokio::test]
-    async fn connects_to_a_local_listener_and_reports_a_refusal() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    #[test]
+    fn connects_to_a_local_listener_at_once_and_reports_a_refusal() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let stream = connect(addr, Source::Bound("127.0.0.1".parse().unwrap())).await.unwrap();
-        let (accepted, _) = listener.accept().await.unwrap();
-        assert_eq!(stream.local_addr().unwrap(), accepted.peer_addr().unwrap());
-        assert!(stream.nodelay().unwrap());
+        let dialed = connect(addr, Source::Bound("127.0.0.1".parse().unwrap())).unwrap();
+        assert!(dialed.connected, "a local connect completes within the call");
+        let (accepted, _) = listener.accept().unwrap();
+        assert_eq!(dialed.stream.local_addr().unwrap(), accepted.peer_addr().unwrap());
+        assert!(dialed.stream.nodelay().unwrap());
         drop(listener);
-        let refused = connect(addr, Source::Any).await.expect_err("nothing listens there any more");
-        assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused);
+        // The refusal is known at once, but reported as the socket's error once it is writable.
+        let refused = connect(addr, Source::Any).unwrap();
+        assert!(!refused.connected);
+        let error = connect_result(&refused.stream).expect_err("nothing listens there any more");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionRefused);
     }
 
     /// A listener whose accept queue is full drops SYNs: a connect to it stays in progress until
     /// the queue has room and the SYN is sent again (after a second).
-    #[tokio::test]
-    async fn a_connect_not_answered_at_once_waits_for_the_handshake() {
+    #[test]
+    fn a_connect_not_answered_at_once_is_in_progress_until_the_handshake() {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
         let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
         socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
         socket.listen(0).unwrap();
         let addr = socket.local_addr().unwrap().as_socket().unwrap();
-        let _filling_the_queue = std::net::TcpStream::connect(addr).unwrap();
-        let mut connecting = pin!(connect(addr, Source::Any));
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), connecting.as_mut()).await.is_err(),
-            "connected although the listener's queue was full"
-        );
+        let _filling_the_queue = TcpStream::connect(addr).unwrap();
+        let dialed = connect(addr, Source::Any).unwrap();
+        assert!(!dialed.connected, "connected although the listener's queue was full");
+        let writable = |millis: u16| {
+            let mut fds = [PollFd::new(dialed.stream.as_fd(), PollFlags::POLLOUT)];
+            poll(&mut fds, PollTimeout::from(millis)).unwrap() == 1
+        };
+        assert!(!writable(300), "writable before the handshake");
         socket.accept().unwrap();
-        let stream = tokio::time::timeout(Duration::from_secs(5), connecting).await.expect("the SYN was sent again").unwrap();
-        assert_eq!(socket.accept().unwrap().0.peer_addr().unwrap().as_socket(), Some(stream.local_addr().unwrap()));
+        assert!(writable(5000), "the SYN was not sent again");
+        connect_result(&dialed.stream).unwrap();
+        assert_eq!(socket.accept().unwrap().0.peer_addr().unwrap().as_socket(), Some(dialed.stream.local_addr().unwrap()));
     }
 
     #[test]

@@ -1,67 +1,135 @@
-//! The proxy's timers (idle and connect timeouts, the accept backoff), kept by the main thread's
-//! runtime and not by the workers'.
+//! A worker's timers (connect and idle timeouts, the accept backoff): deadlines in a heap, with
+//! one timerfd in the worker's epoll set armed for the earliest.
 //!
-//! A runtime with a timer pending parks in epoll_wait with a timeout: the kernel then arms and
-//! cancels a timer on every wake-up, and the time driver does its bookkeeping around it. With
-//! every relayed connection holding an idle timer, that cost 1.3 µs of each 1-byte round trip's
-//! 26 (BENCHMARKS-proxy.md). So the workers' runtimes have no time driver: a worker's task polls
-//! these timers like any other future, and the main thread wakes it when one fires, which for an
-//! idle timeout is rare, not once per wake-up.
+//! The worker's epoll_wait never has a timeout. With one, the kernel arms and cancels a timer on
+//! every wake-up: with every relayed connection holding an idle timer, that cost 1.3 µs of each
+//! 1-byte round trip's 26 (BENCHMARKS-proxy.md). The timerfd is set only when the earliest
+//! deadline moves earlier, which a relayed byte never does: an idle deadline is checked when it
+//! comes, against the connection's last activity, and put back later if it moved.
 
-use std::future::IntoFuture;
-use std::time::Duration;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::time::{Duration, Instant};
 
-use tokio::runtime::Handle;
-use tokio::time::{Sleep, Timeout};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
-/// Makes timers kept by one runtime, whichever thread polls them.
-#[derive(Clone, Debug)]
-pub struct Timers(Handle);
+/// What a deadline belongs to: a slot of the worker's table and the id of what was in it then,
+/// so that a deadline outliving its connection never touches the slot's next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Owner {
+    pub slot: usize,
+    pub id: u64,
+}
+
+pub struct Timers {
+    fd: TimerFd,
+    deadlines: BinaryHeap<Reverse<(Instant, Owner)>>,
+    /// The deadline the timerfd is set for, if any.
+    armed: Option<Instant>,
+}
 
 impl Timers {
-    /// Timers kept by `runtime`, which must have its time driver enabled.
-    pub fn new(runtime: Handle) -> Timers {
-        Timers(runtime)
+    pub fn new() -> io::Result<Timers> {
+        let fd = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)?;
+        Ok(Timers { fd, deadlines: BinaryHeap::new(), armed: None })
     }
 
-    /// Timers kept by the runtime the caller runs in.
-    pub fn current() -> Timers {
-        Timers(Handle::current())
+    /// The descriptor to watch for readability.
+    pub fn fd(&self) -> &TimerFd {
+        &self.fd
     }
 
-    pub fn sleep(&self, duration: Duration) -> Sleep {
-        let _keeping = self.0.enter();
-        tokio::time::sleep(duration)
+    /// Calls `owner` back through [`Timers::expired`] once `after` has passed from `now`;
+    /// a duration past what the clock can hold never comes.
+    pub fn add(&mut self, now: Instant, after: Duration, owner: Owner) -> io::Result<()> {
+        match now.checked_add(after) {
+            Some(deadline) => self.add_at(now, deadline, owner),
+            None => Ok(()),
+        }
     }
 
-    pub fn timeout<F: IntoFuture>(&self, duration: Duration, future: F) -> Timeout<F::IntoFuture> {
-        let _keeping = self.0.enter();
-        tokio::time::timeout(duration, future)
+    pub fn add_at(&mut self, now: Instant, deadline: Instant, owner: Owner) -> io::Result<()> {
+        self.deadlines.push(Reverse((deadline, owner)));
+        self.arm(now)
+    }
+
+    /// The owners whose deadline has come by `now`, earliest first; the timerfd is then set for
+    /// the next one.
+    pub fn expired(&mut self, now: Instant) -> io::Result<Vec<Owner>> {
+        // Clear the expiration count the timerfd holds (EAGAIN: it fired for an earlier setting).
+        let _ = self.fd.wait();
+        self.armed = None;
+        let mut due = Vec::new();
+        while let Some(Reverse((deadline, owner))) = self.deadlines.peek() {
+            if *deadline > now {
+                break;
+            }
+            due.push(*owner);
+            self.deadlines.pop();
+        }
+        self.arm(now)?;
+        Ok(due)
+    }
+
+    /// Sets the timerfd for the earliest deadline, unless it already is set for one as early.
+    fn arm(&mut self, now: Instant) -> io::Result<()> {
+        let Some(Reverse((earliest, _))) = self.deadlines.peek() else { return Ok(()) };
+        if self.armed.is_some_and(|armed| armed <= *earliest) {
+            return Ok(());
+        }
+        // A relative setting of at least 1 ns: zero would disarm the timer.
+        let after = earliest.saturating_duration_since(now).max(Duration::from_nanos(1));
+        self.fd.set(Expiration::OneShot(TimeSpec::from_duration(after)), TimerSetTimeFlags::empty())?;
+        self.armed = Some(*earliest);
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
 
-    /// A task on a runtime without a time driver (a worker's) sleeps and times out on timers kept
-    /// by another runtime, which wakes it from its own thread.
-    #[tokio::test]
-    async fn a_runtime_without_timers_waits_on_another_runtimes() {
-        let timers = Timers::current();
-        let worker = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().unwrap();
-            runtime.block_on(async {
-                let started = std::time::Instant::now();
-                timers.sleep(Duration::from_millis(30)).await;
-                let slept = started.elapsed();
-                let waited = timers.timeout(Duration::from_millis(30), std::future::pending::<()>()).await;
-                (slept, waited.is_err())
-            })
-        });
-        // This runtime must keep running for its timers to fire: wait for the worker without blocking it.
-        let (slept, timed_out) = tokio::task::spawn_blocking(move || worker.join().unwrap()).await.unwrap();
-        assert!(slept >= Duration::from_millis(30), "slept {slept:?}");
-        assert!(timed_out, "the pending future was not timed out");
+    fn owner(slot: usize) -> Owner {
+        Owner { slot, id: slot as u64 }
+    }
+
+    /// Waits for the timerfd to fire; false after a second.
+    fn fires(timers: &Timers) -> bool {
+        let mut fds = [PollFd::new(timers.fd().as_fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::from(1000u16)).unwrap() == 1
+    }
+
+    #[test]
+    fn deadlines_come_in_order_and_the_timerfd_follows_the_earliest() {
+        let mut timers = Timers::new().unwrap();
+        let start = Instant::now();
+        timers.add(start, Duration::from_millis(60), owner(1)).unwrap();
+        timers.add(start, Duration::from_millis(20), owner(2)).unwrap();
+        timers.add(start, Duration::MAX, owner(3)).unwrap();
+        assert!(fires(&timers));
+        let now = Instant::now();
+        assert!(now - start >= Duration::from_millis(20), "fired after {:?}", now - start);
+        assert_eq!(timers.expired(now).unwrap(), vec![owner(2)]);
+        assert!(fires(&timers), "re-armed for the next deadline");
+        let now = Instant::now();
+        assert!(now - start >= Duration::from_millis(60));
+        assert_eq!(timers.expired(now).unwrap(), vec![owner(1)]);
+        assert!(!fires(&timers), "a deadline past what the clock holds never comes");
+    }
+
+    #[test]
+    fn a_later_deadline_leaves_the_timerfd_alone() {
+        let mut timers = Timers::new().unwrap();
+        let start = Instant::now();
+        timers.add(start, Duration::from_millis(10), owner(1)).unwrap();
+        let armed = timers.armed;
+        timers.add(start, Duration::from_secs(10), owner(2)).unwrap();
+        assert_eq!(timers.armed, armed);
+        assert!(fires(&timers));
+        assert_eq!(timers.expired(Instant::now()).unwrap(), vec![owner(1)]);
     }
 }

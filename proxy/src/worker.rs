@@ -1,0 +1,381 @@
+//! A worker: one thread with its own epoll instance, its own listeners (SO_REUSEPORT: the
+//! kernel spreads connections over the workers, as over Envoy's) and every connection they
+//! accept. Both sockets of a connection belong to one worker, so no wake-up crosses threads.
+//!
+//! The loop is ours rather than an async runtime's: per wake-up it reads the events, notes each
+//! socket's readiness and steps the connection it belongs to, with nothing in between. Measured
+//! on a 1-byte round trip, a runtime's wake-up machinery (readiness dispatch, task wake and
+//! poll, park bookkeeping) cost 1.5 µs per round trip over this (BENCHMARKS-proxy.md).
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use socket2::Socket as Listening;
+use tokio::sync::oneshot;
+use tracing::error;
+
+use crate::proxy::{Connection, Ending, Shared, TrafficPath};
+use crate::relay::{Side, Socket, Step};
+use crate::socket::{self, AcceptFailures};
+use crate::timers::{Owner, Timers};
+
+/// Events read per epoll_wait.
+const EVENTS: usize = 256;
+
+/// The epoll tokens of the two descriptors every worker has; the others are the table's slots,
+/// shifted left by two, with the socket's role in the low bits.
+const STOP_TOKEN: u64 = u64::MAX;
+const TIMER_TOKEN: u64 = u64::MAX - 1;
+const LISTENER: u64 = 0;
+const CLIENT: u64 = 1;
+const UPSTREAM: u64 = 2;
+
+/// Tells a worker to stop accepting; its connections carry on until they end or the process exits.
+pub struct StopHandle {
+    wake: Arc<EventFd>,
+    stopped: oneshot::Receiver<()>,
+}
+
+impl StopHandle {
+    /// Returns once the worker has closed its listeners.
+    pub async fn stop(self) -> io::Result<()> {
+        self.wake.write(1)?;
+        // An error means the worker thread is gone, and its listeners with it.
+        let _ = self.stopped.await;
+        Ok(())
+    }
+}
+
+/// A listener and the path its connections take.
+struct Listener {
+    socket: Listening,
+    path: Arc<dyn TrafficPath>,
+    failures: AcceptFailures,
+    /// Waiting out a failed accept: the timer, not readiness, resumes it.
+    backing_off: bool,
+}
+
+enum Entry {
+    Vacant { next: Option<usize> },
+    Listener { id: u64, listener: Listener },
+    Connection { id: u64, connection: Box<Connection> },
+}
+
+/// The worker's listeners and connections by slot, reusing vacant slots.
+struct Table {
+    entries: Vec<Entry>,
+    vacant: Option<usize>,
+    next_id: u64,
+}
+
+impl Table {
+    fn insert(&mut self, make: impl FnOnce(u64) -> Entry) -> (usize, u64) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let slot = match self.vacant {
+            Some(slot) => {
+                if let Entry::Vacant { next } = self.entries[slot] {
+                    self.vacant = next;
+                }
+                self.entries[slot] = make(id);
+                slot
+            }
+            None => {
+                self.entries.push(make(id));
+                self.entries.len() - 1
+            }
+        };
+        (slot, id)
+    }
+
+    fn remove(&mut self, slot: usize) -> Entry {
+        let entry = std::mem::replace(&mut self.entries[slot], Entry::Vacant { next: self.vacant });
+        self.vacant = Some(slot);
+        entry
+    }
+
+    fn connection(&mut self, slot: usize) -> Option<&mut Connection> {
+        match self.entries.get_mut(slot) {
+            Some(Entry::Connection { connection, .. }) => Some(connection),
+            _ => None,
+        }
+    }
+
+    fn owns(&self, owner: Owner) -> bool {
+        match self.entries.get(owner.slot) {
+            Some(Entry::Listener { id, .. } | Entry::Connection { id, .. }) => *id == owner.id,
+            _ => false,
+        }
+    }
+}
+
+pub struct Worker {
+    epoll: Epoll,
+    table: Table,
+    timers: Timers,
+    stop: Arc<EventFd>,
+    stopped: Option<oneshot::Sender<()>>,
+    shared: Arc<Shared>,
+    /// Connections that stopped after their share of work with more to do.
+    busy: Vec<usize>,
+    now: Instant,
+}
+
+impl Worker {
+    /// A worker accepting on `listeners`, each with the path its connections take.
+    pub fn new(
+        listeners: Vec<(std::net::TcpListener, Arc<dyn TrafficPath>)>,
+        shared: Arc<Shared>,
+    ) -> io::Result<(Worker, StopHandle)> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        let stop = Arc::new(EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?);
+        let timers = Timers::new()?;
+        let (stopped, on_stopped) = oneshot::channel();
+        epoll.add(stop.as_ref(), EpollEvent::new(EpollFlags::EPOLLIN, STOP_TOKEN))?;
+        epoll.add(timers.fd(), EpollEvent::new(EpollFlags::EPOLLIN, TIMER_TOKEN))?;
+        let mut worker = Worker {
+            epoll,
+            table: Table { entries: Vec::new(), vacant: None, next_id: 0 },
+            timers,
+            stop: stop.clone(),
+            stopped: Some(stopped),
+            shared,
+            busy: Vec::new(),
+            now: Instant::now(),
+        };
+        for (listener, path) in listeners {
+            let listener = Listener { socket: listener.into(), path, failures: AcceptFailures::default(), backing_off: false };
+            let (slot, _) = worker.table.insert(|id| Entry::Listener { id, listener });
+            let Entry::Listener { listener, .. } = &worker.table.entries[slot] else { unreachable!("just inserted") };
+            let events = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+            worker.epoll.add(&listener.socket, EpollEvent::new(events, token(slot, LISTENER)))?;
+        }
+        Ok((worker, StopHandle { wake: stop, stopped: on_stopped }))
+    }
+
+    /// Runs until the thread ends with the process.
+    pub fn run(mut self) {
+        let mut events = vec![EpollEvent::empty(); EVENTS];
+        loop {
+            let timeout = if self.busy.is_empty() { EpollTimeout::NONE } else { EpollTimeout::ZERO };
+            let ready = match self.epoll.wait(&mut events, timeout) {
+                Ok(ready) => ready,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    error!(error = %e, "epoll_wait failed; this worker stops");
+                    return;
+                }
+            };
+            self.now = Instant::now();
+            for event in &events[..ready] {
+                self.dispatch(event.data(), event.events());
+            }
+            for slot in std::mem::take(&mut self.busy) {
+                self.drive(slot);
+            }
+        }
+    }
+
+    fn dispatch(&mut self, token: u64, events: EpollFlags) {
+        match token {
+            STOP_TOKEN => self.stop_accepting(),
+            TIMER_TOKEN => self.expire(),
+            _ => {
+                let slot = (token >> 2) as usize;
+                match token & 3 {
+                    LISTENER => self.accept(slot),
+                    role => {
+                        let side = if role == CLIENT { Side::Client } else { Side::Upstream };
+                        if let Some(connection) = self.table.connection(slot) {
+                            connection.note(side, events);
+                            self.drive(slot);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Accepts until the listener has no more, or backs off after a failure.
+    fn accept(&mut self, slot: usize) {
+        loop {
+            let Some(Entry::Listener { id, listener }) = self.table.entries.get_mut(slot) else { return };
+            if listener.backing_off {
+                return;
+            }
+            let role = listener.path.direction().label();
+            let (client, peer) = match socket::accept(&listener.socket) {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO)) => continue,
+                Err(e) => {
+                    listener.failures.failed(role, &e);
+                    listener.backing_off = true;
+                    let owner = Owner { slot, id: *id };
+                    if let Err(e) = self.timers.add(self.now, socket::ACCEPT_BACKOFF, owner) {
+                        error!(error = %e, "cannot set the accept backoff timer");
+                    }
+                    return;
+                }
+            };
+            listener.failures.accepted(role);
+            let path = listener.path.clone();
+            if let Some(connection) = Connection::open(client, peer, path.as_ref(), &self.shared, self.now) {
+                self.start(connection);
+            }
+        }
+    }
+
+    /// Registers a dialed connection's sockets and takes its first step.
+    fn start(&mut self, connection: Connection) {
+        let deadline = connection.deadline(&self.shared);
+        let (slot, id) = self.table.insert(|id| Entry::Connection { id, connection: Box::new(connection) });
+        let registered = (|| {
+            let Some(connection) = self.table.connection(slot) else { unreachable!("just inserted") };
+            for (side, role) in [(Side::Client, CLIENT), (Side::Upstream, UPSTREAM)] {
+                self.epoll.add(&connection.socket(side).stream, EpollEvent::new(Socket::EVENTS, token(slot, role)))?;
+            }
+            if let Some(deadline) = deadline {
+                self.timers.add_at(self.now, deadline, Owner { slot, id })?;
+            }
+            io::Result::Ok(())
+        })();
+        match registered {
+            Ok(()) => self.drive(slot),
+            Err(e) => self.end(slot, Ending::Relayed(crate::relay::Close::Failed(Side::Client, e))),
+        }
+    }
+
+    /// Steps the connection in `slot` and acts on where it got to.
+    fn drive(&mut self, slot: usize) {
+        let Some(connection) = self.table.connection(slot) else { return };
+        match connection.step(&self.shared, self.now) {
+            Ok(Step::Waiting) => {}
+            Ok(Step::Busy) => self.busy.push(slot),
+            Ok(Step::Over(close)) => self.end(slot, Ending::Relayed(close)),
+            Err(ending) => self.end(slot, ending),
+        }
+    }
+
+    fn end(&mut self, slot: usize, ending: Ending) {
+        // Closing a socket takes it out of the epoll set: nothing to deregister.
+        if let Entry::Connection { connection, .. } = self.table.remove(slot) {
+            connection.end(ending, self.now);
+        }
+    }
+
+    fn expire(&mut self) {
+        let due = match self.timers.expired(self.now) {
+            Ok(due) => due,
+            Err(e) => {
+                error!(error = %e, "cannot set the timer");
+                return;
+            }
+        };
+        for owner in due {
+            if !self.table.owns(owner) {
+                continue;
+            }
+            match &mut self.table.entries[owner.slot] {
+                Entry::Listener { listener, .. } => {
+                    listener.backing_off = false;
+                    self.accept(owner.slot);
+                }
+                Entry::Connection { connection, .. } => match connection.expire(&self.shared, self.now) {
+                    Ok(Some(next)) => {
+                        if let Err(e) = self.timers.add_at(self.now, next, owner) {
+                            error!(error = %e, "cannot set the timer");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(ending) => self.end(owner.slot, ending),
+                },
+                Entry::Vacant { .. } => {}
+            }
+        }
+    }
+
+    /// Closes the listeners: new connections go to no worker, and the kernel refuses them.
+    fn stop_accepting(&mut self) {
+        let _ = self.stop.read();
+        let listeners: Vec<usize> =
+            (0..self.table.entries.len()).filter(|&slot| matches!(self.table.entries[slot], Entry::Listener { .. })).collect();
+        for slot in listeners {
+            self.table.remove(slot);
+        }
+        if let Some(stopped) = self.stopped.take() {
+            let _ = stopped.send(());
+        }
+    }
+}
+
+fn token(slot: usize, role: u64) -> u64 {
+    (slot as u64) << 2 | role
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+    use std::time::Duration;
+
+    use crate::config::ProxyConfig;
+    use crate::drain::InFlight;
+    use crate::metrics::{Direction, Metrics};
+    use crate::socket::Source;
+
+    /// Sends every connection to one address, as if the capture rules had.
+    struct To(SocketAddr);
+
+    impl TrafficPath for To {
+        fn direction(&self) -> Direction {
+            Direction::Outbound
+        }
+        fn destination(&self, _client: &TcpStream, _ipv6: bool) -> io::Result<SocketAddr> {
+            Ok(self.0)
+        }
+        fn source(&self, _client: SocketAddr, _dest: SocketAddr) -> Source {
+            Source::Any
+        }
+    }
+
+    /// A worker on a loopback listener whose connections all go to `upstream`; its address.
+    fn worker_to(upstream: SocketAddr, flags: &[&str]) -> SocketAddr {
+        let config = ProxyConfig::parse_from(["capture-proxy"].iter().chain(flags)).unwrap();
+        let shared = Arc::new(Shared::new(&config, Arc::new(Metrics::default()), InFlight::new(10)));
+        let listener = socket::listen("127.0.0.1:0".parse().unwrap(), false, false).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (worker, _stop) = Worker::new(vec![(listener, Arc::new(To(upstream)))], shared).unwrap();
+        std::thread::spawn(move || worker.run());
+        addr
+    }
+
+    #[test]
+    fn the_clients_fin_goes_on_and_the_answer_comes_back() {
+        let app = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = worker_to(app.local_addr().unwrap(), &[]);
+        let serving = std::thread::spawn(move || {
+            let (mut stream, _) = app.accept().unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut request = Vec::new();
+            stream.read_to_end(&mut request).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            stream.write_all(b"late answer").unwrap();
+            request
+        });
+        let mut client = TcpStream::connect(proxy).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        client.write_all(b"ping\n").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).unwrap();
+        assert_eq!(answer, "late answer");
+        assert_eq!(serving.join().unwrap(), b"ping\n");
+    }
+}
