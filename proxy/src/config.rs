@@ -81,7 +81,7 @@ pub struct ProxyConfig {
     #[arg(long, value_enum, default_value_t = RelayMode::Splice)]
     pub relay: RelayMode,
 
-    /// Worker threads, each with its own listeners and single-threaded runtime (0: one per CPU).
+    /// Worker threads, each with its own listeners and event loop (0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub worker_threads: usize,
 

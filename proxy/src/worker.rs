@@ -18,7 +18,7 @@ use socket2::Socket as Listening;
 use tokio::sync::oneshot;
 use tracing::error;
 
-use crate::proxy::{Connection, Ending, Shared, TrafficPath};
+use crate::proxy::{Connection, Ending, ForwardError, Shared, TrafficPath};
 use crate::relay::{Side, Socket, Step};
 use crate::socket::{self, AcceptFailures};
 use crate::timers::{Owner, Timers};
@@ -26,8 +26,10 @@ use crate::timers::{Owner, Timers};
 /// Events read per epoll_wait.
 const EVENTS: usize = 256;
 
-/// The epoll tokens of the two descriptors every worker has; the others are the table's slots,
-/// shifted left by two, with the socket's role in the low bits.
+/// The epoll tokens of the two descriptors every worker has. The others name a socket by its
+/// role (the low two bits), the slot of its listener or connection in the table, and the low 32
+/// bits of that entry's id (the high half): an event read in the same batch as its connection's
+/// end must not reach a new connection that took the slot meanwhile.
 const STOP_TOKEN: u64 = u64::MAX;
 const TIMER_TOKEN: u64 = u64::MAX - 1;
 const LISTENER: u64 = 0;
@@ -63,6 +65,15 @@ enum Entry {
     Vacant { next: Option<usize> },
     Listener { id: u64, listener: Listener },
     Connection { id: u64, connection: Box<Connection> },
+}
+
+impl Entry {
+    fn id(&self) -> Option<u64> {
+        match self {
+            Entry::Listener { id, .. } | Entry::Connection { id, .. } => Some(*id),
+            Entry::Vacant { .. } => None,
+        }
+    }
 }
 
 /// The worker's listeners and connections by slot, reusing vacant slots.
@@ -105,11 +116,15 @@ impl Table {
         }
     }
 
+    /// The slot an epoll token names, unless its entry has changed since.
+    fn named_by(&self, token: u64) -> Option<usize> {
+        let slot = (token as u32 >> 2) as usize;
+        let id = self.entries.get(slot)?.id()?;
+        (id as u32 == (token >> 32) as u32).then_some(slot)
+    }
+
     fn owns(&self, owner: Owner) -> bool {
-        match self.entries.get(owner.slot) {
-            Some(Entry::Listener { id, .. } | Entry::Connection { id, .. }) => *id == owner.id,
-            _ => false,
-        }
+        self.entries.get(owner.slot).and_then(Entry::id) == Some(owner.id)
     }
 }
 
@@ -149,10 +164,10 @@ impl Worker {
         };
         for (listener, path) in listeners {
             let listener = Listener { socket: listener.into(), path, failures: AcceptFailures::default(), backing_off: false };
-            let (slot, _) = worker.table.insert(|id| Entry::Listener { id, listener });
+            let (slot, id) = worker.table.insert(|id| Entry::Listener { id, listener });
             let Entry::Listener { listener, .. } = &worker.table.entries[slot] else { unreachable!("just inserted") };
             let events = EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
-            worker.epoll.add(&listener.socket, EpollEvent::new(events, token(slot, LISTENER)))?;
+            worker.epoll.add(&listener.socket, EpollEvent::new(events, token(Owner { slot, id }, LISTENER)))?;
         }
         Ok((worker, StopHandle { wake: stop, stopped: on_stopped }))
     }
@@ -185,7 +200,7 @@ impl Worker {
             STOP_TOKEN => self.stop_accepting(),
             TIMER_TOKEN => self.expire(),
             _ => {
-                let slot = (token >> 2) as usize;
+                let Some(slot) = self.table.named_by(token) else { return };
                 match token & 3 {
                     LISTENER => self.accept(slot),
                     role => {
@@ -238,7 +253,8 @@ impl Worker {
         let registered = (|| {
             let Some(connection) = self.table.connection(slot) else { unreachable!("just inserted") };
             for (side, role) in [(Side::Client, CLIENT), (Side::Upstream, UPSTREAM)] {
-                self.epoll.add(&connection.socket(side).stream, EpollEvent::new(Socket::EVENTS, token(slot, role)))?;
+                self.epoll
+                    .add(&connection.socket(side).stream, EpollEvent::new(Socket::EVENTS, token(Owner { slot, id }, role)))?;
             }
             if let Some(deadline) = deadline {
                 self.timers.add_at(self.now, deadline, Owner { slot, id })?;
@@ -247,7 +263,7 @@ impl Worker {
         })();
         match registered {
             Ok(()) => self.drive(slot),
-            Err(e) => self.end(slot, Ending::Relayed(crate::relay::Close::Failed(Side::Client, e))),
+            Err(e) => self.end(slot, Ending::Refused(ForwardError::Watch(e))),
         }
     }
 
@@ -314,8 +330,9 @@ impl Worker {
     }
 }
 
-fn token(slot: usize, role: u64) -> u64 {
-    (slot as u64) << 2 | role
+fn token(owner: Owner, role: u64) -> u64 {
+    debug_assert!(owner.slot < 1 << 30, "a slot fits in 30 bits");
+    (owner.id as u32 as u64) << 32 | (owner.slot as u64) << 2 | role
 }
 
 #[cfg(test)]
@@ -377,5 +394,63 @@ mod tests {
         client.read_to_string(&mut answer).unwrap();
         assert_eq!(answer, "late answer");
         assert_eq!(serving.join().unwrap(), b"ping\n");
+    }
+
+    #[test]
+    fn silence_ends_a_connection_after_the_idle_timeout() {
+        let app = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = worker_to(app.local_addr().unwrap(), &["--idle-timeout", "150ms"]);
+        let started = std::time::Instant::now();
+        let mut client = TcpStream::connect(proxy).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (mut upstream, _) = app.accept().unwrap();
+        upstream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Activity puts the deadline off; then silence ends the connection, with a FIN both ways.
+        std::thread::sleep(Duration::from_millis(100));
+        client.write_all(b"x").unwrap();
+        assert_eq!(upstream.read(&mut [0; 1]).unwrap(), 1);
+        assert_eq!(client.read(&mut [0; 1]).unwrap(), 0, "the client's end was not closed");
+        assert_eq!(upstream.read(&mut [0; 1]).unwrap(), 0, "the upstream's end was not closed");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(250), "closed after {waited:?}, before 150 ms of silence");
+    }
+
+    /// A listener whose accept queue is full drops SYNs: the dial stays in progress, and the
+    /// connect timeout resets the client.
+    #[test]
+    fn a_dial_not_answered_in_time_resets_the_client() {
+        let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        full.listen(0).unwrap();
+        let addr = full.local_addr().unwrap().as_socket().unwrap();
+        let _filling_the_queue = TcpStream::connect(addr).unwrap();
+        let proxy = worker_to(addr, &["--connect-timeout", "200ms"]);
+        let started = std::time::Instant::now();
+        let mut client = TcpStream::connect(proxy).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let error = client.read(&mut [0; 1]).expect_err("the client was not reset");
+        assert_eq!(error.kind(), io::ErrorKind::ConnectionReset);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(200), "reset after {waited:?}");
+    }
+
+    #[test]
+    fn a_token_names_its_entry_and_not_the_next_one_in_its_slot() {
+        let mut table = Table { entries: Vec::new(), vacant: None, next_id: 0 };
+        let listener = |_| Listener {
+            socket: socket::listen("127.0.0.1:0".parse().unwrap(), false, false).unwrap().into(),
+            path: Arc::new(To("127.0.0.1:1".parse().unwrap())),
+            failures: AcceptFailures::default(),
+            backing_off: false,
+        };
+        let (slot, id) = table.insert(|id| Entry::Listener { id, listener: listener(id) });
+        let first = token(Owner { slot, id }, CLIENT);
+        assert_eq!(table.named_by(first), Some(slot));
+        table.remove(slot);
+        assert_eq!(table.named_by(first), None, "a vacant slot");
+        let (again, next) = table.insert(|id| Entry::Listener { id, listener: listener(id) });
+        assert_eq!(again, slot, "the slot is reused");
+        assert_eq!(table.named_by(first), None, "the slot's next entry");
+        assert_eq!(table.named_by(token(Owner { slot, id: next }, CLIENT)), Some(slot));
     }
 }
