@@ -1,5 +1,7 @@
-//! A worker's timers (connect and idle timeouts, the accept backoff): deadlines in a heap, with
-//! one timerfd in the worker's epoll set armed for the earliest.
+//! A worker's timers (connect and idle timeouts, the accept backoff): deadlines in an ordered set,
+//! with one timerfd in the worker's epoll set armed for the earliest. A connection's deadline is
+//! removed when it ends: a heap that kept it until it came would grow by one entry per connection
+//! made within the idle timeout (an hour by default), under churn without bound.
 //!
 //! The worker's epoll_wait never has a timeout. With one, the kernel arms and cancels a timer on
 //! every wake-up: with every relayed connection holding an idle timer, that cost 1.3 µs of each
@@ -7,8 +9,7 @@
 //! deadline moves earlier, which a relayed byte never does: an idle deadline is checked when it
 //! comes, against the connection's last activity, and put back later if it moved.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeSet;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ pub struct Owner {
 
 pub struct Timers {
     fd: TimerFd,
-    deadlines: BinaryHeap<Reverse<(Instant, Owner)>>,
+    deadlines: BTreeSet<(Instant, Owner)>,
     /// The deadline the timerfd is set for, if any.
     armed: Option<Instant>,
 }
@@ -33,7 +34,7 @@ pub struct Timers {
 impl Timers {
     pub fn new() -> io::Result<Timers> {
         let fd = TimerFd::new(ClockId::CLOCK_MONOTONIC, TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC)?;
-        Ok(Timers { fd, deadlines: BinaryHeap::new(), armed: None })
+        Ok(Timers { fd, deadlines: BTreeSet::new(), armed: None })
     }
 
     /// The descriptor to watch for readability.
@@ -51,8 +52,14 @@ impl Timers {
     }
 
     pub fn add_at(&mut self, now: Instant, deadline: Instant, owner: Owner) -> io::Result<()> {
-        self.deadlines.push(Reverse((deadline, owner)));
+        self.deadlines.insert((deadline, owner));
         self.arm(now)
+    }
+
+    /// Forgets a deadline that has not come. The timerfd stays set: if it fires for nothing,
+    /// [`Timers::expired`] sets it for the next one.
+    pub fn remove(&mut self, deadline: Instant, owner: Owner) {
+        self.deadlines.remove(&(deadline, owner));
     }
 
     /// The owners whose deadline has come by `now`, earliest first; the timerfd is then set for
@@ -62,12 +69,12 @@ impl Timers {
         let _ = self.fd.wait();
         self.armed = None;
         let mut due = Vec::new();
-        while let Some(Reverse((deadline, owner))) = self.deadlines.peek() {
-            if *deadline > now {
+        while let Some(&(deadline, owner)) = self.deadlines.first() {
+            if deadline > now {
                 break;
             }
-            due.push(*owner);
-            self.deadlines.pop();
+            due.push(owner);
+            self.deadlines.pop_first();
         }
         self.arm(now)?;
         Ok(due)
@@ -75,7 +82,7 @@ impl Timers {
 
     /// Sets the timerfd for the earliest deadline, unless it already is set for one as early.
     fn arm(&mut self, now: Instant) -> io::Result<()> {
-        let Some(Reverse((earliest, _))) = self.deadlines.peek() else { return Ok(()) };
+        let Some((earliest, _)) = self.deadlines.first() else { return Ok(()) };
         if self.armed.is_some_and(|armed| armed <= *earliest) {
             return Ok(());
         }
@@ -119,6 +126,21 @@ mod tests {
         assert!(now - start >= Duration::from_millis(60));
         assert_eq!(timers.expired(now).unwrap(), vec![owner(1)]);
         assert!(!fires(&timers), "a deadline past what the clock holds never comes");
+    }
+
+    #[test]
+    fn a_removed_deadline_never_comes() {
+        let mut timers = Timers::new().unwrap();
+        let start = Instant::now();
+        let soon = start + Duration::from_millis(10);
+        timers.add_at(start, soon, owner(1)).unwrap();
+        timers.add(start, Duration::from_millis(30), owner(2)).unwrap();
+        timers.remove(soon, owner(1));
+        assert_eq!(timers.deadlines.len(), 1, "the removed deadline is not kept");
+        assert!(fires(&timers), "set for the removed deadline, the timerfd fires");
+        assert_eq!(timers.expired(Instant::now()).unwrap(), vec![], "but nothing is due");
+        assert!(fires(&timers));
+        assert_eq!(timers.expired(Instant::now()).unwrap(), vec![owner(2)]);
     }
 
     #[test]

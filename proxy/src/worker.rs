@@ -62,9 +62,19 @@ struct Listener {
 }
 
 enum Entry {
-    Vacant { next: Option<usize> },
-    Listener { id: u64, listener: Listener },
-    Connection { id: u64, connection: Box<Connection> },
+    Vacant {
+        next: Option<usize>,
+    },
+    Listener {
+        id: u64,
+        listener: Listener,
+    },
+    /// `deadline`: when its timer is due, so that it is removed with the connection.
+    Connection {
+        id: u64,
+        deadline: Option<Instant>,
+        connection: Box<Connection>,
+    },
 }
 
 impl Entry {
@@ -249,7 +259,7 @@ impl Worker {
     /// Registers a dialed connection's sockets and takes its first step.
     fn start(&mut self, connection: Connection) {
         let deadline = connection.deadline(&self.shared);
-        let (slot, id) = self.table.insert(|id| Entry::Connection { id, connection: Box::new(connection) });
+        let (slot, id) = self.table.insert(|id| Entry::Connection { id, deadline, connection: Box::new(connection) });
         let registered = (|| {
             let Some(connection) = self.table.connection(slot) else { unreachable!("just inserted") };
             for (side, role) in [(Side::Client, CLIENT), (Side::Upstream, UPSTREAM)] {
@@ -280,7 +290,10 @@ impl Worker {
 
     fn end(&mut self, slot: usize, ending: Ending) {
         // Closing a socket takes it out of the epoll set: nothing to deregister.
-        if let Entry::Connection { connection, .. } = self.table.remove(slot) {
+        if let Entry::Connection { id, deadline, connection } = self.table.remove(slot) {
+            if let Some(deadline) = deadline {
+                self.timers.remove(deadline, Owner { slot, id });
+            }
             connection.end(ending, self.now);
         }
     }
@@ -302,15 +315,18 @@ impl Worker {
                     listener.backing_off = false;
                     self.accept(owner.slot);
                 }
-                Entry::Connection { connection, .. } => match connection.expire(&self.shared, self.now) {
-                    Ok(Some(next)) => {
-                        if let Err(e) = self.timers.add_at(self.now, next, owner) {
-                            error!(error = %e, "cannot set the timer");
-                        }
+                Entry::Connection { connection, deadline, .. } => {
+                    // This deadline has left the timers; the next, if any, goes in.
+                    *deadline = None;
+                    match connection.expire(&self.shared, self.now) {
+                        Ok(Some(next)) => match self.timers.add_at(self.now, next, owner) {
+                            Ok(()) => *deadline = Some(next),
+                            Err(e) => error!(error = %e, "cannot set the timer"),
+                        },
+                        Ok(None) => {}
+                        Err(ending) => self.end(owner.slot, ending),
                     }
-                    Ok(None) => {}
-                    Err(ending) => self.end(owner.slot, ending),
-                },
+                }
                 Entry::Vacant { .. } => {}
             }
         }
