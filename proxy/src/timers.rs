@@ -56,6 +56,12 @@ impl Timers {
         self.arm(now)
     }
 
+    /// How many deadlines are waiting.
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.deadlines.len()
+    }
+
     /// Forgets a deadline that has not come. The timerfd stays set: if it fires for nothing,
     /// [`Timers::expired`] sets it for the next one.
     pub fn remove(&mut self, deadline: Instant, owner: Owner) {

@@ -186,23 +186,29 @@ impl Worker {
     pub fn run(mut self) {
         let mut events = vec![EpollEvent::empty(); EVENTS];
         loop {
-            let timeout = if self.busy.is_empty() { EpollTimeout::NONE } else { EpollTimeout::ZERO };
-            let ready = match self.epoll.wait(&mut events, timeout) {
-                Ok(ready) => ready,
-                Err(Errno::EINTR) => continue,
-                Err(e) => {
-                    error!(error = %e, "epoll_wait failed; this worker stops");
-                    return;
-                }
-            };
-            self.now = Instant::now();
-            for event in &events[..ready] {
-                self.dispatch(event.data(), event.events());
-            }
-            for slot in std::mem::take(&mut self.busy) {
-                self.drive(slot);
+            if let Err(e) = self.turn(&mut events, EpollTimeout::NONE) {
+                error!(error = %e, "epoll_wait failed; this worker stops");
+                return;
             }
         }
+    }
+
+    /// Waits for events, up to `idle_wait` (not at all while a connection is busy), and acts on them.
+    fn turn(&mut self, events: &mut [EpollEvent], idle_wait: EpollTimeout) -> nix::Result<()> {
+        let timeout = if self.busy.is_empty() { idle_wait } else { EpollTimeout::ZERO };
+        let ready = match self.epoll.wait(events, timeout) {
+            Ok(ready) => ready,
+            Err(Errno::EINTR) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.now = Instant::now();
+        for event in &events[..ready] {
+            self.dispatch(event.data(), event.events());
+        }
+        for slot in std::mem::take(&mut self.busy) {
+            self.drive(slot);
+        }
+        Ok(())
     }
 
     fn dispatch(&mut self, token: u64, events: EpollFlags) {
@@ -410,6 +416,43 @@ mod tests {
         client.read_to_string(&mut answer).unwrap();
         assert_eq!(answer, "late answer");
         assert_eq!(serving.join().unwrap(), b"ping\n");
+    }
+
+    /// Connections that come and go leave nothing behind in the worker: no slot, no deadline.
+    #[test]
+    fn ended_connections_leave_no_slot_and_no_deadline() {
+        let app = TcpListener::bind("127.0.0.1:0").unwrap();
+        let app_addr = app.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in app.incoming() {
+                let mut stream = stream.unwrap();
+                let mut byte = [0; 1];
+                stream.read_exact(&mut byte).unwrap();
+                stream.write_all(&byte).unwrap();
+            }
+        });
+        let config = ProxyConfig::parse_from(["capture-proxy"]).unwrap();
+        let shared = Arc::new(Shared::new(&config, Arc::new(Metrics::default()), InFlight::new(10)));
+        let listener = socket::listen("127.0.0.1:0".parse().unwrap(), false, false).unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let (mut worker, _stop) = Worker::new(vec![(listener, Arc::new(To(app_addr)))], shared).unwrap();
+        let clients = std::thread::spawn(move || {
+            for _ in 0..50 {
+                let mut client = TcpStream::connect(proxy).unwrap();
+                client.write_all(b"x").unwrap();
+                let mut echo = [0; 1];
+                client.read_exact(&mut echo).unwrap();
+            }
+        });
+        let mut events = vec![EpollEvent::empty(); EVENTS];
+        let live = |worker: &Worker| worker.table.entries.iter().filter(|e| matches!(e, Entry::Connection { .. })).count();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !clients.is_finished() || live(&worker) > 0 {
+            assert!(std::time::Instant::now() < deadline, "{} connections still open", live(&worker));
+            worker.turn(&mut events, EpollTimeout::from(100u16)).unwrap();
+        }
+        clients.join().unwrap();
+        assert_eq!(worker.timers.pending(), 0, "the ended connections' deadlines are kept");
     }
 
     #[test]
