@@ -127,29 +127,28 @@ impl Socket {
         self.attempt_write(|stream| Ok(nix::sys::socket::send(stream.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL)?))
     }
 
-    /// Runs a read while the socket may be readable; WouldBlock clears the flag.
+    /// Runs a read while the socket may be readable.
     fn attempt_read(&mut self, read: impl FnOnce(&TcpStream) -> io::Result<usize>) -> io::Result<usize> {
-        if !self.readable {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let result = read(&self.stream);
-        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            self.readable = false;
-        }
-        result
+        attempt(&mut self.readable, &self.stream, read)
     }
 
-    /// Runs a write while the socket may be writable; WouldBlock clears the flag.
+    /// Runs a write while the socket may be writable.
     fn attempt_write(&mut self, write: impl FnOnce(&TcpStream) -> io::Result<usize>) -> io::Result<usize> {
-        if !self.writable {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        let result = write(&self.stream);
-        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
-            self.writable = false;
-        }
-        result
+        attempt(&mut self.writable, &self.stream, write)
     }
+}
+
+/// Runs `call` on `stream` if epoll last said it was `ready` for it (WouldBlock if not); a
+/// WouldBlock from the call clears `ready` until the next event.
+fn attempt(ready: &mut bool, stream: &TcpStream, call: impl FnOnce(&TcpStream) -> io::Result<usize>) -> io::Result<usize> {
+    if !*ready {
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    let result = call(stream);
+    if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+        *ready = false;
+    }
+    result
 }
 
 /// What a step left the connection waiting for.
