@@ -33,10 +33,10 @@ pub fn termination_signal() -> std::io::Result<impl std::future::Future<Output =
     })
 }
 
-/// Tells accept loops to stop.
+/// Tells the admin endpoints' accept loops to stop (the workers have their own [`crate::worker::StopHandle`]).
 pub struct Trigger(watch::Sender<bool>);
 
-/// Held by each accept loop; `stopped` completes once the trigger fires (or is dropped).
+/// Held by each admin accept loop; `stopped` completes once the trigger fires (or is dropped).
 #[derive(Clone)]
 pub struct Stop(watch::Receiver<bool>);
 

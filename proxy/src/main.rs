@@ -91,11 +91,11 @@ fn run(config: ProxyConfig) -> Result<(), Error> {
     let shared = Arc::new(Shared::new(&config, metrics.clone(), in_flight.clone()));
     let inbound: Arc<dyn TrafficPath> = Arc::new(Inbound { mode: config.inbound_mode, tproxy_mark: config.tproxy_mark });
     let outbound: Arc<dyn TrafficPath> = Arc::new(Outbound);
-    let mut accepting = Vec::new();
+    let mut stop_handles = Vec::new();
     for (index, own) in listeners.workers.into_iter().enumerate() {
         let paths =
             own.outbound.into_iter().map(|l| (l, outbound.clone())).chain(own.inbound.into_iter().map(|l| (l, inbound.clone())));
-        accepting.push(start_worker(index, paths.collect(), &shared)?);
+        stop_handles.push(start_worker(index, paths.collect(), &shared)?);
     }
     info!(workers, "listening");
 
@@ -104,7 +104,7 @@ fn run(config: ProxyConfig) -> Result<(), Error> {
         metrics: listeners.metrics,
         state: Arc::new(admin::State { ready: false.into(), metrics }),
     };
-    runtime.block_on(supervise(&config, admin, accepting, in_flight, terminated))
+    runtime.block_on(supervise(&config, admin, stop_handles, in_flight, terminated))
 }
 
 /// Every listener of a run, bound before any capability is dropped.
@@ -181,7 +181,7 @@ struct Admin {
 async fn supervise(
     config: &ProxyConfig,
     admin: Admin,
-    accepting: Vec<StopHandle>,
+    workers: Vec<StopHandle>,
     in_flight: InFlight,
     terminated: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), Error> {
@@ -204,7 +204,7 @@ async fn supervise(
     let signal = terminated.await;
     admin.state.ready.store(false, Relaxed);
     trigger.fire();
-    for worker in accepting {
+    for worker in workers {
         worker.stop().await.map_err(Error::Runtime)?;
     }
     info!(signal, in_flight = in_flight.count(), deadline = ?config.drain_timeout, "draining");
@@ -215,7 +215,7 @@ async fn supervise(
     Ok(())
 }
 
-/// Each connection holds two descriptors (six with splice); the default soft limit of 1024
+/// Each connection holds two descriptors (four while it splices, through a pooled pipe); the default soft limit of 1024
 /// would cap the proxy far below --max-connections.
 fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
