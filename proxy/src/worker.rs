@@ -4,8 +4,9 @@
 //!
 //! The loop is ours rather than an async runtime's: per wake-up it reads the events, notes each
 //! socket's readiness and steps the connection it belongs to, with nothing in between. Measured
-//! on a 1-byte round trip, a runtime's wake-up machinery (readiness dispatch, task wake and
-//! poll, park bookkeeping) cost 1.5 µs per round trip over this (BENCHMARKS-proxy.md).
+//! on 1-byte round trips against a tokio runtime per worker, the runtime's wake-up machinery
+//! (readiness dispatch, task wake and poll, park bookkeeping) cost 0.7–1.0 µs of each, and its
+//! per-socket registrations most of an idle connection's memory (BENCHMARKS-proxy.md).
 
 use std::io;
 use std::sync::Arc;
