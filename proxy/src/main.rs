@@ -67,8 +67,8 @@ fn main() -> ExitCode {
 
 fn run(config: ProxyConfig) -> Result<(), Error> {
     // The main thread's runtime serves the admin endpoints and the signals; the workers run
-    // their own event loops (worker.rs). It starts no thread, and its signal handlers go in first, so that no
-    // signal kills the proxy unannounced.
+    // their own event loops (worker.rs). It starts no thread, and its signal handlers go in
+    // first, so that no signal kills the proxy unannounced.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
     let terminated = {
         let _main = runtime.enter();
@@ -215,8 +215,8 @@ async fn supervise(
     Ok(())
 }
 
-/// Each connection holds two descriptors (four while it splices, through a pooled pipe); the default soft limit of 1024
-/// would cap the proxy far below --max-connections.
+/// Each connection holds two descriptors (four while it splices, through a pooled pipe); the
+/// default soft limit of 1024 would cap the proxy far below --max-connections.
 fn raise_open_files_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {

@@ -28,7 +28,7 @@ pub trait TrafficPath: Send + Sync {
 
 /// Settings and state every connection of either path uses.
 pub struct Shared {
-    pub metrics: Arc<Metrics>,
+    metrics: Arc<Metrics>,
     in_flight: InFlight,
     capture_ports: [u16; 2],
     connect_timeout: Duration,
@@ -124,7 +124,7 @@ impl Connection {
         let (dest, dialed) = match dialed {
             Ok(dialed) => dialed,
             Err(error) => {
-                log_refusal(direction, peer, &error, now);
+                log_refusal(direction, peer, &error, now.elapsed());
                 reset(&client);
                 return None;
             }
@@ -208,22 +208,21 @@ impl Connection {
     /// Logs how the connection ended and closes both sockets: a failure on either side reaches
     /// the other as a reset, not as a clean FIN.
     pub fn end(self, ending: Ending, now: Instant) {
-        let direction = self.direction.label();
-        let duration_ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        let lasted = now.saturating_duration_since(self.started);
         match &ending {
             Ending::Refused(error) => {
-                log_refusal(self.direction, self.peer, error, self.started);
+                log_refusal(self.direction, self.peer, error, lasted);
                 reset(&self.relay.socket(Side::Client).stream);
             }
             Ending::Relayed(close) => {
                 let bytes = self.relay.transferred();
                 debug!(
-                    direction,
+                    direction = self.direction.label(),
                     src = %self.peer,
                     dst = %self.dest,
                     upstream_bytes = bytes.upstream,
                     downstream_bytes = bytes.downstream,
-                    duration_ms,
+                    duration_ms = lasted.as_millis() as u64,
                     close = %describe(close),
                     "connection closed"
                 );
@@ -236,13 +235,13 @@ impl Connection {
     }
 }
 
-fn log_refusal(direction: Direction, peer: SocketAddr, error: &ForwardError, started: Instant) {
+/// Logs a connection that ended before its relay began, `lasted` after it was accepted.
+fn log_refusal(direction: Direction, peer: SocketAddr, error: &ForwardError, lasted: Duration) {
     let direction = direction.label();
     if let ForwardError::Loop(_) = error {
         warn!(direction, src = %peer, %error, "refused");
     } else {
-        let duration_ms = started.elapsed().as_millis() as u64;
-        debug!(direction, src = %peer, duration_ms, close = %error, "connection closed");
+        debug!(direction, src = %peer, duration_ms = lasted.as_millis() as u64, close = %error, "connection closed");
     }
 }
 
